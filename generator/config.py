@@ -1,0 +1,120 @@
+"""Typed configuration sections owned by the generator package.
+
+Each field states its unit and scope. The sections are plain pydantic models; loading YAML
+profiles and command-line overrides is done once, for the whole tree, by ``pipelines.config``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModalityConfig(Section):
+    """One imaging modality. A new modality is a new entry here, never a code change."""
+
+    channels: Literal[1, 3]  # 1: grey, 3: RGB; images are converted to this on load
+    display_name: str  # human-readable name, e.g. "chest X-ray"
+    aliases: list[str] = []  # other names users type ("CXR", "chest x-ray"); matched case-insensitively
+    window: tuple[float, float] | None = None  # DICOM (centre, width) in stored units (HU for CT); None: use the file's own
+    clahe: bool = False  # contrast-limited adaptive histogram equalisation at load time
+
+
+def default_modalities() -> dict[str, ModalityConfig]:
+    return {
+        "cxr": ModalityConfig(
+            channels=1,
+            display_name="chest X-ray",
+            aliases=["chest x-ray", "chest xray", "chest radiograph", "x-ray", "xray", "cxr", "radiograph", "dx"],
+        ),
+        "chest_ct": ModalityConfig(
+            channels=1,
+            display_name="chest CT",
+            aliases=["chest ct", "ct chest", "ct", "thoracic ct", "lung ct", "ct thorax"],
+            window=(-600.0, 1500.0),  # lung window
+        ),
+        "brain_mri": ModalityConfig(
+            channels=1,
+            display_name="brain MRI",
+            aliases=["brain mri", "mri brain", "mri", "head mri", "brain mr", "mr"],
+        ),
+        "fundus": ModalityConfig(
+            channels=3,
+            display_name="colour fundus photograph",
+            aliases=["fundus photograph", "fundus photo", "color fundus", "colour fundus", "retinal photograph", "cfp"],
+        ),
+        "oct": ModalityConfig(
+            channels=1,
+            display_name="retinal OCT",
+            aliases=["retinal oct", "macular oct", "optical coherence tomography", "oct b-scan", "sd-oct"],
+        ),
+    }
+
+
+class AugmentConfig(Section):
+    """Light, label-preserving augmentation for training. No flips: they would swap laterality."""
+
+    enabled: bool = False
+    rotate_deg: float = Field(5.0, ge=0, le=45)  # maximum absolute rotation, degrees
+    scale: float = Field(0.05, ge=0, le=0.5)  # maximum relative zoom in or out
+    translate: float = Field(0.04, ge=0, le=0.5)  # maximum shift, fraction of the image side
+    brightness: float = Field(0.05, ge=0, le=0.5)  # maximum additive change, fraction of the [0, 1] range
+    contrast: float = Field(0.05, ge=0, le=0.5)  # maximum relative contrast change
+
+
+class DataConfig(Section):
+    image_size: int = Field(64, ge=16, le=4096)  # pixels; square output after aspect-preserving resize + pad
+    modalities: dict[str, ModalityConfig] = Field(default_factory=default_modalities)
+    manifests: list[str] = []  # training manifests (CSV, parquet, image folder); empty: phantoms.out
+    clahe_clip_limit: float = Field(2.0, gt=0)  # CLAHE contrast limit, used for modalities with clahe: true
+    clahe_tiles: int = Field(8, ge=1, le=64)  # CLAHE tile grid per side
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    skip_bad: bool = False  # skip unreadable rows (counted, listed next to the output) instead of stopping
+    num_workers: int = Field(0, ge=0)  # DataLoader worker processes per device
+
+    @field_validator("modalities")
+    @classmethod
+    def _aliases_unique(cls, modalities: dict[str, ModalityConfig]) -> dict[str, ModalityConfig]:
+        seen: dict[str, str] = {}
+        for name, spec in modalities.items():
+            for alias in [name, *spec.aliases]:
+                key = normalise_modality_text(alias)
+                if seen.get(key, name) != name:
+                    raise ValueError(f"alias {alias!r} of modality {name!r} is already used by {seen[key]!r}")
+                seen[key] = name
+        return modalities
+
+
+class PhantomConfig(Section):
+    out: str = "data/phantoms"  # output folder of `synthmed data phantoms`, relative to the working directory
+    per_finding: int = Field(8, ge=1)  # studies per (modality, finding), the normal study counting as a finding
+    size: int = Field(128, ge=32, le=2048)  # pixels, square
+    seed: int = Field(0, ge=0)
+    modalities: list[str] = ["cxr", "chest_ct", "brain_mri", "fundus", "oct"]
+    negatives: int = Field(1, ge=0, le=5)  # most pertinent negatives ("no pneumothorax") stated per report
+
+
+class TrainConfig(Section):
+    """Optimisation settings shared by the generator's trainers (VAE, UNet, LoRA)."""
+
+    lr: float = Field(1e-4, gt=0)  # peak learning rate after warm-up
+    batch_size: int = Field(16, ge=1)  # images per device per step
+    grad_accum_steps: int = Field(1, ge=1)  # micro-batches per optimiser step
+    max_steps: int = Field(1000, ge=1)  # optimiser steps
+    warmup_steps: int = Field(100, ge=0)  # linear warm-up, optimiser steps
+    weight_decay: float = Field(1e-2, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)  # gradient clipping, L2 norm over all trainable parameters
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # "no" on CPU; bf16 on recent GPUs
+    seed: int = Field(0, ge=0)
+
+
+def normalise_modality_text(text: str) -> str:
+    """Case, spaces, hyphens and underscores do not distinguish modality names."""
+    return " ".join(text.lower().replace("-", " ").replace("_", " ").split())

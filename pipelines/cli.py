@@ -1,0 +1,59 @@
+"""The ``synthmed`` command line. Every command is reachable in-process as ``main(argv)``.
+
+Commands take ``--config PROFILE`` (a name in configs/ or a YAML path) and dotted overrides
+such as ``--train.lr=1e-4``; explicit flags of a command win over both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import commands
+from .config import ConfigError
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps description line breaks; shows a default only where there is one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="synthmed",
+        description="synthmed: grounded, self-improving synthetic medical images.\n"
+        "Run `synthmed COMMAND --help` for the options of each command.",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    groups = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in commands.ALL:
+        module.register(groups, _Formatter)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    try:
+        return int(args.handler(args, extra) or 0)
+    except (ConfigError, ValueError, FileNotFoundError, OSError) as exc:
+        # Bad input: one clear message, no traceback. Programming errors still raise.
+        print(f"synthmed {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""`synthmed bench manifest`: memory and speed of streaming a very large manifest.
+
+It writes a manifest of ``--rows`` rows whose images cycle through a small pool of phantom PNGs,
+then streams it through the data layer (CSV parsing, validation and, unless --rows-only, image
+decoding and the full training transform), sampling resident memory as it goes. Bounded memory
+means the peak stays near the baseline however many rows there are.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+from tqdm import tqdm
+
+from generator.data import StreamingRecords, iter_manifest
+from generator.phantoms import make_phantom
+from generator.phantoms.dataset import study_seed
+from PIL import Image
+
+from .common import add_config_argument, resolve_config, table
+
+
+def register(groups, formatter) -> None:
+    parser = groups.add_parser("bench", help="benchmarks (data streaming memory, ...)", formatter_class=formatter)
+    sub = parser.add_subparsers(dest="bench_command", metavar="SUBCOMMAND", required=True)
+    m = sub.add_parser("manifest", help="peak memory and rows/s streaming a large manifest", formatter_class=formatter)
+    add_config_argument(m)
+    m.add_argument("--rows", type=int, default=1_000_000, help="manifest rows")
+    m.add_argument("--pool", type=int, default=64, help="distinct image files the rows point at")
+    m.add_argument("--rows-only", action="store_true", help="parse and validate rows without decoding images")
+    m.add_argument("--workdir", default=None, help="where to write the manifest (default: a temporary folder)")
+    m.add_argument("--json", action="store_true", help="print one JSON object")
+    m.set_defaults(handler=_manifest_bench)
+
+
+def _rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _write_bench_manifest(folder: Path, rows: int, pool: int) -> Path:
+    modalities = ["cxr", "chest_ct", "brain_mri", "fundus", "oct"]
+    images = []
+    for i in range(pool):
+        modality = modalities[i % len(modalities)]
+        study = make_phantom(modality, [], size=128, seed=study_seed(0, modality, "bench", i))
+        path = folder / f"img_{i:04d}.png"
+        Image.fromarray(study.image).save(path)
+        images.append((path.name, modality, study.text))
+    manifest = folder / "manifest.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "Text", "modal"])  # MINIM's header, read through the aliases
+        for i in range(rows):
+            name, modality, text = images[i % pool]
+            writer.writerow([name, f"{text} (case {i})", modality])
+    return manifest
+
+
+def _manifest_bench(args, extra) -> int:
+    cfg = resolve_config(args, extra)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        folder = Path(tmp)
+        manifest = _write_bench_manifest(folder, args.rows, args.pool)
+        size_mb = os.path.getsize(manifest) / 2**20
+        if args.rows_only:
+            stream = iter_manifest(manifest, cfg.data.modalities)
+        else:
+            stream = iter(StreamingRecords(lambda: iter_manifest(manifest, cfg.data.modalities), cfg.data, train=True))
+        baseline = _rss_mb()
+        peak = baseline
+        samples = []
+        start = time.perf_counter()
+        n = 0
+        for n, _ in enumerate(tqdm(stream, total=args.rows, desc="streaming", unit=" rows", mininterval=1.0), 1):
+            if n % 10_000 == 0:
+                rss = _rss_mb()
+                peak = max(peak, rss)
+                samples.append((n, round(rss, 1)))
+        seconds = time.perf_counter() - start
+    result = {
+        "rows": n,
+        "manifest_mb": round(size_mb, 1),
+        "decoded_images": not args.rows_only,
+        "image_size": cfg.data.image_size,
+        "seconds": round(seconds, 1),
+        "rows_per_second": round(n / seconds, 1),
+        "rss_baseline_mb": round(baseline, 1),
+        "rss_peak_sampled_mb": round(peak, 1),
+        "rss_growth_mb": round(peak - baseline, 1),
+        "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_at_rows": samples[:: max(1, len(samples) // 10)],
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        keys = ["rows", "manifest_mb", "decoded_images", "seconds", "rows_per_second", "rss_baseline_mb", "rss_peak_sampled_mb", "rss_growth_mb", "ru_maxrss_mb"]
+        print(table([[k, result[k]] for k in keys], ["measure", "value"]))
+    return 0

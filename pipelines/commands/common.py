@@ -1,0 +1,32 @@
+"""Helpers shared by command modules: config loading with flag precedence, tables."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..config import SynthmedConfig, load_config, parse_overrides
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="profile name in configs/ or a YAML path (default: tiny)")
+    parser.set_defaults(accepts_overrides=True)
+    parser.epilog = (parser.epilog or "") + "\nAny config field can be overridden with a dotted flag, e.g. --train.lr=1e-4."
+
+
+def resolve_config(args: argparse.Namespace, extra: list[str], flags: dict[str, Any] | None = None) -> SynthmedConfig:
+    """Profile, then dotted overrides, then the command's own flags that were given."""
+    overrides, rest = parse_overrides(extra)
+    if rest:
+        raise ValueError(f"unrecognised arguments: {' '.join(rest)}")
+    overrides.update({k: v for k, v in (flags or {}).items() if v is not None})
+    return load_config(args.config, overrides)
+
+
+def table(rows: list[list[Any]], header: list[str]) -> str:
+    """A plain-text table that reads well in a terminal and pastes into markdown."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)

@@ -1,0 +1,218 @@
+"""The whole configuration tree: YAML profiles, dotted overrides, one clear error per bad field.
+
+    cfg = load_config("tiny", ["--train.lr=1e-4", "--data.image_size", "128"])
+
+A profile is a YAML file in ``configs/`` (or any path) holding only what differs from the
+defaults in code; it may name another profile to start from with ``extends: other``. Overrides
+are applied last. The resolved config is what a run records (``save_config``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from generator.config import DataConfig, PhantomConfig, Section, TrainConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PROFILE = "tiny"
+
+
+def configs_dir() -> Path:
+    """Where named profiles live: $SYNTHMED_CONFIGS, else the repository's configs/."""
+    return Path(os.environ.get("SYNTHMED_CONFIGS", REPO_ROOT / "configs"))
+
+
+class RunConfig(Section):
+    name: str = "run"  # prefix of the run id: runs/<name>-<timestamp>
+    runs_dir: str = "runs"  # parent folder of run directories, relative to the working directory
+    seed: int = Field(0, ge=0)  # global seed for Python, NumPy and torch
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
+
+
+class SynthmedConfig(Section):
+    profile: str = DEFAULT_PROFILE  # the profile this config was loaded from (recorded, not read back)
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    phantoms: PhantomConfig = Field(default_factory=PhantomConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """A bad profile or override; the message names the field and says how to fix it."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 would read `mixed_precision: no` as False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    key: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML would read it (numbers, true/false, null, [lists], {maps})."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse value {text!r}: {exc}") from None
+
+
+def resolve_profile(profile: str | os.PathLike) -> Path:
+    path = Path(profile)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        candidates = [path]
+    else:
+        candidates = [configs_dir() / f"{profile}.yaml", configs_dir() / f"{profile}.yml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    names = sorted(p.stem for p in configs_dir().glob("*.yaml"))
+    raise ConfigError(f"config profile {str(profile)!r} not found; profiles in {configs_dir()}: {', '.join(names)}")
+
+
+def _read_profile(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path.resolve() in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"profiles extend each other in a cycle: {chain}")
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a profile must be a mapping of sections, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base = _read_profile(resolve_profile(parent), (*seen, path.resolve()))
+    return merge(base, data)
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(args: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Split ``--a.b=v`` / ``--a.b v`` overrides (dotted keys) from the other arguments."""
+    overrides: dict[str, Any] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if "." in key and re.fullmatch(r"[A-Za-z_][\w]*(\.[\w-]+)+", key):
+            if "=" in arg:
+                value = arg.split("=", 1)[1]
+            elif i + 1 < len(args):
+                i += 1
+                value = args[i]
+            else:
+                raise ConfigError(f"override --{key} has no value; write --{key}=VALUE")
+            overrides[key] = parse_value(value)
+        else:
+            rest.append(arg)
+        i += 1
+    return overrides, rest
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _known_fields(model: type[Section] | None, loc: tuple) -> list[str]:
+    """Field names of the section at ``loc`` (for "did you mean" hints)."""
+    for part in loc:
+        if model is None:
+            return []
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
+    return list(model.model_fields) if model else []
+
+
+def _origin(dotted: str, overrides: dict[str, str], profile: str) -> str:
+    """The override that set (or created the section of) a field, else the profile."""
+    for key, flag in overrides.items():
+        parent = key.rsplit(".", 1)[0]
+        if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + ".") or dotted.startswith(parent + "."):
+            return flag
+    return profile
+
+
+def _explain(exc: ValidationError, overrides: dict[str, str], profile: str) -> ConfigError:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        where = f" (from {_origin(dotted, overrides, profile)})"
+        if err["type"] == "extra_forbidden":
+            known = _known_fields(SynthmedConfig, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
+            lines.append(f"{dotted}: unknown field{where}; known fields here: {', '.join(known)}{hint}")
+        else:
+            lines.append(f"{dotted}: {err['msg']}, got {err.get('input')!r}{where}")
+    return ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
+
+
+def load_config(
+    profile: str | os.PathLike | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> SynthmedConfig:
+    """Defaults, then the profile (and what it extends), then the dotted overrides."""
+    name = str(profile) if profile is not None else DEFAULT_PROFILE
+    path = resolve_profile(name)
+    # Profiles merge onto the defaults, so a new modality adds to the built-in ones.
+    tree = merge(SynthmedConfig().model_dump(mode="json"), _read_profile(path))
+    origins: dict[str, str] = {}
+    if isinstance(overrides, list):
+        overrides, unused = parse_overrides(overrides)
+        if unused:
+            raise ConfigError(f"not a dotted override: {' '.join(unused)}; write --section.field=VALUE")
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+        origins[key] = f"--{key}"
+    tree["profile"] = path.stem if path.parent == configs_dir() else str(path)
+    try:
+        return SynthmedConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise _explain(exc, origins, str(path)) from None
+
+
+def config_to_dict(cfg: SynthmedConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def save_config(cfg: SynthmedConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML, atomically (a crash never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
