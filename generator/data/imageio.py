@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}
+PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}  # never sniffed for DICOM
 NPZ_CACHE_FILES = 4  # .npz archives kept decoded in memory at once
 
 
@@ -26,8 +27,11 @@ class ImageReadError(OSError):
 
 def is_dicom(path: str | os.PathLike) -> bool:
     path = Path(path)
-    if path.suffix.lower() in DICOM_SUFFIXES:
+    suffix = path.suffix.lower()
+    if suffix in DICOM_SUFFIXES:
         return True
+    if suffix in PIL_SUFFIXES:
+        return False
     try:
         with open(path, "rb") as f:
             f.seek(128)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModalityConfig, default_modalities
-from ..modalities import UnknownModalityError, resolve_modality
+from ..modalities import ModalityResolver, UnknownModalityError, resolve_modality
 from .errors import BadRows, DataError
 from .imageio import ImageReadError, load_image, split_ref
 from .records import ManifestRow, Record, findings_from_cell
@@ -89,13 +89,14 @@ def iter_manifest(
                 file=name,
                 column="modality",
             )
-        fixed_modality = resolve_modality(modality, modalities) if modality else None
+        resolve = ModalityResolver(modalities)
+        fixed_modality = resolve(modality) if modality else None
         for fields in reader:
             line = reader.line_num
             if not fields or not any(cell.strip() for cell in fields):
                 continue
             try:
-                yield _manifest_row(fields, cols, len(header), line, name, base, modalities, fixed_modality, check_files)
+                yield _manifest_row(fields, cols, len(header), line, name, base, resolve, fixed_modality, check_files)
             except DataError as error:
                 bad.handle(error)
 
@@ -107,7 +108,7 @@ def _manifest_row(
     line: int,
     file: str,
     base: Path,
-    modalities: Mapping[str, ModalityConfig],
+    resolve: ModalityResolver,
     fixed_modality: str | None,
     check_files: bool,
 ) -> ManifestRow:
@@ -130,7 +131,7 @@ def _manifest_row(
         raise error("empty text; every image needs a description", "text")
     if "modality" in cols and fields[cols["modality"]].strip():
         try:
-            modality = resolve_modality(fields[cols["modality"]], modalities)
+            modality = resolve(fields[cols["modality"]])
         except UnknownModalityError as exc:
             raise error(str(exc), "modality") from None
     elif fixed_modality is not None:
@@ -252,18 +253,19 @@ def iter_hf(
         raise DataError(f"no text or label column; columns: {', '.join(columns)}", file=source, column="text")
     if modality_col is None and modality is None:
         raise DataError("no modality column and no --modality given", file=source, column="modality")
-    fixed = resolve_modality(modality, modalities) if modality else None
+    resolve = ModalityResolver(modalities)
+    fixed = resolve(modality) if modality else None
     if features and image_col == "image" and isinstance(features.get("image"), datasets.Image):
         ds = ds.cast_column("image", datasets.Image(decode=False))  # keep file paths where there are any
 
     for i, example in enumerate(ds):
         try:
-            yield _hf_row(example, i, source, image_col, text_col, modality_col, fixed, label_names, template, modalities, Image)
+            yield _hf_row(example, i, source, image_col, text_col, modality_col, fixed, label_names, template, resolve, Image)
         except DataError as error:
             bad.handle(error)
 
 
-def _hf_row(example, i, source, image_col, text_col, modality_col, fixed, label_names, template, modalities, Image):
+def _hf_row(example, i, source, image_col, text_col, modality_col, fixed, label_names, template, resolve, Image):
     def error(reason: str, column: str) -> DataError:
         return DataError(reason, file=source, row=i, column=column)
 
@@ -298,7 +300,7 @@ def _hf_row(example, i, source, image_col, text_col, modality_col, fixed, label_
         raise error("empty text", text_col or "label")
     if modality_col is not None and example.get(modality_col):
         try:
-            modality = resolve_modality(example[modality_col], modalities)
+            modality = resolve(example[modality_col])
         except UnknownModalityError as exc:
             raise error(str(exc), modality_col) from None
     elif fixed is not None:

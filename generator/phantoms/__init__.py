@@ -73,26 +73,34 @@ def make_phantom(
     if size < 32:
         raise ValueError(f"phantom size must be at least 32 pixels, got {size}")
     spec = get_spec(modality)
-    rng = rng_for(seed)
+    # Separate streams for attributes, drawing and wording: a study with a finding given by name
+    # draws the same anatomy as the normal study of the same seed (a paired counterfactual),
+    # as long as the renderer draws anatomy before findings.
+    entropy = list(seed) if isinstance(seed, tuple) else [int(seed)]
+    attribute_rng, render_rng, report_rng = (
+        np.random.Generator(np.random.PCG64(child)) for child in np.random.SeedSequence(entropy).spawn(3)
+    )
     requested: list[Finding] = []
     for item in findings:
         if isinstance(item, Finding):
             spec.finding(item.name)  # validates the name
             requested.append(item.copy())
         elif item != NORMAL:
-            requested.append(sample_attributes(spec.finding(item), rng))
+            requested.append(sample_attributes(spec.finding(item), attribute_rng))
     names = [f.name for f in requested]
     for f in requested:
         clash = set(spec.finding(f.name).excludes) & set(names)
         if clash:
             raise ValueError(f"{modality}: {f.name!r} cannot be drawn together with {sorted(clash)}")
 
-    rendered = spec.render(requested, size, rng)
+    rendered = spec.render(requested, size, render_rng)
     image = np.ascontiguousarray(rendered.image)
     expected_shape = (size, size) if spec.channels == 1 else (size, size, 3)
     if image.dtype != np.uint8 or image.shape != expected_shape:
         raise RuntimeError(f"{modality} renderer returned {image.dtype} {image.shape}, expected uint8 {expected_shape}")
-    text, all_findings = compose_report(spec, rendered.findings, rng, negatives=negatives)
+    text, all_findings = compose_report(
+        spec, rendered.findings, report_rng, negatives=negatives, report_words=rendered.report_words
+    )
     return PhantomStudy(image, text, modality, all_findings, dict(rendered.measurements))
 
 

@@ -43,6 +43,8 @@ class FindingSpec:
     severities: tuple[str, ...] = ()  # ordered mildest first; empty: severity is meaningless
     severity_words: dict[str, tuple[str, ...]] = field(default_factory=dict)  # e.g. {"mild": ("small", "trace")}
     location_words: dict[str, tuple[str, ...]] = field(default_factory=dict)  # e.g. {"right_lower_lobe": ("right lower lobe", "RLL")}
+    bilateral_terms: tuple[str, ...] = ()  # plural terms used for a bilateral finding ("pleural effusions")
+    side_words: dict[str, tuple[str, ...]] = field(default_factory=dict)  # overrides reports.SIDE_WORDS, e.g. {"left": ("to the left",)}
     excludes: tuple[str, ...] = ()  # findings that cannot be drawn together with this one
 
 
@@ -78,16 +80,26 @@ class Finding:
         )
 
     def copy(self, **changes) -> "Finding":
-        return replace(self, measurements=dict(self.measurements), **changes)
+        changes.setdefault("measurements", self.measurements)
+        changes["measurements"] = dict(changes["measurements"])
+        return replace(self, **changes)
 
 
 @dataclass
 class Rendered:
     image: np.ndarray  # (H, W) or (H, W, 3), uint8
-    findings: list[Finding]  # the requested present findings, with bbox and measurements filled in
+    # The requested present findings, in order, with bbox and measurements filled in; then any
+    # finding the drawing caused (a large tumour's midline shift), so the report never denies
+    # what the image shows.
+    findings: list[Finding]
     measurements: dict[str, float] = field(default_factory=dict)  # study-level values, e.g. normal CTR
+    # Study-level words a technique line may name as a slot, with alternatives: {"eye": ("right eye", "OD")}
+    # lets "Colour fundus photograph, {eye}." say which eye the image shows.
+    report_words: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
+# A renderer uses only the generator it is given (it may ``rng.spawn()`` child streams, e.g. one
+# for anatomy drawn first and one per finding, so a finding never changes the anatomy around it).
 Renderer = Callable[[list[Finding], int, np.random.Generator], Rendered]
 
 

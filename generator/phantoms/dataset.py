@@ -28,7 +28,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from . import NORMAL, get_spec, make_phantom
+from . import NORMAL, get_spec, make_phantom, rng_for
+from .base import sample_attributes
 from ..data.records import MANIFEST_COLUMNS, findings_to_cell
 
 PHANTOM_VERSION = "1"  # bump when a renderer changes what a seed draws
@@ -123,8 +124,12 @@ def contact_sheet(
     size: int = 128,
     seed: int = 0,
     per_cell: int = 1,
+    most_severe: bool = True,
 ) -> Path:
-    """One row per modality, one column per finding (normal first), labelled; saved as PNG."""
+    """One row per modality, one column per finding (normal first), labelled; saved as PNG.
+
+    With ``most_severe`` each finding is drawn at its highest severity, so the sheet shows at a
+    glance what each finding looks like; side and location are drawn from the seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,13 +154,19 @@ def contact_sheet(
                 if c >= len(names):
                     ax.axis("off")
                     continue
-                study = make_phantom(spec.name, [names[c]], size=size, seed=study_seed(seed, spec.name, names[c], k))
+                key = study_seed(seed, spec.name, names[c], k)
+                request: list = [names[c]]
+                if most_severe and names[c] != NORMAL and spec.findings[names[c]].severities:
+                    chosen = sample_attributes(spec.findings[names[c]], rng_for(key))
+                    request = [chosen.copy(severity=spec.findings[names[c]].severities[-1])]
+                study = make_phantom(spec.name, request, size=size, seed=key)
                 ax.imshow(study.image, cmap="gray" if study.image.ndim == 2 else None, vmin=0, vmax=255)
                 if k == 0:
                     ax.set_title(names[c].replace("_", " "), fontsize=7)
                 if c == 0:
                     ax.set_ylabel(spec.name, fontsize=9, fontweight="bold")
-    fig.suptitle(f"synthmed phantoms: every modality x finding (size {size} px, seed {seed})", fontsize=10)
+    grade = ", most severe grade" if most_severe else ""
+    fig.suptitle(f"synthmed phantoms: every modality x finding (size {size} px, seed {seed}{grade})", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
