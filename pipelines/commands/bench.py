@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 from tqdm import tqdm
 
-from generator.data import StreamingRecords, iter_manifest
+from generator.data import iter_manifest
 from generator.phantoms import make_phantom
 from generator.phantoms.dataset import study_seed
 from PIL import Image
@@ -64,6 +64,8 @@ def _write_bench_manifest(folder: Path, rows: int, pool: int) -> Path:
 
 
 def _manifest_bench(args, extra) -> int:
+    from generator.data import StreamingRecords  # needs torch: imported only when streaming records
+
     cfg = resolve_config(args, extra)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         folder = Path(tmp)
