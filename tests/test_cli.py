@@ -83,3 +83,12 @@ def test_bench_manifest_small(tmp_path, capsys):
     assert main(["bench", "manifest", "--rows", "2000", "--pool", "5", "--json", "--workdir", str(tmp_path)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["rows"] == 2000 and result["decoded_images"] is True
+
+
+def test_meddata_command_writes_a_manifest_per_dataset(meddata, tmp_path, capsys):
+    assert main(["data", "meddata", "--root", str(meddata), "--out", str(tmp_path)]) == 0
+    written = sorted(p.stem for p in tmp_path.glob("*.csv"))
+    assert "nih_cxr14_64" in written and len(written) == 7
+    with open(tmp_path / "chest_ct_iqothnccd.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 878 and {r["modality"] for r in rows} == {"chest_ct"}

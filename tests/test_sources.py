@@ -190,3 +190,14 @@ def test_streaming_dataset_with_workers_sees_every_row_once(tmp_path):
     assert sorted(texts) == sorted(f"case {i}" for i in range(10))
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_records)))
     assert batch["image"].shape == (4, 1, 16, 16)
+
+
+def test_manifest_build_reads_every_header_so_corrupt_files_never_pass(tmp_path, images):
+    (tmp_path / "img" / "corrupt.png").write_bytes(b"\x89PNG but not really")
+    manifest = write_csv(tmp_path / "m.csv", ["path", "text", "modality"], [["img/0.png", "ok", "cxr"], ["img/corrupt.png", "x", "cxr"]])
+    with pytest.raises(DataError) as err:
+        write_manifest(iter_manifest(manifest), tmp_path / "o.csv", progress=False)
+    assert "cannot read image" in str(err.value) and "column 'path'" in str(err.value)
+    bad = BadRows(skip=True)
+    summary = write_manifest(iter_manifest(manifest, bad=bad), tmp_path / "o.csv", bad=bad, progress=False)
+    assert summary.rows == 1 and summary.skipped == 1

@@ -159,6 +159,30 @@ def read_npz_item(path: str, inner: str) -> np.ndarray:
     return _to_uint8(np.asarray(image))
 
 
+def probe_image(ref: str | os.PathLike) -> None:
+    """Cheap check that a file is an image we can read: its header, not its pixels."""
+    path, inner = split_ref(str(ref))
+    if not os.path.isfile(path):
+        raise ImageReadError(f"image file not found: {path}")
+    if inner is not None:
+        return  # .npz members are checked when the archive is indexed
+    if is_dicom(path):
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as exc:
+            raise ImageReadError(f"cannot read DICOM {path}: {exc}") from exc
+        if "Rows" not in ds or "Columns" not in ds:
+            raise ImageReadError(f"DICOM {path} has no image (no Rows/Columns)")
+        return
+    try:
+        with Image.open(path) as im:
+            im.size  # noqa: B018 - the header is parsed on open
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ImageReadError(f"cannot read image {path}: {exc}") from exc
+
+
 def load_image(ref: str | os.PathLike, window: tuple[float, float] | None = None) -> np.ndarray:
     """Read any supported image reference as uint8 (H, W) or (H, W, 3)."""
     ref = str(ref)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..config import ModalityConfig
 from .errors import BadRows, DataError
-from .imageio import ImageReadError, load_image, split_ref
+from .imageio import ImageReadError, load_image, probe_image, split_ref
 from .meddata import is_meddata_folder, meddata_rows
 from .records import MANIFEST_COLUMNS, ManifestRow, findings_to_cell
 from .sources import IMAGE_SUFFIXES, iter_class_folders, iter_hf, iter_manifest
@@ -120,13 +120,14 @@ def write_manifest(
                     target = images_dir / f"{count:08d}.png"
                     Image.fromarray(row.image).save(target)
                     row.path = str(target)
-                elif not os.path.isfile(split_ref(row.path)[0]):
-                    bad.handle(DataError(f"image file not found: {row.path}", file=row.source, row=row.row, column="path"))
-                    continue
-                elif verify_images:
+                else:
+                    # Every file's header is read (cheap); --verify decodes the pixels too.
                     try:
-                        window = (modalities or {}).get(row.modality)
-                        load_image(row.path, window=window.window if window else None)
+                        if verify_images:
+                            window = (modalities or {}).get(row.modality)
+                            load_image(row.path, window=window.window if window else None)
+                        else:
+                            probe_image(row.path)
                     except ImageReadError as exc:
                         bad.handle(DataError(str(exc), file=row.source, row=row.row, column="path"))
                         continue

@@ -50,7 +50,7 @@ def register(groups, formatter) -> None:
     m.add_argument("--modality", help="modality for sources without a modality column (name or alias)")
     m.add_argument("--template", default="{label}", help="text for class-folder or label sources, e.g. 'Chest radiograph. Findings: {label}.'")
     m.add_argument("--skip-bad", action="store_true", help="skip bad rows, count them and list them in OUT.skipped.csv")
-    m.add_argument("--verify", action="store_true", help="decode every image (slower; finds corrupt files)")
+    m.add_argument("--verify", action="store_true", help="decode every image, not only its header (slower; finds truncated files)")
     m.set_defaults(handler=_manifest)
 
     md = sub.add_parser("meddata", help="manifests for every folder of ../shared/meddata", formatter_class=formatter)
