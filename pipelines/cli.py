@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines say which CPU build loaded
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     try:

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from generator.config import DataConfig, PhantomConfig, Section, TrainConfig
+from knowledge.config import KnowledgeConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROFILE = "tiny"
@@ -42,6 +43,7 @@ class SynthmedConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     phantoms: PhantomConfig = Field(default_factory=PhantomConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    knowledge: KnowledgeConfig = Field(default_factory=KnowledgeConfig)
 
 
 class ConfigError(ValueError):
@@ -145,14 +147,14 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _known_fields(model: type[Section] | None, loc: tuple) -> list[str]:
+def _known_fields(model: type[BaseModel] | None, loc: tuple) -> list[str]:
     """Field names of the section at ``loc`` (for "did you mean" hints)."""
     for part in loc:
         if model is None:
             return []
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
     return list(model.model_fields) if model else []
 
 

@@ -27,3 +27,11 @@ def tiny_config():
     from pipelines.config import load_config
 
     return load_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The packaged MiniLM, loaded once (offline)."""
+    from knowledge.embedder import Embedder
+
+    return Embedder()
