@@ -118,6 +118,14 @@ def add_cases(folder: str | os.PathLike, cases: Iterable[Case], embedder) -> int
     return added
 
 
+def require_knowledge_base(folder: str | os.PathLike) -> Path:
+    """The folder, if it holds a built knowledge base; a message saying how to build one otherwise."""
+    folder = Path(folder)
+    if not (folder / "concepts").is_dir():
+        raise KnowledgeIndexError(f"no knowledge base in {folder}; build it with `synthmed kb build`")
+    return folder
+
+
 def load_retriever(
     folder: str | os.PathLike,
     embedder,
@@ -127,9 +135,7 @@ def load_retriever(
     nprobe: int = 16,
     modalities: Iterable[str] | None = None,
 ) -> Retriever:
-    folder = Path(folder)
-    if not (folder / "concepts").is_dir():
-        raise KnowledgeIndexError(f"no knowledge base in {folder}; build it with `synthmed kb build`")
+    folder = require_knowledge_base(folder)
     concepts = VectorIndex.load(folder / "concepts", embedder.dim, ef_search, nprobe)
     cases = VectorIndex.load(folder / "cases", embedder.dim, ef_search, nprobe) if (folder / "cases").is_dir() else None
     return Retriever(concepts, embedder.encode, cases, exact_weight, fuzzy_cutoff, modalities)

@@ -14,13 +14,15 @@ class KnowledgeConfig(BaseModel):
     device: str = "cpu"  # where the embedder runs
     batch_size: int = Field(64, ge=1)  # texts per embedding batch
     index_dir: str = "data/kb"  # where `synthmed kb build` writes the index, relative to the working directory
-    concept_index: str = "Flat"  # FAISS factory string for concepts (a few thousand vectors): exact search
+    concept_index: str = "Flat"  # FAISS factory string for concepts: exact search; "HNSW32" once full vocabularies are loaded
     case_index: str = "HNSW32"  # FAISS factory string for cases (up to millions): "Flat", "HNSW32", "IVF4096,PQ48"
     hnsw_ef_search: int = Field(64, ge=1)  # HNSW search breadth: higher is slower and more exact
     ivf_nprobe: int = Field(16, ge=1)  # IVF lists visited per query
     lexicon_dir: str | None = None  # None: the lexicon shipped in knowledge/lexicon/
     radlex: str | None = None  # RadLex OWL or its BioPortal CSV export, if you hold one
+    radlex_roots: list[str] = []  # keep only descendants of these RIDs (e.g. ["RID5"]); empty: every mapped branch
     snomed: str | None = None  # SNOMED CT RF2 Snapshot folder, if you hold a licence and the files
+    snomed_roots: list[str] = []  # keep only descendants of these concept ids; empty: every mapped hierarchy
     case_manifests: list[str] = ["data/phantoms/manifest.csv"]  # manifests whose rows become cases
     exact_weight: float = Field(0.35, ge=0, le=2)  # weight of exact term (synonym, abbreviation) matches fused with dense scores
     fuzzy_cutoff: float = Field(0.85, gt=0, le=1)  # similarity above which a misspelt query word counts as a term word

@@ -25,7 +25,7 @@ FORMAT_VERSION = 1
 REBUILD_HINT = "rebuild it with `synthmed kb build`"
 
 
-class KnowledgeIndexError(RuntimeError):
+class KnowledgeIndexError(ValueError):
     """A missing, corrupt or mismatched index; the message says how to rebuild."""
 
 

@@ -22,7 +22,7 @@ Kind = Literal["anatomy", "finding", "appearance", "modifier", "cue"]
 KINDS: tuple[str, ...] = ("anatomy", "finding", "appearance", "modifier", "cue")
 CODE_SYSTEMS = ("radlex", "snomed")
 CODE_PATTERNS = {"radlex": re.compile(r"^RID\d+$"), "snomed": re.compile(r"^\d{6,18}$")}
-ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.:@-]*$")
+ID_PATTERN = re.compile(r"^(?:[a-z0-9][a-z0-9_.:@-]*|radlex:RID\d+)$")  # RadLex ids keep their native "RID"
 
 
 @dataclass
@@ -76,7 +76,7 @@ def validate_concept(c: Concept, known_modalities: set[str] | None = None) -> li
     """Problems with one concept, as messages naming it (empty when it is sound)."""
     problems = []
     if not ID_PATTERN.match(c.id):
-        problems.append(f"{c.id!r}: id must be lower-case letters, digits and _ . : @ -")
+        problems.append(f"{c.id!r}: id must be lower-case letters, digits and _ . : @ - (or radlex:RID<digits>)")
     if c.kind not in KINDS:
         problems.append(f"{c.id!r}: kind {c.kind!r} is not one of {', '.join(KINDS)}")
     if not c.term.strip():

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 from collections import defaultdict
+from functools import lru_cache
 from pathlib import Path
 
 from .common import add_config_argument, resolve_config, table
@@ -54,11 +55,17 @@ def register(groups, formatter) -> None:
     n.set_defaults(handler=_bench)
 
 
-def _embedder(cfg):
+@lru_cache(maxsize=2)
+def _load_embedder(name: str, device: str, batch_size: int):
     from knowledge.embedder import Embedder
 
+    return Embedder(name, device=device, batch_size=batch_size)
+
+
+def _embedder(cfg):
+    """One embedder per process and setting: in-process callers (tests, the agents) pay its load once."""
     k = cfg.knowledge
-    return Embedder(k.embedder, device=k.device, batch_size=k.batch_size)
+    return _load_embedder(k.embedder, k.device, k.batch_size)
 
 
 def _concepts(cfg):
@@ -70,11 +77,11 @@ def _concepts(cfg):
         from knowledge.radlex import load_radlex_csv, load_radlex_owl
 
         loader = load_radlex_csv if k.radlex.lower().endswith(".csv") else load_radlex_owl
-        concepts += loader(k.radlex)
+        concepts += loader(k.radlex, roots=k.radlex_roots or None)
     if k.snomed:
         from knowledge.snomed import load_snomed_rf2
 
-        concepts += load_snomed_rf2(k.snomed)
+        concepts += load_snomed_rf2(k.snomed, roots=k.snomed_roots or None)
     return concepts
 
 
@@ -113,9 +120,10 @@ def _build(args, extra) -> int:
 
 
 def _retriever(cfg):
-    from knowledge.build import load_retriever
+    from knowledge.build import load_retriever, require_knowledge_base
 
     k = cfg.knowledge
+    require_knowledge_base(k.index_dir)  # before the embedder's 10 s load
     return load_retriever(k.index_dir, _embedder(cfg), k.exact_weight, k.fuzzy_cutoff, k.hnsw_ef_search, k.ivf_nprobe, cfg.data.modalities)
 
 
