@@ -63,6 +63,10 @@ class Concept:
         if unknown:
             raise ValueError(f"concept {d.get('id', '?')!r}: unknown field(s) {sorted(unknown)}")
         values = dict(d)
+        for key in ("id", "term", "kind"):
+            if not isinstance(values.get(key), str):
+                # YAML reads a bare no/on/off/yes as a boolean: quote such terms
+                raise ValueError(f"concept {d.get('id', '?')!r}: {key} must be a string, got {values.get(key)!r} (quote it in YAML)")
         if source is not None and "source" not in values:
             values["source"] = source
         for key in ("synonyms", "abbreviations", "misspellings", "modalities", "parents"):

@@ -57,7 +57,7 @@ def test_eval_on_a_query_file(built, tmp_path, capsys):
     capsys.readouterr()
     assert main(["kb", "eval", "--queries", str(queries), "--json", *overrides]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["groups"]["all"]["top5"] == 1.0
+    assert result["stage"]["groups"]["all"]["top5"] == 1.0 and result["all_kinds"]["groups"]["all"]["top5"] == 1.0
 
 
 def test_missing_index_and_unknown_modality_are_clear(tmp_path, built, capsys):

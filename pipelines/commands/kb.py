@@ -145,12 +145,19 @@ def _search(args, extra) -> int:
     return 0
 
 
-def evaluate_queries(retriever, queries: list[dict]) -> dict:
-    """Top-1 and top-5 accuracy overall, per category and per modality, and the misses."""
+def evaluate_queries(retriever, queries: list[dict], kind_of: dict[str, str] | None = None) -> dict:
+    """Top-1 and top-5 accuracy overall, per category and per modality, and the misses.
+
+    With ``kind_of`` (concept id -> kind) each query is searched as the agent stage that asks it
+    would search: restricted to the expected concept's kind (anatomy for localisation, finding
+    for pathology assessment). Without it, every kind competes ("left", "no" and "RLL" in a
+    finding query are real matches of modifier, cue and anatomy concepts).
+    """
     totals: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # group -> [n, top1, top5]
     misses = []
     for q in queries:
-        hits = retriever.search(q["query"], k=5, modality=q.get("modality"))
+        kinds = [kind_of[q["expected"]]] if kind_of else None
+        hits = retriever.search(q["query"], k=5, modality=q.get("modality"), kinds=kinds)
         ids = [h.id for h in hits]
         top1, top5 = int(ids[:1] == [q["expected"]]), int(q["expected"] in ids)
         for group in ("all", f"category:{q.get('category', '-')}", f"modality:{q.get('modality') or 'any'}"):
@@ -168,14 +175,20 @@ def _eval(args, extra) -> int:
 
     cfg = resolve_config(args, extra)
     queries = yaml.safe_load(Path(args.queries).read_text())
-    result = evaluate_queries(_retriever(cfg), queries)
+    retriever = _retriever(cfg)
+    kind_of = {item["id"]: item["kind"] for item in retriever.concepts.items}
+    unknown = sorted({q["expected"] for q in queries} - set(kind_of))
+    if unknown:
+        raise ValueError(f"{args.queries}: expected concepts not in the index: {', '.join(unknown[:10])}")
+    results = {"stage": evaluate_queries(retriever, queries, kind_of), "all_kinds": evaluate_queries(retriever, queries)}
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(results, indent=2))
         return 0
-    rows = [[g, v["n"], f"{v['top1']:.3f}", f"{v['top5']:.3f}"] for g, v in result["groups"].items()]
-    print(table(rows, ["group", "queries", "top-1", "top-5"]))
+    stage, free = results["stage"]["groups"], results["all_kinds"]["groups"]
+    rows = [[g, v["n"], f"{v['top1']:.3f}", f"{v['top5']:.3f}", f"{free[g]['top1']:.3f}", f"{free[g]['top5']:.3f}"] for g, v in stage.items()]
+    print(table(rows, ["group", "queries", "top-1 (stage kind)", "top-5 (stage kind)", "top-1 (all kinds)", "top-5 (all kinds)"]))
     if args.show_misses:
-        for m in result["misses"]:
+        for m in results["stage"]["misses"]:
             print(f"miss: {m['query']!r} expected {m['expected']} got {m['got']}")
     return 0
 
