@@ -129,7 +129,7 @@ def require_knowledge_base(folder: str | os.PathLike) -> Path:
 def load_retriever(
     folder: str | os.PathLike,
     embedder,
-    exact_weight: float = 0.35,
+    exact_weight: float = 0.6,
     fuzzy_cutoff: float = 0.85,
     ef_search: int = 64,
     nprobe: int = 16,

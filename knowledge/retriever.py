@@ -54,13 +54,14 @@ class Retriever:
         concepts: VectorIndex,
         embed: "callable",
         cases: VectorIndex | None = None,
-        exact_weight: float = 0.35,
+        exact_weight: float = 0.6,
         fuzzy_cutoff: float = 0.85,
         modalities: Iterable[str] | None = None,
     ):
         self.concepts, self.cases, self.embed = concepts, cases, embed
         self.exact_weight = exact_weight
-        self.matcher = TermMatcher([item.get("names") or [item["text"]] for item in concepts.items], fuzzy_cutoff)
+        grammatical = {i for i, item in enumerate(concepts.items) if item["kind"] in ("modifier", "cue")}
+        self.matcher = TermMatcher([item.get("names") or [item["text"]] for item in concepts.items], fuzzy_cutoff, grammatical)
         found = {m for index in (concepts, cases) if index is not None for item in index.items for m in item.get("modalities") or []}
         self.modalities = sorted(set(modalities) if modalities is not None else found)
         self._allowed: dict[tuple, np.ndarray] = {}

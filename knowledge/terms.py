@@ -58,7 +58,12 @@ class TermMatch:
 
 
 class TermMatcher:
-    def __init__(self, names_per_item: list[list[str]], fuzzy_cutoff: float = 0.85):
+    """``grammatical`` marks items (modifiers, negation and uncertainty cues) whose words qualify
+    a finding rather than name one: in "small left PTX" the content is "PTX", so its match covers
+    the whole of what the query is about."""
+
+    def __init__(self, names_per_item: list[list[str]], fuzzy_cutoff: float = 0.85, grammatical: set[int] | None = None):
+        self.grammatical = grammatical or set()
         self.forms: dict[tuple[str, ...], list[tuple[int, str]]] = {}
         for position, names in enumerate(names_per_item):
             for name in names:
@@ -80,23 +85,31 @@ class TermMatcher:
                 out.append(word)
         return out
 
-    def _scan(self, words: list[str], total_chars: int, fuzzy: bool, found: dict[int, TermMatch]) -> None:
+    def _scan(self, words: list[str], fuzzy: bool, found: dict[int, TermMatch]) -> None:
+        spans: list[tuple[int, int, int, str]] = []  # (start, stop, position, form)
         for n in range(min(self.max_words, len(words)), 0, -1):
             for start in range(len(words) - n + 1):
                 for position, form in self.forms.get(tuple(words[start : start + n]), ()):
-                    coverage = sum(len(w) for w in words[start : start + n]) / max(total_chars, 1)
-                    match = TermMatch(position, form, min(coverage, 1.0), fuzzy)
-                    best = found.get(position)
-                    if best is None or match.strength > best.strength:
-                        found[position] = match
+                    spans.append((start, start + n, position, form))
+        # words only grammatical items match are qualifiers, not content
+        content_words = {i for a, b, p, _ in spans if p not in self.grammatical for i in range(a, b)}
+        grammar_words = {i for a, b, p, _ in spans if p in self.grammatical for i in range(a, b)} - content_words
+        total = sum(len(w) for w in words)
+        content = sum(len(w) for i, w in enumerate(words) if i not in grammar_words) or total
+        for start, stop, position, form in spans:
+            chars = sum(len(w) for w in words[start:stop])
+            coverage = chars / max(total if position in self.grammatical else content, 1)
+            match = TermMatch(position, form, min(coverage, 1.0), fuzzy)
+            best = found.get(position)
+            if best is None or match.strength > best.strength:
+                found[position] = match
 
     def match(self, query: str) -> dict[int, TermMatch]:
         """item position -> best match of one of its forms inside the query."""
         words = normalise(query)
-        total = sum(len(w) for w in words)
         found: dict[int, TermMatch] = {}
-        self._scan(words, total, fuzzy=False, found=found)
+        self._scan(words, fuzzy=False, found=found)
         corrected = self._correct(words)
         if corrected != words:
-            self._scan(corrected, total, fuzzy=True, found=found)
+            self._scan(corrected, fuzzy=True, found=found)
         return found
