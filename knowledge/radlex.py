@@ -48,7 +48,7 @@ import logging
 import re
 import xml.etree.ElementTree as ET
 import zipfile
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import IO
 
 from .schema import Concept
+from .vocab_utils import descendants, unique_names
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ def _load(
                 id=radlex_concept_id(rid),
                 kind=kind,  # type: ignore[arg-type]
                 term=entry.term,
-                synonyms=_unique(entry.synonyms, exclude=entry.term),
+                synonyms=unique_names(entry.synonyms, exclude=entry.term),
                 codes={"radlex": rid},
                 parents=[radlex_concept_id(p) for p in graph[rid] if p in graph and p not in obsolete],
                 description=entry.definition,
@@ -245,14 +246,14 @@ def _plan(
             children[parent].append(rid)
     kind_of: dict[str, str] = {}
     for branch, kind in branches.items():  # priority order: the first branch reaching a class wins
-        for rid in _descendants(children, [branch]):
+        for rid in descendants(children, [branch]):
             kind_of.setdefault(rid, kind)
     allowed: set[str] | None = None
     if roots:
         unknown = [r for r in roots if r not in graph and r not in children]
         if unknown:
             raise RadLexError(f"{path}: root(s) {unknown} are not classes of this file")
-        allowed = _descendants(children, roots)
+        allowed = descendants(children, roots)
 
     selected: dict[str, str] = {}
     for rid in graph:
@@ -273,22 +274,11 @@ def _plan(
     for branch in (b for b, k in branches.items() if k == "modifier"):
         axis[branch] = branch
         for axis_class in children.get(branch, ()):
-            for rid in _descendants(children, [axis_class]):
+            for rid in descendants(children, [axis_class]):
                 axis.setdefault(rid, axis_class)
     axis = {rid: a for rid, a in axis.items() if selected.get(rid) == "modifier"}
     return _Plan(selected, axis, set(selected) | set(axis.values()))
 
-
-def _descendants(children: Mapping[str, list[str]], starts: Iterable[str]) -> set[str]:
-    """The starts and everything below them (cycle-safe)."""
-    seen = set(starts)
-    queue = deque(seen)
-    while queue:
-        for child in children.get(queue.popleft(), ()):
-            if child not in seen:
-                seen.add(child)
-                queue.append(child)
-    return seen
 
 
 def _axis_name(term: str) -> str:
@@ -296,14 +286,6 @@ def _axis_name(term: str) -> str:
     return name.removesuffix(" descriptor").strip() or name
 
 
-def _unique(names: Iterable[str], exclude: str) -> list[str]:
-    seen = {exclude.casefold()}
-    out = []
-    for name in names:
-        if name and name.casefold() not in seen:
-            seen.add(name.casefold())
-            out.append(name)
-    return out
 
 
 def _iri_tail(iri: str) -> str:

@@ -40,12 +40,13 @@ from __future__ import annotations
 import csv
 import logging
 import re
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .schema import Concept
+from .vocab_utils import descendants, unique_names
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def load_snomed_rf2(
         if unknown:
             where = ", ".join(str(p) for p in files["concept"])
             raise SnomedError(f"root(s) {unknown} are not {'active ' if active_only else ''}concepts of {where}")
-        allowed = _descendants(children, root_ids)
+        allowed = descendants(children, root_ids)
     # Candidate modifier axes: the concepts two levels under the root ("Severities" under "Qualifier value").
     axis_candidates = {g for top in children.get(ROOT, ()) for g in children.get(top, ())}
 
@@ -250,7 +251,7 @@ def load_snomed_rf2(
     for candidate in sorted(axis_candidates):
         entry = names.get(candidate)
         if entry and tag_kinds.get(_semantic_tag(entry.fsn).lower()) == "modifier":
-            for concept in _descendants(children, [candidate]):
+            for concept in descendants(children, [candidate]):
                 axis.setdefault(concept, candidate)
 
     # 6. Text definitions of the kept concepts (optional file).
@@ -280,7 +281,7 @@ def load_snomed_rf2(
                 id=f"snomed:{concept}",
                 kind=kind,  # type: ignore[arg-type]
                 term=term,
-                synonyms=_unique([*entry.synonyms, fsn_term], exclude=term),
+                synonyms=unique_names([*entry.synonyms, fsn_term], exclude=term),
                 codes={"snomed": str(concept)},
                 parents=[f"snomed:{p}" for p in parents.get(concept, ())],
                 description=definitions.get(concept, ""),
@@ -386,23 +387,4 @@ def _strip_tag(fsn: str) -> str:
     return fsn[: match.start()].strip() if match and match.start() > 0 else fsn
 
 
-def _descendants(children: Mapping[int, list[int]], starts: Iterable[int]) -> set[int]:
-    """The starts and everything below them (cycle-safe)."""
-    seen = set(starts)
-    queue = deque(seen)
-    while queue:
-        for child in children.get(queue.popleft(), ()):
-            if child not in seen:
-                seen.add(child)
-                queue.append(child)
-    return seen
 
-
-def _unique(names: Iterable[str], exclude: str) -> list[str]:
-    seen = {exclude.casefold()}
-    out = []
-    for name in names:
-        if name and name.casefold() not in seen:
-            seen.add(name.casefold())
-            out.append(name)
-    return out

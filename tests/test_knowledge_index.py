@@ -2,7 +2,6 @@
 
 import json
 
-import faiss
 import numpy as np
 import pytest
 
