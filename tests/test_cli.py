@@ -92,3 +92,19 @@ def test_meddata_command_writes_a_manifest_per_dataset(meddata, tmp_path, capsys
     with open(tmp_path / "chest_ct_iqothnccd.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 878 and {r["modality"] for r in rows} == {"chest_ct"}
+
+
+def test_manifest_from_a_medmnist_npz(tmp_path, capsys):
+    import numpy as np
+
+    np.savez(tmp_path / "p.npz", train_images=np.zeros((3, 28, 28), np.uint8), train_labels=np.array([[0], [1], [1]]),
+             val_images=np.zeros((1, 28, 28), np.uint8), val_labels=np.array([[1]]))
+    out = tmp_path / "m.csv"
+    assert main(["data", "manifest", str(tmp_path / "p.npz"), "--out", str(out), "--modality", "cxr",
+                 "--label-names", "normal,pneumonia", "--template", "Paediatric chest radiograph. Findings: {label}."]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 4 and rows[1]["text"] == "Paediatric chest radiograph. Findings: pneumonia."
+    assert rows[0]["findings"] == "" and json.loads(rows[1]["findings"])[0]["name"] == "pneumonia"
+    assert rows[3]["path"].endswith("p.npz#val/0")
+    assert main(["data", "manifest", str(tmp_path / "p.npz"), "--out", str(out)]) == 2
+    assert "needs --modality" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
@@ -21,7 +22,7 @@ from .errors import BadRows, DataError
 from .imageio import ImageReadError, load_image, probe_image, split_ref
 from .meddata import is_meddata_folder, meddata_rows
 from .records import MANIFEST_COLUMNS, ManifestRow, findings_to_cell
-from .sources import IMAGE_SUFFIXES, iter_class_folders, iter_hf, iter_manifest
+from .sources import IMAGE_SUFFIXES, findings_for_label, iter_class_folders, iter_hf, iter_manifest, iter_npz
 
 
 @dataclass
@@ -67,8 +68,10 @@ def source_rows(
     modality: str | None = None,
     template: str = "{label}",
     bad: BadRows | None = None,
+    label_names: list[str] | None = None,
 ) -> Iterator[ManifestRow]:
-    """Rows from any supported source (see :func:`detect_source`)."""
+    """Rows from any supported source (see :func:`detect_source`). ``label_names`` names the
+    classes of a MedMNIST ``.npz`` by index (its labels are integers)."""
     kind = detect_source(source)
     path = Path(str(source).removeprefix("hf:"))
     if kind == "meddata":
@@ -81,8 +84,31 @@ def source_rows(
             raise DataError("a folder of class sub-folders needs --modality", file=str(path))
         return iter_class_folders(path, modality, template, modalities=modalities)
     if kind == "npz":
-        raise DataError("a generic .npz needs its label names; use a meddata folder adapter or a manifest", file=str(path))
+        if modality is None:
+            raise DataError("a MedMNIST .npz needs --modality", file=str(path))
+        return iter_npz(path, modality, npz_label_text(template, label_names), modalities=modalities)
     return iter_hf(str(source).removeprefix("hf:"), modality=modality, template=template, modalities=modalities, bad=bad)
+
+
+def npz_label_text(template: str, names: list[str] | None):
+    """Label vector -> (text, findings): one class index, or a multi-label 0/1 vector."""
+
+    def name_of(index: int) -> str:
+        if names is None:
+            return str(index)
+        if not 0 <= index < len(names):
+            raise DataError(f"label {index} has no name; --label-names gives {len(names)}")
+        return names[index]
+
+    def label_text(label: np.ndarray) -> tuple[str, list[dict]]:
+        if len(label) == 1:
+            chosen = [name_of(int(label[0]))]
+        else:  # multi-label (ChestMNIST): the positive classes
+            chosen = [name_of(i) for i in np.flatnonzero(label)] or ["normal"]
+        findings = [f for name in chosen for f in findings_for_label(name)]
+        return template.format(label="; ".join(n.replace("_", " ") for n in chosen)), findings
+
+    return label_text
 
 
 def _relative(path: str, base: Path) -> str:

@@ -49,6 +49,7 @@ def register(groups, formatter) -> None:
     m.add_argument("--out", required=True, help="manifest CSV to write")
     m.add_argument("--modality", help="modality for sources without a modality column (name or alias)")
     m.add_argument("--template", default="{label}", help="text for class-folder or label sources, e.g. 'Chest radiograph. Findings: {label}.'")
+    m.add_argument("--label-names", help="class names of a MedMNIST .npz by label index, comma-separated, e.g. normal,pneumonia")
     m.add_argument("--skip-bad", action="store_true", help="skip bad rows, count them and list them in OUT.skipped.csv")
     m.add_argument("--verify", action="store_true", help="decode every image, not only its header (slower; finds truncated files)")
     m.set_defaults(handler=_manifest)
@@ -92,8 +93,6 @@ def _phantoms(args, extra) -> int:
         },
     )
     pc = cfg.phantoms
-    for name in pc.modalities:
-        get_spec(name)
     out = Path(pc.out)
     summary = write_phantoms(
         out, pc.modalities, pc.per_finding, pc.size, pc.seed, pc.negatives, progress=not args.no_progress,
@@ -111,7 +110,8 @@ def _phantoms(args, extra) -> int:
 def _manifest(args, extra) -> int:
     cfg = resolve_config(args, extra)
     bad = BadRows(skip=args.skip_bad or cfg.data.skip_bad)
-    rows = source_rows(args.source, cfg.data.modalities, modality=args.modality, template=args.template, bad=bad)
+    names = [n.strip() for n in args.label_names.split(",")] if args.label_names else None
+    rows = source_rows(args.source, cfg.data.modalities, modality=args.modality, template=args.template, bad=bad, label_names=names)
     summary = write_manifest(rows, args.out, bad=bad, verify_images=args.verify, modalities=cfg.data.modalities)
     print(table([[m, n] for m, n in sorted(summary.by_modality.items())], ["modality", "rows"]))
     print(f"{summary.rows} rows -> {summary.path}")
