@@ -108,11 +108,60 @@ class TrainConfig(Section):
     batch_size: int = Field(16, ge=1)  # images per device per step
     grad_accum_steps: int = Field(1, ge=1)  # micro-batches per optimiser step
     max_steps: int = Field(1000, ge=1)  # optimiser steps
-    warmup_steps: int = Field(100, ge=0)  # linear warm-up, optimiser steps
+    warmup_steps: int = Field(100, ge=0)  # linear warm-up, optimiser steps; cosine decay after
     weight_decay: float = Field(1e-2, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)  # gradient clipping, L2 norm over all trainable parameters
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # "no" on CPU; bf16 on recent GPUs
     seed: int = Field(0, ge=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)  # UNet exponential moving average; 0 turns EMA off
+    text_dropout: float = Field(0.1, ge=0, le=1)  # share of prompts replaced by "" (classifier-free guidance)
+    prompt_augment: bool = True  # shuffle report sentences and vary case/punctuation during training
+    kl_weight: float = Field(1e-6, ge=0)  # VAE: weight of the KL term against the reconstruction loss
+    validate_every: int = Field(500, ge=1)  # optimiser steps between validation sample grids
+    checkpoint_every: int = Field(500, ge=1)  # optimiser steps between resumable checkpoints
+    keep_checkpoints: int = Field(2, ge=1)  # newest resumable checkpoints kept
+    val_fraction: float = Field(0.05, ge=0, lt=1)  # share of the manifest held back for validation
+    out: str = "generator/weights/default"  # where the trained model is exported
+
+
+class ModelConfig(Section):
+    """Shape of the latent diffusion model: VAE, UNet, conditioning, noise schedule."""
+
+    image_size: int = Field(64, ge=16)  # pixels, square; the VAE downsamples by 2**(len(vae_channels) - 1)
+    text_encoder: str = "packaged:all-MiniLM-L6-v2"  # BERT-like transformers model (name or folder); packaged MiniLM offline
+    text_max_length: int = Field(64, ge=8, le=512)  # tokens kept from each prompt
+    train_text_encoder: bool = False  # False: frozen (the default); True: LoRA on its attention
+    vae_pretrained: str | None = None  # a diffusers AutoencoderKL folder or hub id instead of training one
+    vae_channels: list[int] = [32, 64, 128]  # VAE block widths, one per resolution
+    latent_channels: int = Field(4, ge=1)
+    unet_pretrained: str | None = None  # a diffusers UNet2DConditionModel folder or hub id (e.g. SD 1.5's unet)
+    unet_channels: list[int] = [64, 128, 256]  # UNet block widths; attention at every level but the last
+    unet_layers_per_block: int = Field(1, ge=1)
+    unet_attention_heads: int = Field(4, ge=1)
+    cross_attention_dim: int = Field(384, ge=8)  # width of the conditioning tokens seen by cross-attention
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"  # the last is the cosine schedule
+    num_train_timesteps: int = Field(1000, ge=10)
+
+
+class SampleConfig(Section):
+    sampler: Literal["ddim", "dpmpp"] = "ddim"  # DDIM (with eta, log probabilities) or DPM-Solver++ (2M)
+    steps: int = Field(25, ge=1)  # denoising steps
+    guidance: float = Field(4.0, ge=0)  # classifier-free guidance scale; 1 = no guidance
+    guidance_schedule: Literal["constant", "linear", "cosine"] = "constant"  # scale over the steps: constant, or rising from 1 to guidance
+    eta: float = Field(0.0, ge=0, le=1)  # DDIM stochasticity; DDPO samples with eta > 0 to have log probabilities
+    batch_size: int = Field(8, ge=1)  # images per forward pass
+    seed: int = Field(0, ge=0)
+    negative: str = ""  # default negative prompt
+
+
+class LoraConfig(Section):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(8.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    include_mid_block: bool = True  # also the mid block's attention projections
+    include_out: bool = False  # also the output projections (transformer proj_out, conv_out)
+    name: str = "default"  # adapter name; several can coexist (e.g. one per modality)
 
 
 def normalise_modality_text(text: str) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from generator.config import DataConfig, PhantomConfig, Section, TrainConfig
+from generator.config import DataConfig, LoraConfig, ModelConfig, PhantomConfig, SampleConfig, Section, TrainConfig
 from knowledge.config import KnowledgeConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +42,13 @@ class SynthmedConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     phantoms: PhantomConfig = Field(default_factory=PhantomConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)  # the UNet (and LoRA) trainer
+    vae_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(lr=5e-4, batch_size=32, max_steps=3000, warmup_steps=100, ema_decay=0.0)
+    )  # the VAE trainer
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     knowledge: KnowledgeConfig = Field(default_factory=KnowledgeConfig)
 
 

@@ -1,5 +1,5 @@
 """Command groups of the CLI; each module has ``register(subparsers, formatter)``."""
 
-from . import bench, config_cmd, data, kb
+from . import bench, config_cmd, data, kb, train
 
-ALL = [data, kb, config_cmd, bench]
+ALL = [data, train, kb, config_cmd, bench]

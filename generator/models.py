@@ -1,0 +1,168 @@
+"""The latent diffusion model: diffusers AutoencoderKL + UNet2DConditionModel + the conditioner.
+
+A saved model is a folder::
+
+    vae/              diffusers AutoencoderKL (config.json + safetensors)
+    unet/             diffusers UNet2DConditionModel
+    conditioner.safetensors   projections and modality table (text encoder weights are not copied)
+    model.json        model config, modalities, text encoder name, latent scaling factor
+    scheduler/        noise schedule (diffusers scheduler config)
+    metadata.json     how it was trained (written by the trainer)
+
+Images are 3-channel in [-1, 1]; grey modalities are replicated on the way in and averaged on
+the way out, so one VAE serves every modality.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+
+from .conditioning import Conditioner, TextEncoder
+from .config import ModelConfig
+
+IMAGE_CHANNELS = 3
+
+
+def build_vae(cfg: ModelConfig) -> AutoencoderKL:
+    if cfg.vae_pretrained:
+        return AutoencoderKL.from_pretrained(cfg.vae_pretrained)
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=IMAGE_CHANNELS,
+        out_channels=IMAGE_CHANNELS,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg.vae_channels),
+        layers_per_block=1,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=min(32, cfg.vae_channels[0]),
+        sample_size=cfg.image_size,
+    )
+
+
+def latent_size(cfg: ModelConfig) -> int:
+    return cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
+
+
+def build_unet(cfg: ModelConfig) -> UNet2DConditionModel:
+    if cfg.unet_pretrained:
+        return UNet2DConditionModel.from_pretrained(cfg.unet_pretrained, subfolder=None)
+    n = len(cfg.unet_channels)
+    down = tuple(["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"])
+    up = tuple(["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1))
+    return UNet2DConditionModel(
+        sample_size=latent_size(cfg),
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=tuple(cfg.unet_channels),
+        layers_per_block=cfg.unet_layers_per_block,
+        cross_attention_dim=cfg.cross_attention_dim,
+        attention_head_dim=cfg.unet_attention_heads,
+        norm_num_groups=min(32, cfg.unet_channels[0]),
+        class_embed_type="identity",  # the conditioner's fused modality x text vector is added to the time embedding
+    )
+
+
+def time_embed_dim(unet: UNet2DConditionModel) -> int:
+    return int(unet.time_embedding.linear_2.out_features)
+
+
+def build_scheduler(cfg: ModelConfig) -> DDIMScheduler:
+    return DDIMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="trailing",  # the last step starts from pure noise (Lin et al. 2024)
+    )
+
+
+class LatentDiffusion(torch.nn.Module):
+    """VAE + UNet + conditioner + noise schedule, and the latent scaling factor."""
+
+    def __init__(self, cfg: ModelConfig, modalities: list[str], vae=None, unet=None, text_encoder: TextEncoder | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.vae = vae if vae is not None else build_vae(cfg)
+        self.unet = unet if unet is not None else build_unet(cfg)
+        text_encoder = text_encoder if text_encoder is not None else TextEncoder(cfg.text_encoder, cfg.text_max_length)
+        self.conditioner = Conditioner(text_encoder, list(modalities), cfg.cross_attention_dim, time_embed_dim(self.unet))
+        self.scheduler = build_scheduler(cfg)
+        self.scaling_factor = float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
+
+    @property
+    def modalities(self) -> list[str]:
+        return self.conditioner.modality.names
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    # -- image <-> latent -----------------------------------------------------------------
+    @staticmethod
+    def to_rgb(images: torch.Tensor) -> torch.Tensor:  # (B, 1|3, H, W) -> (B, 3, H, W)
+        return images.expand(-1, IMAGE_CHANNELS, -1, -1) if images.shape[1] == 1 else images
+
+    def encode(self, images: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+        dist = self.vae.encode(self.to_rgb(images).to(self.vae.dtype)).latent_dist
+        latents = dist.sample(generator) if sample else dist.mode()
+        return latents * self.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) in [-1, 1]
+        return self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample.clamp(-1, 1)
+
+    # -- persistence ----------------------------------------------------------------------
+    def save(self, folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+        """Write the model folder; ``dtype=torch.float16`` halves the size for shipping."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.vae.save_pretrained(folder / "vae", safe_serialization=True)
+        self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        if dtype != torch.float32:
+            for sub in ("vae", "unet"):
+                path = folder / sub / "diffusion_pytorch_model.safetensors"
+                save_file({k: v.to(dtype) for k, v in load_file(path).items()}, path)
+        state = {k: v.detach().to(dtype).contiguous() for k, v in self.conditioner.trainable_state_dict().items()}
+        save_file(state, folder / "conditioner.safetensors")
+        self.scheduler.save_pretrained(folder / "scheduler")
+        meta = {
+            "model": self.cfg.model_dump(mode="json"),
+            "modalities": self.modalities,
+            "scaling_factor": self.scaling_factor,
+            "text_encoder": self.cfg.text_encoder,
+        }
+        tmp = folder / "model.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, folder / "model.json")
+        return folder
+
+    @classmethod
+    def load(
+        cls, folder: str | os.PathLike, modalities: list[str] | None = None, text_encoder: TextEncoder | None = None,
+        device: str | torch.device = "cpu",
+    ) -> "LatentDiffusion":
+        """Load a saved model. ``modalities`` may list more than the save knew: the table grows."""
+        folder = Path(folder)
+        if not (folder / "model.json").is_file():
+            raise FileNotFoundError(f"no synthmed model in {folder} (model.json missing); train one with `synthmed train unet`")
+        meta = json.loads((folder / "model.json").read_text())
+        cfg = ModelConfig.model_validate(meta["model"])
+        saved = list(meta["modalities"])
+        wanted = saved + [m for m in (modalities or []) if m not in saved]
+        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+        model = cls(cfg, wanted, vae=vae, unet=unet, text_encoder=text_encoder)
+        state = {k: v.float() for k, v in load_file(folder / "conditioner.safetensors").items()}
+        model.new_modalities = model.conditioner.load_trainable_state_dict(state, saved)
+        model.scaling_factor = float(meta["scaling_factor"])
+        return model.to(device).eval()

@@ -1,0 +1,212 @@
+"""Train the VAE and the UNet; export the model with its metadata.json.
+
+Each function receives its parts (config, rows, run folder, model) and returns a summary that
+goes into metadata.json; the CLI (``synthmed train ...``) only assembles them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .config import DataConfig, ModelConfig, SampleConfig, TrainConfig
+from .data.records import ManifestRow
+from .data.transforms import RecordTransform
+from .models import LatentDiffusion, build_vae
+from .sampling import sample
+from .training import (
+    ImageCache,
+    RunDir,
+    augment_prompt,
+    batch_indices,
+    diffusion_loss,
+    environment,
+    latent_scaling_factor,
+    run_loop,
+    seed_everything,
+    vae_loss,
+)
+
+log = logging.getLogger(__name__)
+
+
+# -- image quality ----------------------------------------------------------------------------
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # images in [-1, 1] -> (B,) dB
+    mse = ((a - b) / 2).pow(2).flatten(1).mean(1).clamp(min=1e-10)
+    return 10 * torch.log10(1.0 / mse)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> torch.Tensor:  # (B,) mean SSIM, Gaussian window
+    a, b = (a + 1) / 2, (b + 1) / 2
+    coords = torch.arange(window, dtype=torch.float32) - window // 2
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    kernel = (g[:, None] * g[None, :] / g.sum() ** 2).to(a)[None, None].repeat(a.shape[1], 1, 1, 1)
+
+    def blur(x):
+        return F.conv2d(x, kernel, groups=a.shape[1])
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    value = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return value.flatten(1).mean(1)
+
+
+@torch.no_grad()
+def evaluate_reconstruction(vae, cache: ImageCache, batch: int = 64) -> dict:
+    """PSNR and SSIM of VAE reconstructions (posterior mode), per modality and overall."""
+    vae.eval()
+    scores: dict[str, list[tuple[float, float]]] = {}
+    for start in range(0, len(cache), batch):
+        idx = np.arange(start, min(len(cache), start + batch))
+        images, _, modalities = cache.batch(idx)
+        recon = vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+        for m, p, s in zip(modalities, psnr(recon, images).tolist(), ssim(recon, images).tolist()):
+            scores.setdefault(m, []).append((p, s))
+    vae.train()
+    out = {f"psnr_{m}": float(np.mean([p for p, _ in v])) for m, v in scores.items()}
+    out |= {f"ssim_{m}": float(np.mean([s for _, s in v])) for m, v in scores.items()}
+    everything = [x for v in scores.values() for x in v]
+    out["psnr"] = float(np.mean([p for p, _ in everything]))
+    out["ssim"] = float(np.mean([s for _, s in everything]))
+    return out
+
+
+# -- VAE --------------------------------------------------------------------------------------
+def train_vae(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, train_rows: list[ManifestRow],
+    val_rows: list[ManifestRow], run: RunDir, out: str | os.PathLike, progress: bool = True, stop_after: int | None = None,
+) -> dict:
+    seed_everything(train_cfg.seed)
+    data = data_cfg.model_copy(update={"image_size": model_cfg.image_size})
+    train = ImageCache(train_rows, RecordTransform(data, train=True, seed=train_cfg.seed, as_tensor=False), progress)
+    val = ImageCache(val_rows, RecordTransform(data, as_tensor=False), progress)
+    vae = build_vae(model_cfg)
+    generator = torch.Generator().manual_seed(train_cfg.seed)
+
+    def loss_fn(step: int, micro: int):
+        idx = batch_indices(len(train), train_cfg.batch_size, step, micro, train_cfg.grad_accum_steps, train_cfg.seed)
+        images, _, _ = train.batch(idx)
+        return vae_loss(vae, images.to(next(vae.parameters()).device), train_cfg.kl_weight, generator)
+
+    result = run_loop(run, train_cfg, [vae], [p for p in vae.parameters()], loss_fn,
+                      validate=lambda step: {f"val_{k}": v for k, v in evaluate_reconstruction(vae, val).items()},
+                      progress=progress, stop_after=stop_after)
+    if result.steps < train_cfg.max_steps:
+        return {"stopped_at": result.steps}
+    metrics = evaluate_reconstruction(vae, val)
+    vae.register_to_config(scaling_factor=latent_scaling_factor(vae, train.images[:512].float().div(127.5).sub(1)))
+    out = Path(out)
+    vae.save_pretrained(out, safe_serialization=True)
+    summary = {
+        "kind": "synthmed VAE",
+        "steps": result.steps,
+        "seconds": round(result.seconds, 1),
+        "train_images": len(train),
+        "val_images": len(val),
+        "final_loss": result.last_loss,
+        "val_metrics": {k: round(v, 4) for k, v in metrics.items()},
+        "scaling_factor": vae.config.scaling_factor,
+        "environment": environment(),
+        "run": str(run.root),
+    }
+    (out / "metadata.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+# -- UNet -------------------------------------------------------------------------------------
+VALIDATION_PROMPTS = {
+    "cxr": "Chest radiograph, PA view. Findings: large left pleural effusion.",
+    "chest_ct": "Axial CT thorax, lung window. Findings: right upper lobe mass.",
+    "brain_mri": "Axial FLAIR MRI of the brain. Findings: left frontal tumour with surrounding oedema.",
+    "fundus": "Colour fundus photograph. Findings: numerous hard exudates at the macula.",
+    "oct": "Macular OCT. Findings: large subretinal fluid.",
+}
+
+
+def save_grid(images: list[np.ndarray], path: Path, columns: int) -> Path:
+    tiles = [np.repeat(im[..., None], 3, 2) if im.ndim == 2 else im for im in images]
+    h, w = tiles[0].shape[:2]
+    rows = (len(tiles) + columns - 1) // columns
+    grid = np.zeros((rows * h, columns * w, 3), np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = tile
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+    return path
+
+
+def validation_samples(model: LatentDiffusion, run: RunDir, step: int, data_cfg: DataConfig, steps: int = 20) -> dict:
+    model.eval()
+    modalities = [m for m in VALIDATION_PROMPTS if m in model.modalities]
+    prompts = [VALIDATION_PROMPTS[m] for m in modalities]
+    started = time.perf_counter()
+    output = sample(model, prompts + [""] * len(modalities), modalities * 2, guidance=3.0, steps=steps, seed=0)
+    channels = {m: spec.channels for m, spec in data_cfg.modalities.items()}
+    save_grid(output.to_uint8(modalities * 2, channels), run.samples / f"step_{step:07d}.png", len(modalities))
+    model.train()
+    return {"val_sample_seconds": round(time.perf_counter() - started, 2)}
+
+
+def train_unet(
+    model: LatentDiffusion, train_cfg: TrainConfig, data_cfg: DataConfig, train_rows: list[ManifestRow],
+    val_rows: list[ManifestRow], run: RunDir, out: str | os.PathLike | None, progress: bool = True,
+    stop_after: int | None = None, ship_dtype: torch.dtype = torch.float16,
+) -> dict:
+    """Train UNet + conditioner projections on frozen VAE latents (encoded once: the VAE is frozen
+    and a phantom set fits in memory)."""
+    seed_everything(train_cfg.seed)
+    data = data_cfg.model_copy(update={"image_size": model.cfg.image_size})
+    cache = ImageCache(train_rows, RecordTransform(data, train=False, as_tensor=False), progress)
+    model.vae.requires_grad_(False)
+    model.vae.eval()
+    with torch.no_grad():  # posterior parameters once; a fresh latent sample each time an image is drawn
+        moments = torch.cat([model.vae.encode(cache.batch(np.arange(i, min(len(cache), i + 64)))[0]).latent_dist.parameters
+                             for i in range(0, len(cache), 64)])
+    trainable = [p for p in model.unet.parameters()] + [p for n, p in model.conditioner.named_parameters() if not n.startswith("text_encoder.")]
+    for p in trainable:
+        p.requires_grad_(True)
+    generator = torch.Generator().manual_seed(train_cfg.seed)
+    text_rng = random.Random(train_cfg.seed)
+
+    def loss_fn(step: int, micro: int):
+        idx = batch_indices(len(cache), train_cfg.batch_size, step, micro, train_cfg.grad_accum_steps, train_cfg.seed)
+        mean, logvar = moments[torch.from_numpy(idx)].chunk(2, dim=1)
+        latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)) * model.scaling_factor
+        texts = [cache.texts[i] for i in idx]
+        if train_cfg.prompt_augment:
+            texts = [augment_prompt(t, text_rng) for t in texts]
+        texts = ["" if text_rng.random() < train_cfg.text_dropout else t for t in texts]
+        return diffusion_loss(model, latents.to(model.device), texts, [cache.modalities[i] for i in idx], generator)
+
+    result = run_loop(run, train_cfg, [model.unet, model.conditioner], trainable, loss_fn,
+                      validate=lambda step: validation_samples(model, run, step, data_cfg), progress=progress,
+                      stop_after=stop_after)
+    summary = {
+        "kind": "synthmed latent diffusion model",
+        "steps": result.steps,
+        "resumed_from_step": result.resumed_from,
+        "seconds": round(result.seconds, 1),
+        "train_images": len(cache),
+        "final_loss": result.last_loss,
+        "environment": environment(),
+        "run": str(run.root),
+    }
+    if out is not None and result.steps >= train_cfg.max_steps:
+        model.save(out, dtype=ship_dtype)
+        (Path(out) / "metadata.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+__all__ = ["SampleConfig", "evaluate_reconstruction", "psnr", "save_grid", "ssim", "train_unet", "train_vae"]

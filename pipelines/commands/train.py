@@ -1,0 +1,205 @@
+"""`synthmed train vae|unet|lora|default` and `synthmed sample`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .common import add_config_argument, resolve_config, table
+
+log = logging.getLogger("synthmed.train")
+
+
+def register(groups, formatter) -> None:
+    parser = groups.add_parser("train", help="train the VAE, the UNet, LoRA adapters, or the whole default model", formatter_class=formatter)
+    sub = parser.add_subparsers(dest="train_command", metavar="SUBCOMMAND", required=True)
+    for name, text in (
+        ("vae", "train the autoencoder (reconstruction + KL) on a manifest"),
+        ("unet", "train the UNet and conditioning on VAE latents"),
+        ("lora", "train a LoRA adapter on a base model (only adapter weights are saved)"),
+        ("default", "reproduce the shipped model: phantoms, then VAE, then UNet"),
+    ):
+        p = sub.add_parser(name, help=text, formatter_class=formatter)
+        add_config_argument(p)
+        p.add_argument("--data", nargs="+", help="manifest(s) to train on (default: data.manifests, else phantoms.out/manifest.csv)")
+        p.add_argument("--resume", help="a run folder (runs/<name>-...) to continue from its newest checkpoint")
+        p.add_argument("--no-progress", action="store_true")
+        if name == "lora":
+            p.add_argument("--model", default=None, help="base model folder (default: train.out)")
+            p.add_argument("--adapter-out", required=True, help="adapter file to write (.safetensors)")
+        p.set_defaults(handler=_train, train_kind=name)
+
+    s = groups.add_parser("sample", help="draw images straight from the generator (no agents)", formatter_class=formatter)
+    add_config_argument(s)
+    s.add_argument("text", help="the description to draw")
+    s.add_argument("--modality", required=True, help="modality id or alias, e.g. cxr, 'chest x-ray'")
+    s.add_argument("--n", type=int, default=4, help="images to draw")
+    s.add_argument("--steps", type=int, help="denoising steps (config: sample.steps)")
+    s.add_argument("--guidance", type=float, help="classifier-free guidance scale (config: sample.guidance)")
+    s.add_argument("--negative", help="negative prompt (config: sample.negative)")
+    s.add_argument("--sampler", choices=["ddim", "dpmpp"], help="config: sample.sampler")
+    s.add_argument("--seed", type=int, help="image i uses seed + i (config: sample.seed)")
+    s.add_argument("--model", help="model folder (default: the shipped model, train.out)")
+    s.add_argument("--lora", nargs="*", default=[], help="adapter files to apply")
+    s.add_argument("--out", default="samples", help="output folder")
+    s.set_defaults(handler=_sample)
+
+
+def _rows(cfg, data: list[str] | None):
+    from generator.data import iter_manifest
+
+    manifests = data or cfg.data.manifests or [str(Path(cfg.phantoms.out) / "manifest.csv")]
+    rows = []
+    for manifest in manifests:
+        if not Path(manifest).is_file():
+            raise FileNotFoundError(f"training manifest {manifest} not found; make phantoms with `synthmed data phantoms` or pass --data")
+        rows += list(iter_manifest(manifest, cfg.data.modalities))
+    return rows
+
+
+def _run_dir(cfg, kind: str, resume: str | None):
+    from generator.training import RunDir, make_run_dir
+    from pipelines.config import save_config
+
+    if resume:
+        run = RunDir(Path(resume))
+        if not run.checkpoints.is_dir():
+            raise FileNotFoundError(f"{resume} is not a run folder (no checkpoints/)")
+        return run
+    run = make_run_dir(cfg.run.runs_dir, f"{cfg.run.name}-{kind}")
+    save_config(cfg, run.root / "config.yaml")
+    return run
+
+
+def _train(args, extra) -> int:
+    import torch
+
+    from generator.training import split_rows
+
+    cfg = resolve_config(args, extra)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    progress = not args.no_progress
+    out = Path(cfg.train.out)
+    if args.train_kind == "default":
+        return _train_default(cfg, args, progress)
+    rows = _rows(cfg, args.data)
+    train_rows, val_rows = split_rows(rows, cfg.train.val_fraction, cfg.train.seed)
+    run = _run_dir(cfg, args.train_kind, args.resume)
+    print(f"run folder: {run.root}  ({len(train_rows)} training, {len(val_rows)} validation images)")
+    if args.train_kind == "vae":
+        from generator.trainers import train_vae
+
+        summary = train_vae(cfg.model, cfg.vae_train, cfg.data, train_rows, val_rows, run, out / "vae", progress)
+    elif args.train_kind == "unet":
+        summary = _train_unet(cfg, train_rows, val_rows, run, out, progress)
+    else:
+        summary = _train_lora(cfg, args, train_rows, run, progress)
+    summary["command"] = "synthmed " + " ".join(sys.argv[1:])
+    print(json.dumps({k: v for k, v in summary.items() if k != "environment"}, indent=2))
+    return 0
+
+
+def _load_vae(cfg):
+    from diffusers import AutoencoderKL
+
+    folder = Path(cfg.model.vae_pretrained or Path(cfg.train.out) / "vae")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no trained VAE in {folder}; run `synthmed train vae` first or set model.vae_pretrained")
+    return AutoencoderKL.from_pretrained(folder, torch_dtype=__import__("torch").float32)
+
+
+def _train_unet(cfg, train_rows, val_rows, run, out, progress):
+    from generator.models import LatentDiffusion
+    from generator.trainers import train_unet
+
+    vae = _load_vae(cfg)
+    model = LatentDiffusion(cfg.model, list(cfg.data.modalities), vae=vae)
+    summary = train_unet(model, cfg.train, cfg.data, train_rows, val_rows, run, out, progress)
+    summary["vae"] = json.loads((Path(cfg.model.vae_pretrained or out / "vae") / "metadata.json").read_text()) if (Path(out) / "vae" / "metadata.json").exists() else None
+    if (Path(out) / "metadata.json").exists():
+        full = json.loads((Path(out) / "metadata.json").read_text())
+        full.update({"config": cfg.model_dump(mode="json"), "data": [r.source for r in train_rows[:1]] and sorted({r.source for r in train_rows}),
+                     "vae": summary["vae"], "command": "synthmed " + " ".join(sys.argv[1:])})
+        (Path(out) / "metadata.json").write_text(json.dumps(full, indent=2) + "\n")
+    return summary
+
+
+def _train_lora(cfg, args, train_rows, run, progress):
+    from generator.lora_training import train_lora_adapter
+    from generator.models import LatentDiffusion
+
+    model = LatentDiffusion.load(args.model or cfg.train.out, list(cfg.data.modalities))
+    return train_lora_adapter(model, cfg.lora, cfg.train, cfg.data, train_rows, run, args.adapter_out, progress)
+
+
+def _train_default(cfg, args, progress) -> int:
+    """Phantoms at the model's image size, then the VAE, then the UNet: the shipped model."""
+    from generator.phantoms.dataset import write_phantoms
+    from generator.training import split_rows
+
+    pc = cfg.phantoms
+    data_dir = Path(f"{pc.out}_{cfg.model.image_size}px")  # drawn at the model's size, beside the 128 px set
+    if not (data_dir / "manifest.csv").exists():
+        summary = write_phantoms(data_dir, pc.modalities, pc.per_finding, cfg.model.image_size, pc.seed, pc.negatives, progress)
+        print(f"{summary.images} phantoms -> {data_dir}")
+    rows = _rows(cfg, [str(data_dir / "manifest.csv")])
+    train_rows, val_rows = split_rows(rows, cfg.train.val_fraction, cfg.train.seed)
+    from generator.trainers import train_vae
+
+    out = Path(cfg.train.out)
+    vae_run = _run_dir(cfg, "vae", None)
+    vae_summary = train_vae(cfg.model, cfg.vae_train, cfg.data, train_rows, val_rows, vae_run, out / "vae", progress)
+    print(table([[k, v] for k, v in vae_summary["val_metrics"].items()], ["VAE validation", "value"]))
+    unet_run = _run_dir(cfg, "unet", None)
+    summary = _train_unet(cfg, train_rows, val_rows, unet_run, out, progress)
+    print(f"model -> {out} ({summary['steps']} UNet steps, {summary['seconds']} s)")
+    return 0
+
+
+def _sample(args, extra) -> int:
+    import time
+
+    import torch
+    from PIL import Image
+
+    from generator.modalities import resolve_modality
+    from generator.models import LatentDiffusion
+    from generator.sampling import sample
+
+    cfg = resolve_config(args, extra, {"sample.steps": args.steps, "sample.guidance": args.guidance,
+                                       "sample.negative": args.negative, "sample.sampler": args.sampler, "sample.seed": args.seed})
+    modality = resolve_modality(args.modality, cfg.data.modalities)
+    model = LatentDiffusion.load(args.model or cfg.train.out, list(cfg.data.modalities))
+    if args.lora:
+        from generator.lora import load_lora, set_active_adapters
+
+        names = [f"adapter{i}" for i in range(len(args.lora))]
+        for name, path in zip(names, args.lora):
+            load_lora(model.unet, path, name)
+        set_active_adapters(model.unet, names)
+    sc = cfg.sample
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    channels = {m: spec.channels for m, spec in cfg.data.modalities.items()}
+    started = time.perf_counter()
+    paths = []
+    for start in range(0, args.n, sc.batch_size):
+        n = min(sc.batch_size, args.n - start)
+        with torch.inference_mode():
+            output = sample(model, [args.text] * n, [modality] * n, negative=sc.negative or None, guidance=sc.guidance,
+                            steps=sc.steps, seed=sc.seed + start, sampler=sc.sampler, eta=sc.eta,
+                            guidance_schedule=sc.guidance_schedule)
+        for i, image in enumerate(output.to_uint8([modality] * n, channels)):
+            path = out / f"{modality}_{sc.seed + start + i:05d}.png"
+            Image.fromarray(image).save(path)
+            paths.append(str(path))
+    seconds = time.perf_counter() - started
+    record = {"text": args.text, "modality": modality, "images": paths, "steps": sc.steps, "guidance": sc.guidance,
+              "sampler": sc.sampler, "negative": sc.negative, "seed": sc.seed, "seconds": round(seconds, 2),
+              "seconds_per_image": round(seconds / max(1, args.n), 3), "model": str(args.model or cfg.train.out)}
+    with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"{args.n} images in {seconds:.1f} s ({seconds / max(1, args.n):.2f} s/image) -> {out}")
+    return 0
