@@ -197,12 +197,13 @@ def ddim_step_with_logprob(
     )
 
 
-def _per_sample_timesteps(timestep: int | torch.Tensor, batch: int, num_train: int, device: torch.device) -> torch.Tensor:
+def _per_sample_timesteps(
+    timestep: int | torch.Tensor, batch: int, num_train: int, device: torch.device
+) -> torch.Tensor:
     """``timestep`` as a (B,) long tensor on ``device``; a scalar is repeated over the batch."""
     t = torch.as_tensor(timestep).to(device)
-    if t.is_floating_point():
-        if not bool((t == t.round()).all()):
-            raise ValueError(f"timesteps must be integers, got {t.tolist()}")
+    if t.is_floating_point() and not bool((t == t.round()).all()):
+        raise ValueError(f"timesteps must be integers, got {t.tolist()}")
     t = t.long()
     if t.ndim == 0:
         t = t.expand(batch)

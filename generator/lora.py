@@ -22,10 +22,11 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
@@ -42,8 +43,16 @@ _INITS: dict[str, bool | str] = {"gaussian": "gaussian", "default": True}
 
 # safetensors metadata keys written by `save_lora`; caller metadata may not reuse them.
 _META_SPEC = "lora_spec"
-_META_RESERVED = ("format", _META_SPEC, "lora_rank", "lora_alpha", "lora_targets", "adapter_name",
-                  "peft_version", "diffusers_version")
+_META_RESERVED = (
+    "format",
+    _META_SPEC,
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "adapter_name",
+    "peft_version",
+    "diffusers_version",
+)
 
 _SPECS_ATTR = "_synthmed_lora_specs"  # {adapter name: LoraSpec}, set on the unet by add_lora
 
@@ -76,7 +85,7 @@ class LoraSpec:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "LoraSpec":
+    def from_json(cls, text: str) -> LoraSpec:
         data = json.loads(text)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -261,7 +270,9 @@ def save_lora(
         raise IsADirectoryError(f"save_lora writes one file; {path} is a directory")
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in _adapter_state_dict(model, name).items()}
-    wrapped = sorted(k for k in tensors if k.startswith("module.") or f".{name}." in k)
+    wrapped = sorted(
+        k for k in tensors if k.startswith("module.") or f".lora_A.{name}." in k or f".lora_B.{name}." in k
+    )
     if wrapped:  # would make the file unloadable into a bare UNet
         raise RuntimeError(f"unexpected wrapper prefix or adapter name in LoRA keys: {wrapped[:5]}")
 
@@ -320,7 +331,7 @@ def load_lora(unet: torch.nn.Module, path: str | os.PathLike, name: str = "defau
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f}
         expected = {k: v.shape for k, v in _adapter_state_dict(model, name).items()}
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))

@@ -3,6 +3,7 @@ per-sample timesteps, half precision, clipping / thresholding, and a seeded samp
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -139,7 +140,7 @@ def test_rescoring_and_density_peak():
     torch.testing.assert_close(peak, -torch.log(drawn.std.flatten()) - 0.5 * math.log(2 * math.pi))
     direction = (drawn.prev_sample - drawn.mean) / drawn.std
     scores = [score(drawn.mean + k * drawn.std * direction) for k in (0.0, 1.0, 2.0, 4.0)]
-    for nearer, farther in zip(scores, scores[1:]):
+    for nearer, farther in itertools.pairwise(scores):
         assert (nearer > farther).all()
     g = torch.Generator().manual_seed(4)
     for _ in range(5):  # any perturbation of the mean scores lower
@@ -194,10 +195,14 @@ def test_half_precision_inputs(dtype):
     scheduler = make_scheduler()
     model_output, x_t = random_inputs()
     t = scheduler.timesteps[3]
-    drawn = ddim_step_with_logprob(scheduler, model_output.to(dtype), t, x_t.to(dtype), generator=torch.Generator().manual_seed(7))
+    drawn = ddim_step_with_logprob(
+        scheduler, model_output.to(dtype), t, x_t.to(dtype), generator=torch.Generator().manual_seed(7)
+    )
     assert drawn.prev_sample.dtype == dtype and drawn.pred_original_sample.dtype == dtype
     assert drawn.log_prob.dtype == torch.float32 and torch.isfinite(drawn.log_prob).all()
-    rescored = ddim_step_with_logprob(scheduler, model_output.to(dtype), t, x_t.to(dtype), prev_sample=drawn.prev_sample)
+    rescored = ddim_step_with_logprob(
+        scheduler, model_output.to(dtype), t, x_t.to(dtype), prev_sample=drawn.prev_sample
+    )
     assert torch.equal(rescored.log_prob, drawn.log_prob)
 
     # the same transition scored in float32 (inputs and sample rounded to `dtype` first)
@@ -219,6 +224,7 @@ def test_half_precision_inputs(dtype):
         {"clip_sample": True},
         {"clip_sample": True, "clip_sample_range": 0.5},
         {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5},
+        {"thresholding": True, "dynamic_thresholding_ratio": 0.6, "sample_max_value": 10.0},  # s between 1 and max
         {"thresholding": True, "clip_sample": True, "sample_max_value": 2.0},
     ],
 )
@@ -285,7 +291,9 @@ def test_sampling_loop_is_reproducible_and_rescorable(prediction_type):
     # DDPO training: re-score the stored transitions with per-sample timesteps in a shuffled order
     log_probs = torch.stack(log_probs, dim=1)  # (B, T)
     batch, steps = log_probs.shape
-    order = torch.stack([torch.randperm(steps, generator=torch.Generator().manual_seed(b)) for b in range(batch)])  # (B, T)
+    order = torch.stack(
+        [torch.randperm(steps, generator=torch.Generator().manual_seed(b)) for b in range(batch)]
+    )  # (B, T)
     rows = torch.arange(batch)
     for j in range(steps):
         k = order[:, j]  # (B,) step index per sample

@@ -26,21 +26,30 @@ from generator.lora import (
     unmerge_lora,
 )
 
-TINY = dict(
-    block_out_channels=(8, 16),
-    layers_per_block=1,
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=16,
-    attention_head_dim=4,
-    norm_num_groups=4,
-)
+TINY = {
+    "block_out_channels": (8, 16),
+    "layers_per_block": 1,
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 16,
+    "attention_head_dim": 4,
+    "norm_num_groups": 4,
+}
 # transformer blocks of TINY: down_blocks.0 (1), up_blocks.1 (2), mid_block (1); attn1 + attn2 each
 N_OUTER_ATTN_PROJ = 3 * 2 * len(LORA_TARGETS)
 N_MID_ATTN_PROJ = 1 * 2 * len(LORA_TARGETS)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tensors here are tiny: extra intra-op threads only spin-wait, and on a busy machine that costs 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
@@ -223,7 +232,9 @@ def test_load_into_another_architecture_names_the_keys(tmp_path):
     assert adapter_names(more_attention) == []  # the adapter created for the load is removed again
 
     wider = tiny_unet(block_out_channels=(16, 32), attention_head_dim=8)
-    with pytest.raises(ValueError, match=r"shape mismatch .*attn1\.to_q\.lora_A\.weight: file \(2, 8\) vs UNet \(2, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"shape mismatch .*attn1\.to_q\.lora_A\.weight: file \(2, 8\) vs UNet \(2, 16\)"
+    ):
         load_lora(wider, path)
 
 
@@ -327,8 +338,13 @@ def test_target_lists_follow_the_spec():
     with_out = target_modules(unet, LoraSpec(include_out=True))
     extra = sorted(set(with_out) - set(default))
     assert extra == sorted(
-        ["conv_out", "down_blocks.0.attentions.0.proj_out", "up_blocks.1.attentions.0.proj_out",
-         "up_blocks.1.attentions.1.proj_out", "mid_block.attentions.0.proj_out"]
+        [
+            "conv_out",
+            "down_blocks.0.attentions.0.proj_out",
+            "up_blocks.1.attentions.0.proj_out",
+            "up_blocks.1.attentions.1.proj_out",
+            "mid_block.attentions.0.proj_out",
+        ]
     )
     out_no_mid = target_modules(unet, LoraSpec(include_out=True, include_mid_block=False))
     assert not any(n.startswith("mid_block.") for n in out_no_mid)
