@@ -331,7 +331,7 @@ def load_lora(unet: torch.nn.Module, path: str | os.PathLike, name: str = "defau
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         expected = {k: v.shape for k, v in _adapter_state_dict(model, name).items()}
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))

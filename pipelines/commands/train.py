@@ -114,15 +114,19 @@ def _train_unet(cfg, train_rows, val_rows, run, out, progress):
     from generator.models import LatentDiffusion
     from generator.trainers import train_unet
 
-    vae = _load_vae(cfg)
-    model = LatentDiffusion(cfg.model, list(cfg.data.modalities), vae=vae)
+    vae_dir = Path(cfg.model.vae_pretrained or Path(out) / "vae")
+    model = LatentDiffusion(cfg.model, list(cfg.data.modalities), vae=_load_vae(cfg))
+    vae_meta = json.loads((vae_dir / "metadata.json").read_text()) if (vae_dir / "metadata.json").is_file() else None
     summary = train_unet(model, cfg.train, cfg.data, train_rows, val_rows, run, out, progress)
-    summary["vae"] = json.loads((Path(cfg.model.vae_pretrained or out / "vae") / "metadata.json").read_text()) if (Path(out) / "vae" / "metadata.json").exists() else None
-    if (Path(out) / "metadata.json").exists():
-        full = json.loads((Path(out) / "metadata.json").read_text())
-        full.update({"config": cfg.model_dump(mode="json"), "data": [r.source for r in train_rows[:1]] and sorted({r.source for r in train_rows}),
-                     "vae": summary["vae"], "command": "synthmed " + " ".join(sys.argv[1:])})
-        (Path(out) / "metadata.json").write_text(json.dumps(full, indent=2) + "\n")
+    if (Path(out) / "model.json").is_file():  # exported: complete its metadata.json
+        summary |= {
+            "config": cfg.model_dump(mode="json"),
+            "data": sorted({r.source for r in train_rows}),
+            "seed": cfg.train.seed,
+            "vae": vae_meta,
+            "command": "synthmed " + " ".join(sys.argv[1:]),
+        }
+        (Path(out) / "metadata.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
