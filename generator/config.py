@@ -130,7 +130,6 @@ class ModelConfig(Section):
     image_size: int = Field(64, ge=16)  # pixels, square; the VAE downsamples by 2**(len(vae_channels) - 1)
     text_encoder: str = "packaged:all-MiniLM-L6-v2"  # BERT-like transformers model (name or folder); packaged MiniLM offline
     text_max_length: int = Field(64, ge=8, le=512)  # tokens kept from each prompt
-    train_text_encoder: bool = False  # False: frozen (the default); True: LoRA on its attention
     vae_pretrained: str | None = None  # a diffusers AutoencoderKL folder or hub id instead of training one
     vae_channels: list[int] = [32, 64, 128]  # VAE block widths, one per resolution
     latent_channels: int = Field(4, ge=1)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .config import DataConfig, ModelConfig, SampleConfig, TrainConfig
+from .config import DataConfig, ModelConfig, TrainConfig
 from .data.records import ManifestRow
 from .data.transforms import RecordTransform
 from .models import LatentDiffusion, build_vae
@@ -209,4 +209,4 @@ def train_unet(
     return summary
 
 
-__all__ = ["SampleConfig", "evaluate_reconstruction", "psnr", "save_grid", "ssim", "train_unet", "train_vae"]
+__all__ = ["evaluate_reconstruction", "psnr", "save_grid", "ssim", "train_unet", "train_vae"]

@@ -250,8 +250,8 @@ def vae_loss(vae, images: torch.Tensor, kl_weight: float, generator: torch.Gener
     recon = vae.decode(posterior.sample(generator)).sample
     l1 = F.l1_loss(recon, images)
     mse = F.mse_loss(recon, images)
-    kl = posterior.kl().mean() / images[0].numel()  # per pixel, like the reconstruction terms
-    return l1 + mse + kl_weight * kl * images[0].numel(), {"l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach()}
+    kl = posterior.kl().mean()  # per image, summed over latent elements
+    return l1 + mse + kl_weight * kl, {"l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach() / images[0].numel()}
 
 
 def diffusion_loss(model: LatentDiffusion, latents: torch.Tensor, texts: list[str], modalities: list[str],

@@ -74,12 +74,9 @@ def _run_dir(cfg, kind: str, resume: str | None):
 
 
 def _train(args, extra) -> int:
-    import torch
-
     from generator.training import split_rows
 
     cfg = resolve_config(args, extra)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     progress = not args.no_progress
     out = Path(cfg.train.out)
     if args.train_kind == "default":
@@ -102,12 +99,13 @@ def _train(args, extra) -> int:
 
 
 def _load_vae(cfg):
+    import torch
     from diffusers import AutoencoderKL
 
     folder = Path(cfg.model.vae_pretrained or Path(cfg.train.out) / "vae")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no trained VAE in {folder}; run `synthmed train vae` first or set model.vae_pretrained")
-    return AutoencoderKL.from_pretrained(folder, torch_dtype=__import__("torch").float32)
+    return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
 
 
 def _train_unet(cfg, train_rows, val_rows, run, out, progress):
