@@ -99,12 +99,18 @@ def train_vae(
         images, _, _ = train.batch(idx)
         return vae_loss(vae, images.to(next(vae.parameters()).device), train_cfg.kl_weight, generator)
 
-    result = run_loop(run, train_cfg, [vae], [p for p in vae.parameters()], loss_fn,
-                      validate=lambda step: {f"val_{k}": v for k, v in evaluate_reconstruction(vae, val).items()},
+    latest: dict[str, float] = {}  # the last validation, which run_loop always does at the final step
+
+    def validate(step: int) -> dict:
+        latest.clear()
+        latest.update(evaluate_reconstruction(vae, val))
+        return {f"val_{k}": v for k, v in latest.items()}
+
+    result = run_loop(run, train_cfg, [vae], [p for p in vae.parameters()], loss_fn, validate=validate,
                       progress=progress, stop_after=stop_after)
     if result.steps < train_cfg.max_steps:
         return {"stopped_at": result.steps}
-    metrics = evaluate_reconstruction(vae, val)
+    metrics = dict(latest)
     vae.register_to_config(scaling_factor=latent_scaling_factor(vae, train.images[:512].float().div(127.5).sub(1)))
     out = Path(out)
     vae.save_pretrained(out, safe_serialization=True)
@@ -161,7 +167,7 @@ def validation_samples(model: LatentDiffusion, run: RunDir, step: int, data_cfg:
 
 def train_unet(
     model: LatentDiffusion, train_cfg: TrainConfig, data_cfg: DataConfig, train_rows: list[ManifestRow],
-    val_rows: list[ManifestRow], run: RunDir, out: str | os.PathLike | None, progress: bool = True,
+    run: RunDir, out: str | os.PathLike | None, progress: bool = True,
     stop_after: int | None = None, ship_dtype: torch.dtype = torch.float16,
 ) -> dict:
     """Train UNet + conditioner projections on frozen VAE latents (encoded once: the VAE is frozen

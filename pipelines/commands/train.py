@@ -90,7 +90,7 @@ def _train(args, extra) -> int:
 
         summary = train_vae(cfg.model, cfg.vae_train, cfg.data, train_rows, val_rows, run, out / "vae", progress)
     elif args.train_kind == "unet":
-        summary = _train_unet(cfg, train_rows, val_rows, run, out, progress)
+        summary = _train_unet(cfg, train_rows, run, out, progress)
     else:
         summary = _train_lora(cfg, args, train_rows, run, progress)
     summary["command"] = "synthmed " + " ".join(sys.argv[1:])
@@ -108,14 +108,14 @@ def _load_vae(cfg):
     return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
 
 
-def _train_unet(cfg, train_rows, val_rows, run, out, progress):
+def _train_unet(cfg, train_rows, run, out, progress):
     from generator.models import LatentDiffusion
     from generator.trainers import train_unet
 
     vae_dir = Path(cfg.model.vae_pretrained or Path(out) / "vae")
     model = LatentDiffusion(cfg.model, list(cfg.data.modalities), vae=_load_vae(cfg))
     vae_meta = json.loads((vae_dir / "metadata.json").read_text()) if (vae_dir / "metadata.json").is_file() else None
-    summary = train_unet(model, cfg.train, cfg.data, train_rows, val_rows, run, out, progress)
+    summary = train_unet(model, cfg.train, cfg.data, train_rows, run, out, progress)
     if (Path(out) / "model.json").is_file():  # exported: complete its metadata.json
         summary |= {
             "config": cfg.model_dump(mode="json"),
@@ -155,7 +155,7 @@ def _train_default(cfg, args, progress) -> int:
     vae_summary = train_vae(cfg.model, cfg.vae_train, cfg.data, train_rows, val_rows, vae_run, out / "vae", progress)
     print(table([[k, v] for k, v in vae_summary["val_metrics"].items()], ["VAE validation", "value"]))
     unet_run = _run_dir(cfg, "unet", None)
-    summary = _train_unet(cfg, train_rows, val_rows, unet_run, out, progress)
+    summary = _train_unet(cfg, train_rows, unet_run, out, progress)
     print(f"model -> {out} ({summary['steps']} UNet steps, {summary['seconds']} s)")
     return 0
 
