@@ -138,7 +138,13 @@ class ModelConfig(Section):
     unet_layers_per_block: int = Field(1, ge=1)
     unet_attention_heads: int = Field(4, ge=1)
     cross_attention_dim: int = Field(384, ge=8)  # width of the conditioning tokens seen by cross-attention
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    # v-prediction by default: with the cosine schedule the first sampling step sits at an SNR of ~1e-9,
+    # where an epsilon model's x0 = (x - sqrt(1-a) eps) / sqrt(a) multiplies any error in eps by ~1e4
+    # (the blotches of the first CPU model); v keeps x0 = sqrt(a) x - sqrt(1-a) v well conditioned.
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
+    # where sampling starts: "auto" = "trailing" (from pure noise, Lin et al. 2024) for v-prediction and
+    # "leading" for epsilon, which must not start at zero SNR
+    timestep_spacing: Literal["auto", "trailing", "leading", "linspace"] = "auto"
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"  # the last is the cosine schedule
     num_train_timesteps: int = Field(1000, ge=10)
 

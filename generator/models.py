@@ -75,6 +75,12 @@ def time_embed_dim(unet: UNet2DConditionModel) -> int:
     return int(unet.time_embedding.linear_2.out_features)
 
 
+def timestep_spacing(cfg: ModelConfig) -> str:
+    if cfg.timestep_spacing != "auto":
+        return cfg.timestep_spacing
+    return "trailing" if cfg.prediction_type == "v_prediction" else "leading"
+
+
 def build_scheduler(cfg: ModelConfig) -> DDIMScheduler:
     return DDIMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
@@ -83,7 +89,7 @@ def build_scheduler(cfg: ModelConfig) -> DDIMScheduler:
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        timestep_spacing="trailing",  # the last step starts from pure noise (Lin et al. 2024)
+        timestep_spacing=timestep_spacing(cfg),
     )
 
 
