@@ -1,4 +1,7 @@
-"""`synthmed bench manifest`: memory and speed of streaming a very large manifest.
+"""`synthmed bench manifest|generate`: data streaming memory and speed; sampler speed against diffusers.
+
+`generate` times synthmed's sampler against the stock diffusers pipeline assembled from the same
+weights (see generator/bench.py for what makes the two like for like).
 
 It writes a manifest of ``--rows`` rows whose images cycle through a small pool of phantom PNGs,
 then streams it through the data layer (CSV parsing, validation and, unless --rows-only, image
@@ -24,7 +27,7 @@ from generator.phantoms import make_phantom
 from generator.phantoms.dataset import study_seed
 from PIL import Image
 
-from .common import add_config_argument, resolve_config, table
+from .common import add_config_argument, resolve_config, resolve_device, table
 
 
 def register(groups, formatter) -> None:
@@ -38,6 +41,18 @@ def register(groups, formatter) -> None:
     m.add_argument("--workdir", default=None, help="where to write the manifest (default: a temporary folder)")
     m.add_argument("--json", action="store_true", help="print one JSON object")
     m.set_defaults(handler=_manifest_bench)
+    g = sub.add_parser("generate", help="images/s and peak memory: synthmed's sampler against stock diffusers, same weights",
+                       formatter_class=formatter)
+    add_config_argument(g)
+    g.add_argument("--model", default=None, help="model folder (default: train.out, the shipped model)")
+    g.add_argument("--n", type=int, default=16, help="images per run (modalities in turn)")
+    g.add_argument("--batch", type=int, default=None, help="images per forward pass (default: sample.batch_size)")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: sample.steps)")
+    g.add_argument("--guidance", type=float, default=None, help="guidance scale, at least 1 (default: sample.guidance)")
+    g.add_argument("--repeats", type=int, default=3, help="timed runs of each, after one warm-up; the median is reported")
+    g.add_argument("--device", default=None, help="cpu, cuda, ... (default: run.device)")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.set_defaults(handler=_generate_bench)
 
 
 def _rss_mb() -> float:
@@ -104,4 +119,28 @@ def _manifest_bench(args, extra) -> int:
     else:
         keys = ["rows", "manifest_mb", "decoded_images", "seconds", "rows_per_second", "rss_baseline_mb", "rss_peak_sampled_mb", "rss_growth_mb", "ru_maxrss_mb"]
         print(table([[k, result[k]] for k in keys], ["measure", "value"]))
+    return 0
+
+
+def _generate_bench(args, extra) -> int:
+    from generator.bench import bench_generate
+    from generator.models import LatentDiffusion
+
+    cfg = resolve_config(args, extra)
+    sc = cfg.sample
+    device = resolve_device(args.device or cfg.run.device)
+    model = LatentDiffusion.load(args.model or cfg.train.out, device=device)
+    result = bench_generate(model, n=args.n, batch_size=args.batch or sc.batch_size, steps=args.steps or sc.steps,
+                            guidance=sc.guidance if args.guidance is None else args.guidance, repeats=args.repeats,
+                            seed=sc.seed, progress=not args.json)
+    result["model"] = str(args.model or cfg.train.out)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    rows = [[name, result[name]["seconds_per_image"], result[name]["images_per_second"], result[name]["peak_memory_mb"]]
+            for name in ("synthmed", "diffusers")]
+    print(table(rows, ["sampler", "s/image", "images/s", "peak memory MiB"]))
+    print(f"speedup_vs_diffusers {result['speedup_vs_diffusers']:.3f} (stock s/image / synthmed s/image); "
+          f"{result['n']} images, batch {result['batch_size']}, {result['steps']} steps, guidance {result['guidance']}, "
+          f"{result['device']}, {result['torch_threads']} threads; max |difference| between their images {result['max_abs_diff']:.2e}")
     return 0

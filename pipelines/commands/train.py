@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .common import add_config_argument, resolve_config, table
+from .common import add_config_argument, resolve_config, resolve_device, table
 
 log = logging.getLogger("synthmed.train")
 
@@ -173,7 +173,7 @@ def _sample(args, extra) -> int:
     cfg = resolve_config(args, extra, {"sample.steps": args.steps, "sample.guidance": args.guidance,
                                        "sample.negative": args.negative, "sample.sampler": args.sampler, "sample.seed": args.seed})
     modality = resolve_modality(args.modality, cfg.data.modalities)
-    model = LatentDiffusion.load(args.model or cfg.train.out, list(cfg.data.modalities))
+    model = LatentDiffusion.load(args.model or cfg.train.out, list(cfg.data.modalities), device=resolve_device(cfg.run.device))
     if args.lora:
         from generator.lora import load_lora, set_active_adapters
 
