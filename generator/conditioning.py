@@ -53,6 +53,13 @@ class Conditioning:
         return Conditioning(self.tokens.repeat_interleave(n, 0), self.mask.repeat_interleave(n, 0), self.class_emb.repeat_interleave(n, 0))
 
 
+TEXT_LORA_TARGETS = ("query", "key", "value")  # BERT-family self-attention projections
+
+
+def _is_text_lora(key: str) -> bool:
+    return key.startswith("text_encoder.") and "lora_" in key
+
+
 class TextEncoder(nn.Module):
     """Token embeddings (last hidden state) and a mean-pooled sentence embedding."""
 
@@ -66,6 +73,27 @@ class TextEncoder(nn.Module):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path)
         self.dim = int(self.model.config.hidden_size)
+        self.lora: dict | None = None  # rank, alpha and targets once add_lora has run
+
+    def add_lora(self, rank: int, alpha: float, targets: tuple[str, ...] = TEXT_LORA_TARGETS) -> list[nn.Parameter]:
+        """LoRA (peft) on the attention projections of every layer; only those parameters train.
+        Returns them. B starts at zero, so the encoder's output is unchanged until trained."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        if self.lora is not None:
+            raise ValueError("the text encoder already has a LoRA adapter")
+        names = {n.rsplit(".", 1)[-1] for n, _ in self.model.named_modules()}
+        if not set(targets) & names:
+            raise ValueError(f"text encoder {self.name} has no modules named {', '.join(targets)}; LoRA needs a BERT-like encoder")
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=[t for t in targets if t in names])
+        self.model = inject_adapter_in_model(config, self.model, adapter_name="text")
+        self.lora = {"rank": rank, "alpha": alpha, "targets": [t for t in targets if t in names]}
+        params = []
+        for n, p in self.model.named_parameters():
+            p.requires_grad_("lora_" in n)
+            if "lora_" in n:
+                params.append(p)
+        return params
 
     def forward(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         device = next(self.model.parameters()).device
@@ -125,14 +153,18 @@ class Conditioner(nn.Module):
         nn.init.zeros_(self.fuse[-1].bias)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything but the text encoder's own weights (those come from its package or hub)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("text_encoder.")}
+        """Everything but the text encoder's own weights (those come from its package or hub); its
+        LoRA weights, when it has them, are included."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("text_encoder.") or _is_text_lora(k)}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith("text_encoder.") or _is_text_lora(n)]
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], modalities: list[str]) -> list[str]:
         """Load saved projections; modality rows by name. Returns modalities that were new."""
         state = dict(state)
         weight = state.pop("modality.embedding.weight")
-        own = {k: v for k, v in self.state_dict().items() if not k.startswith("text_encoder.") and k != "modality.embedding.weight"}
+        own = {k: v for k, v in self.trainable_state_dict().items() if k != "modality.embedding.weight"}
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:

@@ -122,6 +122,9 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)  # newest resumable checkpoints kept
     val_fraction: float = Field(0.05, ge=0, lt=1)  # share of the manifest held back for validation
     out: str = "generator/weights/default"  # where the trained model is exported
+    # `train unet` on a frozen (usually pretrained) UNet: LoRA adapters (section lora) and the conditioner
+    # learn; the export merges the adapters into the UNet and also writes them alone (unet_lora.safetensors)
+    unet_lora: bool = False
 
 
 class ModelConfig(Section):
@@ -131,9 +134,11 @@ class ModelConfig(Section):
     text_encoder: str = "packaged:all-MiniLM-L6-v2"  # BERT-like transformers model (name or folder); packaged MiniLM offline
     text_max_length: int = Field(64, ge=8, le=512)  # tokens kept from each prompt
     vae_pretrained: str | None = None  # a diffusers AutoencoderKL folder or hub id instead of training one
+    vae_subfolder: str | None = None  # inside vae_pretrained, e.g. "vae" for a Stable Diffusion repository
     vae_channels: list[int] = [32, 64, 128]  # VAE block widths, one per resolution
     latent_channels: int = Field(4, ge=1)
     unet_pretrained: str | None = None  # a diffusers UNet2DConditionModel folder or hub id (e.g. SD 1.5's unet)
+    unet_subfolder: str | None = None  # inside unet_pretrained, e.g. "unet"
     unet_channels: list[int] = [64, 128, 256]  # UNet block widths; attention at every level but the last
     unet_layers_per_block: int = Field(1, ge=1)
     unet_attention_heads: int = Field(4, ge=1)
@@ -167,6 +172,8 @@ class LoraConfig(Section):
     include_mid_block: bool = True  # also the mid block's attention projections
     include_out: bool = False  # also the output projections (transformer proj_out, conv_out)
     name: str = "default"  # adapter name; several can coexist (e.g. one per modality)
+    text_encoder_rank: int = Field(0, ge=0)  # > 0: LoRA on the text encoder's query/key/value, trained by `train unet`
+    text_encoder_alpha: float = Field(8.0, gt=0)
 
 
 def normalise_modality_text(text: str) -> str:

@@ -31,7 +31,7 @@ IMAGE_CHANNELS = 3
 
 def build_vae(cfg: ModelConfig) -> AutoencoderKL:
     if cfg.vae_pretrained:
-        return AutoencoderKL.from_pretrained(cfg.vae_pretrained)
+        return AutoencoderKL.from_pretrained(cfg.vae_pretrained, subfolder=cfg.vae_subfolder, torch_dtype=torch.float32)
     n = len(cfg.vae_channels)
     return AutoencoderKL(
         in_channels=IMAGE_CHANNELS,
@@ -50,9 +50,31 @@ def latent_size(cfg: ModelConfig) -> int:
     return cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
 
 
+def add_class_input(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """Give a UNet that has no class embedding (Stable Diffusion's) an identity one, so the
+    conditioner's modality x text vector is added to its time embedding. The identity has no
+    weights, and the conditioner's last layer starts at zero: the pretrained UNet's outputs are
+    unchanged until training teaches it the modality."""
+    if unet.class_embedding is None:
+        if unet.config.class_embed_type is not None or getattr(unet.config, "addition_embed_type", None):
+            raise ValueError(f"UNet with class_embed_type={unet.config.class_embed_type!r} / addition_embed_type="
+                             f"{unet.config.addition_embed_type!r} cannot take the modality vector; use one without")
+        unet.class_embedding = torch.nn.Identity()
+        unet.register_to_config(class_embed_type="identity")
+    elif unet.config.class_embed_type != "identity":
+        raise ValueError(f"the UNet's class embedding is {unet.config.class_embed_type!r}; synthmed feeds a vector and needs "
+                         "class_embed_type='identity' or none (which it adds)")
+    return unet
+
+
 def build_unet(cfg: ModelConfig) -> UNet2DConditionModel:
     if cfg.unet_pretrained:
-        return UNet2DConditionModel.from_pretrained(cfg.unet_pretrained, subfolder=None)
+        unet = UNet2DConditionModel.from_pretrained(cfg.unet_pretrained, subfolder=cfg.unet_subfolder, torch_dtype=torch.float32)
+        if unet.config.cross_attention_dim != cfg.cross_attention_dim:
+            raise ValueError(f"model.cross_attention_dim is {cfg.cross_attention_dim} but the UNet in {cfg.unet_pretrained} "
+                             f"attends to {unet.config.cross_attention_dim}-wide tokens; set model.cross_attention_dim: "
+                             f"{unet.config.cross_attention_dim}")
+        return add_class_input(unet)
     n = len(cfg.unet_channels)
     down = tuple(["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"])
     up = tuple(["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1))
@@ -100,7 +122,14 @@ class LatentDiffusion(torch.nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vae = vae if vae is not None else build_vae(cfg)
-        self.unet = unet if unet is not None else build_unet(cfg)
+        self.unet = add_class_input(unet if unet is not None else build_unet(cfg))
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if factor != 2 ** (len(cfg.vae_channels) - 1):
+            raise ValueError(f"the VAE downsamples by {factor} but model.vae_channels has {len(cfg.vae_channels)} levels; "
+                             f"list {len(self.vae.config.block_out_channels)} widths (the VAE's are {list(self.vae.config.block_out_channels)})")
+        if self.unet.config.in_channels != self.vae.config.latent_channels:
+            raise ValueError(f"the UNet takes {self.unet.config.in_channels} channels but the VAE makes "
+                             f"{self.vae.config.latent_channels}-channel latents; set model.latent_channels to match")
         text_encoder = text_encoder if text_encoder is not None else TextEncoder(cfg.text_encoder, cfg.text_max_length)
         self.conditioner = Conditioner(text_encoder, list(modalities), cfg.cross_attention_dim, time_embed_dim(self.unet))
         self.scheduler = build_scheduler(cfg)
@@ -146,6 +175,7 @@ class LatentDiffusion(torch.nn.Module):
             "modalities": self.modalities,
             "scaling_factor": self.scaling_factor,
             "text_encoder": self.cfg.text_encoder,
+            "text_encoder_lora": self.conditioner.text_encoder.lora,
         }
         tmp = folder / "model.json.tmp"
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
@@ -168,6 +198,12 @@ class LatentDiffusion(torch.nn.Module):
         vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32)
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
         model = cls(cfg, wanted, vae=vae, unet=unet, text_encoder=text_encoder)
+        lora = meta.get("text_encoder_lora")
+        if lora:  # the saved conditioner carries the text encoder's LoRA weights
+            if text_encoder is not None:
+                raise ValueError(f"{folder}'s text encoder is LoRA-tuned; load it without passing a shared text_encoder")
+            model.conditioner.text_encoder.add_lora(lora["rank"], lora["alpha"], tuple(lora["targets"]))
+            model.conditioner.text_encoder.requires_grad_(False)
         state = {k: v.float() for k, v in load_file(folder / "conditioner.safetensors").items()}
         model.new_modalities = model.conditioner.load_trainable_state_dict(state, saved)
         model.scaling_factor = float(meta["scaling_factor"])

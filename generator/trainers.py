@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .config import DataConfig, ModelConfig, TrainConfig
+from .config import DataConfig, LoraConfig, ModelConfig, TrainConfig
 from .data.records import ManifestRow
 from .data.transforms import RecordTransform
 from .models import LatentDiffusion, build_vae
@@ -168,19 +168,37 @@ def validation_samples(model: LatentDiffusion, run: RunDir, step: int, data_cfg:
 def train_unet(
     model: LatentDiffusion, train_cfg: TrainConfig, data_cfg: DataConfig, train_rows: list[ManifestRow],
     run: RunDir, out: str | os.PathLike | None, progress: bool = True,
-    stop_after: int | None = None, ship_dtype: torch.dtype = torch.float16,
+    stop_after: int | None = None, ship_dtype: torch.dtype = torch.float16, lora_cfg: LoraConfig | None = None,
 ) -> dict:
     """Train UNet + conditioner projections on frozen VAE latents (encoded once: the VAE is frozen
-    and a phantom set fits in memory)."""
+    and a phantom set fits in memory).
+
+    With ``train_cfg.unet_lora`` the UNet stays frozen and LoRA adapters (``lora_cfg``) learn in its
+    place; the export merges them. ``lora_cfg.text_encoder_rank > 0`` adds LoRA to the text encoder."""
+    lora_cfg = lora_cfg or LoraConfig()
     seed_everything(train_cfg.seed)
     data = data_cfg.model_copy(update={"image_size": model.cfg.image_size})
     cache = ImageCache(train_rows, RecordTransform(data, train=False, as_tensor=False), progress)
     model.vae.requires_grad_(False)
     model.vae.eval()
+    home = model.device
+    encode_on = torch.device("cuda") if torch.cuda.is_available() else home  # a pretrained VAE is slow on a CPU
+    model.vae.to(encode_on)
     with torch.no_grad():  # posterior parameters once; a fresh latent sample each time an image is drawn
-        moments = torch.cat([model.vae.encode(cache.batch(np.arange(i, min(len(cache), i + 64)))[0]).latent_dist.parameters
+        moments = torch.cat([model.vae.encode(cache.batch(np.arange(i, min(len(cache), i + 64)))[0].to(encode_on)).latent_dist.parameters.cpu()
                              for i in range(0, len(cache), 64)])
-    trainable = [p for p in model.unet.parameters()] + [p for n, p in model.conditioner.named_parameters() if not n.startswith("text_encoder.")]
+    model.vae.to(home)
+    if lora_cfg.text_encoder_rank > 0 and model.conditioner.text_encoder.lora is None:
+        model.conditioner.text_encoder.add_lora(lora_cfg.text_encoder_rank, lora_cfg.text_encoder_alpha)
+    if train_cfg.unet_lora:
+        from .lora import add_lora, lora_parameters
+        from .lora_training import lora_spec
+
+        add_lora(model.unet, lora_spec(lora_cfg), lora_cfg.name)  # freezes the base UNet
+        unet_params = lora_parameters(model.unet, lora_cfg.name)
+    else:
+        unet_params = list(model.unet.parameters())
+    trainable = unet_params + model.conditioner.trainable_parameters()
     for p in trainable:
         p.requires_grad_(True)
     generator = torch.Generator().manual_seed(train_cfg.seed)
@@ -209,7 +227,16 @@ def train_unet(
         "environment": environment(),
         "run": str(run.root),
     }
+    summary["trainable_parameters"] = int(sum(p.numel() for p in trainable))
     if out is not None and result.steps >= train_cfg.max_steps:
+        if train_cfg.unet_lora:  # the adapter alone, then merged into the UNet that is exported
+            from .lora import merge_lora, save_lora
+
+            Path(out).mkdir(parents=True, exist_ok=True)
+            save_lora(model.unet, Path(out) / "unet_lora.safetensors", lora_cfg.name)
+            merge_lora(model.unet, [lora_cfg.name])
+            model.unet.unload_lora()
+            summary["unet_lora"] = {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "merged": True, "file": "unet_lora.safetensors"}
         model.save(out, dtype=ship_dtype)
         (Path(out) / "metadata.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -86,3 +86,11 @@ def test_parse_overrides_leaves_other_arguments():
     assert overrides == {"train.lr": 1} and rest == ["--out", "x", "pos"]
     with pytest.raises(ConfigError, match="has no value"):
         parse_overrides(["--train.lr"])
+
+
+def test_sd15_profile_describes_stable_diffusion_with_lora():
+    cfg = load_config("sd15")
+    m = cfg.model
+    assert (m.unet_subfolder, m.vae_subfolder, m.cross_attention_dim, m.prediction_type) == ("unet", "vae", 768, "epsilon")
+    assert len(m.vae_channels) == 4 and m.image_size == 256 and cfg.train.unet_lora and cfg.lora.text_encoder_rank > 0
+    assert "BiomedBERT" in m.text_encoder and cfg.data.manifests  # inherits the real manifests

@@ -102,7 +102,11 @@ def _load_vae(cfg):
     import torch
     from diffusers import AutoencoderKL
 
-    folder = Path(cfg.model.vae_pretrained or Path(cfg.train.out) / "vae")
+    if cfg.model.vae_pretrained:  # a folder or hub id (with model.vae_subfolder)
+        from generator.models import build_vae
+
+        return build_vae(cfg.model)
+    folder = Path(cfg.train.out) / "vae"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no trained VAE in {folder}; run `synthmed train vae` first or set model.vae_pretrained")
     return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
@@ -115,7 +119,7 @@ def _train_unet(cfg, train_rows, run, out, progress):
     vae_dir = Path(cfg.model.vae_pretrained or Path(out) / "vae")
     model = LatentDiffusion(cfg.model, list(cfg.data.modalities), vae=_load_vae(cfg))
     vae_meta = json.loads((vae_dir / "metadata.json").read_text()) if (vae_dir / "metadata.json").is_file() else None
-    summary = train_unet(model, cfg.train, cfg.data, train_rows, run, out, progress)
+    summary = train_unet(model, cfg.train, cfg.data, train_rows, run, out, progress, lora_cfg=cfg.lora)
     if (Path(out) / "model.json").is_file():  # exported: complete its metadata.json
         summary |= {
             "config": cfg.model_dump(mode="json"),
