@@ -75,3 +75,17 @@ def test_bench_generate_command(model, tmp_path, capsys):
     assert result["speedup_vs_diffusers"] > 0 and result["n"] == 2 and result["max_abs_diff"] < 1e-3
     assert main(["bench", "generate", "--model", str(tmp_path / "m"), "--n", "1", "--steps", "1", "--repeats", "1"]) == 0
     assert "speedup_vs_diffusers" in capsys.readouterr().out
+
+
+def test_sample_sheet_command(model, tmp_path, capsys):
+    from PIL import Image
+
+    from pipelines.cli import main
+
+    model.save(tmp_path / "m")
+    out = tmp_path / "sheet.png"
+    assert main(["sample-sheet", "--model", str(tmp_path / "m"), "--per-cell", "1", "--steps", "1", "--out", str(out)]) == 0
+    width, height = Image.open(out).size
+    assert width > 400 and height > 200  # 2 modalities x (phantom + 1 generated row), 9 columns for cxr
+    assert main(["sample-sheet", "--model", str(tmp_path / "m"), "--modalities", "fundus", "--out", str(out)]) == 2
+    assert "no embedding for fundus; it knows cxr, oct" in capsys.readouterr().err

@@ -46,6 +46,18 @@ def register(groups, formatter) -> None:
     s.add_argument("--out", default="samples", help="output folder")
     s.set_defaults(handler=_sample)
 
+    c = groups.add_parser("sample-sheet", help="contact sheet of generated images for every modality x finding",
+                          formatter_class=formatter)
+    add_config_argument(c)
+    c.add_argument("--model", help="model folder (default: the shipped model, train.out)")
+    c.add_argument("--modalities", nargs="+", help="default: every modality the model knows that has phantoms")
+    c.add_argument("--per-cell", type=int, default=2, help="generated images per finding (one seed each)")
+    c.add_argument("--steps", type=int, help="denoising steps (config: sample.steps)")
+    c.add_argument("--guidance", type=float, help="classifier-free guidance scale (config: sample.guidance)")
+    c.add_argument("--seed", type=int, help="config: sample.seed")
+    c.add_argument("--out", default="docs/generated_contact_sheet.png", help="PNG to write")
+    c.set_defaults(handler=_sample_sheet)
+
 
 def _rows(cfg, data: list[str] | None):
     from generator.data import iter_manifest
@@ -161,6 +173,24 @@ def _train_default(cfg, args, progress) -> int:
     unet_run = _run_dir(cfg, "unet", None)
     summary = _train_unet(cfg, train_rows, unet_run, out, progress)
     print(f"model -> {out} ({summary['steps']} UNet steps, {summary['seconds']} s)")
+    return 0
+
+
+def _sample_sheet(args, extra) -> int:
+    from generator.contact_sheet import generated_contact_sheet
+    from generator.models import LatentDiffusion
+    from generator.modalities import resolve_modality
+    from generator.phantoms import PHANTOM_MODULES
+
+    cfg = resolve_config(args, extra, {"sample.steps": args.steps, "sample.guidance": args.guidance, "sample.seed": args.seed})
+    model = LatentDiffusion.load(args.model or cfg.train.out, device=resolve_device(cfg.run.device))
+    modalities = ([resolve_modality(m, cfg.data.modalities) for m in args.modalities] if args.modalities
+                  else [m for m in model.modalities if m in PHANTOM_MODULES])
+    channels = {m: spec.channels for m, spec in cfg.data.modalities.items()}
+    sc = cfg.sample
+    path = generated_contact_sheet(model, args.out, modalities, channels, per_cell=args.per_cell, steps=sc.steps,
+                                   guidance=sc.guidance, seed=sc.seed, sampler=sc.sampler)
+    print(f"contact sheet -> {path}")
     return 0
 
 
