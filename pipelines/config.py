@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from generator.config import DataConfig, LoraConfig, ModelConfig, PhantomConfig, SampleConfig, Section, TrainConfig
 from knowledge.config import KnowledgeConfig
+from rlhf.config import JudgesConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROFILE = "tiny"
@@ -50,6 +51,7 @@ class SynthmedConfig(Section):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     knowledge: KnowledgeConfig = Field(default_factory=KnowledgeConfig)
+    judges: JudgesConfig = Field(default_factory=JudgesConfig)  # finding classifiers, alignment model, selector, eval
 
 
 class ConfigError(ValueError):

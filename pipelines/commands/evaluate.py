@@ -1,0 +1,114 @@
+"""`synthmed eval`: a per-modality table of generated against real images, written into a run folder."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from .common import add_config_argument, resolve_config, resolve_device
+
+
+def register(groups, formatter) -> None:
+    e = groups.add_parser(
+        "eval", help="generated vs real images per modality: FD, diversity, CLIP score, held-out finding accuracy, memorisation",
+        formatter_class=formatter,
+        description="Without --model and --data: the shipped model against fresh phantoms drawn with judges.eval.seed.\n"
+        "Writes runs/<name>-eval-<time>/ with eval.md, eval.json, config.yaml, metadata.json and samples/.",
+    )
+    add_config_argument(e)
+    e.add_argument("--model", help="generator folder (default: train.out, the shipped model)")
+    e.add_argument("--data", nargs="+", help="manifests of real images to compare with (default: fresh phantoms)")
+    e.add_argument("--modalities", nargs="+", help="default: every modality of the data that the model knows")
+    e.add_argument("--n-per-prompt", type=int, help="generated images per prompt (config: judges.eval.n_per_prompt)")
+    e.add_argument("--prompts", type=int, help="prompts per modality (config: judges.eval.prompts_per_modality)")
+    e.add_argument("--reference-per-finding", type=int, default=8,
+                   help="phantom reference studies per finding (default data only); manifests give up to 8x this per modality")
+    e.add_argument("--steps", type=int, help="denoising steps (config: judges.eval.steps)")
+    e.add_argument("--guidance", type=float, help="guidance scale (config: judges.eval.guidance)")
+    e.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(handler=_eval)
+
+
+def _training_images(model_dir: Path, size: int, cfg, progress: bool = True) -> dict:
+    """The generator's training images per modality, for the memorisation check: the manifests its
+    metadata names, or, for a model trained on phantoms, that phantom set (drawn again if absent)."""
+    from generator.data import iter_manifest
+    from generator.data.sources import load_row
+    from generator.data.transforms import RecordTransform
+    from rlhf.scorers import as_image_batch
+
+    meta_path = model_dir / "metadata.json"
+    manifests = []
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        manifests = [m for m in meta.get("manifests", []) if Path(m).is_file()]
+        if not manifests and meta.get("data") and all(str(d).startswith("phantom") for d in meta["data"]):
+            # trained on phantoms: draw the same set again (seeded, so identical) where it is not on disk
+            from generator.phantoms.dataset import write_phantoms
+
+            from generator.config import PhantomConfig
+
+            pc = PhantomConfig.model_validate(meta["config"]["phantoms"]) if "config" in meta else cfg.phantoms
+            folder = Path(f"{pc.out}_{size}px")
+            if not (folder / "manifest.csv").is_file():
+                write_phantoms(folder, pc.modalities, pc.per_finding, size, pc.seed, pc.negatives, progress)
+            manifests = [str(folder / "manifest.csv")]
+    transform = RecordTransform(cfg.data.model_copy(update={"image_size": size}), as_tensor=False)
+    by_modality: dict[str, list] = {}
+    for manifest in manifests:
+        for row in iter_manifest(manifest, cfg.data.modalities):
+            by_modality.setdefault(row.modality, []).append(transform.image(load_row(row, transform.modalities)["image"], row.modality))
+    return {m: as_image_batch(images) for m, images in by_modality.items()} if by_modality else {}
+
+
+def _eval(args, extra) -> int:
+    from generator.models import LatentDiffusion
+    from generator.modalities import resolve_modality
+    from generator.training import environment, make_run_dir
+    from pipelines.config import save_config
+    from rlhf.evaluate import evaluate, load_judges, manifest_cases, markdown_table, phantom_cases, to_json, write_atomic
+
+    cfg = resolve_config(args, extra, {"judges.eval.n_per_prompt": args.n_per_prompt, "judges.eval.prompts_per_modality": args.prompts,
+                                       "judges.eval.steps": args.steps, "judges.eval.guidance": args.guidance})
+    ec = cfg.judges.eval
+    device = resolve_device(cfg.run.device)
+    model_dir = Path(args.model or cfg.train.out)
+    model = LatentDiffusion.load(model_dir, device=device)
+    size = model.cfg.image_size
+    wanted = [resolve_modality(m, cfg.data.modalities) for m in args.modalities] if args.modalities else None
+    if args.data:
+        cases = manifest_cases(args.data, cfg.data, size, wanted, 8 * args.reference_per_finding, ec.seed)
+    else:
+        from generator.phantoms import phantom_modalities
+
+        modalities = wanted or [m for m in model.modalities if m in phantom_modalities()]
+        cases = phantom_cases(modalities, size, args.reference_per_finding, ec.seed)
+    if not cases:
+        raise ValueError("nothing to evaluate: the data holds no rows of the requested modalities")
+    modalities = sorted({c.modality for c in cases})
+    judges = load_judges(cfg.judges, modalities, device=device)
+    run = make_run_dir(cfg.run.runs_dir, f"{cfg.run.name}-eval")
+    save_config(cfg, run.root / "config.yaml")
+    started = time.time()
+    result = evaluate(model, cases, judges, ec, train_images=_training_images(model_dir, size, cfg, not (args.no_progress or args.json)),
+                      channels={m: s.channels for m, s in cfg.data.modalities.items()}, sample_dir=run.samples,
+                      progress=not (args.no_progress or args.json), batch_size=cfg.sample.batch_size)
+    result |= {"model": str(model_dir), "data": args.data or f"phantoms (seed {ec.seed}, {args.reference_per_finding} per finding)",
+               "run": str(run.root)}
+    table = markdown_table(result)
+    write_atomic(run.root / "eval.md", f"# synthmed eval\n\nmodel: `{model_dir}`; data: {result['data']}\n\n" + table)
+    write_atomic(run.root / "eval.json", to_json(result))
+    write_atomic(run.root / "metadata.json", json.dumps({
+        "kind": "synthmed eval", "model": str(model_dir), "data": result["data"], "seed": ec.seed,
+        "seconds": round(time.time() - started, 1), "environment": environment(),
+        "command": "synthmed " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("synthmed") else "synthmed eval",
+    }, indent=2) + "\n")
+    if args.json:
+        print(to_json(result))
+    else:
+        print(table)
+        print(f"-> {run.root}/eval.md, eval.json")
+    return 0

@@ -1,0 +1,134 @@
+"""Typed configuration of the judges and the evaluation (section ``judges`` of the config tree).
+
+Each judge owns one sub-section. Every field states its unit and scope.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ClassifierConfig(Section):
+    """Multi-label finding classifiers, one per modality and role (``reward`` / ``evaluator``)."""
+
+    out: str = "rlhf/weights/classifiers"  # shipped classifiers: <out>/<role>/<modality>/
+    image_size: int = Field(64, ge=16)  # pixels; images are resized to this before classification
+    data: list[str] = []  # manifests to train on; empty: phantoms drawn at image_size (phantoms section)
+    epochs: int = Field(30, ge=1)  # passes over the training split (12 left fundus near chance: 0.61 benchmark AUROC against 0.81 at 30 with stem_patch 2)
+    batch_size: int = Field(64, ge=1)  # images per step
+    lr: float = Field(2e-3, gt=0)  # peak learning rate (AdamW, cosine decay)
+    weight_decay: float = Field(1e-4, ge=0)
+    val_fraction: float = Field(0.15, gt=0, lt=1)  # share held back, half for calibration, half for AUROC
+    # the two roles differ in seed, split and architecture so that the evaluator is independent of the reward
+    reward_arch: Literal["convnet", "resnet"] = "convnet"
+    reward_seed: int = Field(0, ge=0)
+    evaluator_arch: Literal["convnet", "resnet"] = "resnet"
+    evaluator_seed: int = Field(1, ge=0)
+    stem_patch: int = Field(2, ge=1)  # pixels per side of the patchify stem (a conv of that kernel and stride), both architectures; 4 is ~3x cheaper but loses small lesions
+    convnet_widths: list[int] = [16, 32, 64, 64]  # channels: the stem, then one conv + 2x2 max pool per further width
+    resnet_widths: list[int] = [20, 40, 80]  # channels per stage of the residual net; each stage after the first halves the resolution
+    resnet_blocks: int = Field(1, ge=1)  # residual blocks per stage
+    labels: Literal["auto", "phantom", "manifest"] = "auto"  # label space: the phantom catalogue, or names seen present in the rows; auto: phantom when every row is a phantom
+    augment: bool = True  # small shift, rotation, zoom, brightness and contrast jitter while training; never a flip (laterality)
+    benchmark_per_finding: int = Field(10, ge=0)  # fresh phantoms per (modality, finding) drawn at benchmark_seed for an extra test; 0: none
+    benchmark_seed: int = Field(777, ge=0)  # distinct from the seed of the training phantoms
+    num_threads: int = Field(1, ge=1)  # CPU threads torch may use while training; on a busy shared CPU two threads wait on each other's time slices (measured 12x slower)
+    device: str = "auto"  # "auto", "cpu", "cuda"
+
+
+class AlignmentConfig(Section):
+    """Image-text alignment model (CLIP) trained contrastively on image-report pairs."""
+
+    out: str = "rlhf/weights/clip"  # the shipped alignment model
+    model: str | None = None  # any open_clip model name instead of training one (e.g. "hf-hub:microsoft/BiomedCLIP-...")
+    pretrained: str | None = None  # open_clip pretrained tag or checkpoint path for `model`
+    image_size: int = Field(64, ge=16)  # pixels
+    embed_dim: int = Field(128, ge=8)  # joint embedding width
+    data: list[str] = []  # manifests of image-report pairs; empty: phantoms at image_size
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(128, ge=2)  # pairs per step; contrastive loss sees batch_size - 1 negatives per pair
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    val_fraction: float = Field(0.1, gt=0, lt=1)  # held-back pairs for retrieval recall@k
+    seed: int = Field(0, ge=0)
+    device: str = "auto"
+    # the custom model (ignored when `model` names an open_clip model)
+    vision_layers: int | list[int] = [1, 1, 1, 1]  # a list: ResNet blocks per stage (open_clip ModifiedResNet); an int: ViT layers
+    vision_width: int = Field(16, ge=4)  # channels of the first ResNet stage (x32 at the attention pool), or the ViT token width
+    vision_patch: int = Field(8, ge=2)  # pixels per ViT patch side (ViT only)
+    text_width: int = Field(64, ge=8)  # channels of the text transformer; its token table (49,408 x width) is most of the weights
+    text_layers: int = Field(2, ge=1)  # text transformer blocks
+    text_heads: int = Field(4, ge=1)  # attention heads per text block
+    context_length: int = Field(96, ge=8)  # tokens per report; longer ones are truncated (phantom reports: median 50, 97% fit 96)
+    warmup_steps: int = Field(50, ge=0)  # optimiser steps of linear warm-up before the cosine decay
+    augment_prompts: bool = True  # reorder sentences after the first, sometimes lowercase (generator.training.augment_prompt)
+    max_shift: int = Field(3, ge=0)  # pixels; random translation of training images (never a flip: the side of a finding matters)
+    time_budget_s: float | None = Field(None, gt=0)  # wall-clock seconds of training steps; the cosine decay follows elapsed time and training stops at the budget; None: all epochs (reproducible)
+
+
+class SelectorConfig(Section):
+    """Quality selector: alignment-model features -> head -> quality in [0, 1], with a learned threshold."""
+
+    out: str = "rlhf/weights/selector"
+    source: Literal["bootstrap", "ratings", "pairs"] = "bootstrap"  # bootstrap: real vs degraded/generated, no people
+    ratings: str | None = None  # ratings CSV (image_path,rating,modality,expert_level,prompt) for source=ratings
+    pairs: str | None = None  # preferences CSV (preferred_path,other_path,modality,prompt) for source=pairs
+    expert_weights: dict[str, float] = {"junior": 0.5, "senior": 1.0, "expert": 1.5}  # rating weight per expert level
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = Field(0, ge=0)
+    device: str = "auto"
+    data: list[str] = []  # manifests of real images for source=bootstrap; empty: phantoms at the alignment model's image size
+    hidden: int = Field(128, ge=1)  # units of the head's hidden layer
+    dropout: float = Field(0.1, ge=0, lt=1)  # dropout before the head's output layer, training only
+    weight_decay: float = Field(1e-4, ge=0)  # AdamW, head only (the alignment model stays frozen)
+    degradations: list[str] = ["blur", "noise", "contrast", "blocking", "clipping", "occlusion", "ringing"]  # bootstrap negatives (rlhf.degrade)
+    severities: list[int] = [1, 2, 3]  # 1 mild, 2 moderate, 3 severe; training copies draw one, validation uses all
+    copies_per_image: int = Field(7, ge=1)  # degraded copies per training image, kinds in turn, severity drawn
+    pair_weight: float = Field(1.0, ge=0)  # weight of the Bradley-Terry term (image above its own degraded copy) next to the absolute term
+    rating_scale: tuple[float, float] | None = None  # (worst, best) rating; None: the smallest of 0-1, 1-5, 1-10, 0-100 holding every rating
+    good_rating: float = Field(0.5, ge=0, le=1)  # normalised rating from which an image counts as good (threshold, AUROC)
+    alignment: str | None = None  # alignment model folder the selector is trained on; None: judges.alignment.out
+
+
+class EvalConfig(Section):
+    """`synthmed eval`: generated against real images, per modality."""
+
+    n_per_prompt: int = Field(4, ge=1)  # generated images per prompt (MS-SSIM diversity needs 2 or more)
+    prompts_per_modality: int = Field(16, ge=1)  # prompts drawn from the held-back real (or phantom) reports
+    steps: int = Field(25, ge=1)  # denoising steps of the generator under evaluation
+    guidance: float = Field(4.0, ge=0)
+    seed: int = Field(1234, ge=0)  # evaluation seed, distinct from the training seeds
+    inception_weights: str | None = None  # a local torchvision inception_v3 state dict; None: FID/KID (Inception) reported unavailable
+    memorisation_threshold: float = Field(0.95, gt=0, le=1)  # cosine similarity to the nearest training image above which a sample counts as memorised
+    memorisation_pixel_threshold: float = Field(0.95, gt=0, le=1)  # SSIM to the nearest training image (pixel-space second opinion) above which a sample counts as memorised; distinct real CXRs reach 0.91 at 32 px
+    memorisation_pixel_size: int = Field(32, ge=8)  # pixels; side both images are downsampled to for the pixel-space check
+    kid_subsets: int = Field(100, ge=1)  # random subsets averaged for KID
+    kid_subset_size: int = Field(1000, ge=2)  # feature vectors per KID subset and set; clamped to the smaller set
+    inception_batch_size: int = Field(32, ge=1)  # images per Inception forward pass
+    # quality checks (rlhf.metrics.quality_checks) on luminance in [0, 1], calibrated on meddata at 64 px: the only real
+    # images below the blank std are 2 practically black fundus photographs of 1256; clipped black covers up to 30% of a
+    # real CXR, clipped white at most 6% of any image; corners above 0.4 occur in 0.2% of brain MRI and in no fundus photograph
+    quality_blank_std: float = Field(0.01, ge=0)  # luminance std below which an image is blank (~2.5 grey levels)
+    quality_saturated_share: float = Field(0.35, gt=0, le=1)  # share of pixels at an extreme above which an image is saturated
+    quality_corner_brightness: float = Field(0.4, gt=0, le=1)  # mean luminance of a corner patch above which a dark-cornered modality is out of field
+    dark_corner_modalities: list[str] = ["fundus", "brain_mri"]  # modalities whose image corners lie outside the field of view (dark)
+    dark_end_saturation_modalities: list[str] = ["cxr"]  # modalities where clipped black also counts as saturation (elsewhere black is background)
+
+
+class JudgesConfig(Section):
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    alignment: AlignmentConfig = Field(default_factory=AlignmentConfig)
+    selector: SelectorConfig = Field(default_factory=SelectorConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+__all__ = ["AlignmentConfig", "ClassifierConfig", "EvalConfig", "JudgesConfig", "SelectorConfig"]
