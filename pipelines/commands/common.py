@@ -43,3 +43,17 @@ def resolve_device(name: str) -> str:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def phantom_manifest(phantoms, size: int, progress: bool = True) -> str:
+    """The phantom set drawn at ``size`` pixels beside ``phantoms.out`` (``<out>_<size>px``), drawn
+    first when it is not on disk (seeded: the same bytes every time); returns its manifest path."""
+    from pathlib import Path
+
+    from generator.phantoms.dataset import write_phantoms
+
+    folder = Path(f"{phantoms.out}_{size}px")
+    if not (folder / "manifest.csv").is_file():
+        summary = write_phantoms(folder, phantoms.modalities, phantoms.per_finding, size, phantoms.seed, phantoms.negatives, progress)
+        print(f"{summary.images} phantoms -> {folder}")
+    return str(folder / "manifest.csv")

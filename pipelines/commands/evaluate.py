@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_config_argument, resolve_config, resolve_device
+from .common import add_config_argument, phantom_manifest, resolve_config, resolve_device
 
 
 def register(groups, formatter) -> None:
@@ -47,15 +47,10 @@ def _training_images(model_dir: Path, size: int, cfg, progress: bool = True) -> 
         manifests = [m for m in meta.get("manifests", []) if Path(m).is_file()]
         if not manifests and meta.get("data") and all(str(d).startswith("phantom") for d in meta["data"]):
             # trained on phantoms: draw the same set again (seeded, so identical) where it is not on disk
-            from generator.phantoms.dataset import write_phantoms
-
             from generator.config import PhantomConfig
 
             pc = PhantomConfig.model_validate(meta["config"]["phantoms"]) if "config" in meta else cfg.phantoms
-            folder = Path(f"{pc.out}_{size}px")
-            if not (folder / "manifest.csv").is_file():
-                write_phantoms(folder, pc.modalities, pc.per_finding, size, pc.seed, pc.negatives, progress)
-            manifests = [str(folder / "manifest.csv")]
+            manifests = [phantom_manifest(pc, size, progress)]
     transform = RecordTransform(cfg.data.model_copy(update={"image_size": size}), as_tensor=False)
     by_modality: dict[str, list] = {}
     for manifest in manifests:

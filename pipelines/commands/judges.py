@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-from .common import add_config_argument, resolve_config, table
+from .common import add_config_argument, phantom_manifest, resolve_config, table
 
 
 def register(groups, formatter) -> None:
@@ -37,18 +36,6 @@ def register(groups, formatter) -> None:
         p.set_defaults(handler=_train, judge=name)
 
 
-def _phantom_manifest(cfg, size: int, progress: bool) -> str:
-    """The phantom set at ``size`` pixels, drawn if it is not on disk (seeded: the same bytes)."""
-    from generator.phantoms.dataset import write_phantoms
-
-    pc = cfg.phantoms
-    folder = Path(f"{pc.out}_{size}px")
-    if not (folder / "manifest.csv").is_file():
-        summary = write_phantoms(folder, pc.modalities, pc.per_finding, size, pc.seed, pc.negatives, progress)
-        print(f"{summary.images} phantoms -> {folder}")
-    return str(folder / "manifest.csv")
-
-
 def _command() -> str:
     return "synthmed " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("synthmed") else "synthmed judges train"
 
@@ -67,7 +54,7 @@ def _classifier(cfg, args, progress: bool) -> None:
     from rlhf.classifiers import format_summary, load_rows, train_all
 
     cc = cfg.judges.classifier
-    sources = args.data or cc.data or [_phantom_manifest(cfg, cc.image_size, progress)]
+    sources = args.data or cc.data or [phantom_manifest(cfg.phantoms, cc.image_size, progress)]
     rows = load_rows(sources, cfg.data.modalities)
     modalities = [resolve_modality(m, cfg.data.modalities) for m in args.modalities] if getattr(args, "modalities", None) else None
     summaries = train_all(cc, rows, args.out if args.judge == "classifier" else None, roles=args.roles, modalities=modalities,
@@ -83,7 +70,7 @@ def _clip(cfg, args, progress: bool) -> None:
     if ac.model:
         raise ValueError(f"judges.alignment.model is {ac.model!r}: a named open_clip model is used as it is, not trained here; "
                          "unset it to train the project's own model")
-    sources = args.data or ac.data or [_phantom_manifest(cfg, ac.image_size, progress)]
+    sources = args.data or ac.data or [phantom_manifest(cfg.phantoms, ac.image_size, progress)]
     rows = manifest_rows(sources, cfg.data)
     train_rows, val_rows = split_rows(rows, ac.val_fraction, ac.seed)
     summary = train_alignment(ac, train_rows, val_rows, args.out if args.judge == "clip" else None, progress, cfg.data)
@@ -100,7 +87,7 @@ def _selector(cfg, args, progress: bool) -> None:
     alignment = load_alignment(ac if ac.model else ac.out, device=sc.device)
     kwargs = {}
     if sc.source == "bootstrap":
-        sources = args.data or ac.data or [_phantom_manifest(cfg, ac.image_size, progress)]
+        sources = args.data or ac.data or [phantom_manifest(cfg.phantoms, ac.image_size, progress)]
         # the alignment model's own split, so the selector's validation images are new to both
         train_rows, val_rows = split_rows(manifest_rows(sources, cfg.data), ac.val_fraction, ac.seed)
         kwargs = {"train_rows": train_rows, "val_rows": val_rows}

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .common import add_config_argument, resolve_config, resolve_device, table
+from .common import add_config_argument, phantom_manifest, resolve_config, resolve_device, table
 
 log = logging.getLogger("synthmed.train")
 
@@ -154,15 +154,10 @@ def _train_lora(cfg, args, train_rows, run, progress):
 
 def _train_default(cfg, args, progress) -> int:
     """Phantoms at the model's image size, then the VAE, then the UNet: the shipped model."""
-    from generator.phantoms.dataset import write_phantoms
     from generator.training import split_rows
 
-    pc = cfg.phantoms
-    data_dir = Path(f"{pc.out}_{cfg.model.image_size}px")  # drawn at the model's size, beside the 128 px set
-    if not (data_dir / "manifest.csv").exists():
-        summary = write_phantoms(data_dir, pc.modalities, pc.per_finding, cfg.model.image_size, pc.seed, pc.negatives, progress)
-        print(f"{summary.images} phantoms -> {data_dir}")
-    rows = _rows(cfg, [str(data_dir / "manifest.csv")])
+    # drawn at the model's size, beside the 128 px set
+    rows = _rows(cfg, [phantom_manifest(cfg.phantoms, cfg.model.image_size, progress)])
     train_rows, val_rows = split_rows(rows, cfg.train.val_fraction, cfg.train.seed)
     from generator.trainers import train_vae
 
