@@ -120,7 +120,20 @@ def register_scorer(name: str):
     return wrap
 
 
+# the project's own scorers, registered when their module is imported; build_scorer imports them on demand
+BUILTIN_SCORER_MODULES = ("rlhf.classifiers", "rlhf.alignment", "rlhf.selector")
+
+
+def load_builtin_scorers() -> None:
+    import importlib
+
+    for module in BUILTIN_SCORER_MODULES:
+        importlib.import_module(module)
+
+
 def build_scorer(name: str, **kwargs) -> Scorer:
+    if name not in SCORER_FACTORIES:
+        load_builtin_scorers()
     if name not in SCORER_FACTORIES:
         known = ", ".join(sorted(SCORER_FACTORIES)) or "none"
         raise ValueError(f"unknown scorer {name!r}; registered scorers: {known}")
@@ -135,5 +148,5 @@ def build_composite(weights: dict[str, float], factories_kwargs: dict[str, dict]
 
 __all__ = [
     "CompositeScorer", "SCORER_FACTORIES", "ScoreResult", "Scorer", "as_image_batch", "build_composite", "build_scorer",
-    "check_inputs", "check_result", "register_scorer",
+    "check_inputs", "check_result", "load_builtin_scorers", "register_scorer",
 ]

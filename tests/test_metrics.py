@@ -325,3 +325,16 @@ def test_inception_weights_are_found_in_the_hub_cache(tmp_path):
     cached.parent.mkdir()
     cached.write_bytes(b"")
     assert find_inception_weights(None, hub_dir=tmp_path) == cached
+
+
+def test_builtin_scorers_resolve_without_importing_their_modules_first():
+    """build_scorer finds the project's scorers in a fresh interpreter that imported only rlhf.scorers."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from rlhf.scorers import SCORER_FACTORIES, build_scorer\n"
+            "assert 'rlhf.selector' not in sys.modules\n"
+            "try:\n    build_scorer('no_such_scorer')\nexcept ValueError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for name in ("alignment", "finding_evaluator", "finding_reward", "selector"):
+        assert name in out
