@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 from generator.config import DataConfig, LoraConfig, ModelConfig, PhantomConfig, SampleConfig, Section, TrainConfig
 from knowledge.config import KnowledgeConfig
 from rlhf.config import JudgesConfig
+from agents.config import AgentsConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROFILE = "tiny"
@@ -52,6 +53,7 @@ class SynthmedConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     knowledge: KnowledgeConfig = Field(default_factory=KnowledgeConfig)
     judges: JudgesConfig = Field(default_factory=JudgesConfig)  # finding classifiers, alignment model, selector, eval
+    agents: AgentsConfig = Field(default_factory=AgentsConfig)  # the agent graph: reasoning backend, rounds, verifier, traces
 
 
 class ConfigError(ValueError):

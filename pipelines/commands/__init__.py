@@ -1,5 +1,5 @@
 """Command groups of the CLI; each module has ``register(subparsers, formatter)``."""
 
-from . import bench, config_cmd, data, evaluate, judges, kb, train
+from . import bench, config_cmd, data, evaluate, generate, judges, kb, train
 
-ALL = [data, train, kb, judges, evaluate, config_cmd, bench]
+ALL = [data, train, kb, judges, evaluate, generate, config_cmd, bench]

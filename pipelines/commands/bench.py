@@ -53,6 +53,18 @@ def register(groups, formatter) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda, ... (default: run.device)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(handler=_generate_bench)
+    a = sub.add_parser("graph", help="agent graph overhead (p50/p95, nothing drawn); with --compare, graph against the raw text "
+                       "judged by the held-out evaluator", formatter_class=formatter)
+    add_config_argument(a)
+    a.add_argument("--requests", default=None, help="YAML of requests with expected findings (default: tests/data/parse_requests.yaml)")
+    a.add_argument("--repeats", type=int, default=3, help="overhead: passes over the requests")
+    a.add_argument("--compare", action="store_true", help="also draw: graph (n=1, verified, refined) against the same text sent straight to the generator")
+    a.add_argument("--per-modality", type=int, default=10, help="compare: requests per modality (those with a finding the evaluator knows)")
+    a.add_argument("--direct-seeds", type=int, default=4, help="compare: images per request drawn from the raw text")
+    a.add_argument("--model", default=None, help="generator folder (default: train.out, the shipped model)")
+    a.add_argument("--out", default=None, help="compare: folder for images, traces and bench.json (default: runs/bench-graph-<time>)")
+    a.add_argument("--json", action="store_true", help="print one JSON object")
+    a.set_defaults(handler=_graph_bench)
 
 
 def _rss_mb() -> float:
@@ -143,4 +155,41 @@ def _generate_bench(args, extra) -> int:
     print(f"speedup_vs_diffusers {result['speedup_vs_diffusers']:.3f} (stock s/image / synthmed s/image); "
           f"{result['n']} images, batch {result['batch_size']}, {result['steps']} steps, guidance {result['guidance']}, "
           f"{result['device']}, {result['torch_threads']} threads; max |difference| between their images {result['max_abs_diff']:.2e}")
+    return 0
+
+
+def _graph_bench(args, extra) -> int:
+    from ..agent import build_agent
+    from ..graph_bench import compare, load_requests, overhead
+
+    cfg = resolve_config(args, extra)
+    requests = load_requests(args.requests)
+    out = Path(args.out or f"runs/bench-graph-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    agent = build_agent(cfg, args.model, draw=args.compare, traces=str(out / "traces.sqlite"), progress=not args.json)
+    try:
+        agent.run(requests[0]["text"], requests[0]["modality"], trace_id="warm-up", stop_after="compose_prompt")
+        report = {"overhead": overhead(agent, requests, args.repeats, progress=not args.json), "build_seconds": agent.timings}
+        if args.compare:
+            from rlhf.classifiers import load_finding_scorer
+
+            evaluator = load_finding_scorer("evaluator", cfg.judges.classifier.out)
+            report["compare"] = compare(agent, evaluator, requests, args.direct_seeds, args.per_modality, out, progress=not args.json)
+    finally:
+        agent.close()
+    report["command"] = "synthmed " + " ".join(__import__("sys").argv[1:])
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    o = report["overhead"]
+    print(f"graph overhead, nothing drawn: p50 {o['p50_ms']} ms, p95 {o['p95_ms']} ms over {o['requests']} requests x {o['repeats']}"
+          f" ({o['refused']} refused)")
+    print(table([[k, v] for k, v in o["per_node_p50_ms"].items()], ["node", "p50 ms"]))
+    if "compare" in report:
+        rows = [[m, s["requests"], s["graph"], s["composed_only"], s["direct"], s["difference"], s["difference_95ci"], s["mean_rounds"]]
+                for m, s in report["compare"]["summary"].items()]
+        print("share of images showing the requested findings (held-out evaluator):")
+        print(table(rows, ["modality", "requests", "graph", "composed prompt only", "raw text", "graph - raw", "95% CI", "rounds"]))
+    print(f"-> {out / 'bench.json'}")
     return 0

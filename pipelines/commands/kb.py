@@ -97,7 +97,7 @@ def _cases(cfg, manifests):
 
 
 def _build(args, extra) -> int:
-    from knowledge.build import add_cases, build_knowledge_base
+    from knowledge.build import add_cases
 
     cfg = resolve_config(args, extra)
     k = cfg.knowledge
@@ -106,17 +106,24 @@ def _build(args, extra) -> int:
         added = add_cases(k.index_dir, _cases(cfg, args.add_cases), embedder)
         print(f"added {added} cases to {k.index_dir}/cases")
         return 0
-    manifests = [m for m in k.case_manifests if os.path.exists(m)]
-    for missing in sorted(set(k.case_manifests) - set(manifests)):
-        log.warning("case manifest %s not found: skipped (make it with `synthmed data phantoms` or `synthmed data manifest`)", missing)
-    summary = build_knowledge_base(
-        k.index_dir, _concepts(cfg), _cases(cfg, manifests), embedder, k.concept_index, k.case_index
-    )
+    summary = build_index(cfg, embedder)
     rows = [[kind, n] for kind, n in sorted(summary["concepts_by_kind"].items())]
     rows += [[f"cases ({m})", n] for m, n in sorted(summary["cases_by_modality"].items())]
     print(table(rows, ["kind", "count"]))
     print(f"{summary['concepts']} concepts, {summary['cases']} cases indexed in {summary['seconds']} s -> {k.index_dir}")
     return 0
+
+
+def build_index(cfg, embedder=None, progress: bool = True) -> dict:
+    """Build the knowledge base the config describes (lexicon, vocabularies, the case manifests on disk)."""
+    from knowledge.build import build_knowledge_base
+
+    k = cfg.knowledge
+    manifests = [m for m in k.case_manifests if os.path.exists(m)]
+    for missing in sorted(set(k.case_manifests) - set(manifests)):
+        log.warning("case manifest %s not found: skipped (make it with `synthmed data phantoms` or `synthmed data manifest`)", missing)
+    return build_knowledge_base(k.index_dir, _concepts(cfg), _cases(cfg, manifests), embedder or _embedder(cfg),
+                                k.concept_index, k.case_index, progress=progress)
 
 
 def _retriever(cfg):

@@ -1,0 +1,185 @@
+"""The verifier agent: checks each candidate image with tools and returns a structured verdict.
+
+Tools: the reward-side finding classifier (never the held-out evaluator; the constructor refuses
+one), the text-image alignment model, image quality checks (blank, saturated, out-of-field, NaN)
+and a memorisation check against the generator's training images. The verdict says per requested
+finding what was expected, the observed calibrated probability and whether it passed; a round
+that fails comes with concrete refinement actions (emphasis, negative prompt, guidance, reseed)
+that the graph's ``refine`` node applies.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlhf.config import EvalConfig
+from rlhf.metrics import pixel_memorisation, quality_checks
+
+from .config import RefineConfig, VerifierConfig
+
+log = logging.getLogger(__name__)
+
+
+class Verifier:
+    """``verify(images, prompt, modality, findings) -> round verdict`` (see :meth:`verify`)."""
+
+    def __init__(
+        self,
+        finding_scorer,  # rlhf.classifiers.FindingScorer with role "reward"
+        alignment=None,  # rlhf.alignment.AlignmentModel, or None
+        config: VerifierConfig | None = None,
+        quality: EvalConfig | None = None,
+        training_images: Mapping[str, torch.Tensor] | None = None,  # modality -> (N, 3, H, W) in [-1, 1]
+        training_note: str = "",
+    ):
+        role = getattr(finding_scorer, "role", None)
+        if role != "reward":
+            raise ValueError(f"the verifier uses the reward-side finding classifier; got role {role!r}. "
+                             "The held-out evaluator must never judge what the graph keeps.")
+        self.findings = finding_scorer
+        self.alignment = alignment
+        self.config = config or VerifierConfig()
+        self.quality = quality or EvalConfig()
+        self.training_images = dict(training_images or {})
+        self.training_note = training_note
+
+    def labels(self, modality: str) -> list[str]:
+        classifier = self.findings.classifiers.get(modality)
+        return list(classifier.label_names) if classifier is not None else []
+
+    def verify(self, images: torch.Tensor, prompt: str, modality: str, findings: Sequence[Mapping[str, Any]],
+               paths: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> dict:
+        """Verdict on candidates ``images`` ((B, 3, H, W) in [-1, 1]) drawn for ``prompt``.
+
+        ``findings`` are the pathology stage's records (name, present, ...). Returns
+        ``{"passed", "best", "candidates": [per-candidate verdict], "tools": {...}}``."""
+        cfg = self.config
+        n = images.shape[0]
+        labels = set(self.labels(modality))
+        expected = {f["name"]: bool(f.get("present", True)) for f in findings if f["name"] in labels}
+        probs: dict[str, np.ndarray] = {}
+        if modality in self.findings.classifiers:
+            _, details = self.findings.score(images, [prompt] * n, [modality] * n, expected=[expected] * n)
+            probs = {name: np.asarray(details[f"prob/{name}"]) for name in labels}
+        cosine = self.alignment.cosine(images, [prompt] * n) if self.alignment is not None and cfg.use_alignment else None
+        quality = quality_checks(images, [modality] * n, self.quality)
+        memo = None
+        reference = self.training_images.get(modality)
+        if cfg.use_memorisation and reference is not None and len(reference):
+            memo = pixel_memorisation(images, reference, cfg.memorisation_threshold, cfg.memorisation_size)
+
+        candidates = []
+        for i in range(n):
+            rows, failures, agreement = [], [], []
+            for f in findings:
+                name, present = f["name"], bool(f.get("present", True))
+                if name not in probs:
+                    rows.append({"name": name, "expected": "present" if present else "absent", "probability": None,
+                                 "pass": None, "checked": False,
+                                 "why": f"the {modality} reward classifier has no label {name!r}; not checked"})
+                    continue
+                p = float(probs[name][i])
+                ok = p >= cfg.present_threshold if present else p < cfg.absent_threshold
+                agreement.append(p if present else 1.0 - p)
+                rows.append({"name": name, "expected": "present" if present else "absent", "probability": round(p, 4),
+                             "threshold": cfg.present_threshold if present else cfg.absent_threshold, "pass": bool(ok), "checked": True})
+                if not ok:
+                    failures.append(f"{name}: expected {'present' if present else 'absent'}, observed p={p:.2f}")
+            # labels the request does not mention: reported, never failed (the request leaves them open)
+            others = {name: round(float(probs[name][i]), 4) for name in sorted(labels - {f['name'] for f in findings})}
+            q = quality[i]
+            if not q["ok"]:
+                failures += q["reasons"]
+            align = None
+            if cosine is not None:
+                c = float(cosine[i])
+                ok = cfg.min_alignment is None or c >= cfg.min_alignment
+                align = {"cosine": round(c, 4), "min": cfg.min_alignment, "pass": bool(ok)}
+                if not ok:
+                    failures.append(f"alignment: CLIP cosine {c:.3f} < {cfg.min_alignment}")
+            if memo is not None:
+                s = float(memo["max_ssim"][i])
+                memorised = bool(memo["memorised"][i])
+                mem = {"checked": True, "nearest_ssim": round(s, 4), "threshold": cfg.memorisation_threshold,
+                       "nearest_index": int(memo["nearest_index"][i]), "pass": not memorised}
+                if memorised:
+                    failures.append(f"memorisation: SSIM {s:.3f} to training image #{mem['nearest_index']} >= {cfg.memorisation_threshold}")
+            else:
+                mem = {"checked": False, "pass": True, "why": self.training_note or "no training images to compare with"}
+            score = (float(np.mean(agreement)) if agreement else 0.5) + cfg.alignment_weight * (align["cosine"] if align else 0.0)
+            score -= 1.0 * (not q["ok"]) + 1.0 * (not mem["pass"])
+            candidates.append({
+                "candidate": i,
+                "path": paths[i] if paths is not None else None,
+                "seed": int(seeds[i]) if seeds is not None else None,
+                "passed": not failures,
+                "score": round(score, 4),
+                "findings": rows,
+                "other_findings": others,
+                "alignment": align,
+                "quality": {k: q[k] for k in ("ok", "nan", "blank", "saturated", "out_of_field", "reasons")}
+                | {k: (round(q[k], 4) if np.isfinite(q[k]) else None) for k in ("std", "saturated_share", "corner_brightness")},
+                "memorisation": mem,
+                "failures": failures,
+            })
+        passing = [c for c in candidates if c["passed"]]
+        pool = passing or candidates
+        best = max(pool, key=lambda c: c["score"])["candidate"]
+        return {"passed": bool(passing), "best": best, "candidates": candidates,
+                "tools": {"finding_classifier": "reward", "alignment": cosine is not None, "memorisation": memo is not None,
+                          "quality": True}}
+
+
+def suggest_actions(verdict: Mapping[str, Any], guidance: float, findings: Sequence[Mapping[str, Any]], refine: RefineConfig) -> list[dict]:
+    """Concrete refinement actions for a failed round, from its best candidate's verdict.
+
+    - a requested finding not shown: ``emphasis`` (restate it more strongly; the graph escalates
+      its severity only where the user left it open), ``negative_normal`` (push away from the
+      normal report) and a higher ``guidance``;
+    - a negated finding shown: ``negative_prompt`` naming it;
+    - a saturated image: a lower ``guidance``;
+    - always ``reseed``: new seeds for every candidate.
+    """
+    best = verdict["candidates"][verdict["best"]]
+    actions: list[dict] = []
+    missing = [r["name"] for r in best["findings"] if r["checked"] and not r["pass"] and r["expected"] == "present"]
+    unwanted = [r["name"] for r in best["findings"] if r["checked"] and not r["pass"] and r["expected"] == "absent"]
+    for name in missing:
+        actions.append({"action": "emphasis", "finding": name, "why": f"{name} not shown (p below threshold)"})
+    if missing and refine.normal_as_negative:
+        actions.append({"action": "negative_normal", "why": "push the image away from a normal study"})
+    for name in unwanted:
+        actions.append({"action": "negative_prompt", "finding": name, "why": f"{name} shown although the request negates it"})
+    new_guidance = guidance
+    if missing:
+        new_guidance = min(refine.max_guidance, guidance + refine.guidance_step)
+    if best["quality"]["saturated"]:
+        new_guidance = max(refine.min_guidance, guidance - refine.guidance_step)
+    if new_guidance != guidance:
+        actions.append({"action": "guidance", "from": guidance, "to": new_guidance,
+                        "why": "finding not shown" if new_guidance > guidance else "saturated image"})
+    actions.append({"action": "reseed", "why": "draw new candidates"})
+    return actions
+
+
+def load_training_images(manifest: str | Path, modalities: Sequence[str], size: int, data=None, limit: int = 2000) -> dict[str, torch.Tensor]:
+    """The generator's training images per modality (at most ``limit`` each) as (N, 3, size, size) in [-1, 1]."""
+    from rlhf.alignment import load_images, manifest_rows  # noqa: PLC0415 - only when memorisation is checked
+
+    wanted = set(modalities)
+    rows = [r for r in manifest_rows([manifest], data) if r.modality in wanted]
+    out = {}
+    for modality in modalities:
+        chosen = [r for r in rows if r.modality == modality][:limit]
+        if chosen:
+            out[modality] = load_images(chosen, size, data, progress=False).images.float().div(127.5).sub(1.0)
+    return out
+
+
+__all__ = ["Verifier", "load_training_images", "suggest_actions"]

@@ -1,0 +1,160 @@
+"""The agent graph assembled from a config: the parts built once, then one request per call.
+
+``synthmed generate``, ``synthmed bench graph`` and ``synthmed eval --graph`` share this, so what
+is measured is what users run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agents.graph import build_graph, recursion_limit
+from agents.nodes import settings_from
+
+log = logging.getLogger(__name__)
+
+
+def new_trace_id() -> str:
+    """Sortable by time, unique across processes."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def knowledge_retriever(cfg, progress: bool = True):
+    """The configured knowledge base's retriever; the base is built first when it is not on disk."""
+    from knowledge.build import load_retriever
+
+    from .commands.kb import _embedder, build_index
+
+    k = cfg.knowledge
+    embedder = _embedder(cfg)
+    if not (Path(k.index_dir) / "concepts").is_dir():
+        log.info("no knowledge base in %s: building it now (once; `synthmed kb build` rebuilds it)", k.index_dir)
+        summary = build_index(cfg, embedder, progress=progress)
+        log.info("knowledge base: %d concepts, %d cases in %.1f s", summary["concepts"], summary["cases"], summary["seconds"])
+    return load_retriever(k.index_dir, embedder, k.exact_weight, k.fuzzy_cutoff, k.hnsw_ef_search, k.ivf_nprobe, cfg.data.modalities)
+
+
+def build_reasoner(cfg, retriever, drawable: dict[str, set[str]] | None = None, chat_model=None):
+    from agents.rules import RuleReasoner
+
+    a = cfg.agents
+    rules = RuleReasoner(retriever, cfg.data.modalities, drawable, max_chars=a.max_chars, k=a.retrieval_k)
+    if a.reasoner == "rules" and chat_model is None:
+        return rules
+    from agents.llm import LLMReasoner, make_chat_model
+
+    known = {m: {item["id"] for item in retriever.concepts.items if item["kind"] == "finding"
+                 and (not item.get("modalities") or m in item["modalities"])} for m in cfg.data.modalities}
+    return LLMReasoner(chat_model or make_chat_model(a.llm), rules, a.llm.stages, known)
+
+
+def build_verifier(cfg, device: str = "cpu"):
+    from agents.verifier import Verifier, load_training_images
+    from rlhf.classifiers import load_finding_scorer
+
+    v = cfg.agents.verifier
+    scorer = load_finding_scorer("reward", cfg.judges.classifier.out, device=device)
+    alignment = None
+    if v.use_alignment:
+        from rlhf.alignment import load_alignment
+
+        alignment = load_alignment(cfg.judges.alignment if cfg.judges.alignment.model else cfg.judges.alignment.out, device=device)
+    training, note = {}, ""
+    if v.use_memorisation:
+        present = [m for m in v.training_data if Path(m).exists()]
+        if present:
+            size = cfg.model.image_size
+            for manifest in present:
+                for modality, images in load_training_images(manifest, list(cfg.data.modalities), size, cfg.data, v.training_limit).items():
+                    training[modality] = images if modality not in training else training[modality]
+        else:
+            note = (f"not checked: the generator's training images ({', '.join(v.training_data)}) are not on disk; "
+                    "`synthmed train default` draws them")
+    return Verifier(scorer, alignment, v, cfg.judges.eval, training, note)
+
+
+def build_generator(cfg, model_path: str | None = None, device: str = "cpu"):
+    from agents.drawing import ImageGenerator
+    from generator.models import LatentDiffusion
+
+    path = model_path or cfg.train.out
+    model = LatentDiffusion.load(path, list(cfg.data.modalities), device=device)
+    channels = {m: spec.channels for m, spec in cfg.data.modalities.items()}
+    s = cfg.sample
+    return ImageGenerator(model, channels, s.sampler, s.eta, s.batch_size, s.guidance_schedule, source=str(path))
+
+
+def drawable_findings(cfg) -> dict[str, set[str]]:
+    """Findings the generator of this profile learnt: the phantom catalogue, or the reward classifier's labels."""
+    from generator.phantoms import catalogue
+
+    found = {m: set(names) for m, names in catalogue().items()}
+    root = Path(cfg.judges.classifier.out) / "reward"
+    for folder in root.glob("*") if root.is_dir() else []:
+        meta = folder / "metadata.json"
+        if meta.is_file():
+            import json
+
+            found.setdefault(folder.name, set()).update(json.loads(meta.read_text()).get("label_names", []))
+    return found
+
+
+@dataclass
+class Agent:
+    """The compiled graph and its parts."""
+
+    cfg: Any
+    graph: Any
+    reasoner: Any
+    generator: Any
+    verifier: Any
+    checkpointer: Any
+    timings: dict = field(default_factory=dict)  # seconds to build each part
+
+    def run(self, text: str, modality: str, trace_id: str | None = None, **settings) -> dict:
+        """One request through the graph; the final state (with ``result``)."""
+        trace_id = trace_id or new_trace_id()
+        s = settings_from(self.cfg.agents, trace_id, self.cfg.sample.steps, self.cfg.sample.guidance, self.cfg.sample.negative, **settings)
+        config = {"configurable": {"thread_id": trace_id}, "recursion_limit": recursion_limit(s["max_rounds"])}
+        return self.graph.invoke({"text": text, "modality": modality, "settings": s}, config)
+
+    def close(self) -> None:
+        conn = getattr(self.checkpointer, "conn", None)
+        if conn is not None:
+            conn.close()
+
+
+def build_agent(cfg, model_path: str | None = None, draw: bool = True, traces: str | None = None, progress: bool = True,
+                chat_model=None) -> Agent:
+    """Every part from ``cfg``: retriever (building the knowledge base if absent), reasoner, generator and
+    verifier (skipped with ``draw=False``: reasoning and composition only), SQLite checkpointer."""
+    from agents.traces import open_checkpointer
+
+    from .commands.common import resolve_device
+
+    device = resolve_device(cfg.run.device)
+    timings = {}
+    started = time.perf_counter()
+    retriever = knowledge_retriever(cfg, progress)
+    timings["retriever"] = time.perf_counter() - started
+    reasoner = build_reasoner(cfg, retriever, drawable_findings(cfg), chat_model)
+    generator = verifier = None
+    if draw:
+        started = time.perf_counter()
+        generator = build_generator(cfg, model_path, device)
+        timings["generator"] = time.perf_counter() - started
+        started = time.perf_counter()
+        verifier = build_verifier(cfg, device)
+        timings["verifier"] = time.perf_counter() - started
+    saver = open_checkpointer(traces or cfg.agents.traces) if traces != "" else None
+    graph = build_graph(reasoner, generator, verifier, saver, cfg.agents)
+    return Agent(cfg, graph, reasoner, generator, verifier, saver, timings)
+
+
+__all__ = ["Agent", "build_agent", "build_generator", "build_reasoner", "build_verifier", "drawable_findings",
+           "knowledge_retriever", "new_trace_id"]

@@ -1,0 +1,221 @@
+"""The whole agent graph on tiny models, with the real LangGraph runtime, the real SQLite checkpointer,
+the real FAISS knowledge base and the real verifier: the path taken, the loop bound, a verification
+that fails once and then passes, refusals, resuming after a crash, the trace read back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from agents.config import AgentsConfig, VerifierConfig
+from agents.drawing import ImageGenerator, consecutive_runs
+from agents.graph import build_graph, recursion_limit
+from agents.nodes import after_verify, settings_from
+from agents.traces import format_trace, list_traces, open_checkpointer, show_trace
+from agents.verifier import Verifier
+from generator.conditioning import TextEncoder
+from generator.config import ModelConfig
+from generator.models import LatentDiffusion
+from knowledge.build import build_knowledge_base, load_retriever
+from knowledge.lexicon import load_lexicon
+from rlhf.classifiers import FindingScorer, fit_classifier, phantom_benchmark_rows
+from rlhf.config import ClassifierConfig
+
+TINY = ModelConfig(image_size=32, vae_channels=[8, 16], latent_channels=4, unet_channels=[16, 32], unet_attention_heads=2,
+                   cross_attention_dim=32, text_max_length=16)
+MODALITIES = ["cxr", "chest_ct", "brain_mri", "fundus", "oct"]
+REASONING = ["parse_request", "localize_anatomy", "assess_pathology", "map_visual_features"]
+
+
+@pytest.fixture(scope="module")
+def retriever(tmp_path_factory, embedder):
+    folder = tmp_path_factory.mktemp("kb")
+    build_knowledge_base(folder, load_lexicon(), iter([]), embedder, "Flat", "Flat", progress=False)
+    return load_retriever(folder, embedder, modalities=MODALITIES)
+
+
+@pytest.fixture(scope="module")
+def reasoner(retriever):
+    from agents.rules import RuleReasoner
+
+    return RuleReasoner(retriever)
+
+
+@pytest.fixture(scope="module")
+def generator():
+    torch.manual_seed(0)
+    model = LatentDiffusion(TINY, MODALITIES, text_encoder=TextEncoder(TINY.text_encoder, TINY.text_max_length)).eval()
+    return ImageGenerator(model, {"cxr": 1, "chest_ct": 1, "brain_mri": 1, "fundus": 3, "oct": 1}, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def reward_scorer():
+    cfg = ClassifierConfig(image_size=32, epochs=1, batch_size=16, convnet_widths=[8, 16], resnet_widths=[8, 16],
+                           stem_patch=2, benchmark_per_finding=0, augment=False)
+    classifier, _ = fit_classifier(cfg, "reward", "cxr", phantom_benchmark_rows("cxr", 2, 32, seed=3), progress=False)
+    return FindingScorer({"cxr": classifier}, "reward")
+
+
+def verifier_with(scorer, present: float, absent: float) -> Verifier:
+    return Verifier(scorer, None, VerifierConfig(present_threshold=present, absent_threshold=absent, use_alignment=False))
+
+
+class FailFirst(Verifier):
+    """The real verifier, judging the first round with thresholds no image meets and later rounds with ones every image meets."""
+
+    def __init__(self, scorer):
+        super().__init__(scorer, None, VerifierConfig(use_alignment=False))
+        self.calls = 0
+
+    def verify(self, *args, **kwargs):
+        self.calls += 1
+        self.config = VerifierConfig(present_threshold=1.0, absent_threshold=0.0, use_alignment=False) if self.calls == 1 else \
+            VerifierConfig(present_threshold=0.0, absent_threshold=1.0, use_alignment=False)
+        return super().verify(*args, **kwargs)
+
+
+def run(graph, text, modality, tmp_path, trace_id="t1", cfg=None, **settings):
+    cfg = cfg or AgentsConfig(candidates=2, steps=2, out=str(tmp_path / "images"))
+    s = settings_from(cfg, trace_id, 2, 4.0, **settings)
+    return graph.invoke({"text": text, "modality": modality, "settings": s},
+                        {"configurable": {"thread_id": trace_id}, "recursion_limit": recursion_limit(s["max_rounds"])})
+
+
+def path_of(state) -> list[str]:
+    return [e["node"] for e in state["events"]]
+
+
+def test_pass_first_round_visits_every_stage_once_and_keeps_a_trace(tmp_path, reasoner, generator, reward_scorer):
+    db = tmp_path / "traces.sqlite"
+    saver = open_checkpointer(db)
+    graph = build_graph(reasoner, generator, verifier_with(reward_scorer, 0.0, 1.0), saver)
+    state = run(graph, "Chest X-ray: large left pleural effusion. No pneumothorax.", "CXR", tmp_path)
+    assert path_of(state) == [*REASONING, "compose_prompt", "generate", "verify", "finish"]
+    assert state["status"] == "passed" and state["request"]["modality"] == "cxr"
+    found = {f["name"]: f for f in state["result"]["findings"]}
+    assert found["pleural_effusion"]["present"] and found["pleural_effusion"]["laterality"] == "left"
+    assert found["pleural_effusion"]["severity"] == "severe" and found["pneumothorax"]["present"] is False
+    assert "left pleural effusion" in state["composition"]["prompt"].lower()
+    assert "pneumothorax" in state["composition"]["negative"].lower()
+    image = state["result"]["images"][0]
+    assert image.endswith(".png") and (tmp_path / "images").exists()
+    verdict = state["verdicts"][0]
+    checked = {r["name"]: r for r in verdict["candidates"][0]["findings"]}
+    assert checked["pleural_effusion"]["expected"] == "present" and 0 <= checked["pleural_effusion"]["probability"] <= 1
+    assert checked["pneumothorax"]["expected"] == "absent"
+    assert all(r["stage"] in REASONING for r in state["retrievals"]) and state["retrievals"]
+    saver.conn.close()
+
+    rows = list_traces(db)
+    assert [r["trace_id"] for r in rows] == ["t1"] and rows[0]["status"] == "passed" and rows[0]["steps"] >= 9
+    trace = show_trace(db, "t1")
+    assert trace["stages"]["assess_pathology"]["findings"] and trace["verdicts"][0]["passed"]
+    assert trace["retrievals"]["assess_pathology"][0]["hits"][0]["source"]
+    text = format_trace(trace)
+    assert "assess_pathology" in text and "round 0: pass" in text and "prompt:" in text
+    json.dumps(trace)  # plain JSON all the way down
+
+
+def test_loop_is_bounded_and_the_failing_verdict_is_recorded(tmp_path, reasoner, generator, reward_scorer):
+    graph = build_graph(reasoner, generator, verifier_with(reward_scorer, 1.0, 0.0), open_checkpointer(tmp_path / "t.sqlite"))
+    state = run(graph, "pleural effusion on the right", "cxr", tmp_path, max_rounds=3)
+    assert path_of(state) == [*REASONING, "compose_prompt", "generate", "verify", "refine", "generate", "verify", "refine",
+                              "generate", "verify", "finish"]
+    assert state["status"] == "failed" and len(state["verdicts"]) == 3 and not state["result"]["verdict"]["passed"]
+    assert state["result"]["images"], "a failed request still returns its best candidate"
+    seeds = [c["seed"] for c in state["candidates"]]
+    assert len(set(seeds)) == len(seeds) == 6, "every round reseeds"
+    first = state["refinements"][0]["actions"]
+    kinds = {a["action"] for a in first}
+    assert {"emphasis", "negative_normal", "guidance", "reseed"} <= kinds
+    emphasis = next(a for a in first if a["action"] == "emphasis")
+    assert emphasis["finding"] == "pleural_effusion" and emphasis["severity"] == "severe"  # the user gave no severity
+    guidance = [c["guidance"] for c in state["candidates"]]
+    assert guidance[0] < guidance[2] < guidance[4]
+    assert "Normal chest radiograph" in state["composition"]["negative"]
+
+
+def test_user_severity_is_never_escalated(tmp_path, reasoner, generator, reward_scorer):
+    graph = build_graph(reasoner, generator, verifier_with(reward_scorer, 1.0, 0.0))
+    state = run(graph, "small right pleural effusion", "cxr", tmp_path, max_rounds=2)
+    emphasis = next(a for a in state["refinements"][0]["actions"] if a["action"] == "emphasis")
+    assert "severity" not in emphasis and "wording kept" in emphasis["applied"]
+    assert "small right pleural effusion" in state["composition"]["prompt"].lower()
+
+
+def test_verification_fails_once_then_passes(tmp_path, reasoner, generator, reward_scorer):
+    verifier = FailFirst(reward_scorer)
+    graph = build_graph(reasoner, generator, verifier, open_checkpointer(tmp_path / "t.sqlite"))
+    state = run(graph, "moderate cardiomegaly", "cxr", tmp_path, max_rounds=3)
+    assert path_of(state) == [*REASONING, "compose_prompt", "generate", "verify", "refine", "generate", "verify", "finish"]
+    assert [v["passed"] for v in state["verdicts"]] == [False, True] and state["status"] == "passed"
+    assert all(c["round"] == 1 for c in state["result"]["verdict"]["candidates"]), "the passing round's image is kept"
+
+
+def test_router_is_a_pure_function_of_the_state():
+    state = {"verdicts": [{"passed": False}], "round": 2, "settings": {"max_rounds": 3}}
+    assert after_verify(state) == "refine"
+    assert after_verify({**state, "round": 3}) == "finish"
+    assert after_verify({**state, "verdicts": [{"passed": True}]}) == "finish"
+
+
+@pytest.mark.parametrize("text,modality,needle", [
+    ("Normal study. Large right pleural effusion.", "cxr", "contradictory"),
+    ("cup-to-disc ratio 0.8", "chest CT", "fundus"),
+    ("left pleural effusion", "ultrasound", "known modalities"),
+    ("   ", "cxr", "empty"),
+])
+def test_bad_requests_are_refused_with_a_reason_and_traced(tmp_path, reasoner, generator, reward_scorer, text, modality, needle):
+    db = tmp_path / "t.sqlite"
+    graph = build_graph(reasoner, generator, verifier_with(reward_scorer, 0.0, 1.0), open_checkpointer(db))
+    state = run(graph, text, modality, tmp_path)
+    assert state["status"] == "refused" and needle in state["error"].lower()
+    assert path_of(state)[-1] == "finish" and "generate" not in path_of(state)
+    assert show_trace(db, "t1")["status"] == "refused"
+
+
+def test_contradiction_resolved_when_configured(tmp_path, reasoner, generator, reward_scorer):
+    graph = build_graph(reasoner, generator, verifier_with(reward_scorer, 0.0, 1.0))
+    cfg = AgentsConfig(candidates=1, steps=2, out=str(tmp_path / "images"), contradiction="prefer_findings")
+    state = run(graph, "Normal study. Large right pleural effusion.", "cxr", tmp_path, cfg=cfg)
+    assert state["status"] == "passed" and not state["pathology"]["normal"]
+    assert any("contradiction" in w for w in state["warnings"])
+
+
+def test_long_request_is_truncated_and_the_trace_says_so(tmp_path, reasoner, generator, reward_scorer):
+    graph = build_graph(reasoner, generator, verifier_with(reward_scorer, 0.0, 1.0))
+    text = "Left pleural effusion. " + "The patient was seen in clinic and is otherwise well. " * 80
+    state = run(graph, text, "cxr", tmp_path, cfg=AgentsConfig(candidates=1, steps=2, out=str(tmp_path / "i"), max_chars=200),
+                stop_after="compose_prompt")
+    assert state["request"]["truncated"] and state["request"]["original_length"] == len(text)
+    assert any("truncat" in w.lower() for w in state["warnings"])
+    assert path_of(state) == [*REASONING, "compose_prompt", "finish"] and not state.get("candidates")
+
+
+class CrashOnce(ImageGenerator):
+    def __init__(self, inner):
+        super().__init__(inner.model, inner.channels, batch_size=inner.batch_size)
+        self.crashed = False
+
+    def draw(self, *args, **kwargs):
+        if not self.crashed:
+            self.crashed = True
+            raise RuntimeError("simulated crash while drawing")
+        return super().draw(*args, **kwargs)
+
+
+def test_a_crashed_request_resumes_from_its_last_checkpoint(tmp_path, reasoner, generator, reward_scorer):
+    db = tmp_path / "t.sqlite"
+    graph = build_graph(reasoner, CrashOnce(generator), verifier_with(reward_scorer, 0.0, 1.0), open_checkpointer(db))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(graph, "left pneumothorax", "cxr", tmp_path)
+    resumed = graph.invoke(None, {"configurable": {"thread_id": "t1"}, "recursion_limit": 30})
+    assert resumed["status"] == "passed"
+    nodes = path_of(resumed)
+    assert nodes.count("parse_request") == 1 and nodes.count("generate") == 1, "the stages done before the crash are not rerun"
+
+
+def test_consecutive_seed_runs():
+    assert consecutive_runs([4, 5, 6, 9, 10], 2) == [[4, 5], [6], [9, 10]]
