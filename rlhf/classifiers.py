@@ -8,8 +8,8 @@ Per modality there are two independent classifiers (``ROLES``):
 
 They differ in seed, data split (a hash of each image's path salted with role and seed) and
 architecture (``convnet``: plain conv-BatchNorm-ReLU-pool stages with average and max pooling;
-``resnet``: residual blocks of another width and depth, average pooling), so a generator that
-learns to fool one has not thereby fooled the other.
+``resnet``: residual blocks of another width and depth, average pooling or, with ``resnet_pool``
+``avgmax``, average and max), so a generator that learns to fool one has not thereby fooled the other.
 
 Layout of a trained classifier, ``<out>/<role>/<modality>/``::
 
@@ -17,14 +17,17 @@ Layout of a trained classifier, ``<out>/<role>/<modality>/``::
     config.json         architecture, label names, image size, temperature, role (checked at load)
     metadata.json       version, seed, data, split sizes, epochs, metrics, seconds, device, command
 
-    summaries = train_all(ClassifierConfig(), load_rows(["data/phantoms_64px"]), out="rlhf/weights/classifiers")
+    summaries = train_all(ClassifierConfig(), load_rows(["data/phantoms_64px_seed4242_300pf"]), out="rlhf/weights/classifiers")
     scorer = build_scorer("finding_reward")     # the shipped reward classifiers, every modality
     scores, details = scorer.score(images, prompts, modalities)
 
 Training: AdamW with linear warm-up then cosine decay, BCE with logits (masked where a dataset
 does not annotate a label), light augmentation without flips. Of the rows, ``val_fraction`` is
 held back: half to fit the temperature, half to report AUROC and calibration error, so neither
-number is measured on data that chose it.
+number is measured on data that chose it. The shipped classifiers come from
+``synthmed judges train classifier``: by default on their own phantom set
+(``judges.classifier.phantoms_per_finding`` at ``phantoms_seed``), whose images are neither the
+evaluation's reference phantoms, nor the benchmark's, nor the generator's training set.
 """
 
 from __future__ import annotations
@@ -62,11 +65,11 @@ from .text_labels import expected_findings
 
 log = logging.getLogger(__name__)
 
-VERSION = "1"  # bump when the saved layout or the architectures change
+VERSION = "2"  # bump when the saved layout or the architectures change (2: config.json records the resnet's pooling)
 ROLES = ("reward", "evaluator")
 SPLITS = ("train", "calibration", "test")
 DEFAULT_ROOT = Path(__file__).resolve().parent / "weights" / "classifiers"  # the shipped classifiers
-TRAIN_COMMAND = "python -m rlhf.classifiers --data {data} --role {role} --modality {modality} --out {out}"
+TRAIN_COMMAND = "synthmed judges train classifier{data} --roles {role} --modalities {modality} --out {out}"  # the project's CLI
 NEUTRAL_AGREEMENT = 0.5  # score of an image whose prompt states no finding the classifier knows: a coin flip's agreement
 ECE_BINS = 10
 
@@ -117,12 +120,15 @@ class ResidualBlock(nn.Module):
 
 class ResNet(nn.Module):
     """Residual: a patchify stem, then ``blocks`` residual blocks per width (the first block of each
-    later stage strided); features are global average pooling. BatchNorm, not GroupNorm: in the
-    few hundred steps a CPU budget allows, the GroupNorm version had learned nothing (cxr test
-    AUROC 0.57 against 0.91 with BatchNorm, same steps)."""
+    later stage strided); features are global average pooling (``pool="avg"``) or average and max
+    pooling side by side (``"avgmax"``). BatchNorm, not GroupNorm: in the few hundred steps a CPU
+    budget allows, the GroupNorm version had learned nothing (cxr test AUROC 0.57 against 0.91
+    with BatchNorm, same steps)."""
 
-    def __init__(self, n_labels: int, widths: Sequence[int], blocks: int, patch: int = 4):
+    def __init__(self, n_labels: int, widths: Sequence[int], blocks: int, patch: int = 4, pool: str = "avg"):
         super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"unknown pooling {pool!r}; choose one of {', '.join(POOLS)}")
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], patch, stride=patch, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
         stages: list[nn.Module] = []
         c_in = widths[0]
@@ -131,27 +137,33 @@ class ResNet(nn.Module):
                 stages.append(ResidualBlock(c_in, width, stride=2 if (i > 0 and b == 0) else 1))
                 c_in = width
         self.stages = nn.Sequential(*stages)
-        self.feature_dim = c_in
+        self.pool = pool
+        self.feature_dim = c_in * (2 if pool == "avgmax" else 1)
         self.dropout = nn.Dropout(0.1)
-        self.head = nn.Linear(c_in, n_labels)
+        self.head = nn.Linear(self.feature_dim, n_labels)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, D)
-        return self.stages(self.stem(x)).mean((2, 3))
+        h = self.stages(self.stem(x))
+        return torch.cat([h.mean((2, 3)), h.amax((2, 3))], dim=1) if self.pool == "avgmax" else h.mean((2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, L) logits
         return self.head(self.dropout(self.features(x)))
 
 
 ARCHITECTURES = ("convnet", "resnet")
+POOLS = ("avg", "avgmax")  # global pooling into the features: average, or average and max side by side
+DEFAULT_POOL = {"convnet": "avgmax", "resnet": "avg"}  # the convnet always pools both; a config.json without "pool" predates the choice
 
 
-def build_network(arch: str, n_labels: int, widths: Sequence[int], blocks: int = 1, patch: int = 4) -> nn.Module:
+def build_network(arch: str, n_labels: int, widths: Sequence[int], blocks: int = 1, patch: int = 4, pool: str | None = None) -> nn.Module:
     if not widths:
         raise ValueError("an architecture needs at least one width")
     if arch == "convnet":
+        if pool not in (None, "avgmax"):
+            raise ValueError("the convnet always pools average and max (pool='avgmax')")
         return ConvNet(n_labels, widths, patch)
     if arch == "resnet":
-        return ResNet(n_labels, widths, blocks, patch)
+        return ResNet(n_labels, widths, blocks, patch, pool or DEFAULT_POOL["resnet"])
     raise ValueError(f"unknown classifier architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
 
 
@@ -162,7 +174,8 @@ def role_settings(cfg: ClassifierConfig, role: str) -> dict[str, Any]:
     arch = cfg.reward_arch if role == "reward" else cfg.evaluator_arch
     seed = cfg.reward_seed if role == "reward" else cfg.evaluator_seed
     widths = list(cfg.convnet_widths if arch == "convnet" else cfg.resnet_widths)
-    return {"arch": arch, "seed": seed, "widths": widths, "blocks": cfg.resnet_blocks if arch == "resnet" else 1, "patch": cfg.stem_patch}
+    return {"arch": arch, "seed": seed, "widths": widths, "blocks": cfg.resnet_blocks if arch == "resnet" else 1, "patch": cfg.stem_patch,
+            "pool": cfg.resnet_pool if arch == "resnet" else DEFAULT_POOL["convnet"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,8 +214,9 @@ class FindingClassifier:
         self.temperature = float(temperature)
         self.role = role
         self.modality = modality
-        # what build_network needs to rebuild the network: arch, widths, blocks, patch
+        # what build_network needs to rebuild the network: arch, widths, blocks, patch, pool
         self.architecture = {k: architecture[k] for k in ("arch", "widths", "blocks", "patch")}
+        self.architecture["pool"] = architecture.get("pool") or DEFAULT_POOL[self.architecture["arch"]]
         self.device = torch.device(device)
 
     @property
@@ -253,11 +267,19 @@ class ClassifierNotFoundError(FileNotFoundError):
     pass
 
 
+def train_command(role: str = "all", modality: str = "all", out: str | os.PathLike | None = None, data: Sequence[str] = ()) -> str:
+    """The ``synthmed`` command that trains the ``role`` classifier of ``modality`` (``all``: every one)
+    into ``<out>/<role>/<modality>/``; without ``data``, on the classifiers' default phantom set."""
+    text = TRAIN_COMMAND.format(data=" --data " + " ".join(shlex.quote(str(d)) for d in data) if data else "", role=role,
+                                modality=modality, out=shlex.quote(str(out if out is not None else ClassifierConfig().out)))
+    return text.replace(" --roles all", "").replace(" --modalities all", "")
+
+
 def _train_hint(folder: Path) -> str:
     role, modality = folder.parent.name, folder.name
     if role not in ROLES:
         role = "<role>"
-    return TRAIN_COMMAND.format(data="data/phantoms_64px", role=role, modality=modality, out=shlex.quote(str(folder.parent.parent)))
+    return train_command(role, modality, folder.parent.parent)
 
 
 def load_classifier(folder: str | os.PathLike, role: str | None = None, device: str | torch.device = "cpu") -> FindingClassifier:
@@ -277,7 +299,8 @@ def load_classifier(folder: str | os.PathLike, role: str | None = None, device: 
             f"Point at <out>/{role}/{config.get('modality')} instead."
         )
     try:
-        network = build_network(config["arch"], len(config["label_names"]), config["widths"], config["blocks"], config["patch"])
+        network = build_network(config["arch"], len(config["label_names"]), config["widths"], config["blocks"], config["patch"],
+                                config.get("pool"))
         network.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
     except (KeyError, RuntimeError) as exc:
         raise ValueError(f"{folder}: the weights do not fit config.json ({exc}); retrain with: {_train_hint(folder)}") from None
@@ -579,8 +602,7 @@ def _logits_of(network: nn.Module, data: LabelledImages, device: torch.device, b
 
 
 def _default_command(cfg: ClassifierConfig, role: str, modality: str, out: Path | None) -> str:
-    data = " ".join(shlex.quote(d) for d in cfg.data) if cfg.data else "<manifest>"
-    return TRAIN_COMMAND.format(data=data, role=role, modality=modality, out=shlex.quote(str(out or cfg.out)))
+    return train_command(role, modality, out or cfg.out, cfg.data or ["<manifest>"])
 
 
 def fit_classifier(
@@ -603,7 +625,7 @@ def fit_classifier(
     settings = role_settings(cfg, role)
     if settings["arch"] == (cfg.evaluator_arch if role == "reward" else cfg.reward_arch):
         log.warning("reward and evaluator classifiers share the architecture %r: they are less independent", settings["arch"])
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     own = [r for r in rows if r.modality == modality]
     if not own:
         present = sorted({r.modality for r in rows})
@@ -625,7 +647,8 @@ def fit_classifier(
     torch.set_num_threads(min(threads, cfg.num_threads))
     try:
         torch.manual_seed(settings["seed"])
-        network = build_network(settings["arch"], len(label_names), settings["widths"], settings["blocks"], settings["patch"]).to(device)
+        network = build_network(settings["arch"], len(label_names), settings["widths"], settings["blocks"], settings["patch"],
+                                settings["pool"]).to(device)
         optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         train = data["train"]
         steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
@@ -677,7 +700,7 @@ def fit_classifier(
 
     classifier = FindingClassifier(
         network.cpu(), label_names, cfg.image_size, temperature, role, modality, settings)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     metadata = {
         "kind": "synthmed finding classifier",
         "version": VERSION,
@@ -687,6 +710,7 @@ def fit_classifier(
         "widths": settings["widths"],
         "blocks": settings["blocks"],
         "patch": settings["patch"],
+        "pool": settings["pool"],
         "parameters": sum(p.numel() for p in network.parameters()),
         "seed": settings["seed"],
         "label_names": label_names,
@@ -705,6 +729,7 @@ def fit_classifier(
         "temperature_scope": "one per model",
         "metrics": metrics,
         "seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu_seconds, 1),  # this process's CPU time: the compute, whatever else shares the machine
         "device": str(device),
         "threads": min(threads, cfg.num_threads),
         "torch": torch.__version__,
@@ -788,16 +813,17 @@ def train_all(
 
 
 def format_summary(summaries: Sequence[Mapping[str, Any]]) -> str:
-    """A plain-text table: one line per classifier with AUROC, ECE before/after and seconds."""
+    """A plain-text table: one line per classifier with AUROC, ECE before/after, wall-clock and CPU seconds."""
     def num(value: Any) -> float:  # metadata read back from JSON has None for NaN
         return float("nan") if value is None else float(value)
 
-    lines = [f"{'modality':<10} {'role':<9} {'arch':<7} {'AUROC':>6} {'bench':>6} {'ECE':>6} {'ECE(T)':>6} {'T':>5} {'s':>6}"]
+    lines = [f"{'modality':<10} {'role':<9} {'arch':<7} {'AUROC':>6} {'bench':>6} {'ECE':>6} {'ECE(T)':>6} {'T':>5} {'s':>6} {'cpu s':>6}"]
     for s in summaries:
         test, bench = s["metrics"]["test"], s["metrics"].get("benchmark", {})
         lines.append(
             f"{s['modality']:<10} {s['role']:<9} {s['arch']:<7} {num(test['auroc_macro']):>6.3f} {num(bench.get('auroc_macro')):>6.3f} "
-            f"{num(test['ece_before']):>6.3f} {num(test['ece_after']):>6.3f} {num(s['temperature']):>5.2f} {num(s['seconds']):>6.0f}"
+            f"{num(test['ece_before']):>6.3f} {num(test['ece_after']):>6.3f} {num(s['temperature']):>5.2f} {num(s['seconds']):>6.0f} "
+            f"{num(s.get('cpu_seconds')):>6.0f}"
         )
     return "\n".join(lines)
 
@@ -888,8 +914,7 @@ def load_finding_scorer(
         modalities = sorted(p.name for p in (folder / role).glob("*") if (p / "config.json").is_file())
         if not modalities:
             raise ClassifierNotFoundError(
-                f"no {role} finding classifiers in {folder / role}; train them with: "
-                + TRAIN_COMMAND.format(data="data/phantoms_64px", role=role, modality="all", out=shlex.quote(str(folder)))
+                f"no {role} finding classifiers in {folder / role}; train them with: " + train_command(role, "all", folder)
             )
     classifiers = {m: load_classifier(folder / role / m, role=role, device=device) for m in modalities}
     return FindingScorer(classifiers, role)
@@ -908,7 +933,8 @@ def finding_evaluator_scorer(root: str | os.PathLike | None = None, modalities: 
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line (the reproduce command recorded in metadata.json)
+# Command line: a bare entry point on given manifests; the shipped classifiers are trained (and
+# their metadata.json records) `synthmed judges train classifier` (pipelines/commands/judges.py)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -940,5 +966,5 @@ __all__ = [
     "ResNet", "auroc", "build_network", "classification_metrics", "expected_calibration_error", "finding_evaluator_scorer",
     "finding_reward_scorer", "fit_classifier", "fit_temperature", "format_summary", "label_space", "load_classifier", "load_finding_scorer",
     "load_rows", "phantom_benchmark_rows", "role_settings", "save_classifier", "split_of_row", "split_rows", "train_all",
-    "train_classifier",
+    "train_classifier", "train_command",
 ]

@@ -126,6 +126,20 @@ def test_save_load_round_trip_gives_identical_probabilities_and_features(toy_pai
     assert load_classifier(folder).role == "reward"
 
 
+def test_resnet_with_average_and_max_pooling_round_trips(tmp_path):
+    cfg = toy_config(epochs=1, resnet_pool="avgmax")
+    classifier, meta = fit_classifier(cfg, "evaluator", "cxr", toy_rows(60, seed=3), progress=False)
+    assert meta["pool"] == "avgmax" and classifier.network.feature_dim == 2 * cfg.resnet_widths[-1]
+    loaded = load_classifier(save_classifier(classifier, tmp_path / "evaluator" / "cxr", meta), role="evaluator")
+    assert loaded.config["pool"] == "avgmax"
+    images = images_of(toy_rows(4, seed=4))
+    np.testing.assert_array_equal(loaded.features(images), classifier.features(images))
+    # a config.json written before the choice existed (no "pool") rebuilds the average-pooled net
+    assert build_network("resnet", 2, [8, 16]).feature_dim == 16
+    with pytest.raises(ValueError, match="always pools"):
+        build_network("convnet", 2, [8, 16], pool="avg")
+
+
 def test_temperature_scaling_never_raises_the_calibration_nll(toy_pair):
     _, _, (_, meta), (_, evaluator_meta) = toy_pair
     for m in (meta, evaluator_meta):
@@ -177,7 +191,8 @@ def test_missing_folder_names_the_folder_and_the_command(tmp_path):
     with pytest.raises(ClassifierNotFoundError) as info:
         load_classifier(tmp_path / "reward" / "cxr")
     message = str(info.value)
-    assert str(tmp_path / "reward" / "cxr") in message and "python -m rlhf.classifiers" in message and "--role reward" in message
+    assert str(tmp_path / "reward" / "cxr") in message and "synthmed judges train classifier" in message
+    assert "--roles reward --modalities cxr" in message and f"--out {tmp_path}" in message
     with pytest.raises(ClassifierNotFoundError, match="no reward finding classifiers"):
         load_finding_scorer("reward", root=tmp_path)
 

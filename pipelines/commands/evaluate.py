@@ -25,6 +25,8 @@ def register(groups, formatter) -> None:
     e.add_argument("--prompts", type=int, help="prompts per modality (config: judges.eval.prompts_per_modality)")
     e.add_argument("--reference-per-finding", type=int, default=8,
                    help="phantom reference studies per finding (default data only); manifests give up to 8x this per modality")
+    e.add_argument("--train-data", nargs="+", help="manifests of the generator's training images, for the memorisation check "
+                   "(default: those its metadata.json names, or its phantom set, drawn again if absent)")
     e.add_argument("--steps", type=int, help="denoising steps (config: judges.eval.steps)")
     e.add_argument("--guidance", type=float, help="guidance scale (config: judges.eval.guidance)")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -32,17 +34,22 @@ def register(groups, formatter) -> None:
     e.set_defaults(handler=_eval)
 
 
-def _training_images(model_dir: Path, size: int, cfg, progress: bool = True) -> dict:
-    """The generator's training images per modality, for the memorisation check: the manifests its
-    metadata names, or, for a model trained on phantoms, that phantom set (drawn again if absent)."""
+def _training_images(model_dir: Path, size: int, cfg, progress: bool = True, manifests: list[str] | None = None) -> dict:
+    """The generator's training images per modality, for the memorisation check: ``manifests`` when
+    given, else the manifests its metadata names, or, for a model trained on phantoms, that phantom
+    set (drawn again if absent)."""
     from generator.data import iter_manifest
     from generator.data.sources import load_row
     from generator.data.transforms import RecordTransform
     from rlhf.scorers import as_image_batch
 
     meta_path = model_dir / "metadata.json"
-    manifests = []
-    if meta_path.is_file():
+    manifests = list(manifests or [])
+    if manifests:
+        missing = [m for m in manifests if not Path(m).is_file()]
+        if missing:
+            raise FileNotFoundError(f"--train-data manifest {missing[0]} not found")
+    elif meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         manifests = [m for m in meta.get("manifests", []) if Path(m).is_file()]
         if not manifests and meta.get("data") and all(str(d).startswith("phantom") for d in meta["data"]):
@@ -88,7 +95,8 @@ def _eval(args, extra) -> int:
     run = make_run_dir(cfg.run.runs_dir, f"{cfg.run.name}-eval")
     save_config(cfg, run.root / "config.yaml")
     started = time.time()
-    result = evaluate(model, cases, judges, ec, train_images=_training_images(model_dir, size, cfg, not (args.no_progress or args.json)),
+    result = evaluate(model, cases, judges, ec, train_images=_training_images(model_dir, size, cfg, not (args.no_progress or args.json),
+                                                                                  args.train_data),
                       channels={m: s.channels for m, s in cfg.data.modalities.items()}, sample_dir=run.samples,
                       progress=not (args.no_progress or args.json), batch_size=cfg.sample.batch_size)
     result |= {"model": str(model_dir), "data": args.data or f"phantoms (seed {ec.seed}, {args.reference_per_finding} per finding)",

@@ -36,8 +36,9 @@ def register(groups, formatter) -> None:
         p.set_defaults(handler=_train, judge=name)
 
 
-def _command() -> str:
-    return "synthmed " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("synthmed") else "synthmed judges train"
+def _command(judge: str) -> str:
+    """The command line as typed, or (called in-process) the plain command of this judge."""
+    return "synthmed " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("synthmed") else f"synthmed judges train {judge}"
 
 
 def _train(args, extra) -> int:
@@ -50,15 +51,30 @@ def _train(args, extra) -> int:
 
 
 def _classifier(cfg, args, progress: bool) -> None:
+    import logging
+
     from generator.modalities import resolve_modality
     from rlhf.classifiers import format_summary, load_rows, train_all
 
     cc = cfg.judges.classifier
-    sources = args.data or cc.data or [phantom_manifest(cfg.phantoms, cc.image_size, progress)]
+    sources = args.data or cc.data
+    if not sources:
+        # the classifiers' own phantom set, at a seed of its own: none of its images is one of the
+        # evaluation's reference phantoms (judges.eval.seed), the benchmark's or the generator's training set's
+        clash = {"judges.eval.seed": cfg.judges.eval.seed, "judges.classifier.benchmark_seed": cc.benchmark_seed}
+        for name, value in clash.items():
+            if cc.phantoms_seed == value:
+                raise ValueError(f"judges.classifier.phantoms_seed ({value}) equals {name}: the classifiers would be trained "
+                                 "on the images they are judged on; choose another seed")
+        if cc.phantoms_seed == cfg.phantoms.seed:
+            logging.getLogger(__name__).warning(
+                "judges.classifier.phantoms_seed equals phantoms.seed: the classifiers train on the generator's training phantoms")
+        sources = [phantom_manifest(cfg.phantoms, cc.image_size, progress, per_finding=cc.phantoms_per_finding, seed=cc.phantoms_seed,
+                                    suffix=f"_seed{cc.phantoms_seed}_{cc.phantoms_per_finding}pf")]
     rows = load_rows(sources, cfg.data.modalities)
     modalities = [resolve_modality(m, cfg.data.modalities) for m in args.modalities] if getattr(args, "modalities", None) else None
     summaries = train_all(cc, rows, args.out if args.judge == "classifier" else None, roles=args.roles, modalities=modalities,
-                          progress=progress, command=_command(), data_description=[str(s) for s in sources])
+                          progress=progress, command=_command(args.judge), data_description=[str(s) for s in sources])
     print(format_summary(summaries))
 
 
