@@ -35,7 +35,9 @@ class VerifierConfig(Section):
     min_alignment: float | None = Field(None, ge=-1, le=1)  # CLIP cosine below which a candidate fails; None: alignment ranks, never fails
     use_alignment: bool = True  # load the alignment model (rlhf/weights/clip) as a tool
     use_memorisation: bool = True  # compare with the generator's training images when they are on disk
-    training_data: list[str] = ["data/phantoms_64px/manifest.csv"]  # manifests of the generator's training images (the default model's set)
+    # manifests of the generator's training images, first found per modality wins: the default model's own 64 px set, else
+    # the same studies drawn at 128 px by the main command (resized for the check)
+    training_data: list[str] = ["data/phantoms_64px/manifest.csv", "data/phantoms/manifest.csv"]
     training_limit: int = Field(2000, ge=1)  # training images per modality held for the memorisation check
     memorisation_threshold: float = Field(0.95, gt=0, le=1)  # pixel SSIM to the nearest training image above which a candidate is a copy
     memorisation_size: int = Field(32, ge=8)  # pixels per side both images are reduced to for that comparison

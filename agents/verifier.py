@@ -111,7 +111,9 @@ class Verifier:
                 if memorised:
                     failures.append(f"memorisation: SSIM {s:.3f} to training image #{mem['nearest_index']} >= {cfg.memorisation_threshold}")
             else:
-                mem = {"checked": False, "pass": True, "why": self.training_note or "no training images to compare with"}
+                why = (f"no {modality} training images to compare with ({self.training_note})" if self.training_images
+                       else self.training_note or "no training images to compare with")
+                mem = {"checked": False, "pass": True, "why": why}
             score = (float(np.mean(agreement)) if agreement else 0.5) + cfg.alignment_weight * (align["cosine"] if align else 0.0)
             score -= 1.0 * (not q["ok"]) + 1.0 * (not mem["pass"])
             candidates.append({

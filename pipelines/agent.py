@@ -68,10 +68,11 @@ def build_verifier(cfg, device: str = "cpu"):
     if v.use_memorisation:
         present = [m for m in v.training_data if Path(m).exists()]
         if present:
-            size = cfg.model.image_size
             for manifest in present:
-                for modality, images in load_training_images(manifest, list(cfg.data.modalities), size, cfg.data, v.training_limit).items():
-                    training[modality] = images if modality not in training else training[modality]
+                missing = [m for m in cfg.data.modalities if m not in training]
+                if missing:
+                    training.update(load_training_images(manifest, missing, cfg.model.image_size, cfg.data, v.training_limit))
+            note = f"training images from {', '.join(present)}"
         else:
             note = (f"not checked: the generator's training images ({', '.join(v.training_data)}) are not on disk; "
                     "`synthmed train default` draws them")

@@ -219,3 +219,25 @@ def test_a_crashed_request_resumes_from_its_last_checkpoint(tmp_path, reasoner, 
 
 def test_consecutive_seed_runs():
     assert consecutive_runs([4, 5, 6, 9, 10], 2) == [[4, 5], [6], [9, 10]]
+
+
+def test_verifier_refuses_the_held_out_evaluator_and_flags_a_copy(reward_scorer, generator, tmp_path):
+    from rlhf.classifiers import fit_classifier as fit
+
+    cfg = ClassifierConfig(image_size=32, epochs=1, batch_size=16, convnet_widths=[8, 16], resnet_widths=[8, 16],
+                           stem_patch=2, benchmark_per_finding=0, augment=False)
+    evaluator, _ = fit(cfg, "evaluator", "cxr", phantom_benchmark_rows("cxr", 1, 32, seed=4), progress=False)
+    with pytest.raises(ValueError, match="held-out evaluator"):
+        Verifier(FindingScorer({"cxr": evaluator}, "evaluator"))
+
+    paths, images, _ = generator.draw("Chest radiograph. Findings: left pneumothorax.", "cxr", [0, 1], tmp_path)
+    blank = -torch.ones(1, 3, 32, 32)
+    verifier = Verifier(reward_scorer, None, VerifierConfig(present_threshold=0.0, use_alignment=False),
+                        training_images={"cxr": images[:1]})
+    verdict = verifier.verify(torch.cat([images, blank]), "left pneumothorax", "cxr",
+                              [{"name": "pneumothorax", "present": True}], paths=[*paths, "blank"], seeds=[0, 1, 2])
+    copy, other, empty = verdict["candidates"]
+    assert copy["memorisation"]["nearest_ssim"] > 0.99 and not copy["passed"] and any("memorisation" in f for f in copy["failures"])
+    assert other["memorisation"]["checked"] and other["memorisation"]["nearest_ssim"] < copy["memorisation"]["nearest_ssim"]
+    assert empty["quality"]["blank"] and not empty["passed"]
+    assert verdict["best"] != 2, "a blank image is never the best candidate"
