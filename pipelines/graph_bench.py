@@ -80,18 +80,21 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, rounds: int = 2000, seed: int
 
 
 def compare(agent, evaluator, requests: list[dict], direct_seeds: int = 4, per_modality: int | None = None,
-            out: str | Path | None = None, progress: bool = True) -> dict:
-    """Graph against the raw text, judged by the held-out evaluator."""
+            out: str | Path | None = None, progress: bool = True, skip_per_modality: int = 0) -> dict:
+    """Graph against the raw text, judged by the held-out evaluator (the eligible requests of each modality
+    after the first ``skip_per_modality``, at most ``per_modality`` of them)."""
     from agents.drawing import read_images
 
     out = Path(out or tempfile.mkdtemp(prefix="synthmed-bench-graph-"))
-    chosen, count = [], defaultdict(int)
+    chosen, count, skipped = [], defaultdict(int), defaultdict(int)
     for req in requests:
         modality = agent.reasoner.parse_request("x", req["modality"]).modality  # aliases resolved as users write them
         labels = set(evaluator.classifiers[modality].label_names) if modality in evaluator.classifiers else set()
         present = [f["name"] for f in req.get("expected", []) if f.get("present", True) and f["name"] in labels]
         negated = [f["name"] for f in req.get("expected", []) if not f.get("present", True) and f["name"] in labels]
-        if present and (per_modality is None or count[modality] < per_modality) and modality in agent.generator.modalities:
+        if present and modality in agent.generator.modalities and skipped[modality] < skip_per_modality:
+            skipped[modality] += 1
+        elif present and (per_modality is None or count[modality] < per_modality) and modality in agent.generator.modalities:
             count[modality] += 1
             chosen.append({**req, "modality_id": modality, "present": present, "negated": negated})
     rows = []

@@ -60,6 +60,7 @@ def register(groups, formatter) -> None:
     a.add_argument("--repeats", type=int, default=3, help="overhead: passes over the requests")
     a.add_argument("--compare", action="store_true", help="also draw: graph (n=1, verified, refined) against the same text sent straight to the generator")
     a.add_argument("--per-modality", type=int, default=10, help="compare: requests per modality (those with a finding the evaluator knows)")
+    a.add_argument("--skip-per-modality", type=int, default=0, help="compare: leave out the first N eligible requests of each modality (a second, disjoint sample)")
     a.add_argument("--direct-seeds", type=int, default=4, help="compare: images per request drawn from the raw text")
     a.add_argument("--model", default=None, help="generator folder (default: train.out, the shipped model)")
     a.add_argument("--out", default=None, help="compare: folder for images, traces and bench.json (default: runs/bench-graph-<time>)")
@@ -174,7 +175,8 @@ def _graph_bench(args, extra) -> int:
             from rlhf.classifiers import load_finding_scorer
 
             evaluator = load_finding_scorer("evaluator", cfg.judges.classifier.out)
-            report["compare"] = compare(agent, evaluator, requests, args.direct_seeds, args.per_modality, out, progress=not args.json)
+            report["compare"] = compare(agent, evaluator, requests, args.direct_seeds, args.per_modality, out, progress=not args.json,
+                                        skip_per_modality=args.skip_per_modality)
     finally:
         agent.close()
     report["command"] = "synthmed " + " ".join(__import__("sys").argv[1:])
