@@ -181,7 +181,7 @@ class Nodes:
         if state.get("status") == "refused":
             return {"result": {"status": "refused", "error": state.get("error"), "images": []}, "_summary": f"refused: {state.get('error')}"}
         if settings.get("stop_after") == "compose_prompt" or not state.get("verdicts"):
-            return {"status": "passed", "result": result_record(state, [], None, "composed"), "_summary": "composed (nothing drawn)"}
+            return {"status": "composed", "result": result_record(state, [], None, "composed"), "_summary": "composed (nothing drawn)"}
         verdicts = state["verdicts"]
         ranked = sorted((c for v in verdicts for c in v["candidates"]),
                         key=lambda c: (c["passed"], c["score"]), reverse=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import operator
 from typing import Annotated, Literal, TypedDict
 
-Status = Literal["running", "passed", "failed", "refused"]
+Status = Literal["running", "passed", "failed", "refused", "composed"]  # composed: stop_after=compose_prompt, nothing drawn
 
 
 class GraphState(TypedDict, total=False):

@@ -192,6 +192,7 @@ def test_long_request_is_truncated_and_the_trace_says_so(tmp_path, reasoner, gen
     assert state["request"]["truncated"] and state["request"]["original_length"] == len(text)
     assert any("truncat" in w.lower() for w in state["warnings"])
     assert path_of(state) == [*REASONING, "compose_prompt", "finish"] and not state.get("candidates")
+    assert state["status"] == "composed" and state["result"]["images"] == []
 
 
 class CrashOnce(ImageGenerator):
