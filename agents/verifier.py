@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -170,18 +169,4 @@ def suggest_actions(verdict: Mapping[str, Any], guidance: float, findings: Seque
     return actions
 
 
-def load_training_images(manifest: str | Path, modalities: Sequence[str], size: int, data=None, limit: int = 2000) -> dict[str, torch.Tensor]:
-    """The generator's training images per modality (at most ``limit`` each) as (N, 3, size, size) in [-1, 1]."""
-    from rlhf.alignment import load_images, manifest_rows  # noqa: PLC0415 - only when memorisation is checked
-
-    wanted = set(modalities)
-    rows = [r for r in manifest_rows([manifest], data) if r.modality in wanted]
-    out = {}
-    for modality in modalities:
-        chosen = [r for r in rows if r.modality == modality][:limit]
-        if chosen:
-            out[modality] = load_images(chosen, size, data, progress=False).images.float().div(127.5).sub(1.0)
-    return out
-
-
-__all__ = ["Verifier", "load_training_images", "suggest_actions"]
+__all__ = ["Verifier", "suggest_actions"]

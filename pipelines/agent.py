@@ -54,8 +54,10 @@ def build_reasoner(cfg, retriever, drawable: dict[str, set[str]] | None = None, 
 
 
 def build_verifier(cfg, device: str = "cpu"):
-    from agents.verifier import Verifier, load_training_images
+    from agents.verifier import Verifier
     from rlhf.classifiers import load_finding_scorer
+
+    from .commands.evaluate import read_training_images
 
     v = cfg.agents.verifier
     scorer = load_finding_scorer("reward", cfg.judges.classifier.out, device=device)
@@ -68,10 +70,7 @@ def build_verifier(cfg, device: str = "cpu"):
     if v.use_memorisation:
         present = [m for m in v.training_data if Path(m).exists()]
         if present:
-            for manifest in present:
-                missing = [m for m in cfg.data.modalities if m not in training]
-                if missing:
-                    training.update(load_training_images(manifest, missing, cfg.model.image_size, cfg.data, v.training_limit))
+            training = read_training_images(present, cfg, cfg.model.image_size, limit=v.training_limit, first_wins=True)
             note = f"training images from {', '.join(present)}"
         else:
             note = (f"not checked: the generator's training images ({', '.join(v.training_data)}) are not on disk; "

@@ -66,9 +66,8 @@ def _shown(evaluator, images, modality: str, present: list[str], negated: list[s
     """Per image: every requested present finding at p >= 0.5; and the mean finding-level agreement."""
     expected = {**{n: True for n in present}, **{n: False for n in negated}}
     _, details = evaluator.score(images, [""] * len(images), [modality] * len(images), expected=[expected] * len(images))
-    shown = np.all(np.stack([np.asarray(details[f"prob/{n}"]) >= 0.5 for n in present]), axis=0)
-    hits = np.mean(np.stack([np.asarray(details[f"prob/{n}"]) >= 0.5 for n in present]), axis=0)
-    return [bool(s) for s in shown], [float(h) for h in hits]
+    seen = np.stack([np.asarray(details[f"prob/{n}"]) >= 0.5 for n in present])  # (findings, images)
+    return [bool(s) for s in seen.all(axis=0)], [float(h) for h in seen.mean(axis=0)]
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -84,11 +83,12 @@ def compare(agent, evaluator, requests: list[dict], direct_seeds: int = 4, per_m
     """Graph against the raw text, judged by the held-out evaluator (the eligible requests of each modality
     after the first ``skip_per_modality``, at most ``per_modality`` of them)."""
     from agents.drawing import read_images
+    from generator.modalities import resolve_modality
 
     out = Path(out or tempfile.mkdtemp(prefix="synthmed-bench-graph-"))
     chosen, count, skipped = [], defaultdict(int), defaultdict(int)
     for req in requests:
-        modality = agent.reasoner.parse_request("x", req["modality"]).modality  # aliases resolved as users write them
+        modality = resolve_modality(req["modality"], agent.cfg.data.modalities)  # aliases as users write them
         labels = set(evaluator.classifiers[modality].label_names) if modality in evaluator.classifiers else set()
         present = [f["name"] for f in req.get("expected", []) if f.get("present", True) and f["name"] in labels]
         negated = [f["name"] for f in req.get("expected", []) if not f.get("present", True) and f["name"] in labels]

@@ -38,11 +38,6 @@ def _training_images(model_dir: Path, size: int, cfg, progress: bool = True, man
     """The generator's training images per modality, for the memorisation check: ``manifests`` when
     given, else the manifests its metadata names, or, for a model trained on phantoms, that phantom
     set (drawn again if absent)."""
-    from generator.data import iter_manifest
-    from generator.data.sources import load_row
-    from generator.data.transforms import RecordTransform
-    from rlhf.scorers import as_image_batch
-
     meta_path = model_dir / "metadata.json"
     manifests = list(manifests or [])
     if manifests:
@@ -58,11 +53,29 @@ def _training_images(model_dir: Path, size: int, cfg, progress: bool = True, man
 
             pc = PhantomConfig.model_validate(meta["config"]["phantoms"]) if "config" in meta else cfg.phantoms
             manifests = [phantom_manifest(pc, size, progress)]
+    return read_training_images(manifests, cfg, size)
+
+
+def read_training_images(manifests: list[str], cfg, size: int, modalities: list[str] | None = None, limit: int | None = None,
+                         first_wins: bool = False) -> dict:
+    """Images of ``manifests`` per modality at ``size`` pixels, (N, 3, size, size) in [-1, 1], for the
+    memorisation check: every modality (or ``modalities``), at most ``limit`` images each; with
+    ``first_wins`` a modality is taken from the first manifest that has it, else from all of them."""
+    from generator.data import iter_manifest
+    from generator.data.sources import load_row
+    from generator.data.transforms import RecordTransform
+    from rlhf.scorers import as_image_batch
+
     transform = RecordTransform(cfg.data.model_copy(update={"image_size": size}), as_tensor=False)
     by_modality: dict[str, list] = {}
     for manifest in manifests:
+        done = set(by_modality) if first_wins else set()
         for row in iter_manifest(manifest, cfg.data.modalities):
-            by_modality.setdefault(row.modality, []).append(transform.image(load_row(row, transform.modalities)["image"], row.modality))
+            if row.modality in done or (modalities is not None and row.modality not in modalities):
+                continue
+            images = by_modality.setdefault(row.modality, [])
+            if limit is None or len(images) < limit:
+                images.append(transform.image(load_row(row, transform.modalities)["image"], row.modality))
     return {m: as_image_batch(images) for m, images in by_modality.items()} if by_modality else {}
 
 
