@@ -52,8 +52,9 @@ def initial_noise(n: int, shape: tuple[int, ...], seed: int) -> tuple[torch.Tens
     return torch.stack([torch.randn(shape, generator=g) for g in generators]), generators
 
 
-def _guided(model: LatentDiffusion, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, scale: float) -> torch.Tensor:
-    """One UNet call for both branches; cond holds the unconditional half first."""
+def guided_prediction(model: LatentDiffusion, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, scale: float) -> torch.Tensor:
+    """One UNet call for both branches; cond holds the unconditional half first (see guided_conditioning).
+    ``t`` is (B,): one timestep per sample. DDPO re-scores stored steps through this same function."""
     n = latents.shape[0]
     if scale == 1.0:  # no guidance: the conditional half only
         out = model.unet(latents, t, encoder_hidden_states=cond.tokens[n:], encoder_attention_mask=cond.mask[n:],
@@ -63,6 +64,19 @@ def _guided(model: LatentDiffusion, latents: torch.Tensor, t: torch.Tensor, cond
     out = model.unet(doubled, torch.cat([t, t]), encoder_hidden_states=cond.tokens, encoder_attention_mask=cond.mask, class_labels=cond.class_emb).sample
     uncond, conditional = out.chunk(2)
     return uncond + scale * (conditional - uncond)
+
+
+def guided_conditioning(model: LatentDiffusion, prompts: list[str], modalities: list[str],
+                        negatives: list[str], guidance: float) -> Conditioning:
+    """The conditioning of a guided batch: the negative (unconditional) half first, the prompts last.
+    Without guidance the conditional half is repeated, keeping the "conditional half last" layout."""
+    dtype = next(model.unet.parameters()).dtype
+    cond = model.conditioner(list(prompts), list(modalities))
+    if guidance != 1.0:
+        cond = model.conditioner(list(negatives), list(modalities)).cat(cond)
+    else:
+        cond = cond.cat(cond)
+    return Conditioning(cond.tokens.to(dtype), cond.mask, cond.class_emb.to(dtype))
 
 
 @torch.no_grad()
@@ -93,12 +107,7 @@ def sample(
     device = model.device
     dtype = next(model.unet.parameters()).dtype
 
-    cond = model.conditioner(list(prompts), list(modalities))
-    if guidance != 1.0:
-        cond = model.conditioner(negatives, list(modalities)).cat(cond)
-    else:
-        cond = cond.cat(cond)  # keeps the "conditional half last" layout
-    cond = Conditioning(cond.tokens.to(dtype), cond.mask, cond.class_emb.to(dtype))
+    cond = guided_conditioning(model, list(prompts), list(modalities), negatives, guidance)
 
     size = latent_size(model.cfg)
     latents, generators = initial_noise(n, (model.cfg.latent_channels, size, size), seed)
@@ -117,7 +126,7 @@ def sample(
     trajectory, log_probs = [latents], []
     for i, t in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(latents, t)
-        prediction = _guided(model, model_input, t.expand(n) if t.ndim == 0 else t, cond, scales[i])
+        prediction = guided_prediction(model, model_input, t.expand(n) if t.ndim == 0 else t, cond, scales[i])
         if sampler == "ddim":
             step = ddim_step_with_logprob(scheduler, prediction, t, latents, eta=eta, generator=generators)
             latents = step.prev_sample.to(dtype)

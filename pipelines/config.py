@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from generator.config import DataConfig, LoraConfig, ModelConfig, PhantomConfig, SampleConfig, Section, TrainConfig
 from knowledge.config import KnowledgeConfig
-from rlhf.config import JudgesConfig
+from rlhf.config import ImproveConfig, JudgesConfig
 from agents.config import AgentsConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +54,7 @@ class SynthmedConfig(Section):
     knowledge: KnowledgeConfig = Field(default_factory=KnowledgeConfig)
     judges: JudgesConfig = Field(default_factory=JudgesConfig)  # finding classifiers, alignment model, selector, eval
     agents: AgentsConfig = Field(default_factory=AgentsConfig)  # the agent graph: reasoning backend, rounds, verifier, traces
+    improve: ImproveConfig = Field(default_factory=ImproveConfig)  # the self-improvement loop: prompts, reward, DDPO, selection, held-out eval
 
 
 class ConfigError(ValueError):

@@ -135,3 +135,111 @@ class JudgesConfig(Section):
 
 
 __all__ = ["AlignmentConfig", "ClassifierConfig", "EvalConfig", "JudgesConfig", "SelectorConfig"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The self-improvement loop (`synthmed improve`, section ``improve``)
+
+REWARD_COMPONENTS = ("findings", "alignment", "selector", "quality")  # what a reward may weigh
+FORBIDDEN_IN_REWARD = ("evaluator", "finding_evaluator")  # the held-out judge: asking for it is an error
+
+
+class PromptsConfig(Section):
+    """The knowledge-driven prompt sampler (agents/requests.py)."""
+
+    modalities: list[str] = ["cxr", "chest_ct", "brain_mri", "fundus", "oct"]  # drawn in turn, equally often
+    findings: dict[str, list[str]] = {}  # per modality, the findings requests may ask for; absent modality: every finding the reward classifier knows
+    max_findings: int = Field(2, ge=0, le=2)  # present findings per request: 0 (normal), 1 or 2
+    p_normal: float = Field(0.15, ge=0, le=1)  # share of training requests for a normal study
+    p_two: float = Field(0.3, ge=0, le=1)  # share of abnormal training requests with two findings
+    severities: dict[str, float] = {"mild": 0.2, "moderate": 0.4, "severe": 0.4}  # relative frequency of each grade asked for
+    negatives: int = Field(1, ge=0, le=3)  # pertinent negatives ("no pneumothorax") stated per request
+    heldout_fraction: float = Field(0.3, gt=0, lt=1)  # share of each modality's finding combinations (singles and pairs) kept for the held-out set
+    heldout_per_modality: int = Field(8, ge=1)  # held-out prompts per modality (fixed per run)
+    seed: int = Field(0, ge=0)  # which combinations are held out, and the held-out prompts' wording
+
+
+class RewardConfig(Section):
+    """The reward: a weighted sum of components, each kept per sample. Components: ``findings`` (the
+    reward-role classifier's agreement with the structured expectation: present findings shown,
+    absent ones not), ``alignment`` (CLIP cosine of image and prompt), ``selector`` (learned quality
+    in [0, 1]), ``quality`` (1 when no quality check fails: blank, saturated, out of field, NaN)."""
+
+    weights: dict[str, float] = {"findings": 1.0, "alignment": 0.2, "selector": 0.1, "quality": 0.5}
+
+
+class DDPOConfig(Section):
+    """Stage 1: DDPO with per-prompt group advantages and a PPO-clip loss on the LoRA policy."""
+
+    epochs: int = Field(2, ge=1)  # sample -> reward -> update rounds
+    prompts_per_epoch: int = Field(10, ge=1)  # distinct prompts per epoch, per process
+    images_per_prompt: int = Field(4, ge=2)  # K: the group an advantage is normalised in
+    steps: int = Field(10, ge=2)  # DDIM steps of a rollout
+    eta: float = Field(1.0, gt=0, le=1)  # DDIM stochasticity of rollouts (a policy needs eta > 0)
+    guidance: float = Field(4.0, ge=1)  # classifier-free guidance scale of rollouts and updates
+    sample_batch_size: int = Field(20, ge=1)  # images per sampling forward pass
+    train_batch_size: int = Field(8, ge=1)  # samples per update micro-batch
+    grad_accum_steps: int = Field(2, ge=1)  # micro-batches per optimiser step (times the trained timesteps of each)
+    inner_epochs: int = Field(1, ge=1)  # passes over an epoch's rollouts
+    timestep_fraction: float = Field(0.5, gt=0, le=1)  # share of each trajectory's steps trained on, drawn afresh per sample
+    clip_range: float = Field(1e-4, gt=0)  # PPO ratio clip; tiny because log densities are averaged over latent elements (ddpo-pytorch); ~0.2 with a summed density
+    logprob_reduce: Literal["mean", "sum"] = "mean"  # per-element log density averaged (ddpo-pytorch) or summed over the latent
+    adv_clip_max: float = Field(5.0, gt=0)  # advantages clipped to [-adv_clip_max, adv_clip_max]
+    advantages: Literal["group", "tracker", "batch"] = "group"  # normalise within each prompt's K images (GRPO), per prompt text over recent epochs (ddpo-pytorch's stat tracker), or over the batch
+    tracker_buffer: int = Field(32, ge=2)  # tracker: rewards kept per prompt
+    tracker_min_count: int = Field(8, ge=2)  # tracker: below this many a prompt uses the batch's statistics
+    kl_weight: float = Field(0.0, ge=0)  # beta of the KL penalty to the base model (adapter disabled); 0: no penalty (and no extra forward pass)
+    lr: float = Field(3e-4, gt=0)  # AdamW learning rate of the LoRA weights
+    weight_decay: float = Field(1e-4, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)  # gradient clipping, L2 over the LoRA parameters
+    seed: int = Field(0, ge=0)  # rollout noise and timestep draws (each process offsets it by its rank)
+
+
+class SelectionConfig(Section):
+    """Stage 2, active selection (MINIM): samples above the selector's threshold that the verifier
+    passes feed a reward-weighted denoising update."""
+
+    enabled: bool = True
+    threshold: float | None = Field(None, ge=0, le=1)  # selector quality from which a sample is kept; None: the selector's learned threshold
+    require_verifier_pass: bool = True  # also every expected finding must agree with the reward classifier (present >= 0.5, absent < 0.5)
+    max_per_epoch: int = Field(16, ge=0)  # selected samples used per epoch, highest reward first
+    loss_weight: float = Field(1.0, ge=0)  # scale of the reward-weighted denoising loss
+    batch_size: int = Field(8, ge=1)  # selected samples per optimiser step
+    noise_draws: int = Field(2, ge=1)  # noise levels drawn per selected sample per pass
+
+
+class HeldoutConfig(Section):
+    """Held-out evaluation: fixed prompts, deterministic sampler, fixed seeds, the evaluator classifier."""
+
+    every: int = Field(1, ge=1)  # epochs between evaluations (epoch 0, the base model, always)
+    images_per_prompt: int = Field(2, ge=1)  # images per held-out prompt (MS-SSIM within a prompt needs 2)
+    steps: int = Field(10, ge=1)  # DDIM steps (eta 0)
+    seed: int = Field(1234, ge=0)  # image i of prompt p uses seed + 1000 p + i, every evaluation alike
+    reference_per_finding: int = Field(6, ge=2)  # fresh phantoms per (modality, finding) as the real side of the FD, at judges.eval.seed
+
+
+class GuardConfig(Section):
+    """Reward-hacking guard."""
+
+    enabled: bool = True
+    patience: int = Field(2, ge=1)  # evaluations in a row that must show the pattern before the loop stops
+    fd_tolerance: float = Field(0.10, ge=0)  # relative FD worsening against the base model that counts as a warning sign
+    min_drop: float = Field(0.0, ge=0)  # a fall of the evaluator's share larger than this counts
+
+
+class ImproveConfig(Section):
+    base_model: str | None = None  # the generator to improve; None: train.out (the shipped model)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    ddpo: DDPOConfig = Field(default_factory=DDPOConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    eval: HeldoutConfig = Field(default_factory=HeldoutConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
+    report_to: Literal["auto", "none", "tensorboard", "trackio", "wandb"] = "auto"  # trackers beside metrics.jsonl; auto: TensorBoard when installed
+    keep_checkpoints: int = Field(2, ge=1)  # newest epoch checkpoints kept
+    grid_images: int = Field(20, ge=1)  # rollouts shown in each epoch's grid
+    num_threads: int = Field(0, ge=0)  # torch CPU threads; 0: leave torch's default
+
+
+__all__ += ["DDPOConfig", "FORBIDDEN_IN_REWARD", "GuardConfig", "HeldoutConfig", "ImproveConfig", "PromptsConfig",
+            "REWARD_COMPONENTS", "RewardConfig", "SelectionConfig"]

@@ -205,6 +205,8 @@ def measure(images: torch.Tensor, texts: list[str], modality: str, groups: list[
     row["all_findings_agree"] = accuracy["all_agree"]
     present = expected == 1
     row["requested_shown"] = float(((probs >= 0.5) & present).sum() / present.sum()) if present.any() else None
+    asks = present.any(axis=1)  # images whose prompt requests at least one finding
+    row["all_requested_shown"] = float(((probs >= 0.5) | ~present).all(axis=1)[asks].mean()) if asks.any() else None
     if judges.alignment is not None:
         row["clip_score"] = float(np.mean(judges.alignment.clip_score(images, texts)))
     else:
@@ -242,6 +244,7 @@ COLUMNS = [  # (key, header, digits); None cells print as n/a
     ("fid_inception", "FID (Inception) ↓", 2), ("ms_ssim", "MS-SSIM within prompt ↓", 3),
     ("clip_score", "CLIP score ↑", 3), ("finding_accuracy", "finding acc. (evaluator) ↑", 3),
     ("all_findings_agree", "all findings agree ↑", 3), ("requested_shown", "requested shown ↑", 3),
+    ("all_requested_shown", "every requested shown ↑", 3),
     ("nearest_train_ssim", "nearest-train SSIM", 3), ("memorised_share", "memorised", 3),
     ("selector_quality", "selector quality", 3), ("contrast", "contrast", 3), ("sharpness", "sharpness", 1),
     ("entropy", "entropy", 2), ("quality_ok", "quality ok", 3),

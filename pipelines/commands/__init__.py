@@ -1,5 +1,6 @@
 """Command groups of the CLI; each module has ``register(subparsers, formatter)``."""
 
-from . import bench, config_cmd, data, evaluate, generate, judges, kb, train
+from . import bench, config_cmd, data, evaluate, generate, improve, judges, kb, train
+from . import runs
 
-ALL = [data, train, kb, judges, evaluate, generate, config_cmd, bench]
+ALL = [improve, data, train, kb, judges, evaluate, generate, config_cmd, bench, runs]

@@ -1,0 +1,263 @@
+"""Requests for the self-improvement loop: drawn from the findings each modality knows, written as a
+clinician would, composed into the generator's words by the graph's own composition.
+
+Each :class:`ImagePrompt` carries its **structured expectation** (finding -> present / absent, with
+severity, side and location): the one reader of what a prompt asks for. The reward, the verifier and
+the held-out evaluation all take it from here and never parse the text again.
+
+Finding combinations (the normal study, each finding alone, each compatible pair) are split per
+modality into training and held-out sets with a seed: the held-out prompts differ from the training
+prompts by *combination*, not only by wording. The normal study always trains (it requests nothing,
+so it cannot measure "shows every requested finding").
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+
+from generator.phantoms import get_spec
+from generator.phantoms.base import FindingSpec
+
+from .prompts import SEVERITY_ORDER, compose_prompt, phantom_spec
+
+NORMAL = "normal"
+
+
+@dataclass(frozen=True)
+class ImagePrompt:
+    """One request and what the generator is given for it."""
+
+    modality: str
+    request: str  # the clinician's words
+    prompt: str  # the generator's prompt (agents.prompts.compose_prompt, as `synthmed generate` sends it)
+    negative: str  # the negative prompt of the same composition
+    findings: tuple[dict, ...]  # structured expectation: {"name", "present", "severity", "laterality", "location", "stated"}
+    # ("stated": False for the findings a normal study implies absent without naming them)
+    key: str = field(default="")  # "<modality>:<present findings joined by +>" or "<modality>:normal"
+
+    @property
+    def expected(self) -> dict[str, bool]:
+        """finding -> present (True) / absent (False): what the reward and the evaluator check."""
+        return {f["name"]: bool(f["present"]) for f in self.findings}
+
+    @property
+    def present(self) -> list[str]:
+        return [f["name"] for f in self.findings if f["present"]]
+
+    def to_dict(self) -> dict:
+        return {"modality": self.modality, "request": self.request, "prompt": self.prompt, "negative": self.negative,
+                "findings": [dict(f) for f in self.findings], "key": self.key}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "ImagePrompt":
+        return cls(d["modality"], d["request"], d["prompt"], d["negative"], tuple(dict(f) for f in d["findings"]), d.get("key", ""))
+
+
+def combination_key(modality: str, present: Iterable[str]) -> str:
+    names = sorted(present)
+    return f"{modality}:{'+'.join(names) if names else NORMAL}"
+
+
+def _rng(*parts: int | str) -> np.random.Generator:
+    return np.random.default_rng([p if isinstance(p, int) else zlib.crc32(p.encode()) for p in parts])
+
+
+def _grade(fspec: FindingSpec, severity: str) -> str | None:
+    """The spec's grade for a mild / moderate / severe request (matched by rank)."""
+    if not fspec.severities:
+        return None
+    if severity in fspec.severities:
+        return severity
+    return fspec.severities[min(SEVERITY_ORDER.index(severity), len(fspec.severities) - 1)]
+
+
+class PromptSampler:
+    """Draws training requests per epoch and holds the fixed held-out requests of a run.
+
+    ``labels``: per modality, the findings the reward classifier knows (a request asks only for what
+    a judge can check). ``cfg`` is the ``improve.prompts`` section.
+    """
+
+    def __init__(self, cfg, labels: Mapping[str, Sequence[str]]):
+        self.cfg = cfg
+        unknown = [m for m in cfg.modalities if phantom_spec(m) is None]
+        if unknown:
+            raise ValueError(f"improve.prompts.modalities: no finding catalogue for {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(m for m in labels if phantom_spec(m) is not None))}")
+        missing = [m for m in cfg.modalities if m not in labels]
+        if missing:
+            raise ValueError(f"improve.prompts.modalities: no reward classifier for {', '.join(missing)}; "
+                             "train one with `synthmed judges train classifier`")
+        for m in cfg.findings:
+            if m not in cfg.modalities:
+                raise ValueError(f"improve.prompts.findings.{m}: {m!r} is not in improve.prompts.modalities ({', '.join(cfg.modalities)})")
+        self.findings: dict[str, list[str]] = {}
+        for m in cfg.modalities:
+            spec = get_spec(m)
+            known = [f for f in spec.findings if f in set(labels[m])]
+            chosen = list(cfg.findings.get(m, known))
+            bad = [f for f in chosen if f not in known]
+            if bad:
+                raise ValueError(f"improve.prompts.findings.{m}: unknown finding(s) {', '.join(bad)}; "
+                                 f"{m} findings the reward classifier knows: {', '.join(known)}")
+            if not chosen:
+                raise ValueError(f"improve.prompts.findings.{m} is empty; list at least one of {', '.join(known)}")
+            self.findings[m] = chosen
+        if sum(cfg.severities.values()) <= 0 or any(s not in SEVERITY_ORDER for s in cfg.severities):
+            raise ValueError(f"improve.prompts.severities: weights over {', '.join(SEVERITY_ORDER)} with a positive sum, got {cfg.severities}")
+        self.train_combos: dict[str, list[tuple[str, ...]]] = {}
+        self.heldout_combos: dict[str, list[tuple[str, ...]]] = {}
+        for m in cfg.modalities:
+            singles = [(f,) for f in self.findings[m]]
+            pairs = [tuple(sorted(p)) for p in combinations(self.findings[m], 2) if self._compatible(m, p)] if cfg.max_findings >= 2 else []
+            held: list[tuple[str, ...]] = []
+            rng = _rng(cfg.seed, "heldout-combinations", m)
+            for group in (singles, pairs):
+                n = int(round(len(group) * cfg.heldout_fraction))
+                if group is singles and len(singles) > 1:
+                    n = max(1, min(n, len(singles) - 1))  # every modality keeps a single held out and one to train on
+                held += [group[i] for i in sorted(rng.permutation(len(group))[:n])]
+            self.heldout_combos[m] = held
+            self.train_combos[m] = [c for c in singles + pairs if c not in held]
+            if cfg.max_findings == 0:
+                self.train_combos[m] = []
+
+    # -- combinations -----------------------------------------------------------------------
+    @staticmethod
+    def _compatible(modality: str, pair: Sequence[str]) -> bool:
+        spec = get_spec(modality)
+        a, b = (spec.findings[n] for n in pair)
+        return b.name not in a.excludes and a.name not in b.excludes
+
+    def combination_keys(self, split: str) -> set[str]:
+        combos = self.train_combos if split == "train" else self.heldout_combos
+        keys = {combination_key(m, c) for m, cs in combos.items() for c in cs}
+        return keys | ({combination_key(m, ()) for m in self.cfg.modalities} if split == "train" else set())
+
+    # -- one request ------------------------------------------------------------------------
+    def make(self, modality: str, present: Sequence[str], rng: np.random.Generator) -> ImagePrompt:
+        """A request for ``present`` findings of ``modality`` with attributes and negatives drawn by ``rng``."""
+        spec = get_spec(modality)
+        grades = list(self.cfg.severities)
+        weights = np.array([self.cfg.severities[g] for g in grades], dtype=float)
+        findings = []
+        for name in present:
+            fspec = spec.findings[name]
+            severity = _grade(fspec, grades[rng.choice(len(grades), p=weights / weights.sum())])
+            side = str(rng.choice(fspec.sides)) if fspec.sides else None
+            location = str(rng.choice(fspec.locations)) if fspec.locations else None
+            findings.append({"name": name, "present": True, "severity": severity, "laterality": side, "location": location,
+                             "stated": True})
+        # pertinent negatives; one may name a finding a present one excludes ("no pneumothorax" beside an effusion)
+        candidates = [n for n in self.findings[modality] if n not in present]
+        n_neg = min(self.cfg.negatives, len(candidates))
+        negated = [candidates[i] for i in sorted(rng.permutation(len(candidates))[:n_neg])]
+        for name in negated:
+            findings.append({"name": name, "present": False, "severity": None, "laterality": None, "location": None, "stated": True})
+        if not present:  # a normal study asks for every finding to be absent, stated or not
+            for name in self.findings[modality]:
+                if name not in negated:
+                    findings.append({"name": name, "present": False, "severity": None, "laterality": None, "location": None,
+                                     "stated": False})
+        stated = [f for f in findings if f["stated"]]
+        request = self._clinician_text(modality, stated, rng, normal=not present)
+        composed = compose_prompt({"text": request}, {"findings": [{k: v for k, v in f.items() if k != "stated"} for f in stated]},
+                                  modality, default_severity=None)
+        return ImagePrompt(modality, request, composed["prompt"], composed["negative"], tuple(findings),
+                           combination_key(modality, present))
+
+    def _clinician_text(self, modality: str, findings: list[dict], rng: np.random.Generator, normal: bool = False) -> str:
+        """How a clinician might write the request: synonyms, the spec's severity words, negatives last."""
+        spec = get_spec(modality)
+        parts = ["Normal study."] if normal else []
+        for f in findings:
+            fspec = spec.findings[f["name"]]
+            terms = [t for t in fspec.terms if not t.isupper()] or list(fspec.terms)
+            if not f["present"]:
+                parts.append(f"No {terms[int(rng.integers(len(terms)))]}.")
+                continue
+            if f["laterality"] == "bilateral" and fspec.bilateral_terms:
+                terms = list(fspec.bilateral_terms)
+            term = terms[int(rng.integers(len(terms)))]
+            words = {
+                "term": term,
+                "severity": _pick(fspec.severity_words.get(f["severity"] or "", (f["severity"] or "",)), rng),
+                "side": _pick(fspec.side_words.get(f["laterality"] or "", (f["laterality"] or "",)), rng),
+                "location": _pick(fspec.location_words.get(f["location"] or "", ((f["location"] or "").replace("_", " "),)), rng),
+            }
+            usable = [t for t in fspec.templates if _slots(t) <= set(words) and ("location" in _slots(t) or not f["location"])]
+            template = usable[0] if usable else "{severity} {side} {term}" + (" in the {location}" if f["location"] else "")
+            text = " ".join(template.format(**words).split()).replace(" ,", ",")
+            parts.append(text[:1].upper() + text[1:] + ".")
+        return " ".join(parts)
+
+    # -- batches ----------------------------------------------------------------------------
+    def draw(self, n: int, epoch: int, seed: int) -> list[ImagePrompt]:
+        """``n`` training requests for ``epoch``: modalities in turn, a pure function of (seed, epoch, n)."""
+        rng = _rng(seed, "train", epoch)
+        out = []
+        mods = self.cfg.modalities
+        start = int(rng.integers(len(mods)))
+        for i in range(n):
+            m = mods[(start + i) % len(mods)]
+            combos = self.train_combos[m]
+            singles = [c for c in combos if len(c) == 1]
+            pairs = [c for c in combos if len(c) == 2]
+            if not combos or rng.random() < self.cfg.p_normal:
+                present: tuple[str, ...] = ()
+            elif pairs and (not singles or rng.random() < self.cfg.p_two):
+                present = pairs[int(rng.integers(len(pairs)))]
+            else:
+                present = singles[int(rng.integers(len(singles)))]
+            out.append(self.make(m, present, rng))
+        return out
+
+    def heldout(self) -> list[ImagePrompt]:
+        """The held-out requests: ``heldout_per_modality`` per modality, over its held-out combinations in turn."""
+        out = []
+        for m in self.cfg.modalities:
+            combos = self.heldout_combos[m]
+            if not combos:
+                raise ValueError(f"no held-out finding combination for {m}: raise improve.prompts.heldout_fraction "
+                                 f"(now {self.cfg.heldout_fraction}) or list more findings in improve.prompts.findings.{m}")
+            rng = _rng(self.cfg.seed, "heldout-prompts", m)
+            order = rng.permutation(len(combos))
+            for i in range(self.cfg.heldout_per_modality):
+                out.append(self.make(m, combos[order[i % len(combos)]], rng))
+        return out
+
+
+def _pick(options: Sequence[str], rng: np.random.Generator) -> str:
+    return options[int(rng.integers(len(options)))] if options else ""
+
+
+def _slots(template: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"{(\w+)}", template))
+
+
+def save_prompts(prompts: Sequence[ImagePrompt], path: str | Path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(p.to_dict()) + "\n" for p in prompts), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def load_prompts(path: str | Path) -> list[ImagePrompt]:
+    path = Path(path)
+    prompts = [ImagePrompt.from_dict(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts: the held-out set is empty")
+    return prompts
+
+
+__all__ = ["ImagePrompt", "NORMAL", "PromptSampler", "combination_key", "load_prompts", "save_prompts"]

@@ -1,0 +1,65 @@
+"""`synthmed improve`: the self-improvement loop (DDPO + active selection, judged by a held-out evaluator)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .common import add_config_argument, resolve_config
+
+
+def register(groups, formatter) -> None:
+    p = groups.add_parser(
+        "improve", formatter_class=formatter,
+        help="the self-improvement loop: sample -> reward -> DDPO + active selection -> held-out evaluation, resumable",
+        description="Draws requests from the findings each modality knows, has the generator (base model + LoRA) draw K images "
+                    "per request, scores them with the reward-role judges against each request's structured expectation, "
+                    "updates the LoRA with DDPO (PPO-clip on group-normalised advantages) and a reward-weighted update on the "
+                    "samples the selector and verifier keep, and evaluates on fixed held-out requests with the evaluator "
+                    "classifier, which never enters the reward. Everything lands in runs/<id>/ (metrics.jsonl, samples.jsonl, "
+                    "grids, plots, checkpoints, final/, best/); inspect it with `synthmed runs show`.\n\n"
+                    "Several processes: `accelerate launch --num_processes N -m pipelines.cli improve ...`.",
+    )
+    p.add_argument("--epochs", type=int, default=None, help="epochs to run (improve.ddpo.epochs)")
+    p.add_argument("--resume", default=None, metavar="RUN", help="continue the run folder RUN from its last complete epoch")
+    p.add_argument("--run-dir", default=None, help="the run folder to create (default: runs/<run.name>-improve-<time>)")
+    p.add_argument("--report-to", default=None, choices=["auto", "none", "tensorboard", "trackio", "wandb"],
+                   help="trackers beside metrics.jsonl (improve.report_to)")
+    p.add_argument("--no-selection", action="store_true", help="stage 1 only (improve.selection.enabled=false)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_argument(p)
+    p.set_defaults(handler=_improve)
+
+
+def _improve(args, extra) -> int:
+    from ..improve import resume_config, run_improve
+
+    flags = {"improve.ddpo.epochs": args.epochs, "improve.report_to": args.report_to,
+             "improve.selection.enabled": False if args.no_selection else None}
+    if args.resume:
+        run = Path(args.resume)
+        if not run.is_dir():
+            raise FileNotFoundError(f"--resume {run}: no such run folder; list runs with `synthmed runs list`")
+        given = args.config is not None or extra or any(v is not None for v in flags.values())
+        cfg = resume_config(run, resolve_config(args, extra, flags) if given else None)
+        end = run_improve(cfg, run, resume=True, progress=not args.no_progress, command="synthmed " + " ".join(sys.argv[1:]))
+    else:
+        cfg = resolve_config(args, extra, flags)
+        end = run_improve(cfg, Path(args.run_dir) if args.run_dir else None, progress=not args.no_progress,
+                          command="synthmed " + " ".join(sys.argv[1:]))
+    root = Path(end["run"])
+    if end["status"] != "finished":
+        print(f"\n{end['message']}")
+    best = end.get("best") or {}
+    print(f"\nrun: {root}  ({end['status']}, {end['epoch']} epochs)")
+    if best:
+        overall = best.get("overall") or {}
+        share = overall.get("all_requested_shown")
+        print(f"best held-out epoch: {best.get('epoch')} (every requested finding shown: "
+              f"{share:.3f})" if share is not None else f"best held-out epoch: {best.get('epoch')}")
+    print(f"logs:     {root / 'metrics.jsonl'}, {root / 'samples.jsonl'}")
+    print(f"plots:    {root / 'plots'}  (reward.png, heldout.png, training.png)")
+    print(f"grids:    {root / 'grids'}, {root / 'heldout'}")
+    print(f"adapters: {root / 'final'}, {root / 'best'}")
+    print(f"inspect:  synthmed runs show {root}")
+    return 0

@@ -1,0 +1,190 @@
+"""`synthmed runs list|show|plot`: what the self-improvement runs (`synthmed improve`) did, from their run directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .common import add_config_argument, resolve_config, table
+
+# (key, header) of the held-out columns in `runs show`; the arrow says which way is better
+EVAL_COLUMNS = [
+    ("all_requested_shown", "all shown ↑"), ("requested_shown", "req. shown ↑"), ("finding_accuracy", "finding acc ↑"),
+    ("all_findings_agree", "all agree ↑"), ("fd", "FD ↓"), ("ms_ssim", "MS-SSIM ↓"), ("clip_score", "CLIP ↑"),
+    ("selector_quality", "selector ↑"), ("memorised_share", "memorised ↓"),
+]
+
+
+def register(groups, formatter) -> None:
+    r = groups.add_parser(
+        "runs", formatter_class=formatter, help="inspect self-improvement runs: list them, show one, draw its plots",
+        description="Reads the run directories that `synthmed improve` writes (runs/<id>/: metadata.json, metrics.jsonl, "
+                    "grids/, plots/, checkpoints/, final/, best/). Nothing here changes a run except `plot` and "
+                    "`show --plots`, which redraw its plots/ from metrics.jsonl.",
+    )
+    sub = r.add_subparsers(dest="runs_command", metavar="SUBCOMMAND", required=True)
+    ls = sub.add_parser("list", formatter_class=formatter,
+                        help="one line per run, newest first: status, epochs, held-out 'all shown' and FD, best epoch")
+    _common(ls)
+    ls.set_defaults(handler=_list)
+    show = sub.add_parser("show", formatter_class=formatter,
+                          help="one run: reward per epoch, held-out evaluations, guard messages, timing, files")
+    show.add_argument("run", help="run id (a folder in --runs-dir) or a path to a run directory")
+    show.add_argument("--plots", action="store_true", help="redraw plots/ from metrics.jsonl first")
+    _common(show)
+    show.set_defaults(handler=_show)
+    plot = sub.add_parser("plot", formatter_class=formatter,
+                          help="redraw a run's plots/reward.png, heldout.png and training.png from metrics.jsonl")
+    plot.add_argument("run", help="run id (a folder in --runs-dir) or a path to a run directory")
+    _common(plot, json_flag=False)
+    plot.set_defaults(handler=_plot)
+
+
+def _common(parser, json_flag: bool = True) -> None:
+    parser.add_argument("--runs-dir", default=None, help="folder holding the run directories (default: run.runs_dir, runs)")
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="print one JSON value instead of tables")
+    add_config_argument(parser)
+
+
+def _runs_dir(args, extra) -> str:
+    return args.runs_dir if args.runs_dir is not None else resolve_config(args, extra).run.runs_dir
+
+
+def _fmt(value: Any) -> str:
+    """Three decimals, fewer for large values, three significant digits for small ones (approx_kl ~ 1e-4)."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if abs(value) >= 100:
+            return f"{value:.1f}"
+        return f"{value:.3f}" if value == 0 or abs(value) >= 0.01 else f"{value:.3g}"
+    return str(value)
+
+
+def _secs(value: Any) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _change(base: Any, now: Any) -> str:
+    return _fmt(now) if base is None else f"{_fmt(base)} → {_fmt(now)}"
+
+
+def _list(args, extra) -> int:
+    from ..runs import list_runs
+
+    runs_dir = _runs_dir(args, extra)
+    rows = list_runs(runs_dir)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no runs in {runs_dir}; start one with `synthmed improve`")
+        return 0
+    print(table([[r["id"], r["status"], f"{r['epochs_done']}/{_fmt(r['epochs_planned'])}", (r["started"] or "-")[:19],
+                  _fmt(r["last_eval_epoch"]), _change(r["base_all_requested_shown"], r["all_requested_shown"]),
+                  _change(r["base_fd"], r["fd"]), _fmt(r["best_epoch"])] for r in rows],
+                ["run", "status", "epochs", "started", "eval epoch", "all shown ↑ (base → now)", "FD ↓ (base → now)", "best"]))
+    for r in rows:
+        if r["error"]:
+            print(f"{r['id']}: unreadable: {r['error']}")
+    print(f"details: synthmed runs show RUN --runs-dir {runs_dir}")
+    return 0
+
+
+def _show(args, extra) -> int:
+    from ..run_plots import draw_plots
+    from ..runs import resolve_run, show_run
+
+    runs_dir = _runs_dir(args, extra)
+    if args.plots:
+        draw_plots(resolve_run(args.run, runs_dir))
+    run = show_run(args.run, runs_dir)
+    if args.json:
+        print(json.dumps(run, indent=2))
+    else:
+        print(format_run(run))
+    return 0
+
+
+def _plot(args, extra) -> int:
+    from ..run_plots import draw_plots
+    from ..runs import resolve_run
+
+    run_dir = resolve_run(args.run, _runs_dir(args, extra))
+    written = draw_plots(run_dir)
+    if not written:
+        print(f"{run_dir}: nothing logged yet, no plots drawn")
+    for path in written:
+        print(path)
+    return 0
+
+
+# -- the text view of `runs show` -------------------------------------------------------------
+def format_run(run: dict) -> str:
+    meta = run["metadata"]
+    lora = meta.get("lora") or {}
+    head = [f"run {run['id']}: {run['status']}, epoch {run['epochs_done']}/{_fmt(run['epochs_planned'])}, "
+            f"started {run['started'] or '-'}" + (f", finished {run['finished']}" if run["finished"] else "")]
+    if meta.get("base_model") or lora:
+        head.append(f"base model {meta.get('base_model', '-')}, LoRA rank {lora.get('rank', '-')} alpha {lora.get('alpha', '-')}")
+    if meta.get("command"):
+        head.append(f"command: {meta['command']}")
+    parts = ["\n".join(head)]
+    if run["epochs"]:
+        parts.append("reward per epoch (means)\n" + _epochs_table(run))
+    if run["evals"]:
+        parts.append("held-out evaluations (epoch 0: the base model)\n" + _evals_table(run))
+    notes = [f"guard (epoch {g['epoch']}): {g['message']}" for g in run["guards"]]
+    if run["end"]:
+        end = run["end"]
+        notes.append(f"end (epoch {end['epoch']}): {end['status']}" + (f": {end['message']}" if end.get("message") else ""))
+    if notes:
+        parts.append("\n".join(notes))
+    t = run["timing"]
+    if t["epochs"]:
+        split = ", ".join(f"{part} {_secs(t[part])} s" for part in ("sampling", "reward", "update", "selection", "total"))
+        parts.append(f"seconds per epoch (mean of {t['epochs']}): {split}" + (f"; eval {_secs(t['eval'])} s" if t["eval"] else ""))
+    parts.append(_files(run))
+    return "\n\n".join(parts)
+
+
+def _epochs_table(run: dict) -> str:
+    names = ["total", *run["components"]]
+    mods = run["modalities"]
+    rows = [[e["epoch"], _fmt(e["n_samples"]), _fmt(e["selected"]), *(_fmt(e["reward"].get(n)) for n in names),
+             *(_fmt(e["per_modality_total"].get(m)) for m in mods), _fmt(e["approx_kl"]), _fmt(e["clipfrac"]),
+             _secs(e["seconds"])] for e in run["epochs"]]
+    return table(rows, ["epoch", "samples", "selected", *names, *(f"{m} total" for m in mods), "approx_kl", "clipfrac", "s"])
+
+
+def _evals_table(run: dict) -> str:
+    mods = run["modalities"]
+    rows = []
+    for e in run["evals"]:
+        label = str(e["epoch"]) + (" base" if e["base"] else "") + (" best" if e["best"] else "")
+        rows.append([label, *(_fmt(e["overall"].get(k)) for k, _ in EVAL_COLUMNS),
+                     *(_fmt(e["all_requested_shown"].get(m)) for m in mods)])
+    return table(rows, ["epoch", *(h for _, h in EVAL_COLUMNS), *(f"{m} shown" for m in mods)])
+
+
+def _files(run: dict) -> str:
+    paths, root = run["paths"], Path(run["path"])
+
+    def listing(files: list[str], folder: str) -> str:
+        names = [Path(f).name for f in files]
+        shown = ", ".join(names) if len(names) <= 4 else f"{len(names)}: {names[0]} … {names[-1]}"
+        return f"{root / folder}/ ({shown})"
+
+    lines = [f"plots: {listing(paths['plots'], 'plots')}" if paths["plots"]
+             else f"plots: none yet (synthmed runs plot {run['id']})",
+             f"grids: {listing(paths['grids'], 'grids')}" if paths["grids"] else "grids: none yet"]
+    adapters = [f"final {paths['final']}"] if paths["final"] else []
+    if paths["best"]:
+        adapters.append(f"best {paths['best']}" + (f" (epoch {paths['best_epoch']})" if paths["best_epoch"] is not None else ""))
+    lines.append("adapters: " + (", ".join(adapters) if adapters else "none yet"))
+    if paths["checkpoints"]:
+        lines.append(f"checkpoints: {listing(paths['checkpoints'], 'checkpoints')}")
+    lines.append(f"samples: {paths['samples'] or 'none yet'}; config: {paths['config'] or '-'}")
+    return "\n".join(lines)

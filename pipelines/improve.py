@@ -1,0 +1,630 @@
+"""`synthmed improve`: the self-improvement loop, its run directory and resume.
+
+One epoch: draw prompts -> roll out K images each (DDIM, eta > 0, guidance, log probabilities) ->
+reward (reward-role judges against each prompt's structured expectation) -> group advantages ->
+PPO-clip update of the UNet's LoRA (stage 1) -> reward-weighted update on the samples the selector
+and the verifier keep (stage 2) -> held-out evaluation every ``improve.eval.every`` epochs (and at
+epoch 0, the base model) -> the reward-hacking guard -> an atomic checkpoint.
+
+The run directory ``runs/<id>/``::
+
+    config.yaml  metadata.json  heldout_prompts.jsonl  combinations.json
+    metrics.jsonl   append-only; per optimiser step, per epoch (reward components overall and per
+                    modality, seconds), per evaluation (the held-out table), guard and end lines
+    samples.jsonl   every rollout: prompt, modality, expected findings, seed, components, advantage, selected
+    grids/epoch_NNNN.png   heldout/epoch_NNNN.png   plots/*.png
+    checkpoints/epoch_NNNN/   lora.safetensors, trainer_state.pt, state.json (written to a temporary
+                    folder, then renamed: complete or absent)
+    final/  best/   lora.safetensors (synthmed), pytorch_lora_weights.safetensors (diffusers), metadata.json
+
+Logs are written once per epoch, after the epoch finished and before its checkpoint; the checkpoint
+records the log sizes. A run killed between the two leaves lines of an epoch without a checkpoint:
+``--resume`` moves them to ``<log>.orphaned`` and repeats the epoch, so no line is lost or doubled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlhf.trainer import NonFiniteError
+
+from .config import SynthmedConfig, config_to_dict, load_config, save_config
+
+log = logging.getLogger(__name__)
+
+RUN_KIND = "synthmed improve run"
+RESUMABLE_FIELDS = ("improve.ddpo.epochs", "profile", "run.device", "improve.report_to")  # may differ on --resume
+
+
+class ResumeError(ValueError):
+    pass
+
+
+# -- run directory ------------------------------------------------------------------------------
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _clean(value):
+    """JSON-safe: NaN/inf -> None, numpy -> Python, rounded floats."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        v = float(value)
+        return round(v, 6) if np.isfinite(v) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        name = f"{prefix}{key}"
+        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_differences(va, vb, name + ".")
+        elif va != vb:
+            out.append(f"{name}: run has {vb!r}, now {va!r}")
+    return out
+
+
+def resume_config(run: Path, cfg: SynthmedConfig | None) -> SynthmedConfig:
+    """The run's own config, or ``cfg`` when it differs from it only in fields that may change."""
+    saved_path = run / "config.yaml"
+    if not saved_path.is_file():
+        raise FileNotFoundError(f"{run} is not a synthmed improve run (no config.yaml); list runs with `synthmed runs list`")
+    saved = load_config(saved_path)
+    if cfg is None:
+        return saved
+    diffs = [d for d in config_differences(config_to_dict(cfg), config_to_dict(saved)) if d.split(":")[0] not in RESUMABLE_FIELDS]
+    if diffs:
+        raise ResumeError(f"cannot resume {run}: its config differs in {len(diffs)} field(s): " + "; ".join(diffs[:8])
+                          + ("; ..." if len(diffs) > 8 else "") + ". Resume with the run's own settings (`synthmed improve --resume "
+                          f"{run}` without --config or overrides, or only --improve.ddpo.epochs), or start a new run")
+    return cfg
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    done = sorted(p for p in (run / "checkpoints").glob("epoch_*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def _truncate_log(path: Path, size: int) -> int:
+    """Cut ``path`` back to ``size`` bytes; what followed (lines of an epoch that never reached its
+    checkpoint) is appended to ``<path>.orphaned``. Returns the number of bytes moved."""
+    if not path.exists():
+        if size:
+            raise ResumeError(f"{path} is missing but the checkpoint says it held {size} bytes")
+        return 0
+    current = path.stat().st_size
+    if current < size:
+        raise ResumeError(f"{path} holds {current} bytes but the checkpoint recorded {size}: the log was cut; cannot resume safely")
+    if current == size:
+        return 0
+    with open(path, "rb") as f:
+        f.seek(size)
+        tail = f.read()
+    with open(path.with_name(path.name + ".orphaned"), "ab") as f:
+        f.write(tail)
+    with open(path, "r+b") as f:
+        f.truncate(size)
+    return len(tail)
+
+
+def append_lines(path: Path, records: Sequence[dict]) -> None:
+    if not records:
+        return
+    text = "".join(json.dumps(_clean(r), default=_json_default) + "\n" for r in records)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# -- adapters -------------------------------------------------------------------------------
+def save_adapter(unet, folder: Path, metadata: dict) -> Path:
+    """``folder`` with the adapter as synthmed reads it (lora.safetensors), as diffusers reads it
+    (pytorch_lora_weights.safetensors: ``unet.``-prefixed peft keys, ``pipe.load_lora_weights``) and
+    metadata.json; written beside and renamed into place."""
+    from safetensors.torch import save_file
+
+    from generator.lora import _adapter_state_dict, save_lora
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_lora(unet, tmp / "lora.safetensors", metadata={"synthmed_run": metadata.get("run", "")})
+    state = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in _adapter_state_dict(unet, "default").items()}
+    save_file(state, str(tmp / "pytorch_lora_weights.safetensors"))
+    _write_json(tmp / "metadata.json", metadata)
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def resolve_lora(path: str | os.PathLike) -> Path:
+    """A LoRA file, or a folder holding one (a run's final/ or best/, or a run: its best/, else final/)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for candidate in (p / "lora.safetensors", p / "best" / "lora.safetensors", p / "final" / "lora.safetensors"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"no LoRA adapter at {p}: give a .safetensors file, a run's final/ or best/ folder, or a run folder")
+
+
+# -- parts ----------------------------------------------------------------------------------------
+@dataclass
+class Parts:
+    model: Any
+    sampler: Any
+    reward: Any
+    judges: Any
+    reference: Any
+    train_images: dict
+    selector_threshold: float | None
+
+
+def build_parts(cfg: SynthmedConfig, device: str = "cpu", progress: bool = True, load_eval: bool = True) -> Parts:
+    """Policy (base model + a fresh LoRA), prompt sampler, reward and the held-out judges of ``cfg``."""
+    from agents.requests import PromptSampler
+    from generator.lora import add_lora
+    from generator.lora_training import lora_spec
+    from generator.models import LatentDiffusion
+    from rlhf.reward import build_reward
+
+    ic = cfg.improve
+    base = ic.base_model or cfg.train.out
+    model = LatentDiffusion.load(base, list(cfg.data.modalities), device=device)
+    model.requires_grad_(False)
+    add_lora(model.unet, lora_spec(cfg.lora), "default")
+    reward = build_reward(ic.reward, cfg.judges, ic.prompts.modalities, device=device)
+    labels = {m: c.label_names for m, c in reward.finding_scorer.classifiers.items()}
+    sampler = PromptSampler(ic.prompts, labels)
+    unknown = [m for m in ic.prompts.modalities if m not in model.modalities]
+    if unknown:
+        raise ValueError(f"improve.prompts.modalities: the generator at {base} has no embedding for {', '.join(unknown)}; it knows "
+                         f"{', '.join(model.modalities)}")
+    threshold = None
+    if "selector" in reward.scorers:
+        threshold = float(reward.scorers["selector"].selector.threshold)
+    judges = reference = None
+    train_images: dict = {}
+    if load_eval:
+        from rlhf.evaluate import load_judges
+        from rlhf.heldout import ReferenceSet
+
+        judges = load_judges(cfg.judges, ic.prompts.modalities, device=device)
+        reference = ReferenceSet(judges, ic.prompts.modalities, model.cfg.image_size, ic.eval.reference_per_finding, cfg.judges.eval.seed)
+        present = [m for m in cfg.agents.verifier.training_data if Path(m).is_file()]
+        if present:
+            from .commands.evaluate import read_training_images
+
+            train_images = read_training_images(present, cfg, model.cfg.image_size, list(ic.prompts.modalities), limit=300, first_wins=True)
+    return Parts(model, sampler, reward, judges, reference, train_images, threshold)
+
+
+# -- reward-hacking guard -------------------------------------------------------------------------
+class RewardHackingGuard:
+    """Stops the loop when, for ``patience`` evaluations in a row, the training reward rose while the
+    held-out evaluator's share fell, or the FD is worse than the base's by more than ``fd_tolerance``."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.history: list[dict] = []  # {"epoch", "reward", "share", "fd"}
+        self.strikes = 0
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "strikes": self.strikes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history, self.strikes = list(state["history"]), int(state["strikes"])
+
+    def observe(self, epoch: int, reward: float | None, share: float | None, fd: float | None) -> str | None:
+        """Record one evaluation; the message when the loop must stop, else None."""
+        previous = self.history[-1] if self.history else None
+        base = self.history[0] if self.history else None
+        self.history.append({"epoch": epoch, "reward": reward, "share": share, "fd": fd})
+        if not self.cfg.enabled or previous is None:
+            return None
+        signs = []
+        if reward is not None and previous["reward"] is not None and share is not None and previous["share"] is not None:
+            if reward > previous["reward"] and share < previous["share"] - self.cfg.min_drop:
+                signs.append(f"training reward rose {previous['reward']:.4f} -> {reward:.4f} while the held-out evaluator's share "
+                             f"fell {previous['share']:.3f} -> {share:.3f}")
+        if fd is not None and base is not None and base["fd"] is not None and fd > base["fd"] * (1 + self.cfg.fd_tolerance):
+            signs.append(f"FD {fd:.2f} is more than {self.cfg.fd_tolerance:.0%} worse than the base model's {base['fd']:.2f}")
+        self.strikes = self.strikes + 1 if signs else 0
+        if self.strikes >= self.cfg.patience:
+            return (f"reward hacking suspected at epoch {epoch} ({self.strikes} evaluations in a row): " + "; ".join(signs)
+                    + ". best/ keeps the adapter with the best held-out result.")
+        return None
+
+
+# -- the loop ---------------------------------------------------------------------------------
+def _summary(values: np.ndarray) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return {"mean": float(v.mean()) if v.size else None, "std": float(v.std()) if v.size else None}
+
+
+def epoch_reward_summary(items: Sequence[Any], total: np.ndarray, components: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    names = [k for k in components if "/" not in k]
+    overall = {"total": _summary(total), **{k: _summary(components[k]) for k in names}}
+    per_modality = {}
+    for m in dict.fromkeys(it.modality for it in items):
+        idx = np.array([i for i, it in enumerate(items) if it.modality == m])
+        per_modality[m] = {"total": _summary(total[idx]), **{k: _summary(components[k][idx]) for k in names}}
+    return overall, per_modality
+
+
+def _gather(accelerator, array: np.ndarray) -> np.ndarray:
+    if accelerator.num_processes == 1:
+        return np.asarray(array)
+    tensor = torch.as_tensor(np.asarray(array, dtype=np.float64))
+    return accelerator.gather(tensor).cpu().numpy()
+
+
+def _trackers(report_to: str) -> list[str]:
+    if report_to == "none":
+        return []
+    if report_to == "auto":
+        try:
+            import tensorboard  # noqa: F401
+
+            return ["tensorboard"]
+        except ImportError:
+            return []
+    return [report_to]
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def new_run_dir(cfg: SynthmedConfig) -> Path:
+    base = Path(cfg.run.runs_dir) / f"{cfg.run.name}-improve-{time.strftime('%Y%m%d-%H%M%S')}"
+    root, i = base, 1
+    while root.exists():
+        root = base.with_name(f"{base.name}-{i}")
+        i += 1
+    (root / "checkpoints").mkdir(parents=True)
+    return root
+
+
+def run_improve(cfg: SynthmedConfig, run_dir: Path | None = None, resume: bool = False, progress: bool = True,
+                parts: Parts | None = None, command: str | None = None, stop_after: Callable[[str, int], bool] | None = None,
+                accelerator=None) -> dict:
+    """Run (or with ``resume`` continue) the loop in ``run_dir``; returns the end record.
+
+    ``stop_after(point, epoch)`` is for tests: returning True raises SystemExit at that point
+    ("rollout", "update", "logs", "checkpoint"), as a kill would stop the process there."""
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
+
+    from agents.requests import load_prompts, save_prompts
+    from generator.lora import load_lora, read_lora_metadata
+    from rlhf.heldout import heldout_evaluation
+    from rlhf.trainer import DDPOTrainer
+
+    from .commands.common import resolve_device
+
+    ic = cfg.improve
+    accelerator = accelerator or Accelerator(log_with=_trackers(ic.report_to) or None,
+                                             project_dir=str(run_dir) if run_dir else None,
+                                             cpu=resolve_device(cfg.run.device) == "cpu")
+    main = accelerator.is_main_process
+    world = accelerator.num_processes
+    if ic.num_threads:
+        torch.set_num_threads(ic.num_threads)
+    elif world > 1 and accelerator.device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    device = str(accelerator.device)
+
+    # the run folder: made by the main process, its path shared with the others
+    holder = [str(run_dir) if run_dir else None]
+    if main and not resume:
+        root = Path(run_dir) if run_dir else new_run_dir(cfg)
+        (root / "checkpoints").mkdir(parents=True, exist_ok=True)
+        holder = [str(root)]
+    if world > 1:
+        broadcast_object_list(holder)
+    root = Path(holder[0])
+    progress = progress and main
+
+    parts = parts or build_parts(cfg, device=device, progress=progress, load_eval=main)
+    model, sampler, reward = parts.model, parts.sampler, parts.reward
+    trainer = DDPOTrainer(model, reward, ic.ddpo, ic.selection, accelerator, parts.selector_threshold)
+    guard = RewardHackingGuard(ic.guard)
+    metrics_path, samples_path = root / "metrics.jsonl", root / "samples.jsonl"
+    best: dict | None = None
+    start_epoch = 0
+    base_model = str(ic.base_model or cfg.train.out)
+
+    if resume:
+        checkpoint = latest_checkpoint(root)
+        if checkpoint is not None:
+            state = json.loads((checkpoint / "state.json").read_text())
+            meta = read_lora_metadata(checkpoint / "lora.safetensors")
+            from generator.lora_training import lora_spec
+
+            saved_spec, wanted = json.loads(meta["lora_spec"]), json.loads(lora_spec(cfg.lora).to_json())
+            if saved_spec != wanted:
+                raise ResumeError(f"cannot resume {root}: its adapter has LoRA settings {saved_spec}, this config asks for {wanted}")
+            if state.get("base_model") != base_model:
+                raise ResumeError(f"cannot resume {root}: it improves the base model {state.get('base_model')}, this config names {base_model}")
+            load_lora(model.unet, checkpoint / "lora.safetensors", "default")
+            trainer_state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+            trainer.load_state_dict(trainer_state["trainer"])
+            _set_rng_state(trainer_state["rng"])
+            guard.load_state_dict(state["guard"])
+            best = state.get("best")
+            start_epoch = int(state["epoch"]) + 1
+            if main:
+                moved = _truncate_log(metrics_path, state["logs"]["metrics.jsonl"]) + _truncate_log(samples_path, state["logs"]["samples.jsonl"])
+                if moved:
+                    log.warning("resume: %d bytes of logs from an epoch that did not reach its checkpoint moved to *.orphaned", moved)
+                print(f"resuming {root} after epoch {state['epoch']} (checkpoint {checkpoint.name})")
+        elif main:
+            for path in (metrics_path, samples_path):
+                _truncate_log(path, 0)
+    heldout_path = root / "heldout_prompts.jsonl"
+    if main and not heldout_path.is_file():
+        save_prompts(sampler.heldout(), heldout_path)
+        _write_json(root / "combinations.json", {"train": sorted(sampler.combination_keys("train")),
+                                                 "heldout": sorted(sampler.combination_keys("heldout"))})
+        save_config(cfg, root / "config.yaml")
+    accelerator.wait_for_everyone()
+    heldout = load_prompts(heldout_path)
+    leaked = {p.key for p in heldout} & sampler.combination_keys("train")
+    if leaked:
+        raise ValueError(f"held-out combinations {sorted(leaked)[:3]} are also training combinations; the held-out set must be disjoint")
+
+    metadata_path = root / "metadata.json"
+    metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {
+        "kind": RUN_KIND, "command": command or "synthmed " + " ".join(sys.argv[1:]), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "base_model": base_model, "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha}, "world_size": world,
+        "reward_weights": ic.reward.weights, "selection": ic.selection.enabled,
+    }
+    metadata.update({"status": "running", "epochs_planned": ic.ddpo.epochs})
+    if main:
+        _write_json(metadata_path, metadata)
+        if accelerator.trackers:
+            accelerator.init_trackers("synthmed-improve", config={"lr": ic.ddpo.lr, "epochs": ic.ddpo.epochs})
+
+    k = ic.ddpo.images_per_prompt
+    n_prompts = ic.ddpo.prompts_per_epoch
+    end: dict = {}
+
+    def evaluate(epoch: int, lines: list[dict], epoch_reward: float | None) -> str | None:
+        """Held-out table, best/, the guard; runs on the main process only."""
+        nonlocal best
+        result = heldout_evaluation(model, heldout, parts.judges, parts.reference, ic.eval, cfg.judges.eval, ic.ddpo.guidance,
+                                    parts.train_images, ic.ddpo.sample_batch_size, progress)
+        images = result.pop("images")
+        _save_grid(images, [it.modality for it in heldout for _ in range(ic.eval.images_per_prompt)], cfg,
+                   root / "heldout" / f"epoch_{epoch:04d}.png", columns=ic.eval.images_per_prompt * 4)
+        share = result["overall"]["all_requested_shown"]
+        score = (share or 0.0, result["overall"]["finding_accuracy"] or 0.0)
+        is_best = best is None or score > tuple(best["score"])
+        if is_best:
+            best = {"epoch": epoch, "score": list(score), "overall": result["overall"]}
+            save_adapter(model.unet, root / "best", {"run": str(root), "epoch": epoch, "heldout": result["overall"],
+                                                     "base_model": base_model, "kind": "synthmed LoRA adapter (best held-out)"})
+        lines.append({"kind": "eval", "epoch": epoch, **result, "best": is_best})
+        message = guard.observe(epoch, epoch_reward, share, result["overall"]["fd"])
+        if message:
+            lines.append({"kind": "guard", "epoch": epoch, "message": message})
+        return message
+
+    def finish_epoch(epoch: int, lines: list[dict], samples: list[dict]) -> None:
+        if stop_after and stop_after("logs", epoch):
+            raise SystemExit(f"stopped before the logs of epoch {epoch}")
+        if main:
+            append_lines(metrics_path, lines)
+            append_lines(samples_path, samples)
+        if stop_after and stop_after("checkpoint", epoch):
+            raise SystemExit(f"stopped before the checkpoint of epoch {epoch}")
+        if main:
+            _checkpoint(root, epoch, model, trainer, guard, best, base_model, ic.keep_checkpoints)
+            for record in lines:
+                _track(accelerator, record)
+            try:
+                from .run_plots import draw_plots
+
+                if any(r["kind"] == "eval" for r in lines) or epoch == ic.ddpo.epochs:
+                    draw_plots(root)
+            except ImportError:  # plots are drawn by pipelines.run_plots where it is installed
+                pass
+        accelerator.wait_for_everyone()
+
+    stopped = None
+    if start_epoch == 0:  # the base model, evaluated once
+        lines: list[dict] = []
+        if main:
+            stopped = evaluate(0, lines, None)
+        finish_epoch(0, lines, [])
+        start_epoch = 1
+    for epoch in range(start_epoch, ic.ddpo.epochs + 1):
+        if stopped:
+            break
+        t0 = time.perf_counter()
+        prompts = sampler.draw(n_prompts * world, epoch, ic.ddpo.seed)  # the global batch; this rank takes its slice
+        items = [p for p in prompts for _ in range(k)]
+        groups = [f"{epoch}:{i // k}" for i in range(len(items))]
+        mine = slice(accelerator.process_index * n_prompts * k, (accelerator.process_index + 1) * n_prompts * k)
+        rollout = trainer.rollout(items[mine], list(range(len(items)))[mine], epoch, progress)
+        if stop_after and stop_after("rollout", epoch):
+            raise SystemExit(f"stopped after the rollouts of epoch {epoch}")
+        t1 = time.perf_counter()
+        result = reward(rollout.images, rollout.items)
+        total = _gather(accelerator, result.total)
+        components = {name: _gather(accelerator, value) for name, value in result.components.items()}
+        bad = np.flatnonzero(~np.isfinite(total))
+        if len(bad):
+            i = int(bad[0])
+            raise NonFiniteError(f"non-finite reward in epoch {epoch} for sample {i} (modality {items[i].modality}, prompt "
+                                 f"{items[i].prompt[:80]!r}); components: "
+                                 f"{ {n: float(v[i]) for n, v in components.items() if '/' not in n} }; nothing of this epoch was written")
+        t2 = time.perf_counter()
+        advantages = trainer.advantages(total, groups, [it.prompt for it in items])
+        update = trainer.update(rollout, advantages[mine], epoch, progress)
+        if stop_after and stop_after("update", epoch):
+            raise SystemExit(f"stopped after the update of epoch {epoch}")
+        t3 = time.perf_counter()
+        selected = trainer.selected(total, components)
+        selection_steps: list[dict] = []
+        if selected.any():
+            finals = _gather_latents(accelerator, rollout.latents[:, -1])
+            idx = np.flatnonzero(selected)
+            sel = trainer.selection_update(finals[torch.as_tensor(idx)], [items[i] for i in idx], total[idx], epoch, progress)
+            selection_steps = sel.steps
+        t4 = time.perf_counter()
+        overall, per_modality = epoch_reward_summary(items, total, components)
+        seconds = {"sampling": t1 - t0, "reward": t2 - t1, "update": t3 - t2, "selection": t4 - t3}
+        lines = [*update.steps, *selection_steps]
+        epoch_line = {"kind": "epoch", "epoch": epoch, "n_samples": len(items), "reward": overall, "per_modality": per_modality,
+                      "selected": int(selected.sum()), "seconds": seconds}
+        lines.append(epoch_line)
+        samples = [{"epoch": epoch, "index": i, "rank": i // (n_prompts * k), "prompt": it.prompt, "negative": it.negative,
+                    "request": it.request, "modality": it.modality, "key": it.key,
+                    "expected": {f["name"]: {kk: v for kk, v in f.items() if kk != "name"} for f in it.findings},
+                    "seed": int(np.random.default_rng([ic.ddpo.seed, epoch, i]).integers(2**31 - 1)),
+                    "reward": float(total[i]), "components": {n: float(v[i]) for n, v in components.items()},
+                    "advantage": float(advantages[i]), "selected": bool(selected[i])} for i, it in enumerate(items)]
+        if main:
+            tiles = min(ic.grid_images, len(rollout.items))
+            _save_grid(rollout.images[:tiles], [it.modality for it in rollout.items[:tiles]], cfg, root / "grids" / f"epoch_{epoch:04d}.png",
+                       columns=k * 4 if tiles >= k * 4 else tiles)
+            if epoch % ic.eval.every == 0 or epoch == ic.ddpo.epochs:
+                te = time.perf_counter()
+                stopped = evaluate(epoch, lines, overall["total"]["mean"])
+                seconds["eval"] = time.perf_counter() - te
+        if world > 1:
+            flag = [stopped]
+            broadcast_object_list(flag)
+            stopped = flag[0]
+        seconds["total"] = time.perf_counter() - t0
+        finish_epoch(epoch, lines, samples)
+        if main:
+            print(f"epoch {epoch}/{ic.ddpo.epochs}: reward {overall['total']['mean']:.4f} (findings "
+                  f"{overall.get('findings', {}).get('mean') or 0:.3f}), {int(selected.sum())} selected, "
+                  f"{seconds['total']:.0f} s (sampling {seconds['sampling']:.0f}, reward {seconds['reward']:.0f}, "
+                  f"update {seconds['update']:.0f}, selection {seconds['selection']:.0f})", flush=True)
+
+    last = latest_checkpoint(root)
+    last_epoch = int(json.loads((last / "state.json").read_text())["epoch"]) if last else 0
+    status = "stopped_reward_hacking" if stopped else "finished"
+    end = {"kind": "end", "epoch": last_epoch, "status": status, "message": stopped or f"finished {last_epoch} epochs",
+           "best": best}
+    if main:
+        save_adapter(model.unet, root / "final", {"run": str(root), "epoch": last_epoch, "base_model": base_model,
+                                                  "kind": "synthmed LoRA adapter (final)"})
+        append_lines(metrics_path, [end])  # after the last checkpoint: a resumed run moves it to metrics.jsonl.orphaned
+        metadata.update({"status": status, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "epochs_done": last_epoch, "best": best})
+        _write_json(metadata_path, metadata)
+        try:
+            from .run_plots import draw_plots
+
+            draw_plots(root)
+        except ImportError:
+            pass
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    end["run"] = str(root)
+    return end
+
+
+def _gather_latents(accelerator, latents: torch.Tensor) -> torch.Tensor:
+    if accelerator.num_processes == 1:
+        return latents
+    return accelerator.gather(latents.to(accelerator.device)).cpu()
+
+
+def _track(accelerator, record: dict) -> None:
+    if not accelerator.trackers:
+        return
+    values = {}
+    if record["kind"] == "step":
+        values = {f"train/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("epoch", "step")}
+        accelerator.log(values, step=record["step"])
+    elif record["kind"] == "epoch":
+        values = {f"reward/{k}": v["mean"] for k, v in record["reward"].items() if v["mean"] is not None}
+        accelerator.log(values, step=record["epoch"])
+    elif record["kind"] == "eval":
+        values = {f"heldout/{k}": v for k, v in record["overall"].items() if v is not None}
+        accelerator.log(values, step=record["epoch"])
+
+
+def _save_grid(images: torch.Tensor, modalities: list[str], cfg: SynthmedConfig, path: Path, columns: int) -> None:
+    from generator.sampling import SampleOutput
+    from generator.trainers import save_grid
+
+    if len(images) == 0:
+        return
+    channels = {m: spec.channels for m, spec in cfg.data.modalities.items()}
+    tiles = SampleOutput(images).to_uint8(modalities, channels)
+    save_grid(tiles, path, max(1, min(columns, len(tiles))))
+
+
+def _checkpoint(root: Path, epoch: int, model, trainer, guard: RewardHackingGuard, best: dict | None, base_model: str, keep: int) -> Path:
+    from generator.lora import save_lora
+
+    folder = root / "checkpoints" / f"epoch_{epoch:04d}"
+    tmp = root / "checkpoints" / f".tmp_epoch_{epoch:04d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_lora(model.unet, tmp / "lora.safetensors")
+    torch.save({"trainer": trainer.state_dict(), "rng": _rng_state()}, tmp / "trainer_state.pt")
+    logs = {name: (root / name).stat().st_size if (root / name).exists() else 0 for name in ("metrics.jsonl", "samples.jsonl")}
+    _write_json(tmp / "state.json", {"epoch": epoch, "logs": logs, "guard": guard.state_dict(), "best": best,
+                                     "base_model": base_model, "global_step": trainer.global_step})
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    for old in sorted(p for p in (root / "checkpoints").glob("epoch_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+__all__ = ["Parts", "ResumeError", "RewardHackingGuard", "append_lines", "build_parts", "config_differences", "latest_checkpoint",
+           "resolve_lora", "resume_config", "run_improve", "save_adapter"]

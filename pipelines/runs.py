@@ -1,0 +1,288 @@
+"""Reading the run directories of ``synthmed improve``: plain data for ``synthmed runs`` and the plots.
+
+A run directory (``runs/<id>/``) is written by the loop and only read here:
+
+- ``metadata.json``: ``{"kind": "synthmed improve run", "status", "started", "epochs_planned", ...}``;
+- ``metrics.jsonl``: append-only, one object per line, each with a ``kind``: ``step`` (one optimiser
+  step), ``epoch`` (reward statistics and timing), ``eval`` (held-out metrics; epoch 0 is the base
+  model), ``guard`` (reward hacking suspected) and ``end``;
+- ``grids/epoch_NNNN.png``, ``plots/*.png``, ``checkpoints/epoch_NNNN/``, ``final/``, ``best/``.
+
+A run that was killed may end in half a line: an unparseable *last* line is skipped with a warning.
+Anywhere else it is an error that names the file and line, since the lines after it were written by
+something that did not keep the contract. Where a resumed run logged an epoch twice, the later
+line wins.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RUN_KIND = "synthmed improve run"  # metadata.json "kind" of a run directory
+LINE_KINDS = ("step", "epoch", "eval", "guard", "end")  # the "kind"s of metrics.jsonl lines
+TIMING_PARTS = ("sampling", "reward", "update", "selection", "total")  # an epoch line's "seconds"
+
+
+# -- files ------------------------------------------------------------------------------------
+def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
+    """The objects of a JSON-lines file, and a warning for a cut-off last line (if any)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    records, warnings = [], []
+    for position, (number, line) in enumerate(numbered):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if position == len(numbered) - 1:
+                warnings.append(f"{path}:{number}: skipped the last line, cut short ({exc.msg}); "
+                                "the run was killed or is writing it now")
+                continue
+            raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg}); only a run's last line may be "
+                             "incomplete, so this file was damaged or written by something else") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records, warnings
+
+
+def _load_metrics(run_dir: Path) -> tuple[list[dict], list[str]]:
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run directory {run_dir}")
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return [], []  # started, nothing logged yet
+    records, warnings = _read_jsonl(path)
+    for w in warnings:
+        log.warning(w)
+    return records, warnings
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Every line of ``run_dir/metrics.jsonl`` in order ([] when the run has logged nothing yet)."""
+    return _load_metrics(Path(run_dir))[0]
+
+
+def _read_metadata(run_dir: Path) -> dict | None:
+    path = run_dir / "metadata.json"
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg})") from None
+    return meta if isinstance(meta, dict) else None
+
+
+def is_run_dir(folder: Path) -> bool:
+    """A ``synthmed improve`` run: its metadata.json says so, or, before the metadata is written, its
+    metrics.jsonl starts with one of the loop's lines. (``synthmed train`` runs share ``runs/`` and
+    also keep a metrics.jsonl, without ``kind``s.)"""
+    try:
+        meta = _read_metadata(folder)
+    except ValueError:
+        meta = None
+    if meta is not None:
+        return meta.get("kind") == RUN_KIND
+    metrics = folder / "metrics.jsonl"
+    if not metrics.is_file():
+        return False
+    with open(metrics, encoding="utf-8") as f:
+        first = f.readline()
+    try:
+        return json.loads(first).get("kind") in LINE_KINDS
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+# -- one run ----------------------------------------------------------------------------------
+def lines_by_epoch(records: list[dict], kind: str) -> list[dict]:
+    """The ``kind`` lines, one per epoch (the later of two wins), by epoch."""
+    out = {r["epoch"]: r for r in records if r.get("kind") == kind and isinstance(r.get("epoch"), int)}
+    return [out[e] for e in sorted(out)]
+
+
+def keys_in_order(dicts: list[dict], skip: tuple[str, ...] = ()) -> list[str]:
+    seen: dict[str, None] = {}
+    for d in dicts:
+        for key in d or {}:
+            if key not in skip:
+                seen.setdefault(key, None)
+    return list(seen)
+
+
+def _mean(values: list[Any]) -> float | None:
+    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return sum(numbers) / len(numbers) if numbers else None
+
+
+def best_epoch(evals: list[dict]) -> int | None:
+    # An eval line is marked best when it beat every earlier one, so the last mark is the best.
+    marked = [e["epoch"] for e in evals if e.get("best")]
+    return marked[-1] if marked else None
+
+
+def _status(meta: dict, end: dict | None) -> str:
+    if end is not None and end.get("status"):
+        return end["status"]
+    return meta.get("status") or "unknown"
+
+
+def summarise(run_dir: Path, records: list[dict], meta: dict) -> dict[str, Any]:
+    """The parts of a run both ``list_runs`` and ``show_run`` report."""
+    epochs, evals = lines_by_epoch(records, "epoch"), lines_by_epoch(records, "eval")
+    ends = [r for r in records if r.get("kind") == "end"]
+    end = ends[-1] if ends else None
+    base = next((e for e in evals if e["epoch"] == 0), None)
+    last = evals[-1] if evals else None
+
+    def overall(record: dict | None, key: str) -> Any:
+        return (record.get("overall") or {}).get(key) if record else None
+
+    return {
+        "id": run_dir.name, "path": str(run_dir), "status": _status(meta, end),
+        "started": meta.get("started"), "finished": meta.get("finished"),
+        "epochs_done": epochs[-1]["epoch"] if epochs else 0, "epochs_planned": meta.get("epochs_planned"),
+        "last_eval_epoch": last["epoch"] if last else None,
+        "all_requested_shown": overall(last, "all_requested_shown"), "fd": overall(last, "fd"),
+        "base_all_requested_shown": overall(base, "all_requested_shown"), "base_fd": overall(base, "fd"),
+        "best_epoch": best_epoch(evals),
+    }
+
+
+def _paths(run_dir: Path, best: int | None) -> dict[str, Any]:
+    def files(folder: str, pattern: str) -> list[str]:
+        return [str(p) for p in sorted((run_dir / folder).glob(pattern)) if p.is_file()]
+
+    def folder(name: str) -> str | None:
+        return str(run_dir / name) if (run_dir / name).is_dir() else None
+
+    def existing(name: str) -> str | None:
+        return str(run_dir / name) if (run_dir / name).is_file() else None
+
+    # checkpoints/epoch_NNNN only: a checkpoint still being written has another name
+    checkpoints = sorted(p for p in (run_dir / "checkpoints").glob("epoch_*") if p.is_dir() and p.name[6:].isdigit())
+    return {
+        "config": existing("config.yaml"), "metadata": existing("metadata.json"), "metrics": existing("metrics.jsonl"),
+        "samples": existing("samples.jsonl"), "plots": files("plots", "*.png"), "grids": files("grids", "epoch_*.png"),
+        "final": folder("final"), "best": folder("best"), "best_epoch": best,
+        "checkpoints": [str(p) for p in checkpoints],
+    }
+
+
+def _mean_of(stats: Any) -> Any:
+    return stats.get("mean") if isinstance(stats, dict) else stats
+
+
+def _epoch_row(epoch: dict, steps: list[dict], modalities: list[str]) -> dict[str, Any]:
+    reward = epoch.get("reward") or {}
+    per_modality = epoch.get("per_modality") or {}
+    ddpo = [s for s in steps if s.get("stage", "ddpo") == "ddpo"]
+    return {
+        "epoch": epoch["epoch"], "n_samples": epoch.get("n_samples"), "selected": epoch.get("selected"),
+        "reward": {name: _mean_of(stats) for name, stats in reward.items()},
+        "per_modality_total": {m: _mean_of((per_modality.get(m) or {}).get("total")) for m in modalities},
+        "steps": len(steps), "approx_kl": _mean([s.get("approx_kl") for s in ddpo]),
+        "clipfrac": _mean([s.get("clipfrac") for s in ddpo]), "seconds": (epoch.get("seconds") or {}).get("total"),
+    }
+
+
+def _eval_row(record: dict, modalities: list[str], best: int | None) -> dict[str, Any]:
+    per_modality = record.get("per_modality") or {}
+    return {
+        "epoch": record["epoch"], "base": record["epoch"] == 0, "best": record["epoch"] == best,
+        "overall": dict(record.get("overall") or {}),
+        "all_requested_shown": {m: (per_modality.get(m) or {}).get("all_requested_shown") for m in modalities},
+        "seconds": record.get("seconds"),
+    }
+
+
+def resolve_run(run: str | Path, runs_dir: str | Path = "runs") -> Path:
+    """A run directory from a path or an id under ``runs_dir``; FileNotFoundError names the known runs."""
+    as_path = Path(run)
+    # A bare id is looked up under runs_dir first; anything with a separator is a path.
+    candidates = [as_path] if len(as_path.parts) > 1 else [Path(runs_dir) / as_path, as_path]
+    for candidate in candidates:
+        if (candidate / "metrics.jsonl").is_file() or (candidate / "metadata.json").is_file():
+            if not is_run_dir(candidate):
+                raise ValueError(f"{candidate} is not a synthmed improve run (its metadata.json kind is not "
+                                 f"{RUN_KIND!r}, or its metrics.jsonl has no loop lines)")
+            return candidate
+    empty = next((c for c in candidates if c.is_dir()), None)
+    if empty is not None:
+        raise FileNotFoundError(f"{empty} holds neither metrics.jsonl nor metadata.json: not a run directory")
+    known = [r["id"] for r in list_runs(runs_dir)]
+    listing = ", ".join(known[:20]) + (f", ... ({len(known)} in all)" if len(known) > 20 else "")
+    raise FileNotFoundError(f"no run {str(run)!r} in {runs_dir}; "
+                            + (f"known runs (newest first): {listing}" if known else "it holds no runs yet"))
+
+
+def show_run(run: str | Path, runs_dir: str | Path = "runs") -> dict[str, Any]:
+    """Everything about one run: its epochs (reward means), evaluations (held-out metrics), guard
+    messages, how it ended, where its files are and where the time went."""
+    run_dir = resolve_run(run, runs_dir)
+    meta = _read_metadata(run_dir) or {}
+    records, warnings = _load_metrics(run_dir)
+    summary = summarise(run_dir, records, meta)
+    epochs, evals = lines_by_epoch(records, "epoch"), lines_by_epoch(records, "eval")
+    steps = [r for r in records if r.get("kind") == "step"]
+    components = keys_in_order([e.get("reward") for e in epochs], skip=("total",))
+    modalities = keys_in_order([e.get("per_modality") for e in epochs + evals])
+    ends = [r for r in records if r.get("kind") == "end"]
+    steps_by_epoch: dict[int, list[dict]] = {}
+    for s in steps:
+        steps_by_epoch.setdefault(s.get("epoch"), []).append(s)
+    timed = [e.get("seconds") or {} for e in epochs]
+    return {
+        **summary,
+        "metadata": meta, "components": components, "modalities": modalities,
+        "epochs": [_epoch_row(e, steps_by_epoch.get(e["epoch"], []), modalities) for e in epochs],
+        "evals": [_eval_row(e, modalities, summary["best_epoch"]) for e in evals],
+        "guards": [{"epoch": r.get("epoch"), "message": r.get("message", "")} for r in records if r.get("kind") == "guard"],
+        "end": {k: ends[-1].get(k) for k in ("epoch", "status", "message")} if ends else None,
+        "steps": {"count": len(steps),
+                  "last_step": max((s["step"] for s in steps if isinstance(s.get("step"), int)), default=None)},
+        "timing": {"epochs": len(timed), **{part: _mean([t.get(part) for t in timed]) for part in TIMING_PARTS},
+                   "eval": _mean([e.get("seconds") for e in evals])},
+        "paths": _paths(run_dir, summary["best_epoch"]),
+        "warnings": warnings,
+    }
+
+
+# -- all runs ---------------------------------------------------------------------------------
+def _started_at(run_dir: Path, meta: dict) -> float:
+    started = meta.get("started")
+    if isinstance(started, str):
+        try:
+            return datetime.fromisoformat(started.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            pass
+    return run_dir.stat().st_mtime
+
+
+def list_runs(runs_dir: str | Path = "runs") -> list[dict[str, Any]]:
+    """One summary per ``synthmed improve`` run under ``runs_dir``, newest first. A run whose files
+    cannot be read is listed with status "unreadable" and the reason under "error", so one damaged
+    run does not hide the others."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not is_run_dir(folder):
+            continue
+        try:
+            meta = _read_metadata(folder) or {}
+            row = summarise(folder, _load_metrics(folder)[0], meta) | {"error": None}
+        except (ValueError, OSError) as exc:
+            meta = {}
+            row = summarise(folder, [], meta) | {"status": "unreadable", "error": str(exc)}
+        found.append((_started_at(folder, meta), folder.name, row))
+    found.sort(key=lambda item: (item[0], item[1]), reverse=True)
+    return [row for _, _, row in found]
+

@@ -1,0 +1,163 @@
+"""The loop's reward: a weighted composite of judges, every component kept per sample.
+
+Components (``improve.reward.weights``):
+
+- ``findings``: the verifier's per-finding agreement from the **reward-role** classifier against the
+  prompt's structured expectation (``mean(p_f if f is present else 1 - p_f)``), never a re-parse of
+  the text; details ``prob/<finding>`` and ``verifier_pass`` (every expected finding on the right
+  side of 0.5);
+- ``alignment``: CLIP cosine between the image and its prompt (the shipped alignment model);
+- ``selector``: the selector's learned quality in [0, 1], with ``above_threshold``;
+- ``quality``: 1 when no quality check fails (blank, saturated, out of field, NaN), else 0.
+
+The held-out evaluator can never enter: asking for it is an error, and the finding component refuses
+classifiers of any role but ``reward`` (:class:`rlhf.classifiers.FindingScorer`).
+
+Items are anything with ``.prompt``, ``.modality`` and ``.expected`` (``{finding: present}``), such as
+:class:`agents.requests.ImagePrompt`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import FORBIDDEN_IN_REWARD, REWARD_COMPONENTS, EvalConfig, JudgesConfig, RewardConfig
+from .metrics import quality_checks
+from .scorers import ScoreResult, as_image_batch, build_scorer, check_inputs, register_scorer
+
+
+class QualityScorer:
+    """1 where no quality check fails, else 0; details name each flag."""
+
+    name = "quality"
+
+    def __init__(self, config: EvalConfig | None = None):
+        self.config = config or EvalConfig()
+
+    def score(self, images: Any, prompts: Sequence[str], modalities: Sequence[str]) -> ScoreResult:
+        batch = as_image_batch(images)
+        check_inputs(batch, prompts, modalities)
+        checks = quality_checks(batch, list(modalities), self.config)
+        details = {flag: np.array([float(c[flag]) for c in checks]) for flag in ("nan", "blank", "saturated", "out_of_field")}
+        return np.array([float(c["ok"]) for c in checks]), details
+
+
+@register_scorer("quality")
+def quality_scorer(config: EvalConfig | None = None) -> QualityScorer:
+    return QualityScorer(config)
+
+
+@dataclass
+class RewardResult:
+    total: np.ndarray  # (B,) the weighted sum
+    components: dict[str, np.ndarray]  # each component (B,) by name, and "<component>/<detail>" (B,)
+
+    def component_names(self) -> list[str]:
+        return [k for k in self.components if "/" not in k]
+
+
+def check_weights(weights: Mapping[str, float]) -> None:
+    """One clear error for a reward that names the evaluator or an unknown component."""
+    forbidden = [k for k in weights if k in FORBIDDEN_IN_REWARD or "evaluator" in k]
+    if forbidden:
+        raise ValueError(f"improve.reward.weights.{forbidden[0]}: the held-out evaluator can never enter a reward "
+                         f"(it judges the result); reward components: {', '.join(REWARD_COMPONENTS)}")
+    unknown = [k for k in weights if k not in REWARD_COMPONENTS]
+    if unknown:
+        raise ValueError(f"improve.reward.weights.{unknown[0]}: unknown reward component {unknown[0]!r}; "
+                         f"known: {', '.join(REWARD_COMPONENTS)}")
+    if not weights or not any(w != 0 for w in weights.values()):
+        raise ValueError(f"improve.reward.weights: give at least one non-zero weight among {', '.join(REWARD_COMPONENTS)}")
+    bad = {k: w for k, w in weights.items() if not np.isfinite(w)}
+    if bad:
+        raise ValueError(f"improve.reward.weights: weights must be finite numbers, got {bad}")
+
+
+class Reward:
+    """``reward(images, items) -> RewardResult``; components with weight 0 are still measured and logged."""
+
+    def __init__(self, weights: Mapping[str, float], scorers: Mapping[str, Any]):
+        check_weights(weights)
+        missing = [k for k in weights if k not in scorers]
+        if missing:
+            raise ValueError(f"no scorer given for reward component(s) {', '.join(missing)}")
+        finding = scorers.get("findings")
+        if finding is not None and getattr(finding, "role", None) != "reward":
+            raise ValueError(f"the findings component must use the reward-role classifiers, got role {getattr(finding, 'role', None)!r}; "
+                             "the held-out evaluator can never enter a reward")
+        self.weights = dict(weights)
+        self.scorers = dict(scorers)
+
+    @property
+    def finding_scorer(self):
+        return self.scorers.get("findings")
+
+    def __call__(self, images: torch.Tensor, items: Sequence[Any]) -> RewardResult:
+        batch = as_image_batch(images)
+        prompts = [it.prompt for it in items]
+        modalities = [it.modality for it in items]
+        check_inputs(batch, prompts, modalities)
+        n = batch.shape[0]
+        total = np.zeros(n, dtype=np.float64)
+        components: dict[str, np.ndarray] = {}
+        for name, scorer in self.scorers.items():
+            if name == "findings":
+                expected = [dict(it.expected) for it in items]
+                scores, details = scorer.score(batch, prompts, modalities, expected=expected)
+                details = {k: v for k, v in details.items() if k != "agreement"}
+                details["verifier_pass"] = verifier_pass(details, expected, modalities)
+            else:
+                scores, details = scorer.score(batch, prompts, modalities)
+            components[name] = np.asarray(scores, dtype=np.float64)
+            for key, value in details.items():
+                components[f"{name}/{key}"] = np.asarray(value, dtype=np.float64)
+            total += self.weights.get(name, 0.0) * components[name]
+        return RewardResult(total, components)
+
+
+def verifier_pass(details: Mapping[str, np.ndarray], expected: Sequence[Mapping[str, bool]], modalities: Sequence[str],
+                  threshold: float = 0.5) -> np.ndarray:
+    """1 where every expected finding the classifier knows is on the right side of ``threshold``."""
+    out = np.ones(len(expected))
+    for i, stated in enumerate(expected):
+        for name, present in stated.items():
+            probs = details.get(f"prob/{name}")
+            if probs is None or not np.isfinite(probs[i]):
+                continue
+            if (probs[i] >= threshold) != bool(present):
+                out[i] = 0.0
+                break
+    return out
+
+
+def build_reward(cfg: RewardConfig, judges: JudgesConfig, modalities: Sequence[str], device: str = "cpu") -> Reward:
+    """The reward of ``cfg.weights`` from the shipped (or configured) judges. Every named component is loaded;
+    ``findings`` is always loaded too (stage 2's verifier pass needs it) and logged even at weight 0."""
+    check_weights(cfg.weights)
+    wanted = dict(cfg.weights)
+    wanted.setdefault("findings", 0.0)
+    scorers: dict[str, Any] = {}
+    alignment = None
+    for name in wanted:
+        if name == "findings":
+            scorers[name] = build_scorer("finding_reward", root=judges.classifier.out, modalities=list(modalities), device=device)
+        elif name in ("alignment", "selector"):
+            if alignment is None:
+                from .alignment import load_alignment
+
+                alignment = load_alignment(judges.alignment if judges.alignment.model else judges.alignment.out, device=device)
+            if name == "alignment":
+                scorers[name] = build_scorer("alignment", model=alignment)
+            else:
+                scorers[name] = build_scorer("selector", folder=judges.selector.out, alignment=alignment, device=device)
+        elif name == "quality":
+            scorers[name] = build_scorer("quality", config=judges.eval)
+    return Reward(wanted, scorers)
+
+
+__all__ = ["QualityScorer", "Reward", "RewardResult", "build_reward", "check_weights", "quality_scorer", "verifier_pass"]

@@ -1,0 +1,358 @@
+"""The DDPO trainer: rollouts with log probabilities, rewards, group advantages, PPO-clip updates of the
+UNet's LoRA weights, and stage 2 (active selection: a reward-weighted denoising update on the samples
+the selector and the verifier keep).
+
+It receives its parts (policy, reward, accelerator, settings) and builds none of them; the run
+directory, evaluation and resume live in :mod:`pipelines.improve`. The maths is in :mod:`rlhf.ddpo`.
+
+Several processes (``accelerate launch``): every rank rolls out its own slice of the epoch's prompts
+with its own seeds (both keyed by the *global* sample index, so one process with the whole batch
+draws exactly the same samples); rewards are gathered so advantages see every sample of a group;
+each rank's loss is a sum normalised by the global number of terms, and gradients are summed across
+ranks before the optimiser step, so N processes make the update one process would make with the same
+total batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from generator.ddim_logprob import ddim_step_with_logprob
+from generator.lora import adapters_disabled, lora_parameters
+from generator.models import LatentDiffusion, latent_size
+from generator.sampling import guided_conditioning, guided_prediction, initial_noise
+
+from .config import DDPOConfig, SelectionConfig
+from .ddpo import PerPromptStatTracker, batch_advantages, clip_advantages, gaussian_kl, group_advantages, ppo_clip_loss
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(ValueError):
+    """A NaN or infinite loss or reward: the loop stops before anything of the epoch is written."""
+
+
+@dataclass
+class Rollout:
+    """One rank's rollouts of an epoch."""
+
+    items: list[Any]  # ImagePrompt per sample
+    seeds: list[int]  # noise seed per sample
+    indices: list[int]  # global sample index per sample
+    latents: torch.Tensor  # (B, T + 1, C, h, w): x_T ... x_0
+    log_probs: torch.Tensor  # (B, T) float32
+    timesteps: torch.Tensor  # (T,)
+    images: torch.Tensor  # (B, 3, H, W) in [-1, 1], float32 on the CPU
+    seconds: float = 0.0
+
+
+@dataclass
+class UpdateStats:
+    steps: list[dict] = field(default_factory=list)  # one record per optimiser step
+    seconds: float = 0.0
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The noise seed of global sample ``index`` of ``epoch``: distinct across epochs and ranks."""
+    return int(np.random.default_rng([seed, epoch, index]).integers(2**31 - 1))
+
+
+class DDPOTrainer:
+    def __init__(self, model: LatentDiffusion, reward: Callable, cfg: DDPOConfig, selection: SelectionConfig,
+                 accelerator, selector_threshold: float | None = None):
+        self.model = model
+        self.reward = reward
+        self.cfg = cfg
+        self.selection = selection
+        self.accelerator = accelerator
+        self.params = [p for p in lora_parameters(model.unet) if p.requires_grad]
+        if not self.params:
+            raise ValueError("the UNet has no trainable LoRA parameters; add an adapter with generator.lora.add_lora first")
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.tracker = PerPromptStatTracker(cfg.tracker_buffer, cfg.tracker_min_count) if cfg.advantages == "tracker" else None
+        self.selector_threshold = selection.threshold if selection.threshold is not None else selector_threshold
+        self.global_step = 0
+        model.scheduler.set_timesteps(cfg.steps)
+        self.timesteps = model.scheduler.timesteps.clone()
+
+    # -- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "tracker": self.tracker.state_dict() if self.tracker else None,
+                "global_step": self.global_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.tracker is not None and state.get("tracker") is not None:
+            self.tracker.load_state_dict(state["tracker"])
+        self.global_step = int(state["global_step"])
+
+    # -- sampling -----------------------------------------------------------------------------
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    def local_slice(self, n_global: int) -> slice:
+        per = n_global // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    @torch.no_grad()
+    def rollout(self, items: Sequence[Any], indices: Sequence[int], epoch: int, progress: bool = True) -> Rollout:
+        """K images per prompt were expanded by the caller: ``items[i]`` is drawn with seed
+        ``sample_seed(cfg.seed, epoch, indices[i])``; DDIM with eta > 0 and guidance, keeping every latent
+        and each step's log probability (float32)."""
+        cfg, model = self.cfg, self.model
+        started = time.perf_counter()
+        seeds = [sample_seed(cfg.seed, epoch, i) for i in indices]
+        size = latent_size(model.cfg)
+        shape = (model.cfg.latent_channels, size, size)
+        scheduler = model.scheduler
+        scheduler.set_timesteps(cfg.steps)
+        all_latents, all_logp, images = [], [], []
+        bar = tqdm(total=len(items), desc=f"epoch {epoch}: rollouts", unit=" img", disable=not progress, leave=False)
+        model.unet.eval()
+        for start in range(0, len(items), cfg.sample_batch_size):
+            chunk = list(items[start:start + cfg.sample_batch_size])
+            chunk_seeds = seeds[start:start + len(chunk)]
+            noise = [initial_noise(1, shape, s) for s in chunk_seeds]
+            latents = torch.cat([x for x, _ in noise]).to(model.device) * scheduler.init_noise_sigma
+            generators = [g[0] for _, g in noise]
+            cond = guided_conditioning(model, [it.prompt for it in chunk], [it.modality for it in chunk],
+                                       [it.negative for it in chunk], cfg.guidance)
+            trajectory, logps = [latents], []
+            for t in scheduler.timesteps:
+                prediction = guided_prediction(model, latents, t.expand(len(chunk)), cond, cfg.guidance)
+                step = ddim_step_with_logprob(scheduler, prediction, t, latents, eta=cfg.eta, generator=generators,
+                                              reduce=cfg.logprob_reduce)
+                latents = step.prev_sample
+                trajectory.append(latents)
+                logps.append(step.log_prob.float())
+            all_latents.append(torch.stack(trajectory, dim=1).cpu())  # (b, T + 1, C, h, w)
+            all_logp.append(torch.stack(logps, dim=1).cpu())  # (b, T)
+            images.append(model.decode(latents).float().cpu())
+            bar.update(len(chunk))
+        bar.close()
+        return Rollout(list(items), seeds, list(indices), torch.cat(all_latents), torch.cat(all_logp), scheduler.timesteps.clone(),
+                       torch.cat(images), time.perf_counter() - started)
+
+    # -- advantages ---------------------------------------------------------------------------
+    def advantages(self, rewards: np.ndarray, groups: Sequence[str], prompts: Sequence[str]) -> np.ndarray:
+        """Normalised, clipped advantages of the whole (gathered) epoch batch."""
+        if self.cfg.advantages == "group":
+            adv = group_advantages(rewards, groups)
+        elif self.cfg.advantages == "tracker":
+            adv = self.tracker.update(list(prompts), rewards)
+        else:
+            adv = batch_advantages(rewards)
+        return clip_advantages(adv, self.cfg.adv_clip_max)
+
+    # -- stage 1: PPO-clip ----------------------------------------------------------------------
+    def _train_timesteps(self, epoch: int, inner: int, index: int) -> np.ndarray:
+        """Which steps of sample ``index``'s trajectory are trained on: a fresh draw per sample and pass."""
+        steps = len(self.timesteps)
+        n = max(1, int(round(steps * self.cfg.timestep_fraction)))
+        return np.random.default_rng([self.cfg.seed, epoch, inner, index, 7]).permutation(steps)[:n]
+
+    def _sync_gradients(self) -> None:
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = self.accelerator.reduce(flat, reduction="sum")
+        offset = 0
+        for p, g in zip(self.params, grads):
+            n = g.numel()
+            p.grad = flat[offset:offset + n].view_as(g).clone()
+            offset += n
+
+    def _optimiser_step(self) -> float:
+        self._sync_gradients()
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        if not math.isfinite(norm):
+            raise NonFiniteError(f"the gradient norm is {norm} at optimiser step {self.global_step + 1}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        return norm
+
+    def update(self, rollout: Rollout, advantages: np.ndarray, epoch: int, progress: bool = True) -> UpdateStats:
+        """PPO-clip over a sampled fraction of each trajectory's steps, ``inner_epochs`` passes."""
+        cfg, model = self.cfg, self.model
+        started = time.perf_counter()
+        stats = UpdateStats()
+        n = len(rollout.items)
+        adv = torch.as_tensor(advantages, dtype=torch.float32)
+        scheduler = model.scheduler
+        scheduler.set_timesteps(cfg.steps)
+        model.unet.train()
+        micro = cfg.train_batch_size
+        per_step = micro * cfg.grad_accum_steps
+        n_steps = math.ceil(n / per_step)
+        bar = tqdm(total=cfg.inner_epochs * n_steps, desc=f"epoch {epoch}: update", unit=" step", disable=not progress, leave=False)
+        for inner in range(cfg.inner_epochs):
+            order = np.random.default_rng([cfg.seed, epoch, inner, 11]).permutation(n)
+            for s in range(n_steps):
+                members = order[s * per_step:(s + 1) * per_step]
+                train_steps = {int(i): self._train_timesteps(epoch, inner, rollout.indices[i]) for i in members}
+                local_terms = sum(len(v) for v in train_steps.values())
+                global_terms = local_terms * self.world  # ranks hold equal shares (checked by the loop)
+                acc = {"policy_loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "ratio_min": math.inf, "ratio_max": -math.inf}
+                for m in range(0, len(members), micro):
+                    batch = members[m:m + micro]
+                    items = [rollout.items[i] for i in batch]
+                    with torch.no_grad():
+                        cond = guided_conditioning(model, [it.prompt for it in items], [it.modality for it in items],
+                                                   [it.negative for it in items], cfg.guidance)
+                    n_train = len(train_steps[int(batch[0])])
+                    for j in range(n_train):
+                        idx = torch.as_tensor([int(train_steps[int(i)][j]) for i in batch])
+                        rows = torch.as_tensor(batch)
+                        x_t = rollout.latents[rows, idx].to(model.device)
+                        x_prev = rollout.latents[rows, idx + 1].to(model.device)
+                        t = rollout.timesteps[idx].to(model.device)
+                        old = rollout.log_probs[rows, idx].to(model.device)
+                        prediction = guided_prediction(model, x_t, t, cond, cfg.guidance)
+                        step = ddim_step_with_logprob(scheduler, prediction, t, x_t, eta=cfg.eta, prev_sample=x_prev,
+                                                      reduce=cfg.logprob_reduce)
+                        terms = ppo_clip_loss(step.log_prob, old, adv[rows].to(model.device), cfg.clip_range, reduce="sum")
+                        loss = terms.loss
+                        kl_value = torch.zeros(())
+                        if cfg.kl_weight > 0:
+                            with torch.no_grad(), adapters_disabled(model.unet):
+                                ref_prediction = guided_prediction(model, x_t, t, cond, cfg.guidance)
+                                ref = ddim_step_with_logprob(scheduler, ref_prediction, t, x_t, eta=cfg.eta, prev_sample=x_prev,
+                                                             reduce=cfg.logprob_reduce)
+                            kl = gaussian_kl(step.mean, ref.mean, step.std, reduce=cfg.logprob_reduce)
+                            kl_value = kl.detach().sum()
+                            loss = loss + cfg.kl_weight * kl.sum()
+                        if not torch.isfinite(loss):
+                            bad = [rollout.indices[int(i)] for i in batch]
+                            raise NonFiniteError(f"non-finite DDPO loss in epoch {epoch} on samples {bad} "
+                                                 f"(prompts: {[it.prompt[:60] for it in items]})")
+                        (loss / global_terms).backward()
+                        k = len(batch)
+                        acc["policy_loss"] += float(terms.loss.detach()) / local_terms
+                        acc["kl"] += float(kl_value) / local_terms
+                        acc["approx_kl"] += float(terms.approx_kl) * k / local_terms
+                        acc["clipfrac"] += float(terms.clipfrac) * k / local_terms
+                        acc["ratio_min"] = min(acc["ratio_min"], float(terms.ratio.min()))
+                        acc["ratio_max"] = max(acc["ratio_max"], float(terms.ratio.max()))
+                norm = self._optimiser_step()
+                record = {"kind": "step", "epoch": epoch, "step": self.global_step, "stage": "ddpo",
+                          "loss": acc["policy_loss"] + cfg.kl_weight * acc["kl"], **acc, "grad_norm": norm,
+                          "lr": self.optimizer.param_groups[0]["lr"], "samples": len(members)}
+                stats.steps.append(self._mean_over_ranks(record))
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", clipfrac=f"{acc['clipfrac']:.2f}")
+        bar.close()
+        model.unet.eval()
+        stats.seconds = time.perf_counter() - started
+        return stats
+
+    def _mean_over_ranks(self, record: dict) -> dict:
+        keys = ["loss", "policy_loss", "kl", "approx_kl", "clipfrac"]
+        if self.world > 1:
+            values = torch.tensor([record[k] for k in keys], dtype=torch.float64)
+            values = self.accelerator.reduce(values, reduction="mean")
+            record.update({k: float(v) for k, v in zip(keys, values)})
+        return {k: (round(v, 8) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
+
+    # -- stage 2: active selection ------------------------------------------------------------
+    def selected(self, rewards: np.ndarray, components: dict[str, np.ndarray]) -> np.ndarray:
+        """Boolean mask over the gathered epoch batch: selector quality above the threshold, and (with
+        ``require_verifier_pass``) every expected finding on the right side of 0.5; at most
+        ``max_per_epoch``, highest reward first."""
+        n = len(rewards)
+        mask = np.ones(n, dtype=bool)
+        if not self.selection.enabled or self.selection.max_per_epoch == 0:
+            return np.zeros(n, dtype=bool)
+        quality = components.get("selector")
+        if quality is not None and self.selector_threshold is not None:
+            mask &= quality >= self.selector_threshold
+        if self.selection.require_verifier_pass and "findings/verifier_pass" in components:
+            mask &= components["findings/verifier_pass"] > 0.5
+        chosen = np.flatnonzero(mask)
+        if len(chosen) > self.selection.max_per_epoch:
+            chosen = chosen[np.argsort(-rewards[chosen], kind="stable")[: self.selection.max_per_epoch]]
+        out = np.zeros(n, dtype=bool)
+        out[chosen] = True
+        return out
+
+    def selection_update(self, final_latents: torch.Tensor, items: Sequence[Any], rewards: np.ndarray, epoch: int,
+                         progress: bool = True) -> UpdateStats:
+        """Reward-weighted denoising loss on the selected samples' final latents (gathered: every rank
+        holds all of them and trains on its share of each step's batch).
+
+        loss_i = w_i * || f(x_t, t, prompt_i) - target ||^2 with weights ``w = r / mean(r)`` over the
+        selected (rewards shifted to be positive), at ``noise_draws`` random timesteps per sample."""
+        cfg = self.selection
+        started = time.perf_counter()
+        stats = UpdateStats()
+        n = len(items)
+        if n == 0:
+            return stats
+        model = self.model
+        shifted = rewards - rewards.min() + 1e-3 if rewards.min() <= 0 else rewards.copy()
+        weights = torch.as_tensor(shifted / shifted.mean(), dtype=torch.float32)
+        scheduler = model.scheduler
+        model.unet.train()
+        n_steps = math.ceil(n / cfg.batch_size)
+        bar = tqdm(total=n_steps, desc=f"epoch {epoch}: selection", unit=" step", disable=not progress, leave=False)
+        for s in range(n_steps):
+            members = np.arange(s * cfg.batch_size, min(n, (s + 1) * cfg.batch_size))
+            mine = members[self.rank::self.world]
+            total_terms = len(members) * cfg.noise_draws
+            loss_sum = 0.0
+            if len(mine):
+                batch_items = [items[i] for i in mine]
+                with torch.no_grad():
+                    cond = model.conditioner([it.prompt for it in batch_items], [it.modality for it in batch_items])
+                for d in range(cfg.noise_draws):
+                    x0 = final_latents[torch.as_tensor(mine)].to(model.device)
+                    # timesteps and noise per sample, keyed by the global index so any split of ranks draws the same
+                    t = torch.as_tensor([int(np.random.default_rng([self.cfg.seed, epoch, int(i), d, 17]).integers(
+                        scheduler.config.num_train_timesteps)) for i in mine], device=x0.device)
+                    noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(
+                        int(np.random.default_rng([self.cfg.seed, epoch, int(i), d, 19]).integers(2**31 - 1)))) for i in mine]).to(x0.device)
+                    noisy = scheduler.add_noise(x0, noise, t)
+                    pred = model.unet(noisy, t, encoder_hidden_states=cond.tokens, encoder_attention_mask=cond.mask,
+                                      class_labels=cond.class_emb).sample
+                    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
+                    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                    loss = (weights[torch.as_tensor(mine)].to(per_sample.device) * per_sample).sum() * cfg.loss_weight
+                    if not torch.isfinite(loss):
+                        raise NonFiniteError(f"non-finite selection loss in epoch {epoch} on selected samples {list(map(int, mine))}")
+                    (loss / total_terms).backward()
+                    loss_sum += float(loss.detach())
+            else:  # this rank has no share of the step: still takes part in the gradient sum
+                for p in self.params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+            norm = self._optimiser_step()
+            record = {"kind": "step", "epoch": epoch, "step": self.global_step, "stage": "selection",
+                      "loss": loss_sum / total_terms * self.world, "grad_norm": norm,
+                      "lr": self.optimizer.param_groups[0]["lr"], "samples": len(members)}
+            if self.world > 1:
+                record["loss"] = float(self.accelerator.reduce(torch.tensor([loss_sum / total_terms]), reduction="sum")[0])
+            stats.steps.append(record)
+            bar.update(1)
+        bar.close()
+        model.unet.eval()
+        stats.seconds = time.perf_counter() - started
+        return stats
+
+
+__all__ = ["DDPOTrainer", "NonFiniteError", "Rollout", "UpdateStats", "sample_seed"]

@@ -1,0 +1,110 @@
+"""DDPO's pure functions: the PPO-clip loss by hand, advantages, the stat tracker, the KL term, the guard."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rlhf.config import GuardConfig
+from rlhf.ddpo import (PerPromptStatTracker, batch_advantages, clip_advantages, gaussian_kl, group_advantages,
+                       ppo_clip_loss)
+
+
+def test_ppo_loss_on_a_fixed_batch_equals_a_hand_computation():
+    new = torch.tensor([0.10, -0.20, 0.00, 0.30])
+    old = torch.tensor([0.00, -0.20, 0.05, 0.00])
+    adv = torch.tensor([1.0, -2.0, 0.5, -1.0])
+    c = 0.2
+    terms = ppo_clip_loss(new, old, adv, c)
+    # by hand: ratios e^0.1, 1, e^-0.05, e^0.3
+    r = [math.exp(0.1), 1.0, math.exp(-0.05), math.exp(0.3)]
+    per = []
+    for ri, ai in zip(r, adv.tolist()):
+        clipped = min(max(ri, 1 - c), 1 + c)
+        per.append(max(-ai * ri, -ai * clipped))
+    assert terms.loss.item() == pytest.approx(sum(per) / 4, rel=1e-6)
+    # sample 4: ratio e^0.3 = 1.35 > 1.2 with A < 0: the unclipped (more pessimistic) term wins
+    assert per[3] == pytest.approx(1.0 * r[3])
+    assert terms.approx_kl.item() == pytest.approx(0.5 * np.mean([0.01, 0.0, 0.0025, 0.09]), rel=1e-6)
+    assert terms.clipfrac.item() == pytest.approx(0.25)  # only e^0.3 leaves [0.8, 1.2]
+    assert ppo_clip_loss(new, old, adv, c, reduce="sum").loss.item() == pytest.approx(sum(per), rel=1e-6)
+
+
+def test_ppo_gradient_is_zero_where_the_clip_binds():
+    new = torch.tensor([0.5], requires_grad=True)  # ratio e^0.5 far above 1 + c
+    ppo_clip_loss(new, torch.zeros(1), torch.tensor([1.0]), 0.2).loss.backward()
+    assert new.grad.item() == 0.0
+    new = torch.tensor([0.0], requires_grad=True)  # on-policy: gradient -A
+    ppo_clip_loss(new, torch.zeros(1), torch.tensor([2.0]), 0.2).loss.backward()
+    assert new.grad.item() == pytest.approx(-2.0)
+
+
+def test_ppo_loss_rejects_bad_shapes_and_clip():
+    with pytest.raises(ValueError, match="equal"):
+        ppo_clip_loss(torch.zeros(3), torch.zeros(2), torch.zeros(3), 0.2)
+    with pytest.raises(ValueError, match="clip_range"):
+        ppo_clip_loss(torch.zeros(3), torch.zeros(3), torch.zeros(3), 0.0)
+
+
+def test_advantages_are_normalised_within_each_prompt_group():
+    rewards = np.array([1.0, 2.0, 3.0, 10.0, 10.0, 10.0, 5.0, 7.0])
+    groups = ["a", "a", "a", "b", "b", "b", "c", "c"]
+    adv = group_advantages(rewards, groups)
+    for g in "abc":
+        idx = [i for i, x in enumerate(groups) if x == g]
+        values = adv[idx]
+        if g == "b":
+            assert np.all(values == 0.0)  # no spread, no signal
+        else:
+            assert values.mean() == pytest.approx(0.0, abs=1e-9)
+            assert values.std() == pytest.approx(1.0, abs=1e-4)
+    # a group's advantages do not depend on the other groups' rewards
+    other = group_advantages(np.array([1.0, 2.0, 3.0, -5.0, 0.0, 99.0, 5.0, 7.0]), groups)
+    assert np.allclose(other[:3], adv[:3]) and np.allclose(other[6:], adv[6:])
+    assert np.allclose(clip_advantages(np.array([-9.0, 0.5, 9.0]), 5.0), [-5.0, 0.5, 5.0])
+    assert batch_advantages(rewards).mean() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_stat_tracker_uses_the_batch_until_min_count_and_round_trips():
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=3)
+    first = tracker.update(["p", "p", "q"], [1.0, 3.0, 2.0])
+    batch = np.array([1.0, 3.0, 2.0])
+    assert np.allclose(first, (batch - batch.mean()) / (batch.std() + 1e-6))
+    second = tracker.update(["p", "p"], [5.0, 7.0])  # p's buffer [1, 3, 5, 7]: its own statistics now
+    buf = np.array([1.0, 3.0, 5.0, 7.0])
+    assert np.allclose(second, (np.array([5.0, 7.0]) - buf.mean()) / (buf.std() + 1e-6))
+    clone = PerPromptStatTracker(4, 3)
+    clone.load_state_dict(tracker.state_dict())
+    assert np.allclose(clone.update(["p"], [2.0]), tracker.update(["p"], [2.0]))
+    with pytest.raises(ValueError, match="buffer"):
+        PerPromptStatTracker(8, 3).load_state_dict(tracker.state_dict())
+
+
+def test_gaussian_kl_by_hand_and_zero_for_equal_means():
+    mean = torch.zeros(2, 1, 2, 2)
+    ref = torch.ones(2, 1, 2, 2)
+    std = torch.full((2, 1, 1, 1), 0.5)
+    assert torch.allclose(gaussian_kl(mean, ref, std), torch.full((2,), 1 / (2 * 0.25)))
+    assert torch.allclose(gaussian_kl(mean, ref, std, reduce="sum"), torch.full((2,), 4 / (2 * 0.25)))
+    assert torch.equal(gaussian_kl(ref, ref, std), torch.zeros(2))
+
+
+def test_guard_stops_a_run_whose_reward_rises_while_the_evaluator_falls():
+    from pipelines.improve import RewardHackingGuard
+
+    guard = RewardHackingGuard(GuardConfig(patience=2))
+    assert guard.observe(0, None, 0.10, 100.0) is None  # the base
+    assert guard.observe(5, 1.00, 0.20, 101.0) is None  # reward and evaluator rise together: fine
+    assert guard.observe(10, 1.10, 0.15, 102.0) is None  # first strike
+    message = guard.observe(15, 1.20, 0.12, 103.0)  # second in a row
+    assert message and "reward hacking suspected" in message and "0.150 -> 0.120" in message
+    calm = RewardHackingGuard(GuardConfig(patience=2))
+    for epoch, (r, s) in enumerate([(None, 0.1), (1.0, 0.2), (1.1, 0.15), (1.2, 0.18), (1.3, 0.14)]):
+        assert calm.observe(epoch, r, s, 100.0) is None  # strikes not in a row
+    fd = RewardHackingGuard(GuardConfig(patience=1, fd_tolerance=0.1))
+    fd.observe(0, None, 0.1, 100.0)
+    assert "FD 120.00 is more than 10% worse" in fd.observe(1, 1.0, 0.3, 120.0)
+    off = RewardHackingGuard(GuardConfig(enabled=False, patience=1))
+    off.observe(0, None, 0.5, 1.0)
+    assert off.observe(1, 9.0, 0.0, 99.0) is None
