@@ -163,6 +163,7 @@ class SampleConfig(Section):
     batch_size: int = Field(8, ge=1)  # images per forward pass
     seed: int = Field(0, ge=0)
     negative: str = ""  # default negative prompt
+    lora: list[str] = []  # LoRA adapters applied on load (sample, eval, generate): .safetensors files, a run's final/ or best/, or a run folder (its best/)
 
 
 class LoraConfig(Section):

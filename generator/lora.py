@@ -444,3 +444,31 @@ def unmerge_lora(unet: torch.nn.Module) -> None:
     for _, layer in _tuner_layers(unet):
         if layer.merged:
             layer.unmerge()
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapters named by users: files, or the folders `synthmed improve` writes
+
+
+def resolve_lora_path(path: str | os.PathLike) -> Path:
+    """A LoRA file, or a folder holding one: an adapter folder (final/, best/: ``lora.safetensors``), or a
+    ``synthmed improve`` run folder (its best/, else final/)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for candidate in (p / "lora.safetensors", p / "best" / "lora.safetensors", p / "final" / "lora.safetensors"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"no LoRA adapter at {p}: give a .safetensors file, a run's final/ or best/ folder, or a run folder")
+
+
+def apply_adapters(unet: torch.nn.Module, paths: list[str] | tuple[str, ...]) -> list[str]:
+    """Load each adapter (file or folder, see `resolve_lora_path`) and make them all active; their names."""
+    names = []
+    for i, path in enumerate(paths):
+        name = f"adapter{i}"
+        load_lora(unet, resolve_lora_path(path), name)
+        names.append(name)
+    if names:
+        set_active_adapters(unet, names)
+    return names

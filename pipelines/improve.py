@@ -176,17 +176,6 @@ def save_adapter(unet, folder: Path, metadata: dict) -> Path:
     return folder
 
 
-def resolve_lora(path: str | os.PathLike) -> Path:
-    """A LoRA file, or a folder holding one (a run's final/ or best/, or a run: its best/, else final/)."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    for candidate in (p / "lora.safetensors", p / "best" / "lora.safetensors", p / "final" / "lora.safetensors"):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"no LoRA adapter at {p}: give a .safetensors file, a run's final/ or best/ folder, or a run folder")
-
-
 # -- parts ----------------------------------------------------------------------------------------
 @dataclass
 class Parts:
@@ -208,10 +197,18 @@ def build_parts(cfg: SynthmedConfig, device: str = "cpu", progress: bool = True,
     from rlhf.reward import build_reward
 
     ic = cfg.improve
+    unknown = [m for m in ic.prompts.modalities if m not in cfg.data.modalities]
+    if unknown:
+        raise ValueError(f"improve.prompts.modalities: unknown modality {unknown[0]!r}; known modalities: {', '.join(cfg.data.modalities)} "
+                         "(a new one is an entry in data.modalities)")
+    if not ic.prompts.modalities:
+        raise ValueError("improve.prompts.modalities is empty; list at least one of " + ", ".join(cfg.data.modalities))
     base = ic.base_model or cfg.train.out
     model = LatentDiffusion.load(base, list(cfg.data.modalities), device=device)
     model.requires_grad_(False)
-    add_lora(model.unet, lora_spec(cfg.lora), "default")
+    with torch.random.fork_rng():  # the adapter's A matrices: the same on every rank and every run of this config
+        torch.manual_seed(ic.ddpo.seed)
+        add_lora(model.unet, lora_spec(cfg.lora), "default")
     reward = build_reward(ic.reward, cfg.judges, ic.prompts.modalities, device=device)
     labels = {m: c.label_names for m, c in reward.finding_scorer.classifiers.items()}
     sampler = PromptSampler(ic.prompts, labels)
@@ -569,8 +566,8 @@ def run_improve(cfg: SynthmedConfig, run_dir: Path | None = None, resume: bool =
             draw_plots(root)
         except ImportError:
             pass
-        accelerator.end_training()
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # last: it also ends the process group of a multi-process run
     end["run"] = str(root)
     return end
 
@@ -627,4 +624,4 @@ def _checkpoint(root: Path, epoch: int, model, trainer, guard: RewardHackingGuar
 
 
 __all__ = ["Parts", "ResumeError", "RewardHackingGuard", "append_lines", "build_parts", "config_differences", "latest_checkpoint",
-           "resolve_lora", "resume_config", "run_improve", "save_adapter"]
+           "resume_config", "run_improve", "save_adapter"]

@@ -9,15 +9,18 @@ be matched); here, ``synthmed improve`` runs the same epochs. Both adapters then
 held-out evaluation, so the gains are comparable:
 
 - seconds per epoch: ours is an epoch's ``seconds.total`` without the held-out evaluation (sampling,
-  reward, update, selection, grids, bookkeeping; the checkpoint is written after it); trl's is the
-  wall time of ``DDPOTrainer.step`` (trl's checkpointing is switched off, which only flatters trl).
+  reward, update, selection, grids, bookkeeping; its checkpoint is written after the clock stops);
+  trl's is the wall time of ``DDPOTrainer.step`` (with trl's own checkpoints switched off).
   ``epoch_speedup_vs_trl`` is trl's mean seconds per epoch over ours.
+  ``cpu_speedup_vs_trl_ddpo`` compares process CPU seconds of sampling + reward + update alone, which
+  a busy machine moves less than wall time (at one thread; more threads spin while they wait).
 - held-out gain: ``all_requested_shown`` (the evaluator's share of held-out images that show every
   requested finding) after ``epochs`` epochs minus the base model's, on the run's fixed held-out
   prompts, seeds and deterministic sampler.
 
-The two sides run one after the other on the same thread count, trl first; the machine's load
-average before and after each is recorded, since a shared CPU moves both.
+The two sides take turns epoch by epoch (trl's epoch e, then ours, then trl's e + 1, ...) on the same
+thread count, the idle side waiting, so that a change in the machine's load falls on both; the load
+average at each turn is recorded.
 """
 
 from __future__ import annotations
@@ -186,7 +189,7 @@ def trl_timestep_fraction(steps: int, n: int) -> float:
     return fraction
 
 
-def trl_settings(ddpo, guidance_negatives: str = "per request") -> tuple[dict, dict]:
+def trl_settings(ddpo) -> tuple[dict, dict]:
     """``(DDPOConfig keyword arguments, notes)`` for trl matching our ``improve.ddpo`` section ``ddpo``.
 
     Not expressible in trl, hence refused: a summed log density (trl averages it) and a KL penalty (trl
@@ -217,8 +220,9 @@ def trl_settings(ddpo, guidance_negatives: str = "per request") -> tuple[dict, d
         "per_prompt_stat_tracking": tracking[0], "per_prompt_stat_tracking_buffer_size": tracking[1],
         "per_prompt_stat_tracking_min_count": tracking[2],
     }
-    notes = {"trained_timesteps": n_train, "advantages": ddpo.advantages, "negative_prompt": guidance_negatives,
-             "adam": "AdamW betas (0.9, 0.999), eps 1e-8 on both sides"}
+    notes = {"trained_timesteps": n_train, "advantages": ddpo.advantages,
+             "negative_prompt": "each request's own on both sides (trl's one negative is replaced in the UNet hook)",
+             "adam": "AdamW betas (0.9, 0.999), eps 1e-8 on both sides", "checkpoints": "ours after each epoch, untimed; trl none"}
     return kwargs, notes
 
 
@@ -267,6 +271,9 @@ def summarise(ours: dict, trl: dict | None, settings: dict) -> dict:
     if "selection" in ours["split"]:
         ddpo_only = ours["seconds_per_epoch"] - ours["split"]["selection"]
         result["epoch_speedup_vs_trl_without_selection"] = round(trl["seconds_per_epoch"] / ddpo_only, 3)
+    ours_cpu, trl_cpu = _mean(ours.get("cpu_seconds_ddpo")), _mean(trl.get("cpu_seconds_ddpo"))
+    if ours_cpu and trl_cpu:  # sampling + reward + update only, in process CPU seconds: less moved by a busy machine
+        result["cpu_speedup_vs_trl_ddpo"] = round(trl_cpu / ours_cpu, 3)
     if ours["gain"] is not None and trl["gain"] is not None:
         result["gain_difference"] = round(ours["gain"] - trl["gain"], 6)
     result["goal"] = {"speedup_at_least_2x": result["epoch_speedup_vs_trl"] >= 2.0,
@@ -285,32 +292,83 @@ def load_average() -> list[float]:
         return []
 
 
-def run_trl_side(python: Path, spec: dict, folder: Path, progress: bool = True) -> dict:
-    """Run the trl runner in its environment; its output goes to ``folder/runner.log`` (and to stderr
-    with ``progress``). Returns its result.json."""
-    folder.mkdir(parents=True, exist_ok=True)
-    spec_path = folder / "spec.json"
-    spec_path.write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if spec.get("threads"):
-        env["OMP_NUM_THREADS"] = str(spec["threads"])
-    with open(folder / "runner.log", "w", encoding="utf-8") as log:
-        process = subprocess.Popen([str(python), str(RUNNER), str(spec_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True, env=env)
-        for line in process.stdout:
-            log.write(line)
-            if progress and line.startswith("trl epoch"):
-                _say("  " + line.rstrip())
-        code = process.wait()
-    if code != 0:
-        tail = (folder / "runner.log").read_text(encoding="utf-8").splitlines()[-25:]
-        raise RuntimeError(f"the trl runner exited {code}; {folder / 'runner.log'} ends:\n" + "\n".join(tail))
-    return json.loads((folder / "result.json").read_text(encoding="utf-8"))
+class TrlRunner:
+    """The trl side as a process that takes turns with ours: it loads and builds its trainer, then runs
+    one epoch each time :meth:`run_epoch` is called and idles in between (the protocol of
+    :class:`pipelines.trl_ddpo_runner.Channel`). Its stderr goes to ``folder/runner.log``."""
+
+    def __init__(self, python: Path, spec: dict, folder: Path, progress: bool = True):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.progress = folder, progress
+        spec_path = folder / "spec.json"
+        spec_path.write_text(json.dumps({**spec, "interleave": True}, indent=2) + "\n", encoding="utf-8")
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1",
+               "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if spec.get("threads"):
+            env["OMP_NUM_THREADS"] = str(spec["threads"])
+        self.log = open(folder / "runner.log", "w", encoding="utf-8")
+        self.process = subprocess.Popen([str(python), str(RUNNER), str(spec_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self.log, text=True, bufsize=1, env=env)
+        self.epochs: list[dict] = []
+        try:
+            self.state = self._read("ready")  # set up and waiting for its first epoch
+        except BaseException:
+            self.close()
+            raise
+
+    def _read(self, *expected: str) -> str:
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait()
+            self.log.flush()
+            tail = (self.folder / "runner.log").read_text(encoding="utf-8").splitlines()[-25:]
+            raise RuntimeError(f"the trl runner exited {self.process.returncode}; {self.folder / 'runner.log'} ends:\n" + "\n".join(tail))
+        kind, _, rest = line.strip().partition(" ")
+        if kind not in expected:
+            raise RuntimeError(f"the trl runner said {line.strip()[:200]!r}, expected {' or '.join(expected)}")
+        return line.strip() if kind != "epoch" else rest
+
+    def _send(self, message: str) -> None:
+        self.process.stdin.write(message + "\n")
+        self.process.stdin.flush()
+
+    def run_epoch(self) -> dict:
+        """One trl epoch, blocking; returns its record."""
+        if not self.state.startswith("ready"):
+            raise RuntimeError(f"the trl runner is not waiting for an epoch ({self.state})")
+        self._send("go")
+        record = json.loads(self._read("epoch"))
+        self.epochs.append(record)
+        self.state = self._read("ready", "trained")  # idle again before ours starts
+        if self.progress:
+            _say(f"  trl epoch {record['epoch']}: {record['seconds']['total']:.1f} s ({record['seconds']})")
+        return record
+
+    def finish(self) -> dict:
+        """Stop training (if epochs were left), save the adapter; returns the runner's result.json."""
+        if self.state.startswith("ready"):
+            self._send("stop")
+            self.state = self._read("trained")
+        self._send("save")
+        self.process.stdin.close()
+        code = self.process.wait()
+        self.log.close()
+        if code != 0:
+            tail = (self.folder / "runner.log").read_text(encoding="utf-8").splitlines()[-25:]
+            raise RuntimeError(f"the trl runner exited {code}; {self.folder / 'runner.log'} ends:\n" + "\n".join(tail))
+        return json.loads((self.folder / "result.json").read_text(encoding="utf-8"))
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        if not self.log.closed:
+            self.log.close()
 
 
-def bench_improve(cfg, out: Path, env_dir: Path | None = None, skip_trl: bool = False, progress: bool = True) -> dict:
+def bench_improve(cfg, out: Path, env_dir: Path | None = None, skip_trl: bool = False, progress: bool = True,
+                  adjusted: dict | None = None) -> dict:
     """Both sides on ``cfg`` (its ``improve`` section already holds the bench's settings); writes
     ``out/bench.json`` and returns it."""
     import dataclasses
@@ -327,7 +385,7 @@ def bench_improve(cfg, out: Path, env_dir: Path | None = None, skip_trl: bool = 
 
     ic = cfg.improve
     ddpo = ic.ddpo
-    trl_kwargs, notes = trl_settings(ddpo)
+    trl_kwargs, notes = trl_settings(ddpo) if not skip_trl else ({}, {"trained_timesteps": trained_timesteps(ddpo.steps, ddpo.timestep_fraction)})
     threads = ic.num_threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     cfg = cfg.model_copy(update={"improve": ic.model_copy(update={"num_threads": threads})})
@@ -341,7 +399,8 @@ def bench_improve(cfg, out: Path, env_dir: Path | None = None, skip_trl: bool = 
         "lr": ddpo.lr, "clip_range": ddpo.clip_range, "adv_clip_max": ddpo.adv_clip_max, "advantages": ddpo.advantages,
         "lora_rank": cfg.lora.rank, "lora_alpha": cfg.lora.alpha, "selection": ic.selection.enabled,
         "reward_weights": ic.reward.weights, "heldout_prompts": None, "heldout_images_per_prompt": ic.eval.images_per_prompt,
-        "threads": threads, "cpu_count": os.cpu_count(), "notes": notes,
+        "threads": threads, "cpu_count": os.cpu_count(), "notes": notes, "adjusted_for_trl": adjusted or {},
+        "trl_config": trl_kwargs or None,
     }
 
     _say("loading the model, the reward and the held-out judges")
@@ -350,26 +409,47 @@ def bench_improve(cfg, out: Path, env_dir: Path | None = None, skip_trl: bool = 
     spec_lora = dataclasses.asdict(lora_spec(cfg.lora))
     prompts = [[p.to_dict() for p in parts.sampler.draw(ddpo.prompts_per_epoch, epoch, ddpo.seed)] for epoch in range(1, ddpo.epochs + 1)]
 
-    trl_result = None
-    load = {"before_trl": load_average()}
-    if not skip_trl:
-        python = ensure_trl_env(env_dir or default_env_dir())
-        spec = {"out": str((out / "trl").resolve()), "threads": threads, "model": base_model, "modalities": list(cfg.data.modalities),
-                "lora": spec_lora, "prompts": prompts, "images_per_prompt": ddpo.images_per_prompt,
-                "advantages": ddpo.advantages, "first_epoch": 1, "reward": "synthmed", "config": str((out / "config.yaml").resolve()),
-                "trl_config": trl_kwargs}
-        _say(f"trl {TRL_VERSION}: {ddpo.epochs} epochs of DDPOTrainer")
-        trl_result = run_trl_side(python, spec, out / "trl", progress)
-    load["after_trl"] = load_average()
-
-    _say(f"synthmed improve: {ddpo.epochs} epochs")
+    trl_result = runner = None
+    load = {"start": load_average()}
     run_dir = out / "ours"
-    end = run_improve(cfg, run_dir, progress=progress, parts=parts, command="synthmed bench improve")
-    load["after_ours"] = load_average()
+    try:
+        if not skip_trl:
+            python = ensure_trl_env(env_dir or default_env_dir())
+            spec = {"out": str((out / "trl").resolve()), "threads": threads, "model": base_model, "modalities": list(cfg.data.modalities),
+                    "reward_modalities": list(ic.prompts.modalities), "lora": spec_lora, "prompts": prompts, "images_per_prompt": ddpo.images_per_prompt,
+                    "advantages": ddpo.advantages, "first_epoch": 1, "reward": "synthmed",
+                    "config": str((out / "config.yaml").resolve()), "trl_config": trl_kwargs}
+            _say(f"trl {TRL_VERSION}: building DDPOTrainer on the same model (its epochs alternate with ours)")
+            runner = TrlRunner(python, spec, out / "trl", progress)
+
+        def trl_turn(point: str, epoch: int) -> bool:
+            """After each of our epochs is logged (and after the base evaluation), trl's next epoch; and
+            our process's CPU seconds from an epoch's start to the end of its DDPO update."""
+            if point == "checkpoint" and epoch < ddpo.epochs:
+                if runner is not None:
+                    load.setdefault("turns", []).append(load_average())
+                    runner.run_epoch()
+                cpu_marks[epoch + 1] = time.process_time()
+            elif point == "update" and epoch in cpu_marks:
+                cpu_ddpo[epoch] = round(time.process_time() - cpu_marks[epoch], 3)
+            return False
+
+        cpu_marks: dict[int, float] = {}
+        cpu_ddpo: dict[int, float] = {}
+
+        _say(f"synthmed improve and trl DDPOTrainer: {ddpo.epochs} epochs each, taking turns")
+        end = run_improve(cfg, run_dir, progress=progress, parts=parts, command="synthmed bench improve", stop_after=trl_turn)
+        if runner is not None:
+            trl_result = runner.finish()
+    finally:
+        if runner is not None:
+            runner.close()
+    load["end"] = load_average()
     epochs, evals = our_epochs(run_dir / "metrics.jsonl")
     last = max(e["epoch"] for e in epochs)
     base_overall = evals.get(0) or {}
     ours = side_summary(epochs, base_overall.get(HEADLINE), (evals.get(last) or {}).get(HEADLINE), evals.get(last))
+    ours["cpu_seconds_ddpo"] = [cpu_ddpo.get(e["epoch"]) for e in epochs]
     ours["run"] = str(run_dir)
     ours["status"] = end["status"]
     heldout = load_prompts(run_dir / "heldout_prompts.jsonl")
@@ -383,9 +463,9 @@ def bench_improve(cfg, out: Path, env_dir: Path | None = None, skip_trl: bool = 
                                     parts.train_images, ddpo.sample_batch_size, progress)
         result.pop("images")
         trl = side_summary(trl_result["epochs"], base_overall.get(HEADLINE), result["overall"][HEADLINE], result["overall"])
+        trl["cpu_seconds_ddpo"] = [e.get("cpu_seconds") for e in trl_result["epochs"]]
         trl["setup_seconds"] = trl_result["setup_seconds"]
         trl["adapter"] = trl_result["adapter"]
-        settings["trl_config"] = trl_result["trl_config"]
     summary = summarise(ours, trl, settings)
     summary["heldout_metric"] = HEADLINE
     summary["load_average"] = load
@@ -406,6 +486,11 @@ def bench_table(summary: dict) -> tuple[list[list[Any]], list[str]]:
         rows.append([name if name == "ours" else f"trl {summary['trl_version']}", f"{side['seconds_per_epoch']:.1f}", split,
                      _fmt(side["heldout_base"]), _fmt(side["heldout_after"]), gain])
     return rows, ["side", "s/epoch", "split (s)", "held-out base", "after", "gain"]
+
+
+def _mean(values: list | None) -> float | None:
+    values = [v for v in values or [] if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def _fmt(value: float | None) -> str:

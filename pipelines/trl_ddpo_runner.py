@@ -30,7 +30,11 @@ trl's interfaces cannot carry them:
 5. Prompts and reward are ours: ``prompt_fn`` returns the requests our loop draws, each K times in a
    row (trl asks for one prompt per sample), and ``reward_fn`` is :func:`rlhf.reward.build_reward`.
 6. Timing: ``DDPOTrainer.step`` and its ``_generate_samples`` / ``compute_rewards`` /
-   ``_train_batched_samples`` are wrapped on the instance by timers; their code runs unchanged.
+   ``_train_batched_samples`` are wrapped on the instance by timers; their code runs unchanged. Before
+   each epoch the runner waits for the bench's "go" (:class:`Channel`), so the two sides take turns.
+7. Compatibility with the newer accelerate this project runs: its logger refuses to log before any
+   accelerate state exists, and ``DDPOTrainer.__init__`` logs before it builds its ``Accelerator``, so
+   the runner creates ``accelerate.PartialState()`` first. Nothing else needed changing.
 """
 
 from __future__ import annotations
@@ -125,11 +129,13 @@ class PromptBook:
         self._keys: list[str] = [""]
 
     @staticmethod
-    def key(item: Any) -> str:
-        return f"{item.modality} | {item.prompt} | negative: {item.negative}"
+    def key(item: Any, group: str | None = None) -> str:
+        """The request's words; with ``group``, prefixed by it, so trl's tracker keeps each group apart."""
+        words = f"{item.modality} | {item.prompt} | negative: {item.negative}"
+        return f"{group} | {words}" if group else words
 
-    def register(self, item: Any) -> str:
-        key = self.key(item)
+    def register(self, item: Any, group: str | None = None) -> str:
+        key = self.key(item, group)
         if key not in self._ids:
             self._ids[key] = len(self.items)
             self.items.append(item)
@@ -200,19 +206,24 @@ def unpack_for_unet(layout: PackLayout, negatives: dict[int, torch.Tensor], pack
 
 
 class PromptSchedule:
-    """trl's ``prompt_fn``: the requests of each epoch in order, each ``repeats`` times in a row."""
+    """trl's ``prompt_fn``: the requests of each epoch in order, each ``repeats`` times in a row.
 
-    def __init__(self, epochs: list[list[Any]], repeats: int, book: PromptBook):
-        self.queue = [item for epoch in epochs for item in epoch for _ in range(repeats)]
+    ``per_group`` keys every request occurrence apart ("<epoch>:<index> | ..."), so that trl's
+    per-prompt tracker with buffer and minimum count K normalises within each group of K, as our
+    ``advantages: group`` does; otherwise requests with the same words share trl's statistics."""
+
+    def __init__(self, epochs: list[list[Any]], repeats: int, book: PromptBook, per_group: bool = False, first_epoch: int = 1):
+        self.queue = [(item, f"{first_epoch + e}:{i}" if per_group else None)
+                      for e, epoch in enumerate(epochs) for i, item in enumerate(epoch) for _ in range(repeats)]
         self.book = book
         self.given = 0
 
     def __call__(self) -> tuple[str, Any]:
         if self.given >= len(self.queue):
             raise RuntimeError(f"trl asked for more than the {len(self.queue)} prompts scheduled")
-        item = self.queue[self.given]
+        item, group = self.queue[self.given]
         self.given += 1
-        return self.book.register(item), item
+        return self.book.register(item, group), item
 
 
 def synthmed_reward_fn(reward: Callable) -> Callable:
@@ -319,6 +330,7 @@ class SynthmedDDPOPipeline(DDPOStableDiffusionPipeline):
         return contextlib.nullcontext  # trl's choice for LoRA training
 
     def set_progress_bar_config(self, *args, **kwargs):
+        kwargs["disable"] = True  # trl's per-timestep bar; the runner prints one line per epoch
         self.sd_pipeline.set_progress_bar_config(*args, **kwargs)
 
     def get_trainable_layers(self):
@@ -350,12 +362,47 @@ class SynthmedDDPOPipeline(DDPOStableDiffusionPipeline):
 # Timing trl's epoch without changing it
 
 
+class StopTraining(Exception):
+    """The bench asked for no further epoch."""
+
+
+class Channel:
+    """The line protocol with the bench: messages on the runner's own stdout (everything else that
+    writes to fd 1 is sent to stderr), answers on stdin. Without ``interactive`` nothing is awaited."""
+
+    def __init__(self, interactive: bool):
+        self.interactive = interactive
+        self.out = os.fdopen(os.dup(1), "w", buffering=1)
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+
+    def send(self, message: str) -> None:
+        self.out.write(message + "\n")
+        self.out.flush()
+
+    def wait(self) -> str:
+        if not self.interactive:
+            return "go"
+        line = sys.stdin.readline()
+        if not line:
+            raise StopTraining("the bench closed the channel")
+        return line.strip()
+
+    def before_epoch(self, epoch: int) -> None:
+        """Idle until the bench says go: the two sides take turns epoch by epoch."""
+        self.send(f"ready {epoch + 1}")
+        answer = self.wait()
+        if answer != "go":
+            raise StopTraining(answer)
+
+
 class EpochTimer:
-    """Wraps a DDPOTrainer's step and its three phases on the instance; one record per epoch."""
+    """Wraps a DDPOTrainer's step and its three phases on the instance; one record per epoch.
+    ``before_epoch`` runs first, outside the timed region."""
 
     PHASES = {"_generate_samples": "sampling", "compute_rewards": "reward", "_train_batched_samples": "update"}
 
-    def __init__(self, trainer, on_epoch: Callable[[dict], None] | None = None):
+    def __init__(self, trainer, on_epoch: Callable[[dict], None] | None = None, before_epoch: Callable[[int], None] | None = None):
         self.epochs: list[dict] = []
         self._current: dict[str, float] = {}
         self._rewards: list[float] = []
@@ -365,12 +412,15 @@ class EpochTimer:
         step = trainer.step
 
         def timed_step(epoch: int, global_step: int):
+            if before_epoch:
+                before_epoch(epoch)
             self._current = {phase: 0.0 for phase in self.PHASES.values()}
             self._rewards = []
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             out = step(epoch, global_step)
             record = {"epoch": epoch + 1, "seconds": {**{k: round(v, 3) for k, v in self._current.items()},
                                                       "total": round(time.perf_counter() - started, 3)},
+                      "cpu_seconds": round(time.process_time() - cpu, 3),
                       "reward_mean": float(np.mean(self._rewards)) if self._rewards else None}
             self.epochs.append(record)
             if self.on_epoch:
@@ -383,10 +433,9 @@ class EpochTimer:
         def wrapper(*args, **kwargs):
             started = time.perf_counter()
             out = fn(*args, **kwargs)
-            if phase == "reward":  # a lazy zip: materialise it inside the timed region
-                out = [list(x) for x in out]
+            if phase == "reward":  # a lazy zip: materialise it (as the tuples it yields) inside the timed region
+                out = tuple(tuple(x) for x in out)
                 self._rewards += [float(v) for r in out[0] for v in torch.as_tensor(r).flatten()]
-                out = tuple(out)
             self._current[phase] = self._current.get(phase, 0.0) + time.perf_counter() - started
             return out
 
@@ -396,8 +445,9 @@ class EpochTimer:
 # ---------------------------------------------------------------------------------------------
 
 
-def run(spec: dict) -> dict:
-    """Train with trl as ``spec`` says; returns (and writes) the result."""
+def run(spec: dict, channel: Channel | None = None) -> dict:
+    """Train with trl as ``spec`` says; returns (and writes) the result. With ``spec["interleave"]``
+    every epoch waits for the bench's "go" (see :class:`Channel`)."""
     import trl
     from accelerate import PartialState
     from trl import DDPOConfig, DDPOTrainer
@@ -405,6 +455,7 @@ def run(spec: dict) -> dict:
     from generator.lora import LoraSpec, save_lora
     from generator.models import LatentDiffusion
 
+    channel = channel or Channel(bool(spec.get("interleave")))
     if trl.__version__ != TRL_VERSION:
         raise RuntimeError(f"trl {trl.__version__} found; this runner drives trl {TRL_VERSION}")
     out = Path(spec["out"])
@@ -412,10 +463,12 @@ def run(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     started = time.perf_counter()
-    model = LatentDiffusion.load(spec["model"], device="cpu")
+    model = LatentDiffusion.load(spec["model"], spec.get("modalities"), device="cpu")
+    model.requires_grad_(False)
     pipeline = SynthmedDDPOPipeline(model, LoraSpec(**spec["lora"]))
     epochs = [[_item(d) for d in epoch] for epoch in spec["prompts"]]
-    prompt_fn = PromptSchedule(epochs, int(spec["images_per_prompt"]), pipeline.book)
+    prompt_fn = PromptSchedule(epochs, int(spec["images_per_prompt"]), pipeline.book,
+                               per_group=spec.get("advantages") == "group", first_epoch=int(spec.get("first_epoch", 1)))
     if spec["reward"] == "variance":
         reward_fn = variance_reward_fn
     else:
@@ -423,7 +476,8 @@ def run(spec: dict) -> dict:
         from rlhf.reward import build_reward
 
         cfg = load_config(spec["config"])
-        reward_fn = synthmed_reward_fn(build_reward(cfg.improve.reward, cfg.judges, spec["modalities"], device="cpu"))
+        modalities = spec.get("reward_modalities") or cfg.improve.prompts.modalities
+        reward_fn = synthmed_reward_fn(build_reward(cfg.improve.reward, cfg.judges, modalities, device="cpu"))
     config = DDPOConfig(**spec["trl_config"])
     # accelerate's logger refuses to log before any accelerate state exists, and DDPOTrainer logs
     # (no image hook) before it builds its Accelerator: initialise the state first.
@@ -435,19 +489,27 @@ def run(spec: dict) -> dict:
     def on_epoch(record: dict) -> None:
         log.write(json.dumps(record) + "\n")
         log.flush()
+        channel.send("epoch " + json.dumps(record))
         print(f"trl epoch {record['epoch']}: {record['seconds']}", file=sys.stderr, flush=True)
 
-    timer = EpochTimer(trainer, on_epoch)
+    timer = EpochTimer(trainer, on_epoch, channel.before_epoch)
     try:
         trainer.train(epochs=len(epochs))
+    except StopTraining:
+        pass
     finally:
         log.close()
-    if prompt_fn.given != len(prompt_fn.queue):
-        raise RuntimeError(f"trl used {prompt_fn.given} of the {len(prompt_fn.queue)} scheduled prompts")
+    done = len(timer.epochs)
+    wanted = done * len(prompt_fn.queue) // len(epochs)
+    if prompt_fn.given != wanted:
+        raise RuntimeError(f"trl used {prompt_fn.given} prompts in {done} epochs; {wanted} were scheduled for them")
+    channel.send("trained")
+    channel.wait()  # the bench says when: saving must not overlap its own timed epochs
     adapter = save_lora(pipeline.unet, out / "trl_lora.safetensors", pipeline.adapter_name,
                         metadata={"trainer": f"trl {trl.__version__}", "epochs": len(epochs)})
     pipeline.unet.peft_config[pipeline.adapter_name].save_pretrained(str(out))
     result = {"trl_version": trl.__version__, "epochs": timer.epochs, "adapter": str(adapter), "setup_seconds": round(setup_seconds, 2),
+              "epochs_done": done,
               "torch_threads": torch.get_num_threads(), "trl_config": {k: v for k, v in spec["trl_config"].items()},
               "prompts_given": prompt_fn.given}
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -1,7 +1,9 @@
-"""`synthmed bench manifest|generate`: data streaming memory and speed; sampler speed against diffusers.
+"""`synthmed bench manifest|generate|graph|improve`: data streaming memory and speed; sampler speed against diffusers;
+the agent graph; the self-improvement loop against trl's DDPOTrainer.
 
 `generate` times synthmed's sampler against the stock diffusers pipeline assembled from the same
-weights (see generator/bench.py for what makes the two like for like).
+weights (see generator/bench.py for what makes the two like for like). `improve` runs `synthmed
+improve` and trl 0.23.1's DDPOTrainer side by side (see pipelines/trl_bench.py).
 
 It writes a manifest of ``--rows`` rows whose images cycle through a small pool of phantom PNGs,
 then streams it through the data layer (CSV parsing, validation and, unless --rows-only, image
@@ -66,6 +68,23 @@ def register(groups, formatter) -> None:
     a.add_argument("--out", default=None, help="compare: folder for images, traces and bench.json (default: runs/bench-graph-<time>)")
     a.add_argument("--json", action="store_true", help="print one JSON object")
     a.set_defaults(handler=_graph_bench)
+    i = sub.add_parser("improve", help="seconds per epoch and held-out gain: synthmed improve against trl 0.23.1's DDPOTrainer, "
+                       "same weights, prompts, reward and settings", formatter_class=formatter,
+                       description="Runs trl 0.23.1's DDPOTrainer (in its own virtual environment, made on first use and reusing this "
+                       "one's packages) and `synthmed improve` for the same epochs on the same model, prompts, reward and "
+                       "DDPO settings, then judges both adapters on the same held-out requests. Batch sizes are lowered where "
+                       "trl's divisibility rules need it, for both sides alike. See pipelines/trl_bench.py.")
+    add_config_argument(i)
+    i.add_argument("--epochs", type=int, default=2, help="epochs on each side")
+    i.add_argument("--prompts-per-epoch", type=int, default=8, help="distinct requests per epoch (improve.ddpo.prompts_per_epoch)")
+    i.add_argument("--images-per-prompt", type=int, default=4, help="K, images per request (improve.ddpo.images_per_prompt)")
+    i.add_argument("--steps", type=int, default=None, help="DDIM steps of a rollout (default: improve.ddpo.steps)")
+    i.add_argument("--no-selection", action="store_true", help="our side without stage 2 (trl has none)")
+    i.add_argument("--skip-trl", action="store_true", help="our side only")
+    i.add_argument("--env", default=None, help="the trl environment's folder (default: .synthmed/envs/trl-0.23.1)")
+    i.add_argument("--out", default=None, help="folder for both runs and bench.json (default: runs/bench-improve-<time>)")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.set_defaults(handler=_improve_bench)
 
 
 def _rss_mb() -> float:
@@ -193,5 +212,42 @@ def _graph_bench(args, extra) -> int:
                 for m, s in report["compare"]["summary"].items()]
         print("share of images showing the requested findings (held-out evaluator):")
         print(table(rows, ["modality", "requests", "graph", "composed prompt only", "raw text", "graph - raw", "95% CI", "rounds"]))
+    print(f"-> {out / 'bench.json'}")
+    return 0
+
+
+def _improve_bench(args, extra) -> int:
+    from ..trl_bench import bench_batches, bench_improve, bench_table
+
+    flags = {"improve.ddpo.epochs": args.epochs, "improve.ddpo.prompts_per_epoch": args.prompts_per_epoch,
+             "improve.ddpo.images_per_prompt": args.images_per_prompt, "improve.ddpo.steps": args.steps,
+             "improve.selection.enabled": False if args.no_selection else None, "improve.report_to": "none",
+             "improve.eval.every": args.epochs}  # held-out evaluations at epoch 0 and at the end only
+    cfg = resolve_config(args, extra, flags)
+    d = cfg.improve.ddpo
+    batches = bench_batches(d.prompts_per_epoch * d.images_per_prompt, d.sample_batch_size, d.train_batch_size, d.grad_accum_steps)
+    adjusted = {k: {"configured": getattr(d, k), "bench": v} for k, v in batches.items() if getattr(d, k) != v}
+    if adjusted:
+        print("batch sizes lowered for trl's divisibility rules, on both sides: "
+              + ", ".join(f"{k} {v['configured']} -> {v['bench']}" for k, v in adjusted.items()), file=__import__("sys").stderr)
+        cfg = resolve_config(args, extra, {**flags, **{f"improve.ddpo.{k}": v for k, v in batches.items()}})
+    out = Path(args.out or f"runs/bench-improve-{time.strftime('%Y%m%d-%H%M%S')}")
+    summary = bench_improve(cfg, out, Path(args.env) if args.env else None, skip_trl=args.skip_trl, progress=not args.json,
+                            adjusted=adjusted)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    rows, header = bench_table(summary)
+    print(table(rows, header))
+    s = summary["settings"]
+    print(f"{s['epochs']} epochs of {s['prompts_per_epoch']} requests x {s['images_per_prompt']} images, {s['steps']} steps "
+          f"({s['trained_timesteps']} trained), guidance {s['guidance']}, {s['threads']} threads; held-out: "
+          f"{summary['heldout_metric']} on {s['heldout_prompts']} requests x {s['heldout_images_per_prompt']} images")
+    if summary["epoch_speedup_vs_trl"] is not None:
+        goal = summary["goal"]
+        print(f"epoch_speedup_vs_trl {summary['epoch_speedup_vs_trl']:.2f} (trl s/epoch / ours; goal >= 2: "
+              f"{'met' if goal['speedup_at_least_2x'] else 'not met'}); gain ours - trl "
+              f"{'n/a' if summary['gain_difference'] is None else format(summary['gain_difference'], '+.3f')} (goal >= 0: "
+              f"{'n/a' if goal['gain_at_least_trl'] is None else ('met' if goal['gain_at_least_trl'] else 'not met')})")
     print(f"-> {out / 'bench.json'}")
     return 0

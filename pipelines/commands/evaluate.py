@@ -19,6 +19,8 @@ def register(groups, formatter) -> None:
     )
     add_config_argument(e)
     e.add_argument("--model", help="generator folder (default: train.out, the shipped model)")
+    e.add_argument("--lora", nargs="+", help="LoRA adapters on the generator: files, a run's final/ or best/, or a "
+                   "`synthmed improve` run folder (default: sample.lora)")
     e.add_argument("--data", nargs="+", help="manifests of real images to compare with (default: fresh phantoms)")
     e.add_argument("--modalities", nargs="+", help="default: every modality of the data that the model knows")
     e.add_argument("--n-per-prompt", type=int, help="generated images per prompt (config: judges.eval.n_per_prompt)")
@@ -92,6 +94,10 @@ def _eval(args, extra) -> int:
     device = resolve_device(cfg.run.device)
     model_dir = Path(args.model or cfg.train.out)
     model = LatentDiffusion.load(model_dir, device=device)
+    from generator.lora import apply_adapters
+
+    adapters = list(args.lora or cfg.sample.lora)
+    apply_adapters(model.unet, adapters)
     size = model.cfg.image_size
     wanted = [resolve_modality(m, cfg.data.modalities) for m in args.modalities] if args.modalities else None
     if args.data:
@@ -112,10 +118,10 @@ def _eval(args, extra) -> int:
                                                                                   args.train_data),
                       channels={m: s.channels for m, s in cfg.data.modalities.items()}, sample_dir=run.samples,
                       progress=not (args.no_progress or args.json), batch_size=cfg.sample.batch_size)
-    result |= {"model": str(model_dir), "data": args.data or f"phantoms (seed {ec.seed}, {args.reference_per_finding} per finding)",
+    result |= {"model": str(model_dir), "lora": adapters, "data": args.data or f"phantoms (seed {ec.seed}, {args.reference_per_finding} per finding)",
                "run": str(run.root)}
     table = markdown_table(result)
-    write_atomic(run.root / "eval.md", f"# synthmed eval\n\nmodel: `{model_dir}`; data: {result['data']}\n\n" + table)
+    write_atomic(run.root / "eval.md", f"# synthmed eval\n\nmodel: `{model_dir}`{' + LoRA ' + ', '.join(adapters) if adapters else ''}; data: {result['data']}\n\n" + table)
     write_atomic(run.root / "eval.json", to_json(result))
     write_atomic(run.root / "metadata.json", json.dumps({
         "kind": "synthmed eval", "model": str(model_dir), "data": result["data"], "seed": ec.seed,

@@ -28,6 +28,8 @@ def register(groups, formatter) -> None:
     p.add_argument("--guidance", type=float, default=None, help="first round's guidance scale (default: sample.guidance)")
     p.add_argument("--out", default=None, help="folder for the images (default: agents.out/<trace id>)")
     p.add_argument("--model", default=None, help="generator folder (default: train.out, the shipped model)")
+    p.add_argument("--lora", nargs="+", help="LoRA adapters on the generator: files, a run's final/ or best/, or a "
+                   "`synthmed improve` run folder (default: sample.lora)")
     p.add_argument("--dry-run", action="store_true", help="reason and compose only: report and prompt, no images")
     p.add_argument("--json", action="store_true", help="print one JSON object (trace_id, images, report, verdict, findings, ...)")
     add_config_argument(p)
@@ -52,7 +54,7 @@ def register(groups, formatter) -> None:
 def _generate(args, extra) -> int:
     from ..agent import build_agent
 
-    cfg = resolve_config(args, extra)
+    cfg = resolve_config(args, extra, {"sample.lora": args.lora})
     started = time.perf_counter()
     agent = build_agent(cfg, args.model, draw=not args.dry_run)
     try:

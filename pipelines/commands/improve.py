@@ -18,7 +18,8 @@ def register(groups, formatter) -> None:
                     "samples the selector and verifier keep, and evaluates on fixed held-out requests with the evaluator "
                     "classifier, which never enters the reward. Everything lands in runs/<id>/ (metrics.jsonl, samples.jsonl, "
                     "grids, plots, checkpoints, final/, best/); inspect it with `synthmed runs show`.\n\n"
-                    "Several processes: `accelerate launch --num_processes N -m pipelines.cli improve ...`.",
+                    "Several processes: `accelerate launch --multi_gpu --num_processes N -m pipelines.cli improve ...` (GPUs; on a "
+                    "machine without GPUs the same command runs N CPU processes that meet over gloo).",
     )
     p.add_argument("--epochs", type=int, default=None, help="epochs to run (improve.ddpo.epochs)")
     p.add_argument("--resume", default=None, metavar="RUN", help="continue the run folder RUN from its last complete epoch")

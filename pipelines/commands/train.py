@@ -42,7 +42,8 @@ def register(groups, formatter) -> None:
     s.add_argument("--sampler", choices=["ddim", "dpmpp"], help="config: sample.sampler")
     s.add_argument("--seed", type=int, help="image i uses seed + i (config: sample.seed)")
     s.add_argument("--model", help="model folder (default: the shipped model, train.out)")
-    s.add_argument("--lora", nargs="*", default=[], help="adapter files to apply")
+    s.add_argument("--lora", nargs="*", default=[], help="LoRA adapters to apply: files, a run's final/ or best/, or a "
+                   "`synthmed improve` run folder (its best/); default: sample.lora")
     s.add_argument("--out", default="samples", help="output folder")
     s.set_defaults(handler=_sample)
 
@@ -203,13 +204,9 @@ def _sample(args, extra) -> int:
                                        "sample.negative": args.negative, "sample.sampler": args.sampler, "sample.seed": args.seed})
     modality = resolve_modality(args.modality, cfg.data.modalities)
     model = LatentDiffusion.load(args.model or cfg.train.out, list(cfg.data.modalities), device=resolve_device(cfg.run.device))
-    if args.lora:
-        from generator.lora import load_lora, set_active_adapters
+    from generator.lora import apply_adapters
 
-        names = [f"adapter{i}" for i in range(len(args.lora))]
-        for name, path in zip(names, args.lora):
-            load_lora(model.unet, path, name)
-        set_active_adapters(model.unet, names)
+    apply_adapters(model.unet, list(args.lora) or list(cfg.sample.lora))
     sc = cfg.sample
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,271 @@
+"""`synthmed improve` end to end on a tiny generator with the shipped judges (CPU, offline): the run
+directory, on-policy ratio, the KL at zero LoRA, resume after a kill, bad input, two processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from generator.config import ModelConfig
+from generator.models import LatentDiffusion
+from pipelines.cli import main as cli
+from pipelines.config import load_config
+
+TINY = ModelConfig(image_size=32, vae_channels=[8, 16], latent_channels=4, unet_channels=[16, 32], unet_attention_heads=2,
+                   cross_attention_dim=32, text_max_length=16)
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = LatentDiffusion(TINY, ["cxr", "chest_ct", "brain_mri", "fundus", "oct"])
+    folder = tmp_path_factory.mktemp("base") / "model"
+    model.save(folder)
+    return folder
+
+
+def settings(base: Path, **extra) -> dict:
+    """A deterministic tiny loop: 2 modalities, 2 prompts x 2 images, 2 DDIM steps, one held-out prompt each."""
+    tree = {
+        "improve": {
+            "base_model": str(base),
+            "prompts": {"modalities": ["cxr", "oct"], "heldout_per_modality": 1},
+            "ddpo": {"epochs": 2, "prompts_per_epoch": 2, "images_per_prompt": 2, "steps": 2, "sample_batch_size": 4,
+                     "train_batch_size": 8, "grad_accum_steps": 1, "timestep_fraction": 1.0, "clip_range": 0.2,
+                     "logprob_reduce": "sum", "lr": 1e-3},
+            "selection": {"threshold": 0.0, "require_verifier_pass": False, "max_per_epoch": 2, "batch_size": 2, "noise_draws": 1},
+            "eval": {"images_per_prompt": 2, "steps": 2, "reference_per_finding": 2},
+            "report_to": "none",
+        },
+        "agents": {"verifier": {"training_data": []}},
+    }
+    for dotted, value in extra.items():
+        node = tree
+        *path, last = dotted.split(".")
+        for key in path:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return tree
+
+
+def write_profile(tmp_path: Path, tree: dict, name: str = "loop.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({"extends": "tiny", **tree}))
+    return path
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    out = []
+    for r in records:
+        r = {k: v for k, v in r.items() if k != "seconds"}
+        out.append(r)
+    return out
+
+
+def test_a_run_writes_its_directory_and_logs(base_model, tmp_path, capsys):
+    profile = write_profile(tmp_path, settings(base_model))
+    assert cli(["improve", "--config", str(profile), "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    run = tmp_path / "run"
+    assert "plots:" in printed and str(run / "plots") in printed
+    for name in ("config.yaml", "metadata.json", "metrics.jsonl", "samples.jsonl", "heldout_prompts.jsonl", "combinations.json",
+                 "grids/epoch_0001.png", "grids/epoch_0002.png", "plots/reward.png", "plots/heldout.png", "plots/training.png",
+                 "final/lora.safetensors", "final/pytorch_lora_weights.safetensors", "best/lora.safetensors",
+                 "checkpoints/epoch_0002/trainer_state.pt"):
+        assert (run / name).is_file(), name
+    records = lines(run / "metrics.jsonl")
+    kinds = [r["kind"] for r in records]
+    assert kinds[0] == "eval" and records[0]["epoch"] == 0 and kinds[-1] == "end"
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert set(epochs[0]["reward"]) == {"total", "findings", "alignment", "selector", "quality"}
+    assert set(epochs[0]["per_modality"]) == {"cxr", "oct"}
+    steps = [r for r in records if r["kind"] == "step" and r["stage"] == "ddpo"]
+    assert steps and all(k in steps[0] for k in ("loss", "approx_kl", "clipfrac", "kl", "grad_norm", "lr"))
+    # the first optimiser step of an epoch is on-policy: every ratio is 1
+    first = next(r for r in steps if r["epoch"] == 1)
+    assert first["ratio_min"] == pytest.approx(1.0, abs=1e-5) and first["ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert first["approx_kl"] == pytest.approx(0.0, abs=1e-9)
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["epoch"] for r in evals] == [0, 1, 2]
+    assert {"all_requested_shown", "fd", "ms_ssim", "clip_score", "selector_quality"} <= set(evals[0]["overall"])
+    samples = lines(run / "samples.jsonl")
+    assert len(samples) == 2 * 4
+    s = samples[0]
+    assert {"prompt", "modality", "expected", "seed", "reward", "components", "advantage", "selected"} <= set(s)
+    assert "findings/prob/" not in json.dumps(s["expected"])
+    # group advantages sum to 0 within each prompt's two images
+    for e in (1, 2):
+        adv = [x["advantage"] for x in samples if x["epoch"] == e]
+        assert adv[0] + adv[1] == pytest.approx(0.0, abs=1e-6) and adv[2] + adv[3] == pytest.approx(0.0, abs=1e-6)
+    combos = json.loads((run / "combinations.json").read_text())
+    assert not set(combos["train"]) & set(combos["heldout"])
+    heldout = lines(run / "heldout_prompts.jsonl")
+    assert {h["key"] for h in heldout} <= set(combos["heldout"])
+    meta = json.loads((run / "metadata.json").read_text())
+    assert meta["status"] == "finished" and meta["epochs_done"] == 2
+    # inspection
+    assert cli(["runs", "show", str(run), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert len(shown["epochs"]) == 2
+
+
+def test_kl_to_the_base_is_zero_while_the_lora_weights_are_zero(base_model):
+    from generator.ddim_logprob import ddim_step_with_logprob
+    from generator.lora import LoraSpec, adapters_disabled, add_lora
+    from generator.sampling import guided_conditioning, guided_prediction
+    from rlhf.ddpo import gaussian_kl
+
+    model = LatentDiffusion.load(base_model)
+    add_lora(model.unet, LoraSpec(rank=4, alpha=4))
+    model.scheduler.set_timesteps(4)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = guided_conditioning(model, ["effusion", "normal"], ["cxr", "oct"], ["", ""], 4.0)
+    t = model.scheduler.timesteps[:2]
+    prev = torch.randn_like(x)
+
+    def kl() -> torch.Tensor:
+        step = ddim_step_with_logprob(model.scheduler, guided_prediction(model, x, t, cond, 4.0), t, x, prev_sample=prev)
+        with torch.no_grad(), adapters_disabled(model.unet):
+            ref = ddim_step_with_logprob(model.scheduler, guided_prediction(model, x, t, cond, 4.0), t, x, prev_sample=prev)
+        return gaussian_kl(step.mean, ref.mean, step.std)
+
+    assert torch.equal(kl(), torch.zeros(2))
+    with torch.no_grad():
+        for name, p in model.unet.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05)
+    assert (kl() > 0).all()
+
+
+def test_kill_then_resume_gives_the_metrics_of_an_uninterrupted_run(base_model, tmp_path):
+    from pipelines.improve import run_improve
+
+    cfg = load_config(write_profile(tmp_path, settings(base_model, **{"improve.ddpo.kl_weight": 0.01})))
+    whole = run_improve(cfg, tmp_path / "whole", progress=False)
+    assert whole["status"] == "finished"
+
+    killed = tmp_path / "killed"
+    with pytest.raises(SystemExit):  # mid-epoch 2, after its update: nothing of epoch 2 written
+        run_improve(cfg, killed, progress=False, stop_after=lambda point, epoch: point == "update" and epoch == 2)
+    assert [r["epoch"] for r in lines(killed / "metrics.jsonl") if r["kind"] == "epoch"] == [1]
+    resumed = run_improve(cfg, killed, resume=True, progress=False)
+    assert resumed["status"] == "finished"
+    assert without_timing(lines(killed / "metrics.jsonl")) == without_timing(lines(tmp_path / "whole" / "metrics.jsonl"))
+    assert lines(killed / "samples.jsonl") == lines(tmp_path / "whole" / "samples.jsonl")
+    a, b = load_file(killed / "final" / "lora.safetensors"), load_file(tmp_path / "whole" / "final" / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # killed after the logs of epoch 1 but before its checkpoint: those lines move aside, the epoch is redone once
+    late = tmp_path / "late"
+    with pytest.raises(SystemExit):
+        run_improve(cfg, late, progress=False, stop_after=lambda point, epoch: point == "checkpoint" and epoch == 1)
+    run_improve(cfg, late, resume=True, progress=False)
+    assert without_timing(lines(late / "metrics.jsonl")) == without_timing(lines(tmp_path / "whole" / "metrics.jsonl"))
+    assert (late / "metrics.jsonl.orphaned").is_file()
+    for checkpoint in (late / "checkpoints").glob("epoch_*"):
+        assert load_file(checkpoint / "lora.safetensors")  # every checkpoint loads
+
+
+def test_bad_input_gives_one_clear_error_and_exit_code_2(base_model, tmp_path, capsys):
+    def run(tree: dict, *args: str) -> str:
+        profile = write_profile(tmp_path, tree, f"bad{len(list(tmp_path.iterdir()))}.yaml")
+        assert cli(["improve", "--config", str(profile), "--no-progress", *args]) == 2
+        return capsys.readouterr().err
+
+    base = settings(base_model)
+    assert "the held-out evaluator can never enter a reward" in run(settings(base_model, **{"improve.reward.weights": {"findings": 1.0, "evaluator": 0.5}}))
+    assert "unknown reward component 'aesthetics'" in run(settings(base_model, **{"improve.reward.weights": {"aesthetics": 1.0}}))
+    assert "unknown modality 'petct'" in run(settings(base_model, **{"improve.prompts.modalities": ["cxr", "petct"]}))
+    assert "unknown finding(s) fracture" in run(settings(base_model, **{"improve.prompts.findings": {"cxr": ["fracture"]}}))
+    # resume with another config, another LoRA rank
+    profile = write_profile(tmp_path, base, "ok.yaml")
+    assert cli(["improve", "--config", str(profile), "--epochs", "1", "--run-dir", str(tmp_path / "r"), "--no-progress"]) == 0
+    capsys.readouterr()
+    before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    assert cli(["improve", "--resume", str(tmp_path / "r"), "--config", str(profile), "--improve.ddpo.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "improve.ddpo.lr" in err and "differs" in err
+    assert cli(["improve", "--resume", str(tmp_path / "r"), "--config", str(profile), "--lora.rank=2"]) == 2
+    assert "lora.rank" in capsys.readouterr().err
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == before  # nothing lost or added
+
+
+def test_a_nan_reward_stops_the_loop_naming_the_epoch_and_sample(base_model, tmp_path):
+    from pipelines.improve import build_parts, run_improve
+    from rlhf.trainer import NonFiniteError
+
+    cfg = load_config(write_profile(tmp_path, settings(base_model)))
+    parts = build_parts(cfg, progress=False)
+    real = parts.reward.scorers["quality"].score
+
+    def broken(images, prompts, modalities):
+        scores, details = real(images, prompts, modalities)
+        scores = scores.copy()
+        scores[1] = np.nan  # a judge returning NaN for one image
+        return scores, details
+
+    parts.reward.scorers["quality"].score = broken
+    with pytest.raises(NonFiniteError, match="non-finite reward in epoch 1 for sample 1"):
+        run_improve(cfg, tmp_path / "nan", progress=False, parts=parts)
+    assert [r["kind"] for r in lines(tmp_path / "nan" / "metrics.jsonl")] == ["eval"]  # epoch 0 only: nothing half written
+    assert not (tmp_path / "nan" / "samples.jsonl").exists() or not (tmp_path / "nan" / "samples.jsonl").read_text()
+
+
+def test_the_adapter_loads_in_synthmed_sample_and_stock_diffusers(base_model, tmp_path):
+    from pipelines.improve import run_improve
+
+    cfg = load_config(write_profile(tmp_path, settings(base_model, **{"improve.ddpo.epochs": 1})))
+    run = Path(run_improve(cfg, tmp_path / "run", progress=False)["run"])
+    out = tmp_path / "images"
+    assert cli(["sample", "normal chest radiograph", "--modality", "cxr", "--n", "1", "--steps", "2", "--model", str(base_model),
+                "--lora", str(run / "final"), "--out", str(out)]) == 0
+    assert list(out.glob("*.png"))
+    # stock diffusers: the same UNet with the adapter from pytorch_lora_weights.safetensors gives our outputs
+    from generator.lora import load_lora
+
+    ours = LatentDiffusion.load(base_model)
+    load_lora(ours.unet, run / "final" / "lora.safetensors")
+    stock = LatentDiffusion.load(base_model).unet
+    state = load_file(run / "final" / "pytorch_lora_weights.safetensors")
+    stock.load_lora_adapter({k.removeprefix("unet."): v for k, v in state.items()}, prefix=None, adapter_name="improved")
+    x = torch.randn(1, 4, 16, 16)
+    cond = ours.conditioner(["effusion"], ["cxr"])
+    kwargs = dict(encoder_hidden_states=cond.tokens, encoder_attention_mask=cond.mask, class_labels=cond.class_emb)
+    with torch.no_grad():
+        assert torch.allclose(ours.unet(x, torch.tensor([500]), **kwargs).sample, stock(x, torch.tensor([500]), **kwargs).sample, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_make_the_update_of_one_process_with_the_same_total_batch(base_model, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    one = write_profile(tmp_path, settings(base_model, **{"improve.ddpo.epochs": 1, "improve.ddpo.prompts_per_epoch": 2}), "one.yaml")
+    two = write_profile(tmp_path, settings(base_model, **{"improve.ddpo.epochs": 1, "improve.ddpo.prompts_per_epoch": 1}), "two.yaml")
+    subprocess.run([sys.executable, "-m", "pipelines.cli", "improve", "--config", str(one), "--run-dir", str(tmp_path / "one"),
+                    "--no-progress"], check=True, cwd=REPO, env=env)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    # accelerate's --multi_gpu launcher is torchrun; on a machine without GPUs the ranks meet over gloo (MULTI_CPU)
+    subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                    "--dynamo_backend", "no", "-m", "pipelines.cli", "improve", "--config", str(two), "--run-dir", str(tmp_path / "two"),
+                    "--no-progress"], check=True, cwd=REPO, env=env)
+    s1, s2 = lines(tmp_path / "one" / "samples.jsonl"), lines(tmp_path / "two" / "samples.jsonl")
+    assert [s["prompt"] for s in s1] == [s["prompt"] for s in s2] and [s["seed"] for s in s1] == [s["seed"] for s in s2]
+    assert {s["rank"] for s in s2} == {0, 1}  # each rank drew its own prompts
+    assert np.allclose([s["reward"] for s in s1], [s["reward"] for s in s2], atol=1e-5)
+    a, b = load_file(tmp_path / "one" / "final" / "lora.safetensors"), load_file(tmp_path / "two" / "final" / "lora.safetensors")
+    moved = max(float((a[k]).abs().max()) for k in a if "lora_B" in k)
+    assert moved > 0  # the update did something
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4), k
