@@ -155,8 +155,10 @@ class PromptSampler:
             location = str(rng.choice(fspec.locations)) if fspec.locations else None
             findings.append({"name": name, "present": True, "severity": severity, "laterality": side, "location": location,
                              "stated": True})
-        # pertinent negatives; one may name a finding a present one excludes ("no pneumothorax" beside an effusion)
-        candidates = [n for n in self.findings[modality] if n not in present]
+        # pertinent negatives; one may name a finding a present one excludes ("no pneumothorax" beside an effusion), never
+        # one the present findings' own phrases state ("choroidal neovascularisation with surrounding subretinal fluid")
+        implied = self._implied(modality, findings)
+        candidates = [n for n in self.findings[modality] if n not in present and n not in implied]
         n_neg = min(self.cfg.negatives, len(candidates))
         negated = [candidates[i] for i in sorted(rng.permutation(len(candidates))[:n_neg])]
         for name in negated:
@@ -172,6 +174,16 @@ class PromptSampler:
                                   modality, default_severity=None)
         return ImagePrompt(modality, request, composed["prompt"], composed["negative"], tuple(findings),
                            combination_key(modality, present))
+
+    @staticmethod
+    def _implied(modality: str, findings: list[dict]) -> set[str]:
+        """Findings the composed phrases of ``findings`` state as present (their templates may name others)."""
+        from rlhf.text_labels import expected_findings
+
+        from .prompts import finding_phrase
+
+        text = " ".join(finding_phrase(f, modality) + "." for f in findings)
+        return {name for name, present in expected_findings(text, modality).items() if present} if text else set()
 
     def _clinician_text(self, modality: str, findings: list[dict], rng: np.random.Generator, normal: bool = False) -> str:
         """How a clinician might write the request: synonyms, the spec's severity words, negatives last."""
@@ -192,7 +204,9 @@ class PromptSampler:
                 "side": _pick(fspec.side_words.get(f["laterality"] or "", (f["laterality"] or "",)), rng),
                 "location": _pick(fspec.location_words.get(f["location"] or "", ((f["location"] or "").replace("_", " "),)), rng),
             }
-            usable = [t for t in fspec.templates if _slots(t) <= set(words) and ("location" in _slots(t) or not f["location"])]
+            # templates that describe only this finding: "... with surrounding vasogenic oedema" states a second one
+            usable = [t for t in fspec.templates if _slots(t) <= set(words) and ("location" in _slots(t) or not f["location"])
+                      and not any(w in t for w in (" with ", "involving", "surrounding"))]
             template = usable[0] if usable else "{severity} {side} {term}" + (" in the {location}" if f["location"] else "")
             text = " ".join(template.format(**words).split()).replace(" ,", ",")
             parts.append(text[:1].upper() + text[1:] + ".")

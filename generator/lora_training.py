@@ -14,7 +14,7 @@ from .data.records import ManifestRow
 from .data.transforms import RecordTransform
 from .lora import LoraSpec, add_lora, lora_parameters, save_lora
 from .models import LatentDiffusion
-from .training import ImageCache, RunDir, augment_prompt, batch_indices, diffusion_loss, environment, run_loop, seed_everything
+from .training import ImageCache, RunDir, augment_prompt, batch_indices, diffusion_loss, process_slot, environment, run_loop, seed_everything
 
 
 def lora_spec(cfg: LoraConfig) -> LoraSpec:
@@ -37,7 +37,8 @@ def train_lora_adapter(
     text_rng = random.Random(train_cfg.seed)
 
     def loss_fn(step: int, micro: int):
-        idx = batch_indices(len(cache), train_cfg.batch_size, step, micro, train_cfg.grad_accum_steps, train_cfg.seed)
+        idx = batch_indices(len(cache), train_cfg.batch_size, step, micro, train_cfg.grad_accum_steps, train_cfg.seed,
+                            *process_slot())
         images, texts, modalities = cache.batch(idx)
         with torch.no_grad():
             latents = model.encode(images.to(model.device), generator=generator)

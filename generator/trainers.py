@@ -28,6 +28,7 @@ from .training import (
     RunDir,
     augment_prompt,
     batch_indices,
+    process_slot,
     diffusion_loss,
     environment,
     latent_scaling_factor,
@@ -95,7 +96,8 @@ def train_vae(
     generator = torch.Generator().manual_seed(train_cfg.seed)
 
     def loss_fn(step: int, micro: int):
-        idx = batch_indices(len(train), train_cfg.batch_size, step, micro, train_cfg.grad_accum_steps, train_cfg.seed)
+        idx = batch_indices(len(train), train_cfg.batch_size, step, micro, train_cfg.grad_accum_steps, train_cfg.seed,
+                            *process_slot())
         images, _, _ = train.batch(idx)
         return vae_loss(vae, images.to(next(vae.parameters()).device), train_cfg.kl_weight, generator)
 
@@ -205,7 +207,8 @@ def train_unet(
     text_rng = random.Random(train_cfg.seed)
 
     def loss_fn(step: int, micro: int):
-        idx = batch_indices(len(cache), train_cfg.batch_size, step, micro, train_cfg.grad_accum_steps, train_cfg.seed)
+        idx = batch_indices(len(cache), train_cfg.batch_size, step, micro, train_cfg.grad_accum_steps, train_cfg.seed,
+                            *process_slot())
         mean, logvar = moments[torch.from_numpy(idx)].chunk(2, dim=1)
         latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)) * model.scaling_factor
         texts = [cache.texts[i] for i in idx]

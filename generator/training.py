@@ -71,15 +71,27 @@ def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def batch_indices(n: int, batch_size: int, step: int, micro: int, accum: int, seed: int) -> np.ndarray:
-    """The indices of micro-batch ``micro`` of optimiser step ``step``: a pure function of its
-    arguments, so resuming at a step replays the same data order."""
-    start = (step * accum + micro) * batch_size
+def batch_indices(n: int, batch_size: int, step: int, micro: int, accum: int, seed: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    """The indices of micro-batch ``micro`` of optimiser step ``step`` on process ``rank`` of ``world``: a
+    pure function of its arguments, so resuming at a step replays the same data order. The processes take
+    consecutive slices of one global batch of ``world * batch_size``, so each sees different images and
+    together they see what one process with that batch size would."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in [0, {world})")
+    start = ((step * accum + micro) * world + rank) * batch_size
     out = np.empty(batch_size, dtype=np.int64)
     for j in range(batch_size):
         epoch, pos = divmod(start + j, n)
         out[j] = _epoch_order(n, seed, epoch)[pos]
     return out
+
+
+def process_slot() -> tuple[int, int]:
+    """(rank, number of processes) of this process under accelerate (0, 1 when run alone)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.process_index, state.num_processes
 
 
 def split_rows(rows: list[ManifestRow], val_fraction: float, seed: int) -> tuple[list[ManifestRow], list[ManifestRow]]:
@@ -295,7 +307,7 @@ def steps_per_epoch(n: int, cfg: TrainConfig) -> float:
 
 
 __all__ = [
-    "ImageCache", "LoopResult", "RunDir", "augment_prompt", "batch_indices", "diffusion_loss", "environment",
+    "ImageCache", "LoopResult", "RunDir", "augment_prompt", "batch_indices", "process_slot", "diffusion_loss", "environment",
     "latent_scaling_factor", "make_run_dir", "run_loop", "save_checkpoint", "seed_everything", "split_rows",
     "steps_per_epoch", "vae_loss",
 ]

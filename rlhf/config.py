@@ -172,24 +172,27 @@ class DDPOConfig(Section):
     """Stage 1: DDPO with per-prompt group advantages and a PPO-clip loss on the LoRA policy."""
 
     epochs: int = Field(2, ge=1)  # sample -> reward -> update rounds
-    prompts_per_epoch: int = Field(10, ge=1)  # distinct prompts per epoch, per process
+    prompts_per_epoch: int = Field(16, ge=1)  # distinct prompts per epoch, per process
     images_per_prompt: int = Field(4, ge=2)  # K: the group an advantage is normalised in
     steps: int = Field(10, ge=2)  # DDIM steps of a rollout
     eta: float = Field(1.0, gt=0, le=1)  # DDIM stochasticity of rollouts (a policy needs eta > 0)
     guidance: float = Field(4.0, ge=1)  # classifier-free guidance scale of rollouts and updates
     sample_batch_size: int = Field(20, ge=1)  # images per sampling forward pass
     train_batch_size: int = Field(8, ge=1)  # samples per update micro-batch
-    grad_accum_steps: int = Field(2, ge=1)  # micro-batches per optimiser step (times the trained timesteps of each)
+    grad_accum_steps: int = Field(1, ge=1)  # micro-batches per optimiser step (times the trained timesteps of each)
     inner_epochs: int = Field(1, ge=1)  # passes over an epoch's rollouts
     timestep_fraction: float = Field(0.5, gt=0, le=1)  # share of each trajectory's steps trained on, drawn afresh per sample
-    clip_range: float = Field(1e-4, gt=0)  # PPO ratio clip; tiny because log densities are averaged over latent elements (ddpo-pytorch); ~0.2 with a summed density
+    # PPO ratio clip on the log density averaged over latent elements. ddpo-pytorch's 1e-4 over SD's 4x64x64 = 16,384 elements
+    # is a trust region of ~1.6 in summed log density; over this model's 4x16x16 = 1,024 elements the same region is ~1.6e-3
+    # (1e-4 here clipped 30% of ratios from the second optimiser step on and barely moved the policy in 5 epochs)
+    clip_range: float = Field(1e-3, gt=0)
     logprob_reduce: Literal["mean", "sum"] = "mean"  # per-element log density averaged (ddpo-pytorch) or summed over the latent
     adv_clip_max: float = Field(5.0, gt=0)  # advantages clipped to [-adv_clip_max, adv_clip_max]
     advantages: Literal["group", "tracker", "batch"] = "group"  # normalise within each prompt's K images (GRPO), per prompt text over recent epochs (ddpo-pytorch's stat tracker), or over the batch
     tracker_buffer: int = Field(32, ge=2)  # tracker: rewards kept per prompt
     tracker_min_count: int = Field(8, ge=2)  # tracker: below this many a prompt uses the batch's statistics
     kl_weight: float = Field(0.0, ge=0)  # beta of the KL penalty to the base model (adapter disabled); 0: no penalty (and no extra forward pass)
-    lr: float = Field(3e-4, gt=0)  # AdamW learning rate of the LoRA weights
+    lr: float = Field(5e-4, gt=0)  # AdamW learning rate of the LoRA weights
     weight_decay: float = Field(1e-4, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)  # gradient clipping, L2 over the LoRA parameters
     seed: int = Field(0, ge=0)  # rollout noise and timestep draws (each process offsets it by its rank)
@@ -211,7 +214,7 @@ class SelectionConfig(Section):
 class HeldoutConfig(Section):
     """Held-out evaluation: fixed prompts, deterministic sampler, fixed seeds, the evaluator classifier."""
 
-    every: int = Field(1, ge=1)  # epochs between evaluations (epoch 0, the base model, always)
+    every: int = Field(5, ge=1)  # epochs between evaluations (epoch 0, the base model, and the last epoch always)
     images_per_prompt: int = Field(2, ge=1)  # images per held-out prompt (MS-SSIM within a prompt needs 2)
     steps: int = Field(10, ge=1)  # DDIM steps (eta 0)
     seed: int = Field(1234, ge=0)  # image i of prompt p uses seed + 1000 p + i, every evaluation alike

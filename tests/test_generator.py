@@ -163,3 +163,15 @@ def test_lora_adapter_training_saves_only_the_adapter(model, tmp_path):
     assert summary["steps"] == 2 and (tmp_path / "a.safetensors").stat().st_size < 200_000
     now = model.unet.state_dict()
     assert all(torch.equal(now[k], v) for k, v in base.items() if k in now)  # base weights untouched
+
+
+def test_each_process_draws_its_own_slice_of_one_global_batch():
+    """Under accelerate every rank used to draw the same batch; now ranks split one global batch."""
+    for step, micro in [(0, 0), (3, 1), (11, 0)]:
+        ranks = [batch_indices(10, 4, step, micro, accum=2, seed=3, rank=r, world=2) for r in range(2)]
+        assert not np.array_equal(ranks[0], ranks[1])
+        together = batch_indices(10, 8, step, micro, accum=2, seed=3)
+        assert np.array_equal(np.concatenate(ranks), together)  # what one process with the whole batch draws
+    assert np.array_equal(batch_indices(10, 4, 7, 0, 1, 3, rank=0, world=1), batch_indices(10, 4, 7, 0, 1, 3))
+    with pytest.raises(ValueError, match="rank 2"):
+        batch_indices(10, 4, 0, 0, 1, 3, rank=2, world=2)

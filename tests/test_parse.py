@@ -357,3 +357,35 @@ def test_visual_features_without_a_case_library(retriever):
     visual = reasoner.map_visual_features(request, pathology)
     assert [d.appearance_id for d in visual.descriptors] == ["subretinal_fluid@oct"]
     assert visual.cases == [] and visual.retrievals[-1].kinds == ["case"] and visual.retrievals[-1].hits == []
+
+
+# ---------------------------------------------------------------- one reader of findings
+def test_the_loops_requests_read_the_same_by_every_reader(reasoner):
+    """The self-improvement loop's requests carry a structured expectation; the graph's reasoner reading the
+    clinician's words and the report matcher (rlhf.text_labels) reading the composed prompt agree with it,
+    so the reward, the verifier and `synthmed eval` all check what the request asks for."""
+    from agents.requests import PromptSampler
+    from generator.phantoms import catalogue
+    from pipelines.config import load_config
+    from rlhf.text_labels import expected_findings
+
+    sampler = PromptSampler(load_config("tiny").improve.prompts, catalogue())
+    items = sampler.draw(60, epoch=1, seed=0) + sampler.heldout()
+    disagreements = []
+    for item in items:
+        stated = {f["name"]: f["present"] for f in item.findings if f["stated"]}
+        _, pathology = read(reasoner, item.request, item.modality)
+        parsed = {f.name: f.present for f in pathology.findings if not f.uncertain}
+        if parsed != stated:
+            disagreements.append(("rules", item.request, parsed, stated))
+        present = {f["name"]: f for f in item.findings if f["present"]}
+        for f in pathology.findings:  # attributes the graph reads back agree with the expectation where both state one
+            want = present.get(f.name)
+            if want and want["laterality"] and f.laterality and f.laterality != want["laterality"]:
+                disagreements.append(("laterality", item.request, f.laterality, want["laterality"]))
+        labels = catalogue()[item.modality]
+        matched = expected_findings(item.prompt, item.modality, labels)
+        expected = item.expected if not item.present else stated  # a normal report denies every finding
+        if {k: v for k, v in matched.items() if k in expected} != expected or set(matched) - set(expected) - set(labels):
+            disagreements.append(("text_labels", item.prompt, matched, expected))
+    assert not disagreements, disagreements[:5]

@@ -383,3 +383,24 @@ def test_epoch_timer_times_trls_phases_without_changing_them():
     assert set(record["seconds"]) == {"sampling", "reward", "update", "total"} and record["reward_mean"] == 2.0
     assert record["seconds"]["total"] >= max(v for k, v in record["seconds"].items() if k != "total")
     assert np.isfinite(record["cpu_seconds"])
+
+
+# -- the command, our side only (trl's side needs its environment: see pipelines/trl_bench.py) --------
+
+@pytest.mark.slow
+def test_bench_improve_command_without_trl(tmp_path, capsys):
+    from pipelines.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "improve", "--skip-trl", "--epochs", "1", "--prompts-per-epoch", "2", "--images-per-prompt", "2",
+                 "--steps", "2", "--out", str(out), "--json", "--improve.prompts.modalities=[cxr]",
+                 "--improve.prompts.heldout_per_modality=1", "--improve.eval.steps=2", "--improve.selection.enabled=false"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result == json.loads((out / "bench.json").read_text())
+    assert result["trl"] is None and result["epoch_speedup_vs_trl"] is None and result["trl_version"] == "0.23.1"
+    s = result["settings"]
+    assert (s["epochs"], s["samples_per_epoch"], s["steps"], s["threads"]) == (1, 4, 2, 1)
+    assert s["adjusted_for_trl"]["sample_batch_size"] == {"configured": 20, "bench": 4}
+    ours = result["ours"]
+    assert ours["seconds_per_epoch"] > 0 and len(ours["epoch_seconds"]) == 1 and ours["cpu_seconds_ddpo"][0] > 0
+    assert ours["gain"] == pytest.approx(ours["heldout_after"] - ours["heldout_base"])

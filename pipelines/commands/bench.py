@@ -79,6 +79,8 @@ def register(groups, formatter) -> None:
     i.add_argument("--prompts-per-epoch", type=int, default=8, help="distinct requests per epoch (improve.ddpo.prompts_per_epoch)")
     i.add_argument("--images-per-prompt", type=int, default=4, help="K, images per request (improve.ddpo.images_per_prompt)")
     i.add_argument("--steps", type=int, default=None, help="DDIM steps of a rollout (default: improve.ddpo.steps)")
+    i.add_argument("--threads", type=int, default=1, help="torch CPU threads of each side (improve.num_threads); 0: torch's "
+                   "default. One thread keeps a shared CPU from stalling multi-threaded kernels, which distorts the timings")
     i.add_argument("--no-selection", action="store_true", help="our side without stage 2 (trl has none)")
     i.add_argument("--skip-trl", action="store_true", help="our side only")
     i.add_argument("--env", default=None, help="the trl environment's folder (default: .synthmed/envs/trl-0.23.1)")
@@ -222,7 +224,8 @@ def _improve_bench(args, extra) -> int:
     flags = {"improve.ddpo.epochs": args.epochs, "improve.ddpo.prompts_per_epoch": args.prompts_per_epoch,
              "improve.ddpo.images_per_prompt": args.images_per_prompt, "improve.ddpo.steps": args.steps,
              "improve.selection.enabled": False if args.no_selection else None, "improve.report_to": "none",
-             "improve.eval.every": args.epochs}  # held-out evaluations at epoch 0 and at the end only
+             "improve.eval.every": args.epochs,  # held-out evaluations at epoch 0 and at the end only
+             "improve.num_threads": args.threads}
     cfg = resolve_config(args, extra, flags)
     d = cfg.improve.ddpo
     batches = bench_batches(d.prompts_per_epoch * d.images_per_prompt, d.sample_batch_size, d.train_batch_size, d.grad_accum_steps)
