@@ -188,7 +188,9 @@ class LatentDiffusion(torch.nn.Module):
         device: str | torch.device = "cpu",
     ) -> "LatentDiffusion":
         """Load a saved model. ``modalities`` may list more than the save knew: the table grows."""
-        folder = Path(folder)
+        from .paths import shipped
+
+        folder = shipped(folder)
         if not (folder / "model.json").is_file():
             raise FileNotFoundError(f"no synthmed model in {folder} (model.json missing); train one with `synthmed train unet`")
         meta = json.loads((folder / "model.json").read_text())

@@ -70,12 +70,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_folder(folder: str | os.PathLike) -> Path:
-    """A relative folder is looked up in the working directory, then in the repository (shipped weights)."""
-    path = Path(folder)
-    if path.is_absolute() or path.exists():
-        return path
-    in_repo = REPO_ROOT / path
-    return in_repo if in_repo.exists() else path
+    """A relative folder is looked up in the working directory, then beside the installed packages (shipped weights)."""
+    from generator.paths import shipped
+
+    return shipped(folder)
 
 
 # -- model ------------------------------------------------------------------------------------

@@ -284,7 +284,9 @@ def _train_hint(folder: Path) -> str:
 
 def load_classifier(folder: str | os.PathLike, role: str | None = None, device: str | torch.device = "cpu") -> FindingClassifier:
     """The classifier saved in ``folder``; with ``role`` given, refuse weights of another role."""
-    folder = Path(folder)
+    from generator.paths import shipped
+
+    folder = shipped(folder)
     for name in ("config.json", "model.safetensors"):
         if not (folder / name).is_file():
             what = "folder does not exist" if not folder.is_dir() else f"{name} missing"
@@ -909,7 +911,9 @@ def load_finding_scorer(
     """The ``role`` scorer over the classifiers in ``<root>/<role>/`` (every modality there, or ``modalities``)."""
     if role not in ROLES:
         raise ValueError(f"unknown classifier role {role!r}; choose one of {', '.join(ROLES)}")
-    folder = Path(root) if root is not None else DEFAULT_ROOT
+    from generator.paths import shipped
+
+    folder = shipped(root) if root is not None else DEFAULT_ROOT
     if modalities is None:
         modalities = sorted(p.name for p in (folder / role).glob("*") if (p / "config.json").is_file())
         if not modalities:
