@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlhf.trainer import NonFiniteError
+from rlhf.trainer import NonFiniteError, sample_seed
 
 from .config import SynthmedConfig, config_to_dict, load_config, save_config
 
@@ -244,15 +244,25 @@ class RewardHackingGuard:
         self.cfg = cfg
         self.history: list[dict] = []  # {"epoch", "reward", "share", "fd"}
         self.strikes = 0
+        self.pending: list[float] = []  # epoch mean rewards since the last evaluation
 
     def state_dict(self) -> dict:
-        return {"history": self.history, "strikes": self.strikes}
+        return {"history": self.history, "strikes": self.strikes, "pending": self.pending}
 
     def load_state_dict(self, state: dict) -> None:
         self.history, self.strikes = list(state["history"]), int(state["strikes"])
+        self.pending = list(state.get("pending", []))
+
+    def add_reward(self, reward: float) -> None:
+        """One epoch's mean training reward; an evaluation compares the mean since the previous one."""
+        self.pending.append(float(reward))
 
     def observe(self, epoch: int, reward: float | None, share: float | None, fd: float | None) -> str | None:
-        """Record one evaluation; the message when the loop must stop, else None."""
+        """Record one evaluation (``reward``: None to use the mean of the epochs added since the last one);
+        the message when the loop must stop, else None."""
+        if reward is None and self.pending:
+            reward = float(np.mean(self.pending))
+        self.pending = []
         previous = self.history[-1] if self.history else None
         base = self.history[0] if self.history else None
         self.history.append({"epoch": epoch, "reward": reward, "share": share, "fd": fd})
@@ -261,8 +271,8 @@ class RewardHackingGuard:
         signs = []
         if reward is not None and previous["reward"] is not None and share is not None and previous["share"] is not None:
             if reward > previous["reward"] and share < previous["share"] - self.cfg.min_drop:
-                signs.append(f"training reward rose {previous['reward']:.4f} -> {reward:.4f} while the held-out evaluator's share "
-                             f"fell {previous['share']:.3f} -> {share:.3f}")
+                signs.append(f"training reward rose {previous['reward']:.4f} -> {reward:.4f} while the held-out evaluator's "
+                             f"{self.cfg.metric} fell {previous['share']:.3f} -> {share:.3f}")
         if fd is not None and base is not None and base["fd"] is not None and fd > base["fd"] * (1 + self.cfg.fd_tolerance):
             signs.append(f"FD {fd:.2f} is more than {self.cfg.fd_tolerance:.0%} worse than the base model's {base['fd']:.2f}")
         self.strikes = self.strikes + 1 if signs else 0
@@ -433,7 +443,7 @@ def run_improve(cfg: SynthmedConfig, run_dir: Path | None = None, resume: bool =
     n_prompts = ic.ddpo.prompts_per_epoch
     end: dict = {}
 
-    def evaluate(epoch: int, lines: list[dict], epoch_reward: float | None) -> str | None:
+    def evaluate(epoch: int, lines: list[dict]) -> str | None:
         """Held-out table, best/, the guard; runs on the main process only."""
         nonlocal best
         result = heldout_evaluation(model, heldout, parts.judges, parts.reference, ic.eval, cfg.judges.eval, ic.ddpo.guidance,
@@ -449,7 +459,7 @@ def run_improve(cfg: SynthmedConfig, run_dir: Path | None = None, resume: bool =
             save_adapter(model.unet, root / "best", {"run": str(root), "epoch": epoch, "heldout": result["overall"],
                                                      "base_model": base_model, "kind": "synthmed LoRA adapter (best held-out)"})
         lines.append({"kind": "eval", "epoch": epoch, **result, "best": is_best})
-        message = guard.observe(epoch, epoch_reward, share, result["overall"]["fd"])
+        message = guard.observe(epoch, None, result["overall"][ic.guard.metric], result["overall"]["fd"])
         if message:
             lines.append({"kind": "guard", "epoch": epoch, "message": message})
         return message
@@ -479,7 +489,7 @@ def run_improve(cfg: SynthmedConfig, run_dir: Path | None = None, resume: bool =
     if start_epoch == 0:  # the base model, evaluated once
         lines: list[dict] = []
         if main:
-            stopped = evaluate(0, lines, None)
+            stopped = evaluate(0, lines)
         finish_epoch(0, lines, [])
         start_epoch = 1
     for epoch in range(start_epoch, ic.ddpo.epochs + 1):
@@ -494,7 +504,7 @@ def run_improve(cfg: SynthmedConfig, run_dir: Path | None = None, resume: bool =
         if stop_after and stop_after("rollout", epoch):
             raise SystemExit(f"stopped after the rollouts of epoch {epoch}")
         t1 = time.perf_counter()
-        result = reward(rollout.images, rollout.items)
+        result = reward(rollout.images, rollout.items, progress=progress)
         total = _gather(accelerator, result.total)
         components = {name: _gather(accelerator, value) for name, value in result.components.items()}
         bad = np.flatnonzero(~np.isfinite(total))
@@ -526,16 +536,17 @@ def run_improve(cfg: SynthmedConfig, run_dir: Path | None = None, resume: bool =
         samples = [{"epoch": epoch, "index": i, "rank": i // (n_prompts * k), "prompt": it.prompt, "negative": it.negative,
                     "request": it.request, "modality": it.modality, "key": it.key,
                     "expected": {f["name"]: {kk: v for kk, v in f.items() if kk != "name"} for f in it.findings},
-                    "seed": int(np.random.default_rng([ic.ddpo.seed, epoch, i]).integers(2**31 - 1)),
+                    "seed": sample_seed(ic.ddpo.seed, epoch, i),
                     "reward": float(total[i]), "components": {n: float(v[i]) for n, v in components.items()},
                     "advantage": float(advantages[i]), "selected": bool(selected[i])} for i, it in enumerate(items)]
+        guard.add_reward(overall["total"]["mean"])
         if main:
             tiles = min(ic.grid_images, len(rollout.items))
             _save_grid(rollout.images[:tiles], [it.modality for it in rollout.items[:tiles]], cfg, root / "grids" / f"epoch_{epoch:04d}.png",
                        columns=k * 4 if tiles >= k * 4 else tiles)
             if epoch % ic.eval.every == 0 or epoch == ic.ddpo.epochs:
                 te = time.perf_counter()
-                stopped = evaluate(epoch, lines, overall["total"]["mean"])
+                stopped = evaluate(epoch, lines)
                 seconds["eval"] = time.perf_counter() - te
         if world > 1:
             flag = [stopped]

@@ -440,6 +440,9 @@ def bench_improve(cfg, out: Path, env_dir: Path | None = None, skip_trl: bool = 
         _say(f"synthmed improve and trl DDPOTrainer: {ddpo.epochs} epochs each, taking turns")
         end = run_improve(cfg, run_dir, progress=progress, parts=parts, command="synthmed bench improve", stop_after=trl_turn)
         if runner is not None:
+            settings["interleaved"] = len(runner.epochs) >= min(int(end["epoch"]), ddpo.epochs)
+            while len(runner.epochs) < int(end["epoch"]):  # the loop's hook points moved: trl's epochs after ours
+                runner.run_epoch()
             trl_result = runner.finish()
     finally:
         if runner is not None:

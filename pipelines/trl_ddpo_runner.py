@@ -506,7 +506,7 @@ def run(spec: dict, channel: Channel | None = None) -> dict:
     channel.send("trained")
     channel.wait()  # the bench says when: saving must not overlap its own timed epochs
     adapter = save_lora(pipeline.unet, out / "trl_lora.safetensors", pipeline.adapter_name,
-                        metadata={"trainer": f"trl {trl.__version__}", "epochs": len(epochs)})
+                        metadata={"trainer": f"trl {trl.__version__}", "epochs": done})
     pipeline.unet.peft_config[pipeline.adapter_name].save_pretrained(str(out))
     result = {"trl_version": trl.__version__, "epochs": timer.epochs, "adapter": str(adapter), "setup_seconds": round(setup_seconds, 2),
               "epochs_done": done,

@@ -227,7 +227,8 @@ class GuardConfig(Section):
     enabled: bool = True
     patience: int = Field(2, ge=1)  # evaluations in a row that must show the pattern before the loop stops
     fd_tolerance: float = Field(0.10, ge=0)  # relative FD worsening against the base model that counts as a warning sign
-    min_drop: float = Field(0.0, ge=0)  # a fall of the evaluator's share larger than this counts
+    min_drop: float = Field(0.0, ge=0)  # a fall of the evaluator's metric larger than this counts
+    metric: Literal["all_requested_shown", "requested_shown", "finding_accuracy"] = "all_requested_shown"  # the held-out evaluator's figure watched
 
 
 class ImproveConfig(Section):

@@ -97,7 +97,7 @@ class Reward:
     def finding_scorer(self):
         return self.scorers.get("findings")
 
-    def __call__(self, images: torch.Tensor, items: Sequence[Any]) -> RewardResult:
+    def __call__(self, images: torch.Tensor, items: Sequence[Any], progress: bool = False) -> RewardResult:
         batch = as_image_batch(images)
         prompts = [it.prompt for it in items]
         modalities = [it.modality for it in items]
@@ -105,7 +105,9 @@ class Reward:
         n = batch.shape[0]
         total = np.zeros(n, dtype=np.float64)
         components: dict[str, np.ndarray] = {}
-        for name, scorer in self.scorers.items():
+        from tqdm import tqdm
+
+        for name, scorer in tqdm(self.scorers.items(), desc="reward", unit=" judge", disable=not progress, leave=False):
             if name == "findings":
                 expected = [dict(it.expected) for it in items]
                 scores, details = scorer.score(batch, prompts, modalities, expected=expected)

@@ -269,3 +269,27 @@ def test_two_processes_make_the_update_of_one_process_with_the_same_total_batch(
     assert moved > 0  # the update did something
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4), k
+
+
+def test_the_guard_stops_the_loop_and_best_keeps_the_best_adapter(base_model, tmp_path):
+    """Patience 1 on the evaluator's finding accuracy: the first evaluation where the training reward rose while
+    the evaluator's figure fell stops the loop (this seeded tiny run: epoch 3)."""
+    from pipelines.improve import run_improve
+
+    cfg = load_config(write_profile(tmp_path, settings(base_model, **{
+        "improve.ddpo.epochs": 4, "improve.ddpo.lr": 0.05, "improve.eval.every": 1,
+        "improve.guard.patience": 1, "improve.guard.metric": "finding_accuracy"})))
+    end = run_improve(cfg, tmp_path / "run", progress=False)
+    records = lines(tmp_path / "run" / "metrics.jsonl")
+    evals = {r["epoch"]: r["overall"] for r in records if r["kind"] == "eval"}
+    rewards = {r["epoch"]: r["reward"]["total"]["mean"] for r in records if r["kind"] == "epoch"}
+    hacked = [e for e in sorted(rewards) if e > 1 and rewards[e] > rewards[e - 1]
+              and evals[e]["finding_accuracy"] < evals[e - 1]["finding_accuracy"]]
+    assert hacked, "this seeded run is expected to show reward up while the evaluator goes down"
+    assert end["status"] == "stopped_reward_hacking" and "reward hacking suspected" in end["message"]
+    guard = [r for r in records if r["kind"] == "guard"]
+    assert len(guard) == 1 and guard[0]["epoch"] == hacked[0] and "finding_accuracy fell" in guard[0]["message"]
+    assert max(rewards) == hacked[0]  # no epoch after the stop
+    best = json.loads((tmp_path / "run" / "best" / "metadata.json").read_text())
+    assert best["epoch"] == max(evals, key=lambda e: (evals[e]["all_requested_shown"] or 0, evals[e]["finding_accuracy"] or 0))
+    assert json.loads((tmp_path / "run" / "metadata.json").read_text())["status"] == "stopped_reward_hacking"

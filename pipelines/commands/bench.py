@@ -13,10 +13,12 @@ means the peak stays near the baseline however many rows there are.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -232,11 +234,13 @@ def _improve_bench(args, extra) -> int:
     adjusted = {k: {"configured": getattr(d, k), "bench": v} for k, v in batches.items() if getattr(d, k) != v}
     if adjusted:
         print("batch sizes lowered for trl's divisibility rules, on both sides: "
-              + ", ".join(f"{k} {v['configured']} -> {v['bench']}" for k, v in adjusted.items()), file=__import__("sys").stderr)
+              + ", ".join(f"{k} {v['configured']} -> {v['bench']}" for k, v in adjusted.items()), file=sys.stderr)
         cfg = resolve_config(args, extra, {**flags, **{f"improve.ddpo.{k}": v for k, v in batches.items()}})
     out = Path(args.out or f"runs/bench-improve-{time.strftime('%Y%m%d-%H%M%S')}")
-    summary = bench_improve(cfg, out, Path(args.env) if args.env else None, skip_trl=args.skip_trl, progress=not args.json,
-                            adjusted=adjusted)
+    # with --json, stdout carries the JSON alone: what the loop prints goes to stderr
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        summary = bench_improve(cfg, out, Path(args.env) if args.env else None, skip_trl=args.skip_trl, progress=not args.json,
+                                adjusted=adjusted)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
