@@ -316,6 +316,12 @@ def _trackers(report_to: str) -> list[str]:
             return ["tensorboard"]
         except ImportError:
             return []
+    import importlib.util
+
+    package = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb"}[report_to]
+    if importlib.util.find_spec(package) is None:
+        raise ValueError(f"--report-to {report_to}: the {package} package is not installed; `pip install {package}`, or use "
+                         "--report-to none (metrics.jsonl is always written)")
     return [report_to]
 
 

@@ -190,6 +190,8 @@ def test_bad_input_gives_one_clear_error_and_exit_code_2(base_model, tmp_path, c
     assert "unknown reward component 'aesthetics'" in run(settings(base_model, **{"improve.reward.weights": {"aesthetics": 1.0}}))
     assert "unknown modality 'petct'" in run(settings(base_model, **{"improve.prompts.modalities": ["cxr", "petct"]}))
     assert "unknown finding(s) fracture" in run(settings(base_model, **{"improve.prompts.findings": {"cxr": ["fracture"]}}))
+    assert "no held-out finding combination for oct" in run(settings(base_model, **{"improve.prompts.findings": {"oct": ["drusen"]}}))
+    assert "the wandb package is not installed" in run(base, "--report-to", "wandb")
     # resume with another config, another LoRA rank
     profile = write_profile(tmp_path, base, "ok.yaml")
     assert cli(["improve", "--config", str(profile), "--epochs", "1", "--run-dir", str(tmp_path / "r"), "--no-progress"]) == 0
