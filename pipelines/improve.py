@@ -376,6 +376,9 @@ def run_improve(cfg: SynthmedConfig, run_dir: Path | None = None, resume: bool =
 
     # the run folder: made by the main process, its path shared with the others
     holder = [str(run_dir) if run_dir else None]
+    if not resume and run_dir and (Path(run_dir) / "metrics.jsonl").exists():  # every rank sees it and stops
+        raise ValueError(f"{run_dir} already holds a run; continue it with `synthmed improve --resume {run_dir}` or "
+                         "choose another --run-dir")
     if main and not resume:
         root = Path(run_dir) if run_dir else new_run_dir(cfg)
         (root / "checkpoints").mkdir(parents=True, exist_ok=True)

@@ -243,6 +243,7 @@ def show_run(run: str | Path, runs_dir: str | Path = "runs") -> dict[str, Any]:
         "metadata": meta, "components": components, "modalities": modalities,
         "epochs": [_epoch_row(e, steps_by_epoch.get(e["epoch"], []), modalities) for e in epochs],
         "evals": [_eval_row(e, modalities, summary["best_epoch"]) for e in evals],
+        "gain": gain_table(evals, summary["best_epoch"]),
         "guards": [{"epoch": r.get("epoch"), "message": r.get("message", "")} for r in records if r.get("kind") == "guard"],
         "end": {k: ends[-1].get(k) for k in ("epoch", "status", "message")} if ends else None,
         "steps": {"count": len(steps),
@@ -252,6 +253,28 @@ def show_run(run: str | Path, runs_dir: str | Path = "runs") -> dict[str, Any]:
         "paths": _paths(run_dir, summary["best_epoch"]),
         "warnings": warnings,
     }
+
+
+GAIN_METRICS = ("all_requested_shown", "requested_shown", "finding_accuracy", "fd", "ms_ssim", "clip_score", "selector_quality",
+                "memorised_share")
+
+
+def gain_table(evals: list[dict], best: int | None) -> dict[str, Any] | None:
+    """Base (epoch 0) against the best evaluation (else the last), per modality and averaged over them:
+    ``{"base_epoch", "epoch", "rows": {modality or "mean": {metric: {"base", "after", "change"}}}}``."""
+    base = next((e for e in evals if e["epoch"] == 0), None)
+    after = next((e for e in evals if e["epoch"] == best), None) if best not in (None, 0) else None
+    after = after or (evals[-1] if evals and evals[-1]["epoch"] != 0 else None)
+    if base is None or after is None:
+        return None
+    rows: dict[str, dict] = {}
+    for name in list(base.get("per_modality") or {}) + ["mean"]:
+        b = base["overall"] if name == "mean" else (base.get("per_modality") or {}).get(name, {})
+        a = after["overall"] if name == "mean" else (after.get("per_modality") or {}).get(name, {})
+        rows[name] = {m: {"base": b.get(m), "after": a.get(m),
+                          "change": (a[m] - b[m]) if isinstance(a.get(m), (int, float)) and isinstance(b.get(m), (int, float)) else None}
+                      for m in GAIN_METRICS}
+    return {"base_epoch": 0, "epoch": after["epoch"], "rows": rows}
 
 
 # -- all runs ---------------------------------------------------------------------------------

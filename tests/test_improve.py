@@ -120,6 +120,9 @@ def test_a_run_writes_its_directory_and_logs(base_model, tmp_path, capsys):
     assert cli(["runs", "show", str(run), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert len(shown["epochs"]) == 2
+    gain = shown["gain"]["rows"]
+    assert set(gain) == {"cxr", "oct", "mean"}
+    assert gain["mean"]["fd"]["base"] == pytest.approx(evals[0]["overall"]["fd"], rel=1e-6)
 
 
 def test_kl_to_the_base_is_zero_while_the_lora_weights_are_zero(base_model):
@@ -197,6 +200,8 @@ def test_bad_input_gives_one_clear_error_and_exit_code_2(base_model, tmp_path, c
     assert cli(["improve", "--config", str(profile), "--epochs", "1", "--run-dir", str(tmp_path / "r"), "--no-progress"]) == 0
     capsys.readouterr()
     before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    assert cli(["improve", "--config", str(profile), "--epochs", "1", "--run-dir", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
     assert cli(["improve", "--resume", str(tmp_path / "r"), "--config", str(profile), "--improve.ddpo.lr=0.5"]) == 2
     err = capsys.readouterr().err
     assert "improve.ddpo.lr" in err and "differs" in err
@@ -235,6 +240,9 @@ def test_the_adapter_loads_in_synthmed_sample_and_stock_diffusers(base_model, tm
     assert cli(["sample", "normal chest radiograph", "--modality", "cxr", "--n", "1", "--steps", "2", "--model", str(base_model),
                 "--lora", str(run / "final"), "--out", str(out)]) == 0
     assert list(out.glob("*.png"))
+    assert cli(["eval", "--model", str(base_model), "--lora", str(run), "--modalities", "cxr", "--prompts", "1", "--n-per-prompt", "2",
+                "--reference-per-finding", "2", "--steps", "2", "--json", f"--run.runs_dir={tmp_path / 'evals'}"]) == 0
+    assert (next((tmp_path / "evals").glob("*-eval-*")) / "eval.json").is_file()
     # stock diffusers: the same UNet with the adapter from pytorch_lora_weights.safetensors gives our outputs
     from generator.lora import load_lora
 

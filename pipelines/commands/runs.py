@@ -136,6 +136,8 @@ def format_run(run: dict) -> str:
         parts.append("reward per epoch (means)\n" + _epochs_table(run))
     if run["evals"]:
         parts.append("held-out evaluations (epoch 0: the base model)\n" + _evals_table(run))
+    if run.get("gain"):
+        parts.append(_gain_table(run["gain"]))
     notes = [f"guard (epoch {g['epoch']}): {g['message']}" for g in run["guards"]]
     if run["end"]:
         end = run["end"]
@@ -148,6 +150,21 @@ def format_run(run: dict) -> str:
         parts.append(f"seconds per epoch (mean of {t['epochs']}): {split}" + (f"; eval {_secs(t['eval'])} s" if t["eval"] else ""))
     parts.append(_files(run))
     return "\n\n".join(parts)
+
+
+def _gain_table(gain: dict) -> str:
+    shown = [("all_requested_shown", "every requested shown ↑"), ("finding_accuracy", "finding acc ↑"), ("fd", "FD ↓"),
+             ("ms_ssim", "MS-SSIM ↓"), ("clip_score", "CLIP ↑"), ("selector_quality", "selector ↑"), ("memorised_share", "memorised ↓")]
+    rows = []
+    for name, metrics in gain["rows"].items():
+        cells = []
+        for key, _ in shown:
+            m = metrics[key]
+            cells.append("-" if m["base"] is None and m["after"] is None else
+                         f"{_fmt(m['base'])} -> {_fmt(m['after'])}")
+        rows.append([name, *cells])
+    return (f"gain on the held-out prompts, base (epoch 0) -> epoch {gain['epoch']} (judged by the evaluator classifier)\n"
+            + table(rows, ["modality", *[h for _, h in shown]]))
 
 
 def _epochs_table(run: dict) -> str:
