@@ -42,7 +42,7 @@ def settings(base: Path, **extra) -> dict:
                      "train_batch_size": 8, "grad_accum_steps": 1, "timestep_fraction": 1.0, "clip_range": 0.2,
                      "logprob_reduce": "sum", "lr": 1e-3},
             "selection": {"threshold": 0.0, "require_verifier_pass": False, "max_per_epoch": 2, "batch_size": 2, "noise_draws": 1},
-            "eval": {"images_per_prompt": 2, "steps": 2, "reference_per_finding": 2},
+            "eval": {"every": 1, "images_per_prompt": 2, "steps": 2, "reference_per_finding": 2},
             "report_to": "none",
         },
         "agents": {"verifier": {"training_data": []}},
