@@ -455,8 +455,11 @@ def run_improve(cfg: SynthmedConfig, run_dir: Path | None = None, resume: bool =
     def evaluate(epoch: int, lines: list[dict]) -> str | None:
         """Held-out table, best/, the guard; runs on the main process only."""
         nonlocal best
-        result = heldout_evaluation(model, heldout, parts.judges, parts.reference, ic.eval, cfg.judges.eval, ic.ddpo.guidance,
-                                    parts.train_images, ic.ddpo.sample_batch_size, progress)
+        from generator.lora import merged_for_sampling
+
+        with merged_for_sampling(model.unet):
+            result = heldout_evaluation(model, heldout, parts.judges, parts.reference, ic.eval, cfg.judges.eval, ic.ddpo.guidance,
+                                        parts.train_images, ic.ddpo.sample_batch_size, progress)
         images = result.pop("images")
         _save_grid(images, [it.modality for it in heldout for _ in range(ic.eval.images_per_prompt)], cfg,
                    root / "heldout" / f"epoch_{epoch:04d}.png", columns=ic.eval.images_per_prompt * 4)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from generator.ddim_logprob import ddim_step_with_logprob
-from generator.lora import adapters_disabled, lora_parameters
+from generator.lora import adapters_disabled, lora_parameters, merged_for_sampling
 from generator.models import LatentDiffusion, latent_size
 from generator.sampling import guided_conditioning, guided_prediction, initial_noise
 
@@ -124,6 +124,15 @@ class DDPOTrainer:
         all_latents, all_logp, images = [], [], []
         bar = tqdm(total=len(items), desc=f"epoch {epoch}: rollouts", unit=" img", disable=not progress, leave=False)
         model.unet.eval()
+        with merged_for_sampling(model.unet):
+            self._draw(items, seeds, shape, all_latents, all_logp, images, bar)
+        bar.close()
+        return Rollout(list(items), seeds, list(indices), torch.cat(all_latents), torch.cat(all_logp), scheduler.timesteps.clone(),
+                       torch.cat(images), time.perf_counter() - started)
+
+    def _draw(self, items, seeds, shape, all_latents, all_logp, images, bar) -> None:
+        cfg, model = self.cfg, self.model
+        scheduler = model.scheduler
         for start in range(0, len(items), cfg.sample_batch_size):
             chunk = list(items[start:start + cfg.sample_batch_size])
             chunk_seeds = seeds[start:start + len(chunk)]
@@ -144,9 +153,6 @@ class DDPOTrainer:
             all_logp.append(torch.stack(logps, dim=1).cpu())  # (b, T)
             images.append(model.decode(latents).float().cpu())
             bar.update(len(chunk))
-        bar.close()
-        return Rollout(list(items), seeds, list(indices), torch.cat(all_latents), torch.cat(all_logp), scheduler.timesteps.clone(),
-                       torch.cat(images), time.perf_counter() - started)
 
     # -- advantages ---------------------------------------------------------------------------
     def advantages(self, rewards: np.ndarray, groups: Sequence[str], prompts: Sequence[str]) -> np.ndarray:

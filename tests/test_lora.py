@@ -374,3 +374,22 @@ def test_bf16_base_keeps_lora_in_fp32_and_backprops(inputs):
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in lora)
     assert any(p.grad.abs().sum() > 0 for p in lora)
     assert all(p.grad is None for n, p in unet.named_parameters() if "lora_" not in n)
+
+
+def test_merged_for_sampling_draws_the_same_and_restores_the_base_bit_for_bit(inputs):
+    from generator.lora import merged_for_sampling
+
+    unet = tiny_unet()
+    add_lora(unet, LoraSpec(rank=4, alpha=4))
+    train_steps(unet, inputs)  # B != 0: the adapter changes the output
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    with torch.no_grad():
+        adapted = forward(unet, inputs)
+        with merged_for_sampling(unet):
+            merged = forward(unet, inputs)
+            assert any(layer.merged for layer in unet.modules() if hasattr(layer, "merged_adapters"))
+        again = forward(unet, inputs)
+    assert torch.allclose(merged, adapted, atol=1e-5)
+    assert torch.equal(again, adapted)
+    after = unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # restored, not unmerged: no rounding drift
