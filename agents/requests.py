@@ -25,7 +25,7 @@ import numpy as np
 from generator.phantoms import get_spec
 from generator.phantoms.base import FindingSpec
 
-from .prompts import SEVERITY_ORDER, compose_prompt, phantom_spec
+from .prompts import SEVERITY_ORDER, _slots, compose_prompt, phantom_spec
 
 NORMAL = "normal"
 
@@ -250,12 +250,6 @@ class PromptSampler:
 
 def _pick(options: Sequence[str], rng: np.random.Generator) -> str:
     return options[int(rng.integers(len(options)))] if options else ""
-
-
-def _slots(template: str) -> set[str]:
-    import re
-
-    return set(re.findall(r"{(\w+)}", template))
 
 
 def save_prompts(prompts: Sequence[ImagePrompt], path: str | Path) -> Path:

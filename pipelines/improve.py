@@ -39,9 +39,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlhf.classifiers import json_default, write_json_atomic
 from rlhf.trainer import NonFiniteError, sample_seed
 
 from .config import SynthmedConfig, config_to_dict, load_config, save_config
+from .run_plots import draw_plots
 
 log = logging.getLogger(__name__)
 
@@ -54,22 +56,6 @@ class ResumeError(ValueError):
 
 
 # -- run directory ------------------------------------------------------------------------------
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 def _clean(value):
     """JSON-safe: NaN/inf -> None, numpy -> Python, rounded floats."""
     if isinstance(value, dict):
@@ -144,7 +130,7 @@ def _truncate_log(path: Path, size: int) -> int:
 def append_lines(path: Path, records: Sequence[dict]) -> None:
     if not records:
         return
-    text = "".join(json.dumps(_clean(r), default=_json_default) + "\n" for r in records)
+    text = "".join(json.dumps(_clean(r), default=json_default) + "\n" for r in records)
     with open(path, "a", encoding="utf-8") as f:
         f.write(text)
         f.flush()
@@ -166,7 +152,7 @@ def save_adapter(unet, folder: Path, metadata: dict) -> Path:
     save_lora(unet, tmp / "lora.safetensors", metadata={"synthmed_run": metadata.get("run", "")})
     state = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in _adapter_state_dict(unet, "default").items()}
     save_file(state, str(tmp / "pytorch_lora_weights.safetensors"))
-    _write_json(tmp / "metadata.json", metadata)
+    write_json_atomic(metadata, tmp / "metadata.json")
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
@@ -427,8 +413,8 @@ def run_improve(cfg: SynthmedConfig, run_dir: Path | None = None, resume: bool =
     heldout_path = root / "heldout_prompts.jsonl"
     if main and not heldout_path.is_file():
         save_prompts(sampler.heldout(), heldout_path)
-        _write_json(root / "combinations.json", {"train": sorted(sampler.combination_keys("train")),
-                                                 "heldout": sorted(sampler.combination_keys("heldout"))})
+        write_json_atomic({"train": sorted(sampler.combination_keys("train")),
+                           "heldout": sorted(sampler.combination_keys("heldout"))}, root / "combinations.json")
         save_config(cfg, root / "config.yaml")
     accelerator.wait_for_everyone()
     heldout = load_prompts(heldout_path)
@@ -444,7 +430,7 @@ def run_improve(cfg: SynthmedConfig, run_dir: Path | None = None, resume: bool =
     }
     metadata.update({"status": "running", "epochs_planned": ic.ddpo.epochs})
     if main:
-        _write_json(metadata_path, metadata)
+        write_json_atomic(metadata, metadata_path)
         if accelerator.trackers:
             accelerator.init_trackers("synthmed-improve", config={"lr": ic.ddpo.lr, "epochs": ic.ddpo.epochs})
 
@@ -488,13 +474,8 @@ def run_improve(cfg: SynthmedConfig, run_dir: Path | None = None, resume: bool =
             _checkpoint(root, epoch, model, trainer, guard, best, base_model, ic.keep_checkpoints)
             for record in lines:
                 _track(accelerator, record)
-            try:
-                from .run_plots import draw_plots
-
-                if any(r["kind"] == "eval" for r in lines) or epoch == ic.ddpo.epochs:
-                    draw_plots(root)
-            except ImportError:  # plots are drawn by pipelines.run_plots where it is installed
-                pass
+            if any(r["kind"] == "eval" for r in lines):  # redrawn at every evaluation; the last epoch always has one
+                draw_plots(root)
         accelerator.wait_for_everyone()
 
     stopped = None
@@ -582,13 +563,7 @@ def run_improve(cfg: SynthmedConfig, run_dir: Path | None = None, resume: bool =
                                                   "kind": "synthmed LoRA adapter (final)"})
         append_lines(metrics_path, [end])  # after the last checkpoint: a resumed run moves it to metrics.jsonl.orphaned
         metadata.update({"status": status, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "epochs_done": last_epoch, "best": best})
-        _write_json(metadata_path, metadata)
-        try:
-            from .run_plots import draw_plots
-
-            draw_plots(root)
-        except ImportError:
-            pass
+        write_json_atomic(metadata, metadata_path)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it also ends the process group of a multi-process run
     end["run"] = str(root)
@@ -637,8 +612,8 @@ def _checkpoint(root: Path, epoch: int, model, trainer, guard: RewardHackingGuar
     save_lora(model.unet, tmp / "lora.safetensors")
     torch.save({"trainer": trainer.state_dict(), "rng": _rng_state()}, tmp / "trainer_state.pt")
     logs = {name: (root / name).stat().st_size if (root / name).exists() else 0 for name in ("metrics.jsonl", "samples.jsonl")}
-    _write_json(tmp / "state.json", {"epoch": epoch, "logs": logs, "guard": guard.state_dict(), "best": best,
-                                     "base_model": base_model, "global_step": trainer.global_step})
+    write_json_atomic({"epoch": epoch, "logs": logs, "guard": guard.state_dict(), "best": best,
+                       "base_model": base_model, "global_step": trainer.global_step}, tmp / "state.json")
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     for old in sorted(p for p in (root / "checkpoints").glob("epoch_*"))[:-keep]:

@@ -311,13 +311,15 @@ def load_classifier(folder: str | os.PathLike, role: str | None = None, device: 
     )
 
 
-def _atomic_json(data: dict, path: Path) -> None:
+def write_json_atomic(data: dict, path: Path) -> None:
+    """``data`` as indented JSON at ``path``, written beside it and renamed into place (complete or absent)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=_json_default) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=json_default) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy scalars and arrays and paths."""
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -349,8 +351,8 @@ def save_classifier(classifier: FindingClassifier, folder: str | os.PathLike, me
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in classifier.network.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _atomic_json(classifier.config, tmp / "config.json")
-        _atomic_json(_finite({**(metadata or {}), **{k: classifier.config[k] for k in ("version", "role", "modality", "arch")}}), tmp / "metadata.json")
+        write_json_atomic(classifier.config, tmp / "config.json")
+        write_json_atomic(_finite({**(metadata or {}), **{k: classifier.config[k] for k in ("version", "role", "modality", "arch")}}), tmp / "metadata.json")
         if folder.exists():
             os.replace(folder, old)  # a directory cannot be renamed over a non-empty one
         os.replace(tmp, folder)
@@ -968,7 +970,7 @@ if __name__ == "__main__":
 __all__ = [
     "ARCHITECTURES", "ClassifierNotFoundError", "ConvNet", "DEFAULT_ROOT", "FindingClassifier", "FindingScorer", "ROLES",
     "ResNet", "auroc", "build_network", "classification_metrics", "expected_calibration_error", "finding_evaluator_scorer",
-    "finding_reward_scorer", "fit_classifier", "fit_temperature", "format_summary", "label_space", "load_classifier", "load_finding_scorer",
+    "finding_reward_scorer", "fit_classifier", "fit_temperature", "format_summary", "json_default", "label_space", "load_classifier", "load_finding_scorer",
     "load_rows", "phantom_benchmark_rows", "role_settings", "save_classifier", "split_of_row", "split_rows", "train_all",
-    "train_classifier", "train_command",
+    "train_classifier", "train_command", "write_json_atomic",
 ]
