@@ -166,6 +166,12 @@ class RewardConfig(Section):
     in [0, 1]), ``quality`` (1 when no quality check fails: blank, saturated, out of field, NaN)."""
 
     weights: dict[str, float] = {"findings": 1.0, "alignment": 0.2, "selector": 0.1, "quality": 0.5}
+    # How a finding's probability enters the findings component: "prob" averages p (present) or 1 - p (absent);
+    # "log" averages log p or log(1 - p), p clipped to [findings_floor, 1 - findings_floor]. When the base model
+    # rarely draws a finding, p sits near 0 for all K images of a prompt and "prob" leaves the group nothing to
+    # rank (1e-4 and 1e-3 differ by 0.001); in "log" they differ by 2.3, so the policy can climb from there.
+    findings_form: Literal["prob", "log"] = "prob"
+    findings_floor: float = Field(1e-6, gt=0, lt=0.5)
 
 
 class DDPOConfig(Section):

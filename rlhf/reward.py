@@ -19,6 +19,7 @@ Items are anything with ``.prompt``, ``.modality`` and ``.expected`` (``{finding
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -81,8 +82,15 @@ def check_weights(weights: Mapping[str, float]) -> None:
 class Reward:
     """``reward(images, items) -> RewardResult``; components with weight 0 are still measured and logged."""
 
-    def __init__(self, weights: Mapping[str, float], scorers: Mapping[str, Any]):
+    def __init__(self, weights: Mapping[str, float], scorers: Mapping[str, Any], findings_form: str = "prob",
+                 findings_floor: float = 1e-6):
         check_weights(weights)
+        if findings_form not in ("prob", "log"):
+            raise ValueError(f"findings_form must be 'prob' or 'log', got {findings_form!r}")
+        if not 0 < findings_floor < 0.5:
+            raise ValueError(f"findings_floor must be in (0, 0.5), got {findings_floor}")
+        self.findings_form = findings_form
+        self.findings_floor = float(findings_floor)
         missing = [k for k in weights if k not in scorers]
         if missing:
             raise ValueError(f"no scorer given for reward component(s) {', '.join(missing)}")
@@ -111,7 +119,10 @@ class Reward:
             if name == "findings":
                 expected = [dict(it.expected) for it in items]
                 scores, details = scorer.score(batch, prompts, modalities, expected=expected)
-                details = {k: v for k, v in details.items() if k != "agreement"}
+                if self.findings_form == "log":  # the probability agreement stays in the log as findings/agreement
+                    scores = log_agreement(details, expected, self.findings_floor)
+                else:
+                    details = {k: v for k, v in details.items() if k != "agreement"}
                 details["verifier_pass"] = verifier_pass(details, expected, modalities)
             else:
                 scores, details = scorer.score(batch, prompts, modalities)
@@ -120,6 +131,24 @@ class Reward:
                 components[f"{name}/{key}"] = np.asarray(value, dtype=np.float64)
             total += self.weights.get(name, 0.0) * components[name]
         return RewardResult(total, components)
+
+
+def log_agreement(details: Mapping[str, np.ndarray], expected: Sequence[Mapping[str, bool]], floor: float = 1e-6) -> np.ndarray:
+    """Per image, the mean over its expected findings (those the classifier knows) of ``log p`` (present) or
+    ``log(1 - p)`` (absent), ``p`` clipped to ``[floor, 1 - floor]``; 0 where no expected finding is known
+    (neither rewarded nor punished, as the probability form's neutral 0.5 is after group normalisation)."""
+    out = np.zeros(len(expected))
+    for i, stated in enumerate(expected):
+        terms = []
+        for name, present in stated.items():
+            probs = details.get(f"prob/{name}")
+            if probs is None or not np.isfinite(probs[i]):
+                continue
+            p = min(max(float(probs[i]), floor), 1.0 - floor)
+            terms.append(math.log(p) if present else math.log1p(-p))
+        if terms:
+            out[i] = float(np.mean(terms))
+    return out
 
 
 def verifier_pass(details: Mapping[str, np.ndarray], expected: Sequence[Mapping[str, bool]], modalities: Sequence[str],
@@ -159,7 +188,7 @@ def build_reward(cfg: RewardConfig, judges: JudgesConfig, modalities: Sequence[s
                 scorers[name] = build_scorer("selector", folder=judges.selector.out, alignment=alignment, device=device)
         elif name == "quality":
             scorers[name] = build_scorer("quality", config=judges.eval)
-    return Reward(wanted, scorers)
+    return Reward(wanted, scorers, findings_form=cfg.findings_form, findings_floor=cfg.findings_floor)
 
 
-__all__ = ["QualityScorer", "Reward", "RewardResult", "build_reward", "check_weights", "quality_scorer", "verifier_pass"]
+__all__ = ["QualityScorer", "Reward", "RewardResult", "build_reward", "check_weights", "log_agreement", "quality_scorer", "verifier_pass"]

@@ -108,3 +108,27 @@ def test_guard_stops_a_run_whose_reward_rises_while_the_evaluator_falls():
     off = RewardHackingGuard(GuardConfig(enabled=False, patience=1))
     off.observe(0, None, 0.5, 1.0)
     assert off.observe(1, 9.0, 0.0, 99.0) is None
+
+
+def test_log_findings_reward_by_hand_and_ranks_what_the_probability_form_cannot():
+    from rlhf.reward import log_agreement
+
+    details = {"prob/effusion": np.array([1e-4, 1e-3, 0.9, np.nan]), "prob/nodule": np.array([0.2, 0.5, 1e-9, 0.3])}
+    expected = [{"effusion": True, "nodule": False}, {"effusion": True, "nodule": False}, {"effusion": True, "unknown": True}, {"effusion": True}]
+    got = log_agreement(details, expected, floor=1e-6)
+    assert got[0] == pytest.approx((math.log(1e-4) + math.log(0.8)) / 2)
+    assert got[1] == pytest.approx((math.log(1e-3) + math.log(0.5)) / 2)
+    assert got[2] == pytest.approx(math.log(0.9))  # a finding the classifier does not know does not count
+    assert got[3] == 0.0  # nothing known: neutral
+    # clipped at the floor: p = 0 does not give -inf
+    assert log_agreement({"prob/a": np.array([0.0])}, [{"a": True}], floor=1e-6)[0] == pytest.approx(math.log(1e-6))
+    # 1e-4 against 1e-3 for a requested finding: 0.0009 apart as probabilities, log(10) apart here
+    one = log_agreement({"prob/a": np.array([1e-4, 1e-3])}, [{"a": True}, {"a": True}])
+    assert one[1] - one[0] == pytest.approx(math.log(10))
+
+
+def test_reward_rejects_an_unknown_findings_form():
+    from rlhf.reward import Reward
+
+    with pytest.raises(ValueError, match="findings_form must be 'prob' or 'log'"):
+        Reward({"quality": 1.0}, {"quality": object()}, findings_form="logit")
