@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from generator.errors import UserError
+from generator.fileio import atomic_write
 from generator.sampling import sample
 
 
@@ -38,7 +40,7 @@ class ImageGenerator:
         Returns the PNG paths, the images as (B, 3, H, W) in [-1, 1] (as written, i.e. quantised to
         8 bits, so the verifier judges the files) and the seconds taken."""
         if modality not in self.model.modalities:
-            raise ValueError(f"the generator was not trained on modality {modality!r}; it knows {', '.join(self.model.modalities)}")
+            raise UserError(f"the generator was not trained on modality {modality!r}; it knows {', '.join(self.model.modalities)}")
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
@@ -53,9 +55,7 @@ class ImageGenerator:
                                 guidance_schedule=self.guidance_schedule)
             for seed, image in zip(run, output.to_uint8([modality] * len(run), self.channels)):
                 path = out / f"{prefix}{modality}_seed{seed:06d}.png"
-                tmp = path.with_name(path.stem + ".tmp.png")
-                Image.fromarray(image).save(tmp)
-                tmp.replace(path)
+                atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp))  # noqa: B023  (called at once)
                 paths.append(str(path))
                 arrays.append(image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2))
         images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

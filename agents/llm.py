@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from langchain_core.messages import BaseMessage
 from pydantic import BaseModel, ValidationError
 
+from generator.errors import SynthmedError, UserError
+
 from .schema import AnatomyResult, ParsedRequest, PathologyResult, StageError, VisualResult
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ RECORDS: dict[str, type[BaseModel]] = {"parse_request": ParsedRequest, "localize
                                        "assess_pathology": PathologyResult, "map_visual_features": VisualResult}
 
 
-class LLMOutputError(ValueError):
+class LLMOutputError(SynthmedError, ValueError):
     pass
 
 
@@ -74,7 +76,7 @@ class LLMReasoner:
         self.stages = set(stages if stages is not None else RECORDS)
         unknown = self.stages - set(RECORDS)
         if unknown:
-            raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(RECORDS)}")
+            raise UserError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(RECORDS)}")
         self.known_findings = known_findings  # modality -> lexicon finding ids valid there
         self.last_backend = None
         self.last_warning: str | None = None
@@ -169,8 +171,8 @@ def make_chat_model(cfg):
     import os
 
     if not cfg.model:
-        raise ValueError("agents.reasoner is llm but agents.llm.model is empty; set --agents.llm.model=NAME "
-                         "(and agents.llm.base_url for your server), or use agents.reasoner=rules")
+        raise UserError("agents.reasoner is llm but agents.llm.model is empty; set --agents.llm.model=NAME "
+                        "(and agents.llm.base_url for your server), or use agents.reasoner=rules")
     try:
         from langchain_openai import ChatOpenAI
     except ImportError:

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from generator.errors import UserError
+
 from .config import AgentsConfig
 from .drawing import read_images
 from .prompts import SEVERITY_ORDER, Emphasis, compose_prompt
@@ -47,7 +49,7 @@ def settings_from(cfg: AgentsConfig, trace_id: str, sample_steps: int, sample_gu
         raise ValueError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(settings)}")
     settings.update(given)
     if settings["max_rounds"] < 1:
-        raise ValueError(f"max_rounds must be at least 1, got {settings['max_rounds']}")
+        raise UserError(f"max_rounds must be at least 1, got {settings['max_rounds']}")
     return settings
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from generator.errors import UserError
+from generator.fileio import write_text_atomic
 from generator.phantoms import get_spec
 from generator.phantoms.base import FindingSpec
 
@@ -89,15 +91,15 @@ class PromptSampler:
         self.cfg = cfg
         unknown = [m for m in cfg.modalities if phantom_spec(m) is None]
         if unknown:
-            raise ValueError(f"improve.prompts.modalities: no finding catalogue for {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(m for m in labels if phantom_spec(m) is not None))}")
+            raise UserError(f"improve.prompts.modalities: no finding catalogue for {', '.join(unknown)}; "
+                            f"known: {', '.join(sorted(m for m in labels if phantom_spec(m) is not None))}")
         missing = [m for m in cfg.modalities if m not in labels]
         if missing:
-            raise ValueError(f"improve.prompts.modalities: no reward classifier for {', '.join(missing)}; "
-                             "train one with `synthmed judges train classifier`")
+            raise UserError(f"improve.prompts.modalities: no reward classifier for {', '.join(missing)}; "
+                            "train one with `synthmed judges train classifier`")
         for m in cfg.findings:
             if m not in cfg.modalities:
-                raise ValueError(f"improve.prompts.findings.{m}: {m!r} is not in improve.prompts.modalities ({', '.join(cfg.modalities)})")
+                raise UserError(f"improve.prompts.findings.{m}: {m!r} is not in improve.prompts.modalities ({', '.join(cfg.modalities)})")
         self.findings: dict[str, list[str]] = {}
         for m in cfg.modalities:
             spec = get_spec(m)
@@ -105,13 +107,13 @@ class PromptSampler:
             chosen = list(cfg.findings.get(m, known))
             bad = [f for f in chosen if f not in known]
             if bad:
-                raise ValueError(f"improve.prompts.findings.{m}: unknown finding(s) {', '.join(bad)}; "
-                                 f"{m} findings the reward classifier knows: {', '.join(known)}")
+                raise UserError(f"improve.prompts.findings.{m}: unknown finding(s) {', '.join(bad)}; "
+                                f"{m} findings the reward classifier knows: {', '.join(known)}")
             if not chosen:
-                raise ValueError(f"improve.prompts.findings.{m} is empty; list at least one of {', '.join(known)}")
+                raise UserError(f"improve.prompts.findings.{m} is empty; list at least one of {', '.join(known)}")
             self.findings[m] = chosen
         if sum(cfg.severities.values()) <= 0 or any(s not in SEVERITY_ORDER for s in cfg.severities):
-            raise ValueError(f"improve.prompts.severities: weights over {', '.join(SEVERITY_ORDER)} with a positive sum, got {cfg.severities}")
+            raise UserError(f"improve.prompts.severities: weights over {', '.join(SEVERITY_ORDER)} with a positive sum, got {cfg.severities}")
         self.train_combos: dict[str, list[tuple[str, ...]]] = {}
         self.heldout_combos: dict[str, list[tuple[str, ...]]] = {}
         for m in cfg.modalities:
@@ -239,8 +241,8 @@ class PromptSampler:
         for m in self.cfg.modalities:
             combos = self.heldout_combos[m]
             if not combos:
-                raise ValueError(f"no held-out finding combination for {m}: raise improve.prompts.heldout_fraction "
-                                 f"(now {self.cfg.heldout_fraction}) or list more findings in improve.prompts.findings.{m}")
+                raise UserError(f"no held-out finding combination for {m}: raise improve.prompts.heldout_fraction "
+                                f"(now {self.cfg.heldout_fraction}) or list more findings in improve.prompts.findings.{m}")
             rng = _rng(self.cfg.seed, "heldout-prompts", m)
             order = rng.permutation(len(combos))
             for i in range(self.cfg.heldout_per_modality):
@@ -253,18 +255,14 @@ def _pick(options: Sequence[str], rng: np.random.Generator) -> str:
 
 
 def save_prompts(prompts: Sequence[ImagePrompt], path: str | Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(p.to_dict()) + "\n" for p in prompts), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, "".join(json.dumps(p.to_dict()) + "\n" for p in prompts))
 
 
 def load_prompts(path: str | Path) -> list[ImagePrompt]:
     path = Path(path)
     prompts = [ImagePrompt.from_dict(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"{path} holds no prompts: the held-out set is empty")
+        raise UserError(f"{path} holds no prompts: the held-out set is empty")
     return prompts
 
 

@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from generator.errors import UserError
+
 Laterality = Literal["left", "right", "bilateral"]
 Severity = Literal["mild", "moderate", "severe"]
 
@@ -137,7 +139,7 @@ class VisualResult(Record):
     retrievals: list[RetrievalRecord] = []
 
 
-class StageError(ValueError):
+class StageError(UserError):
     """A request the stages cannot honour (unknown modality, empty text, a finding foreign to the modality,
     a contradiction configured to refuse). The message says what was wrong and how to fix it."""
 

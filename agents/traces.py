@@ -15,8 +15,10 @@ from typing import Any, Iterator
 
 from langgraph.checkpoint.sqlite import SqliteSaver
 
+from generator.errors import UserError
 
-class TraceNotFoundError(LookupError):
+
+class TraceNotFoundError(UserError, LookupError):
     pass
 
 

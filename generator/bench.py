@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from .errors import UserError
 from .models import LatentDiffusion, latent_size
 from .sampling import initial_noise, sample
 
@@ -81,7 +82,7 @@ class StockPipeline:
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
         if abs(float(model.vae.config.get("scaling_factor", 1.0)) - model.scaling_factor) > 1e-6:
-            raise ValueError("the VAE config's scaling_factor differs from the model's; the stock pipeline would decode wrongly")
+            raise UserError("the VAE config's scaling_factor differs from the model's; the stock pipeline would decode wrongly")
         self.model = model
         self.pipe = StableDiffusionPipeline(
             vae=model.vae, text_encoder=None, tokenizer=None, unet=model.unet,
@@ -130,9 +131,9 @@ def bench_generate(
     """Seconds per image and peak memory of both samplers; ``speedup_vs_diffusers`` is stock s/image
     divided by synthmed s/image (above 1: synthmed is faster)."""
     if n < 1 or batch_size < 1 or repeats < 1:
-        raise ValueError("n, batch size and repeats must be at least 1")
+        raise UserError("n, batch size and repeats must be at least 1")
     if guidance < 1:
-        raise ValueError(f"guidance {guidance} < 1: the stock pipeline only guides above 1, so the two would not draw the same images")
+        raise UserError(f"guidance {guidance} < 1: the stock pipeline only guides above 1, so the two would not draw the same images")
     modalities = [m for m in model.modalities]
     names = [modalities[i % len(modalities)] for i in range(n)]
     prompts = [BENCH_PROMPTS.get(m, f"{m.replace('_', ' ')} study. Findings: normal.") for m in names]

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import UserError
+
 PACKAGED_TEXT_ENCODER = "packaged:all-MiniLM-L6-v2"
 
 
@@ -84,7 +86,7 @@ class TextEncoder(nn.Module):
             raise ValueError("the text encoder already has a LoRA adapter")
         names = {n.rsplit(".", 1)[-1] for n, _ in self.model.named_modules()}
         if not set(targets) & names:
-            raise ValueError(f"text encoder {self.name} has no modules named {', '.join(targets)}; LoRA needs a BERT-like encoder")
+            raise UserError(f"text encoder {self.name} has no modules named {', '.join(targets)}; LoRA needs a BERT-like encoder")
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=[t for t in targets if t in names])
         self.model = inject_adapter_in_model(config, self.model, adapter_name="text")
         self.lora = {"rank": rank, "alpha": alpha, "targets": [t for t in targets if t in names]}
@@ -121,7 +123,7 @@ class ModalityTable(nn.Module):
             ids = [self.names.index(m) for m in modalities]
         except ValueError:
             unknown = sorted(set(modalities) - set(self.names))
-            raise ValueError(f"modality {unknown} has no embedding; the generator knows: {', '.join(self.names)}") from None
+            raise UserError(f"modality {unknown} has no embedding; the generator knows: {', '.join(self.names)}") from None
         return torch.tensor(ids, dtype=torch.long, device=self.embedding.weight.device)
 
     def forward(self, modalities: list[str]) -> torch.Tensor:  # (B, dim)
@@ -168,7 +170,7 @@ class Conditioner(nn.Module):
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
-            raise ValueError(f"conditioner weights do not fit: missing {missing}, unexpected {unexpected}")
+            raise UserError(f"conditioner weights do not fit: missing {missing}, unexpected {unexpected}")
         self.load_state_dict(state, strict=False)
         return self.modality.load_rows(modalities, weight)
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .errors import UserError
+from .fileio import atomic_write
 from .models import LatentDiffusion
 from .phantoms import NORMAL, get_spec, make_phantom, rng_for, sample_attributes
 from .phantoms.dataset import study_seed
@@ -48,7 +50,7 @@ def generated_contact_sheet(
     size = model.cfg.image_size
     unknown = [m for m in modalities if m not in model.modalities]
     if unknown:
-        raise ValueError(f"the model has no embedding for {', '.join(unknown)}; it knows {', '.join(model.modalities)}")
+        raise UserError(f"the model has no embedding for {', '.join(unknown)}; it knows {', '.join(model.modalities)}")
     rows = {m: sheet_prompts(m, max(size, 64), seed) for m in modalities}  # phantoms need 32 px or more
     columns = max(len(r) for r in rows.values())
     cell = 1.3
@@ -88,10 +90,10 @@ def generated_contact_sheet(
     fig.tight_layout(rect=(0, 0, 1, 0.985))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110, metadata={"Software": None})
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, metadata={"Software": None}))
+    finally:
+        plt.close(fig)
     return out
 
 

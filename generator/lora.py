@@ -34,6 +34,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import UserError
+from .fileio import atomic_write
+
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections of every transformer block
 OUT_TARGETS = ("proj_out", "conv_out")  # output projections added by `include_out`
 
@@ -70,13 +73,13 @@ class LoraSpec:
 
     def __post_init__(self) -> None:
         if int(self.rank) != self.rank or self.rank < 1:
-            raise ValueError(f"LoraSpec.rank must be a positive integer, got {self.rank!r}")
+            raise UserError(f"LoraSpec.rank must be a positive integer, got {self.rank!r}")
         if not self.alpha > 0:
-            raise ValueError(f"LoraSpec.alpha must be > 0, got {self.alpha!r}")
+            raise UserError(f"LoraSpec.alpha must be > 0, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout!r}")
+            raise UserError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in _INITS:
-            raise ValueError(f"LoraSpec.init must be one of {sorted(_INITS)}, got {self.init!r}")
+            raise UserError(f"LoraSpec.init must be one of {sorted(_INITS)}, got {self.init!r}")
         self.rank = int(self.rank)
         self.alpha = float(self.alpha)
         self.dropout = float(self.dropout)
@@ -90,7 +93,7 @@ class LoraSpec:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown LoraSpec field(s) in LoRA file metadata: {unknown}")
+            raise UserError(f"unknown LoraSpec field(s) in LoRA file metadata: {unknown}")
         return cls(**data)
 
 
@@ -149,7 +152,7 @@ def target_modules(unet: torch.nn.Module, spec: LoraSpec) -> list[str]:
             continue  # peft adapts Linear and Conv2d here; anything else under these names is not a projection
         names.append(name)
     if not names:
-        raise ValueError(f"no LoRA target found in {type(unet).__name__} for {spec}")
+        raise UserError(f"no LoRA target found in {type(unet).__name__} for {spec}")
     return names
 
 
@@ -182,7 +185,7 @@ def add_lora(unet: torch.nn.Module, spec: LoraSpec, name: str = "default") -> No
     underflow. A fresh adapter has B = 0 and changes no output.
     """
     if not name or "." in name:
-        raise ValueError(f"adapter name must be non-empty and contain no '.', got {name!r}")
+        raise UserError(f"adapter name must be non-empty and contain no '.', got {name!r}")
     if name in adapter_names(unet):
         raise ValueError(f"the UNet already has a LoRA adapter named {name!r}")
     model = _unwrap(unet)
@@ -295,9 +298,8 @@ def save_lora(
         meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint under `path`
+    # a crash mid-write never leaves a truncated checkpoint under `path`
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return path
 
 
@@ -317,7 +319,7 @@ def load_lora(unet: torch.nn.Module, path: str | os.PathLike, name: str = "defau
     """
     meta = read_lora_metadata(path)
     if _META_SPEC not in meta:
-        raise ValueError(f"{path} is not a synthmed LoRA file: no {_META_SPEC!r} in its metadata")
+        raise UserError(f"{path} is not a synthmed LoRA file: no {_META_SPEC!r} in its metadata")
     spec = LoraSpec.from_json(meta[_META_SPEC])
     model = _unwrap(unet)
 
@@ -327,7 +329,7 @@ def load_lora(unet: torch.nn.Module, path: str | os.PathLike, name: str = "defau
     else:
         current = getattr(model, _SPECS_ATTR, {}).get(name)
         if current != spec:
-            raise ValueError(f"adapter {name!r} exists with spec {current}, but {path} holds {spec}")
+            raise UserError(f"adapter {name!r} exists with spec {current}, but {path} holds {spec}")
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -348,7 +350,7 @@ def load_lora(unet: torch.nn.Module, path: str | os.PathLike, name: str = "defau
                 problems.append(f"not in this UNet ({len(unexpected)}): {_describe(unexpected)}")
             if mismatched:
                 problems.append(f"shape mismatch ({len(mismatched)}): {_describe(mismatched)}")
-            raise ValueError(
+            raise UserError(
                 f"LoRA file {path} does not fit this UNet (different architecture?); " + "; ".join(problems)
             )
         result = set_peft_model_state_dict(model, tensors, adapter_name=name)

@@ -5,10 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .config import ModalityConfig, default_modalities, normalise_modality_text
-
-
-class UnknownModalityError(ValueError):
-    pass
+from .errors import UnknownModalityError  # defined with the other errors; importable from here as before
 
 
 def alias_table(modalities: Mapping[str, ModalityConfig]) -> dict[str, str]:

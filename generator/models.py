@@ -25,6 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from .conditioning import Conditioner, TextEncoder
 from .config import ModelConfig
+from .errors import UserError
+from .fileio import write_json_atomic
 
 IMAGE_CHANNELS = 3
 
@@ -57,13 +59,13 @@ def add_class_input(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     unchanged until training teaches it the modality."""
     if unet.class_embedding is None:
         if unet.config.class_embed_type is not None or getattr(unet.config, "addition_embed_type", None):
-            raise ValueError(f"UNet with class_embed_type={unet.config.class_embed_type!r} / addition_embed_type="
-                             f"{unet.config.addition_embed_type!r} cannot take the modality vector; use one without")
+            raise UserError(f"UNet with class_embed_type={unet.config.class_embed_type!r} / addition_embed_type="
+                            f"{unet.config.addition_embed_type!r} cannot take the modality vector; use one without")
         unet.class_embedding = torch.nn.Identity()
         unet.register_to_config(class_embed_type="identity")
     elif unet.config.class_embed_type != "identity":
-        raise ValueError(f"the UNet's class embedding is {unet.config.class_embed_type!r}; synthmed feeds a vector and needs "
-                         "class_embed_type='identity' or none (which it adds)")
+        raise UserError(f"the UNet's class embedding is {unet.config.class_embed_type!r}; synthmed feeds a vector and needs "
+                        "class_embed_type='identity' or none (which it adds)")
     return unet
 
 
@@ -71,9 +73,9 @@ def build_unet(cfg: ModelConfig) -> UNet2DConditionModel:
     if cfg.unet_pretrained:
         unet = UNet2DConditionModel.from_pretrained(cfg.unet_pretrained, subfolder=cfg.unet_subfolder, torch_dtype=torch.float32)
         if unet.config.cross_attention_dim != cfg.cross_attention_dim:
-            raise ValueError(f"model.cross_attention_dim is {cfg.cross_attention_dim} but the UNet in {cfg.unet_pretrained} "
-                             f"attends to {unet.config.cross_attention_dim}-wide tokens; set model.cross_attention_dim: "
-                             f"{unet.config.cross_attention_dim}")
+            raise UserError(f"model.cross_attention_dim is {cfg.cross_attention_dim} but the UNet in {cfg.unet_pretrained} "
+                            f"attends to {unet.config.cross_attention_dim}-wide tokens; set model.cross_attention_dim: "
+                            f"{unet.config.cross_attention_dim}")
         return add_class_input(unet)
     n = len(cfg.unet_channels)
     down = tuple(["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"])
@@ -125,11 +127,11 @@ class LatentDiffusion(torch.nn.Module):
         self.unet = add_class_input(unet if unet is not None else build_unet(cfg))
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if factor != 2 ** (len(cfg.vae_channels) - 1):
-            raise ValueError(f"the VAE downsamples by {factor} but model.vae_channels has {len(cfg.vae_channels)} levels; "
-                             f"list {len(self.vae.config.block_out_channels)} widths (the VAE's are {list(self.vae.config.block_out_channels)})")
+            raise UserError(f"the VAE downsamples by {factor} but model.vae_channels has {len(cfg.vae_channels)} levels; "
+                            f"list {len(self.vae.config.block_out_channels)} widths (the VAE's are {list(self.vae.config.block_out_channels)})")
         if self.unet.config.in_channels != self.vae.config.latent_channels:
-            raise ValueError(f"the UNet takes {self.unet.config.in_channels} channels but the VAE makes "
-                             f"{self.vae.config.latent_channels}-channel latents; set model.latent_channels to match")
+            raise UserError(f"the UNet takes {self.unet.config.in_channels} channels but the VAE makes "
+                            f"{self.vae.config.latent_channels}-channel latents; set model.latent_channels to match")
         text_encoder = text_encoder if text_encoder is not None else TextEncoder(cfg.text_encoder, cfg.text_max_length)
         self.conditioner = Conditioner(text_encoder, list(modalities), cfg.cross_attention_dim, time_embed_dim(self.unet))
         self.scheduler = build_scheduler(cfg)
@@ -177,9 +179,7 @@ class LatentDiffusion(torch.nn.Module):
             "text_encoder": self.cfg.text_encoder,
             "text_encoder_lora": self.conditioner.text_encoder.lora,
         }
-        tmp = folder / "model.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, folder / "model.json")
+        write_json_atomic(folder / "model.json", meta)
         return folder
 
     @classmethod
@@ -203,7 +203,7 @@ class LatentDiffusion(torch.nn.Module):
         lora = meta.get("text_encoder_lora")
         if lora:  # the saved conditioner carries the text encoder's LoRA weights
             if text_encoder is not None:
-                raise ValueError(f"{folder}'s text encoder is LoRA-tuned; load it without passing a shared text_encoder")
+                raise UserError(f"{folder}'s text encoder is LoRA-tuned; load it without passing a shared text_encoder")
             model.conditioner.text_encoder.add_lora(lora["rank"], lora["alpha"], tuple(lora["targets"]))
             model.conditioner.text_encoder.requires_grad_(False)
         state = {k: v.float() for k, v in load_file(folder / "conditioner.safetensors").items()}

@@ -17,6 +17,7 @@ from diffusers import DPMSolverMultistepScheduler
 
 from .conditioning import Conditioning
 from .ddim_logprob import ddim_step_with_logprob
+from .errors import UserError
 from .models import LatentDiffusion, latent_size
 
 
@@ -44,7 +45,7 @@ def guidance_scales(guidance: float, steps: int, schedule: str) -> list[float]:
         return [1.0 + (guidance - 1.0) * f for f in fractions]
     if schedule == "cosine":
         return [1.0 + (guidance - 1.0) * (1 - math.cos(math.pi * f)) / 2 for f in fractions]
-    raise ValueError(f"unknown guidance schedule {schedule!r}; use constant, linear or cosine")
+    raise UserError(f"unknown guidance schedule {schedule!r}; use constant, linear or cosine")
 
 
 def initial_noise(n: int, shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, list[torch.Generator]]:
@@ -97,11 +98,11 @@ def sample(
     every step and the log probability of each transition."""
     n = len(prompts)
     if n == 0:
-        raise ValueError("no prompts")
+        raise UserError("no prompts")
     if len(modalities) != n:
         raise ValueError(f"{n} prompts but {len(modalities)} modalities")
     if return_trajectory and (sampler != "ddim" or eta <= 0):
-        raise ValueError("a trajectory with log probabilities needs sampler='ddim' and eta > 0")
+        raise UserError("a trajectory with log probabilities needs sampler='ddim' and eta > 0")
     negatives = [negative] * n if negative is None or isinstance(negative, str) else list(negative)
     negatives = [neg or "" for neg in negatives]
     device = model.device
@@ -118,7 +119,7 @@ def sample(
     elif sampler == "dpmpp":
         scheduler = DPMSolverMultistepScheduler.from_config(model.scheduler.config, algorithm_type="dpmsolver++", solver_order=2)
     else:
-        raise ValueError(f"unknown sampler {sampler!r}; use ddim or dpmpp")
+        raise UserError(f"unknown sampler {sampler!r}; use ddim or dpmpp")
     scheduler.set_timesteps(steps, device=device)
     latents = latents * scheduler.init_noise_sigma
     scales = guidance_scales(guidance, len(scheduler.timesteps), guidance_schedule)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .config import DataConfig, LoraConfig, ModelConfig, TrainConfig
@@ -23,6 +22,7 @@ from .data.records import ManifestRow
 from .data.transforms import RecordTransform
 from .models import LatentDiffusion, build_vae
 from .sampling import sample
+from .similarity import ssim as _ssim
 from .training import (
     ImageCache,
     RunDir,
@@ -47,20 +47,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # images in [-1, 1]
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> torch.Tensor:  # (B,) mean SSIM, Gaussian window
-    a, b = (a + 1) / 2, (b + 1) / 2
-    coords = torch.arange(window, dtype=torch.float32) - window // 2
-    g = torch.exp(-(coords**2) / (2 * 1.5**2))
-    kernel = (g[:, None] * g[None, :] / g.sum() ** 2).to(a)[None, None].repeat(a.shape[1], 1, 1, 1)
-
-    def blur(x):
-        return F.conv2d(x, kernel, groups=a.shape[1])
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01**2, 0.03**2
-    value = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return value.flatten(1).mean(1)
+    return _ssim(a, b, window)
 
 
 @torch.no_grad()

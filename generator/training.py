@@ -38,6 +38,7 @@ from .config import TrainConfig
 from .data.records import ManifestRow
 from .data.sources import load_row
 from .data.transforms import RecordTransform
+from .fileio import atomic_folder
 from .models import LatentDiffusion
 
 log = logging.getLogger(__name__)
@@ -245,12 +246,9 @@ class ema_weights:
 
 def save_checkpoint(accelerator: Accelerator, run: RunDir, step: int, keep: int) -> Path:
     final = run.checkpoints / f"step_{step:07d}"
-    tmp = run.checkpoints / f".tmp_step_{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.save_state(str(tmp))
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # complete or absent, never half-written
+    with atomic_folder(final, run.checkpoints / f".tmp_step_{step:07d}") as tmp:  # complete or absent, never half-written
+        accelerator.save_state(str(tmp))
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
     for old in sorted(p for p in run.checkpoints.glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

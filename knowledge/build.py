@@ -10,7 +10,6 @@ the caller's job.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import Counter
@@ -19,6 +18,8 @@ from itertools import islice
 from pathlib import Path
 
 from tqdm import tqdm
+
+from generator.fileio import write_json_atomic
 
 from .cases import Case
 from .index import KnowledgeIndexError, VectorIndex
@@ -99,9 +100,7 @@ def build_knowledge_base(
         "seconds": round(time.perf_counter() - start, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    tmp = folder / "build.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, folder / "build.json")
+    write_json_atomic(folder / "build.json", summary)
     return summary
 
 

@@ -1,7 +1,7 @@
 """The case library: studies (report text, modality, findings, image) that retrieval can return.
 
 Cases come from any manifest, phantom or real; the caller reads the manifest (the data layer
-lives in ``generator``, which this package does not import) and hands over :class:`Case` objects.
+lives in ``generator``, of which this package imports only the error classes) and hands over :class:`Case` objects.
 Text embeddings index them now; an image embedding can be attached once an image encoder exists.
 """
 

@@ -21,18 +21,15 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from generator.errors import UserError
+from generator.fileio import atomic_open, write_bytes_atomic, write_json_atomic
+
 FORMAT_VERSION = 1
 REBUILD_HINT = "rebuild it with `synthmed kb build`"
 
 
-class KnowledgeIndexError(ValueError):
+class KnowledgeIndexError(UserError):
     """A missing, corrupt or mismatched index; the message says how to rebuild."""
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class VectorIndex:
@@ -42,7 +39,7 @@ class VectorIndex:
         try:
             self.index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as exc:
-            raise ValueError(f"invalid FAISS factory string {factory!r}: {str(exc).splitlines()[-1]}") from None
+            raise UserError(f"invalid FAISS factory string {factory!r}: {str(exc).splitlines()[-1]}") from None
         self.items: list[dict] = []
         self._saved_items = 0  # items already in items.jsonl (appends write only the rest)
 
@@ -66,7 +63,7 @@ class VectorIndex:
     def train(self, vectors: np.ndarray) -> None:
         ivf = faiss.try_extract_index_ivf(self.index)
         if ivf is not None and len(vectors) < ivf.nlist:
-            raise ValueError(
+            raise UserError(
                 f"{self.factory!r} needs at least {ivf.nlist} training vectors (one per list), got {len(vectors)}; "
                 "use fewer lists or Flat/HNSW32 for a small collection"
             )
@@ -102,18 +99,16 @@ class VectorIndex:
         """Write or update the folder. Metadata is appended, never rewritten, when items were only added."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(folder / "index.faiss", faiss.serialize_index(self.index).tobytes())
+        write_bytes_atomic(folder / "index.faiss", faiss.serialize_index(self.index).tobytes())
         items_path = folder / "items.jsonl"
         if self._saved_items and items_path.exists():
             with open(items_path, "a", encoding="utf-8") as f:
                 for item in self.items[self._saved_items :]:
                     f.write(json.dumps(item, ensure_ascii=False) + "\n")
         else:
-            tmp = items_path.with_name("items.jsonl.tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
+            with atomic_open(items_path, "w", encoding="utf-8") as f:
                 for item in self.items:
                     f.write(json.dumps(item, ensure_ascii=False) + "\n")
-            os.replace(tmp, items_path)
         self._saved_items = len(self.items)
         meta = {
             "format_version": FORMAT_VERSION,
@@ -122,7 +117,7 @@ class VectorIndex:
             "embedder": self.embedder,
             "count": len(self),
         }
-        _atomic_write_bytes(folder / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+        write_json_atomic(folder / "meta.json", meta)
         return folder
 
     @classmethod

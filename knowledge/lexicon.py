@@ -13,13 +13,15 @@ from pathlib import Path
 
 import yaml
 
+from generator.errors import UserError
+
 from .schema import Concept, validate_concept
 
 LEXICON_DIR = Path(__file__).resolve().parent / "lexicon"
 MODALITIES = {"cxr", "chest_ct", "brain_mri", "fundus", "oct"}
 
 
-class LexiconError(ValueError):
+class LexiconError(UserError):
     pass
 
 

@@ -55,6 +55,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from generator.errors import UserError
+
 from .schema import Concept
 from .vocab_utils import descendants, unique_names
 
@@ -81,7 +83,7 @@ CSV_COLUMNS = ("Class ID", "Preferred Label", "Synonyms", "Definitions", "Obsole
 _RID = re.compile(r"RID\d+")
 
 
-class RadLexError(ValueError):
+class RadLexError(UserError):
     """Malformed RadLex input or arguments; the message names the file and the line."""
 
 

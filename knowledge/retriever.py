@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from generator.errors import UnknownModalityError, UserError  # UnknownModalityError: importable from here as before
+
 from .index import VectorIndex
 from .schema import KINDS
 from .terms import TermMatcher
@@ -42,10 +44,6 @@ class Hit:
         d = asdict(self)
         d["score"], d["dense"], d["exact"] = round(self.score, 4), round(self.dense, 4), round(self.exact, 4)
         return d
-
-
-class UnknownModalityError(ValueError):
-    pass
 
 
 class Retriever:
@@ -81,7 +79,7 @@ class Retriever:
             kinds = tuple(kinds)
             bad = [k for k in kinds if k not in HIT_KINDS]
             if bad:
-                raise ValueError(f"unknown kind(s) {bad}; kinds are: {', '.join(HIT_KINDS)}")
+                raise UserError(f"unknown kind(s) {bad}; kinds are: {', '.join(HIT_KINDS)}")
         return modality, kinds
 
     def _allowed_ids(self, index: VectorIndex, name: str, modality: str | None, kinds: tuple | None) -> np.ndarray | None:
@@ -98,7 +96,7 @@ class Retriever:
 
     def search(self, query: str, k: int = 5, modality: str | None = None, kinds: Iterable[str] | None = None) -> list[Hit]:
         if not query or not query.strip():
-            raise ValueError("empty query")
+            raise UserError("empty query")
         modality, kinds = self._check(modality, kinds)
         vector = self.embed([query])  # (1, dim)
         hits: list[Hit] = []

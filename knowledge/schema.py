@@ -18,6 +18,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from generator.errors import UserError
+
 Kind = Literal["anatomy", "finding", "appearance", "modifier", "cue"]
 KINDS: tuple[str, ...] = ("anatomy", "finding", "appearance", "modifier", "cue")
 CODE_SYSTEMS = ("radlex", "snomed")
@@ -61,12 +63,12 @@ class Concept:
     def from_dict(cls, d: dict, source: str | None = None) -> "Concept":
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"concept {d.get('id', '?')!r}: unknown field(s) {sorted(unknown)}")
+            raise UserError(f"concept {d.get('id', '?')!r}: unknown field(s) {sorted(unknown)}")
         values = dict(d)
         for key in ("id", "term", "kind"):
             if not isinstance(values.get(key), str):
                 # YAML reads a bare no/on/off/yes as a boolean: quote such terms
-                raise ValueError(f"concept {d.get('id', '?')!r}: {key} must be a string, got {values.get(key)!r} (quote it in YAML)")
+                raise UserError(f"concept {d.get('id', '?')!r}: {key} must be a string, got {values.get(key)!r} (quote it in YAML)")
         if source is not None and "source" not in values:
             values["source"] = source
         for key in ("synonyms", "abbreviations", "misspellings", "modalities", "parents"):

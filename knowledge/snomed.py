@@ -45,6 +45,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from generator.errors import UserError
+
 from .schema import Concept
 from .vocab_utils import descendants, unique_names
 
@@ -94,7 +96,7 @@ REQUIRED = ("concept", "description", "relationship")
 _TAG = re.compile(r"\s*\(([^()]+)\)\s*$")
 
 
-class SnomedError(ValueError):
+class SnomedError(UserError):
     """Malformed or missing RF2 input; the message names the file and the line."""
 
 

@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
+import traceback
+from importlib import metadata
+
+from generator.errors import SynthmedError
 
 from . import commands
 from .config import ConfigError
+
+# Exceptions that report bad input, config, files or arguments: printed as one line, exit code 2.
+# Any other OSError (a full disk, a vanished mount) is the machine's, not a bug of synthmed: one line too.
+USER_ERRORS = (SynthmedError, ConfigError, OSError)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -50,10 +59,34 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     try:
         return int(args.handler(args, extra) or 0)
-    except (ConfigError, ValueError, FileNotFoundError, OSError) as exc:
-        # Bad input: one clear message, no traceback. Programming errors still raise.
+    except USER_ERRORS as exc:
+        # Something the person can fix: one line, no traceback.
         print(f"synthmed {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"synthmed {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001  (reported, not swallowed)
+        # Anything else is a bug in synthmed, never disguised as bad input.
+        traceback.print_exc(file=sys.stderr)
+        print(internal_error_message(args.command, argv), file=sys.stderr)
+        return 1
+
+
+def _version() -> str:
+    try:
+        return metadata.version("synthmed")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def internal_error_message(command: str, argv: list[str]) -> str:
+    """What to say below the traceback of an unexpected exception."""
+    return (
+        f"synthmed {command}: internal error: this is a bug in synthmed, not a problem with your input. "
+        f"Please report it with the command line (synthmed {shlex.join(argv)}), "
+        f"the version (synthmed {_version()}) and the traceback above."
+    )
 
 
 if __name__ == "__main__":

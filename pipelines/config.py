@@ -13,12 +13,14 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from generator.config import DataConfig, LoraConfig, ModelConfig, PhantomConfig, SampleConfig, Section, TrainConfig
+from generator.errors import UserError
+from generator.fileio import write_text_atomic
 from knowledge.config import KnowledgeConfig
 from rlhf.config import ImproveConfig, JudgesConfig
 from agents.config import AgentsConfig
@@ -39,6 +41,22 @@ class RunConfig(Section):
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
 
 
+class SynthesizeConfig(Section):
+    """`synthmed synthesize`: a spec (CSV or YAML mix) drawn into a synthetic data set with a memorisation gate."""
+
+    seed: int = Field(0, ge=0)  # seed of image 0's first draw; image i of N draws try t with seed + t * N + i
+    batch_size: int | None = Field(None, ge=1)  # images per sampler call; None: sample.batch_size
+    format: Literal["png", "dicom"] = "png"  # image files: PNG with text chunks, or DICOM Secondary Capture
+    max_tries: int = Field(4, ge=1)  # draws per image in all (first draw and redraws); after that the image is left out and reported
+    memorisation_threshold: float | None = Field(None, gt=0, le=1)  # pixel SSIM to the nearest training image above which a draw is rejected; None: judges.eval.memorisation_pixel_threshold
+    memorisation_size: int | None = Field(None, ge=8)  # pixels per side both images are reduced to for the gate; None: judges.eval.memorisation_pixel_size
+    training_limit: int | None = Field(None, ge=1)  # training images per modality the gate compares with; None: all of them
+    require_training_images: bool = True  # no training images to compare with is an error (False: draws pass the gate unchecked, reported)
+    verifier: bool = True  # run the verifier (reward-side classifier, alignment, quality) on every draw and report its verdict
+    require_verifier_pass: bool = False  # a draw the verifier fails is redrawn like a memorised one; False: the verdict is reported only
+    dicom_modality: dict[str, str] = {"cxr": "DX", "chest_ct": "CT", "brain_mri": "MR", "fundus": "OP", "oct": "OPT"}  # DICOM Modality (0008,0060) per modality id; others: OT
+
+
 class SynthmedConfig(Section):
     profile: str = DEFAULT_PROFILE  # the profile this config was loaded from (recorded, not read back)
     run: RunConfig = Field(default_factory=RunConfig)
@@ -55,9 +73,10 @@ class SynthmedConfig(Section):
     judges: JudgesConfig = Field(default_factory=JudgesConfig)  # finding classifiers, alignment model, selector, eval
     agents: AgentsConfig = Field(default_factory=AgentsConfig)  # the agent graph: reasoning backend, rounds, verifier, traces
     improve: ImproveConfig = Field(default_factory=ImproveConfig)  # the self-improvement loop: prompts, reward, DDPO, selection, held-out eval
+    synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)  # `synthmed synthesize`: spec to data set, memorisation gate, output format
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad profile or override; the message names the field and says how to fix it."""
 
 
@@ -225,7 +244,4 @@ def save_config(cfg: SynthmedConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML, atomically (a crash never leaves half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

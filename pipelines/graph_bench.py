@@ -24,6 +24,8 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from generator.errors import UserError
+
 DEFAULT_REQUESTS = Path(__file__).resolve().parent.parent / "tests" / "data" / "parse_requests.yaml"
 
 
@@ -34,7 +36,7 @@ def load_requests(path: str | Path | None = None) -> list[dict]:
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     requests = data.get("requests") if isinstance(data, dict) else data
     if not isinstance(requests, list) or not requests:
-        raise ValueError(f"{path}: expected a list of requests under 'requests:'")
+        raise UserError(f"{path}: expected a list of requests under 'requests:'")
     return requests
 
 

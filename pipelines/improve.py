@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlhf.classifiers import json_default, write_json_atomic
+from generator.errors import UserError
+from generator.fileio import atomic_folder, json_default, write_json_atomic
 from rlhf.trainer import NonFiniteError, sample_seed
 
 from .config import SynthmedConfig, config_to_dict, load_config, save_config
@@ -51,7 +52,7 @@ RUN_KIND = "synthmed improve run"
 RESUMABLE_FIELDS = ("improve.ddpo.epochs", "profile", "run.device", "improve.report_to")  # may differ on --resume
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError):
     pass
 
 
@@ -146,19 +147,11 @@ def save_adapter(unet, folder: Path, metadata: dict) -> Path:
 
     from generator.lora import _adapter_state_dict, save_lora
 
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_lora(unet, tmp / "lora.safetensors", metadata={"synthmed_run": metadata.get("run", "")})
-    state = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in _adapter_state_dict(unet, "default").items()}
-    save_file(state, str(tmp / "pytorch_lora_weights.safetensors"))
-    write_json_atomic(metadata, tmp / "metadata.json")
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(folder, folder.with_name(folder.name + ".tmp")) as tmp:
+        save_lora(unet, tmp / "lora.safetensors", metadata={"synthmed_run": metadata.get("run", "")})
+        state = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in _adapter_state_dict(unet, "default").items()}
+        save_file(state, str(tmp / "pytorch_lora_weights.safetensors"))
+        write_json_atomic(tmp / "metadata.json", metadata, ensure_ascii=False)
     return folder
 
 
@@ -185,10 +178,10 @@ def build_parts(cfg: SynthmedConfig, device: str = "cpu", progress: bool = True,
     ic = cfg.improve
     unknown = [m for m in ic.prompts.modalities if m not in cfg.data.modalities]
     if unknown:
-        raise ValueError(f"improve.prompts.modalities: unknown modality {unknown[0]!r}; known modalities: {', '.join(cfg.data.modalities)} "
-                         "(a new one is an entry in data.modalities)")
+        raise UserError(f"improve.prompts.modalities: unknown modality {unknown[0]!r}; known modalities: {', '.join(cfg.data.modalities)} "
+                        "(a new one is an entry in data.modalities)")
     if not ic.prompts.modalities:
-        raise ValueError("improve.prompts.modalities is empty; list at least one of " + ", ".join(cfg.data.modalities))
+        raise UserError("improve.prompts.modalities is empty; list at least one of " + ", ".join(cfg.data.modalities))
     base = ic.base_model or cfg.train.out
     model = LatentDiffusion.load(base, list(cfg.data.modalities), device=device)
     model.requires_grad_(False)
@@ -200,8 +193,8 @@ def build_parts(cfg: SynthmedConfig, device: str = "cpu", progress: bool = True,
     sampler = PromptSampler(ic.prompts, labels)
     unknown = [m for m in ic.prompts.modalities if m not in model.modalities]
     if unknown:
-        raise ValueError(f"improve.prompts.modalities: the generator at {base} has no embedding for {', '.join(unknown)}; it knows "
-                         f"{', '.join(model.modalities)}")
+        raise UserError(f"improve.prompts.modalities: the generator at {base} has no embedding for {', '.join(unknown)}; it knows "
+                        f"{', '.join(model.modalities)}")
     threshold = None
     if "selector" in reward.scorers:
         threshold = float(reward.scorers["selector"].selector.threshold)
@@ -306,8 +299,8 @@ def _trackers(report_to: str) -> list[str]:
 
     package = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb"}[report_to]
     if importlib.util.find_spec(package) is None:
-        raise ValueError(f"--report-to {report_to}: the {package} package is not installed; `pip install {package}`, or use "
-                         "--report-to none (metrics.jsonl is always written)")
+        raise UserError(f"--report-to {report_to}: the {package} package is not installed; `pip install {package}`, or use "
+                        "--report-to none (metrics.jsonl is always written)")
     return [report_to]
 
 
@@ -363,8 +356,8 @@ def run_improve(cfg: SynthmedConfig, run_dir: Path | None = None, resume: bool =
     # the run folder: made by the main process, its path shared with the others
     holder = [str(run_dir) if run_dir else None]
     if not resume and run_dir and (Path(run_dir) / "metrics.jsonl").exists():  # every rank sees it and stops
-        raise ValueError(f"{run_dir} already holds a run; continue it with `synthmed improve --resume {run_dir}` or "
-                         "choose another --run-dir")
+        raise UserError(f"{run_dir} already holds a run; continue it with `synthmed improve --resume {run_dir}` or "
+                        "choose another --run-dir")
     if main and not resume:
         root = Path(run_dir) if run_dir else new_run_dir(cfg)
         (root / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -413,14 +406,14 @@ def run_improve(cfg: SynthmedConfig, run_dir: Path | None = None, resume: bool =
     heldout_path = root / "heldout_prompts.jsonl"
     if main and not heldout_path.is_file():
         save_prompts(sampler.heldout(), heldout_path)
-        write_json_atomic({"train": sorted(sampler.combination_keys("train")),
-                           "heldout": sorted(sampler.combination_keys("heldout"))}, root / "combinations.json")
+        write_json_atomic(root / "combinations.json", {"train": sorted(sampler.combination_keys("train")),
+                                                       "heldout": sorted(sampler.combination_keys("heldout"))}, ensure_ascii=False)
         save_config(cfg, root / "config.yaml")
     accelerator.wait_for_everyone()
     heldout = load_prompts(heldout_path)
     leaked = {p.key for p in heldout} & sampler.combination_keys("train")
     if leaked:
-        raise ValueError(f"held-out combinations {sorted(leaked)[:3]} are also training combinations; the held-out set must be disjoint")
+        raise UserError(f"held-out combinations {sorted(leaked)[:3]} are also training combinations; the held-out set must be disjoint")
 
     metadata_path = root / "metadata.json"
     metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {
@@ -430,7 +423,7 @@ def run_improve(cfg: SynthmedConfig, run_dir: Path | None = None, resume: bool =
     }
     metadata.update({"status": "running", "epochs_planned": ic.ddpo.epochs})
     if main:
-        write_json_atomic(metadata, metadata_path)
+        write_json_atomic(metadata_path, metadata, ensure_ascii=False)
         if accelerator.trackers:
             accelerator.init_trackers("synthmed-improve", config={"lr": ic.ddpo.lr, "epochs": ic.ddpo.epochs})
 
@@ -508,7 +501,10 @@ def run_improve(cfg: SynthmedConfig, run_dir: Path | None = None, resume: bool =
                                  f"{ {n: float(v[i]) for n, v in components.items() if '/' not in n} }; nothing of this epoch was written")
         t2 = time.perf_counter()
         advantages = trainer.advantages(total, groups, [it.prompt for it in items])
-        update = trainer.update(rollout, advantages[mine], epoch, progress)
+        if ic.ddpo.objective == "draft":
+            update = trainer.draft_update(rollout, epoch, progress)
+        else:
+            update = trainer.update(rollout, advantages[mine], epoch, progress)
         if stop_after and stop_after("update", epoch):
             raise SystemExit(f"stopped after the update of epoch {epoch}")
         t3 = time.perf_counter()
@@ -563,7 +559,7 @@ def run_improve(cfg: SynthmedConfig, run_dir: Path | None = None, resume: bool =
                                                   "kind": "synthmed LoRA adapter (final)"})
         append_lines(metrics_path, [end])  # after the last checkpoint: a resumed run moves it to metrics.jsonl.orphaned
         metadata.update({"status": status, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "epochs_done": last_epoch, "best": best})
-        write_json_atomic(metadata, metadata_path)
+        write_json_atomic(metadata_path, metadata, ensure_ascii=False)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it also ends the process group of a multi-process run
     end["run"] = str(root)
@@ -606,16 +602,12 @@ def _checkpoint(root: Path, epoch: int, model, trainer, guard: RewardHackingGuar
     from generator.lora import save_lora
 
     folder = root / "checkpoints" / f"epoch_{epoch:04d}"
-    tmp = root / "checkpoints" / f".tmp_epoch_{epoch:04d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_lora(model.unet, tmp / "lora.safetensors")
-    torch.save({"trainer": trainer.state_dict(), "rng": _rng_state()}, tmp / "trainer_state.pt")
-    logs = {name: (root / name).stat().st_size if (root / name).exists() else 0 for name in ("metrics.jsonl", "samples.jsonl")}
-    write_json_atomic({"epoch": epoch, "logs": logs, "guard": guard.state_dict(), "best": best,
-                       "base_model": base_model, "global_step": trainer.global_step}, tmp / "state.json")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    with atomic_folder(folder, root / "checkpoints" / f".tmp_epoch_{epoch:04d}") as tmp:
+        save_lora(model.unet, tmp / "lora.safetensors")
+        torch.save({"trainer": trainer.state_dict(), "rng": _rng_state()}, tmp / "trainer_state.pt")
+        logs = {name: (root / name).stat().st_size if (root / name).exists() else 0 for name in ("metrics.jsonl", "samples.jsonl")}
+        write_json_atomic(tmp / "state.json", {"epoch": epoch, "logs": logs, "guard": guard.state_dict(), "best": best,
+                                               "base_model": base_model, "global_step": trainer.global_step}, ensure_ascii=False)
     for old in sorted(p for p in (root / "checkpoints").glob("epoch_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return folder

@@ -14,10 +14,11 @@ is not drawn. Each file is written to a temporary name and renamed, so a reader 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from generator.fileio import atomic_write
 
 from .runs import best_epoch, keys_in_order, lines_by_epoch, read_metrics
 
@@ -64,13 +65,7 @@ def _figure(panels: int, ncols: int = 3, panel_size: tuple[float, float] = (4.2,
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=90)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
 
 
 def _empty(ax, text: str = "no values") -> None:

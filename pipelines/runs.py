@@ -22,6 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from generator.errors import UserError
+
 log = logging.getLogger(__name__)
 
 RUN_KIND = "synthmed improve run"  # metadata.json "kind" of a run directory
@@ -43,10 +45,10 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
                 warnings.append(f"{path}:{number}: skipped the last line, cut short ({exc.msg}); "
                                 "the run was killed or is writing it now")
                 continue
-            raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg}); only a run's last line may be "
-                             "incomplete, so this file was damaged or written by something else") from None
+            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg}); only a run's last line may be "
+                            "incomplete, so this file was damaged or written by something else") from None
         if not isinstance(record, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         records.append(record)
     return records, warnings
 
@@ -75,7 +77,7 @@ def _read_metadata(run_dir: Path) -> dict | None:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc.msg})") from None
+        raise UserError(f"{path}: not valid JSON ({exc.msg})") from None
     return meta if isinstance(meta, dict) else None
 
 
@@ -210,8 +212,8 @@ def resolve_run(run: str | Path, runs_dir: str | Path = "runs") -> Path:
     for candidate in candidates:
         if (candidate / "metrics.jsonl").is_file() or (candidate / "metadata.json").is_file():
             if not is_run_dir(candidate):
-                raise ValueError(f"{candidate} is not a synthmed improve run (its metadata.json kind is not "
-                                 f"{RUN_KIND!r}, or its metrics.jsonl has no loop lines)")
+                raise UserError(f"{candidate} is not a synthmed improve run (its metadata.json kind is not "
+                                f"{RUN_KIND!r}, or its metrics.jsonl has no loop lines)")
             return candidate
     empty = next((c for c in candidates if c.is_dir()), None)
     if empty is not None:

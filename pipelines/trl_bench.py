@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from generator.errors import UserError
+
 TRL_VERSION = "0.23.1"
 ENV_MARKER = "synthmed-trl-env.json"
 BASE_PTH = "synthmed-base-env.pth"
@@ -197,14 +199,14 @@ def trl_settings(ddpo) -> tuple[dict, dict]:
     tracker over keys unique to each prompt occurrence, with buffer and minimum count K; ``tracker`` is
     trl's tracker with our buffer and minimum; ``batch`` is trl without tracking."""
     if ddpo.logprob_reduce != "mean":
-        raise ValueError("improve.ddpo.logprob_reduce: trl averages the log density over the latent; bench with 'mean'")
+        raise UserError("improve.ddpo.logprob_reduce: trl averages the log density over the latent; bench with 'mean'")
     if ddpo.kl_weight > 0:
-        raise ValueError("improve.ddpo.kl_weight: trl's DDPOTrainer has no KL penalty; bench with 0")
+        raise UserError("improve.ddpo.kl_weight: trl's DDPOTrainer has no KL penalty; bench with 0")
     samples = ddpo.prompts_per_epoch * ddpo.images_per_prompt
     if samples % ddpo.sample_batch_size or ddpo.sample_batch_size % ddpo.train_batch_size \
             or samples % (ddpo.train_batch_size * ddpo.grad_accum_steps):
-        raise ValueError(f"batch sizes {ddpo.sample_batch_size} / {ddpo.train_batch_size} x {ddpo.grad_accum_steps} do not fit "
-                         f"{samples} samples per epoch in trl (see bench_batches)")
+        raise UserError(f"batch sizes {ddpo.sample_batch_size} / {ddpo.train_batch_size} x {ddpo.grad_accum_steps} do not fit "
+                        f"{samples} samples per epoch in trl (see bench_batches)")
     n_train = trained_timesteps(ddpo.steps, ddpo.timestep_fraction)
     tracking = {"group": (True, ddpo.images_per_prompt, ddpo.images_per_prompt),
                 "tracker": (True, ddpo.tracker_buffer, ddpo.tracker_min_count), "batch": (False, 16, 16)}[ddpo.advantages]

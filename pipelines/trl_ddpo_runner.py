@@ -54,6 +54,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from generator.errors import UserError
+
 try:  # only inside the trl environment; the pure parts below import without it (tests)
     from trl import DDPOStableDiffusionPipeline
 except ImportError:  # pragma: no cover - exercised by the main environment's tests
@@ -250,7 +252,7 @@ def assemble_stable_diffusion(model):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     if abs(float(model.vae.config.get("scaling_factor", 1.0)) - model.scaling_factor) > 1e-6:
-        raise ValueError("the VAE config's scaling_factor differs from the model's; the stock pipeline would decode wrongly")
+        raise UserError("the VAE config's scaling_factor differs from the model's; the stock pipeline would decode wrongly")
     pipe = StableDiffusionPipeline(
         vae=model.vae, text_encoder=None, tokenizer=None, unet=model.unet,
         scheduler=DDIMScheduler.from_config(model.scheduler.config), safety_checker=None,

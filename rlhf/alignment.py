@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from collections import Counter
@@ -40,6 +39,9 @@ from tqdm import tqdm
 from generator.config import DataConfig
 from generator.data import iter_manifest
 from generator.data.records import ManifestRow
+from generator.devices import resolve_device
+from generator.errors import SynthmedError, UserError
+from generator.fileio import atomic_folder
 
 from .config import AlignmentConfig
 from .scorers import ScoreResult, as_image_batch, check_inputs, register_scorer
@@ -59,14 +61,8 @@ CLIP_SCORE_WEIGHT = 2.5  # CLIPScore (Hessel et al. 2021): w * max(cos, 0), w = 
 MAX_LOGIT_SCALE = 100.0  # as in CLIP: beyond this the contrastive softmax becomes unstable
 
 
-class AlignmentNotFoundError(FileNotFoundError):
+class AlignmentNotFoundError(SynthmedError, FileNotFoundError):
     """The alignment model folder is missing or incomplete."""
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_folder(folder: str | os.PathLike) -> Path:
@@ -84,7 +80,7 @@ def model_config(cfg: AlignmentConfig) -> dict:
                   "patch_size": cfg.vision_patch, "head_width": max(8, cfg.vision_width // 4)}
     else:  # ModifiedResNet: stem /4, stages /1 /2 /2 /2, attention pool over (image_size / 32)^2 cells
         if cfg.image_size % 32:
-            raise ValueError(f"a ResNet image tower needs judges.alignment.image_size divisible by 32, got {cfg.image_size}")
+            raise UserError(f"a ResNet image tower needs judges.alignment.image_size divisible by 32, got {cfg.image_size}")
         vision = {"image_size": cfg.image_size, "layers": list(cfg.vision_layers), "width": cfg.vision_width}
     text = {"context_length": cfg.context_length, "vocab_size": VOCAB_SIZE, "width": cfg.text_width,
             "heads": cfg.text_heads, "layers": cfg.text_layers}
@@ -288,23 +284,12 @@ def save_alignment(model: AlignmentModel, folder: str | os.PathLike, metadata: d
     Weights are stored in fp16 (see :func:`round_to_fp16`)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     state = {k: (v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()).contiguous() for k, v in model.clip.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(model.config, indent=2) + "\n", encoding="utf-8")
-    (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-    replace_folder(tmp, folder)
+    with atomic_folder(folder) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(model.config, indent=2) + "\n", encoding="utf-8")
+        (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     return folder
-
-
-def replace_folder(tmp: Path, folder: Path) -> None:
-    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-    if folder.exists():
-        os.replace(folder, old)  # a directory rename cannot overwrite a non-empty one
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_alignment(source: str | os.PathLike | AlignmentConfig | None = None, device: str | torch.device = "auto") -> AlignmentModel:
@@ -336,7 +321,7 @@ def load_alignment(source: str | os.PathLike | AlignmentConfig | None = None, de
     try:
         model.clip.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"{folder}/model.safetensors does not fit its config.json: {exc}") from None
+        raise UserError(f"{folder}/model.safetensors does not fit its config.json: {exc}") from None
     model.clip.to(dev).eval()
     model.config, model.folder = config, folder
     return model
@@ -367,7 +352,7 @@ def manifest_rows(manifests: Sequence[str | os.PathLike], data: DataConfig | Non
         path = resolve_folder(manifest)
         rows.extend(iter_manifest(path / "manifest.csv" if path.is_dir() else path, data.modalities))
     if not rows:
-        raise ValueError(f"no image-report pairs in {', '.join(map(str, manifests))}")
+        raise UserError(f"no image-report pairs in {', '.join(map(str, manifests))}")
     return rows
 
 
@@ -404,9 +389,9 @@ def train_alignment(cfg: AlignmentConfig, train_rows: Sequence[ManifestRow], val
     """Train contrastively on ``train_rows``, measure retrieval on ``val_rows``, save to ``out_dir``
     (default ``cfg.out``). Returns the summary also written to ``metadata.json``."""
     if len(train_rows) < 2:
-        raise ValueError(f"contrastive training needs at least 2 image-report pairs, got {len(train_rows)}")
+        raise UserError(f"contrastive training needs at least 2 image-report pairs, got {len(train_rows)}")
     if not val_rows:
-        raise ValueError("no held-back pairs: raise judges.alignment.val_fraction or pass val_rows")
+        raise UserError("no held-back pairs: raise judges.alignment.val_fraction or pass val_rows")
     from generator.training import augment_prompt, environment
 
     started = time.perf_counter()
@@ -572,7 +557,7 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise ValueError(f"--set takes field=value, got {pair!r}")
+            raise UserError(f"--set takes field=value, got {pair!r}")
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
@@ -621,7 +606,7 @@ def alignment_scorer(folder: str | os.PathLike | None = None, device: str = "aut
 __all__ = [
     "AlignmentModel", "AlignmentNotFoundError", "AlignmentScorer", "CLIP_SCORE_WEIGHT", "alignment_rows", "alignment_scorer",
     "build_alignment", "contrastive_loss", "main", "parse_overrides", "evaluate_alignment", "finding_label", "load_alignment", "load_images",
-    "manifest_rows", "model_config", "recall_at_k", "recalibrate_batchnorm", "replace_folder", "round_to_fp16", "save_alignment", "train_alignment", "weights_hash",
+    "manifest_rows", "model_config", "recall_at_k", "recalibrate_batchnorm", "round_to_fp16", "save_alignment", "train_alignment", "weights_hash",
 ]
 
 

@@ -40,7 +40,6 @@ import math
 import os
 import platform
 import shlex
-import shutil
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -56,10 +55,14 @@ from tqdm import tqdm
 
 from generator.config import ModalityConfig, default_modalities
 from generator.data import ManifestRow, load_row, resize_pad, source_rows, to_channels
+from generator.devices import resolve_device
+from generator.errors import SynthmedError, UserError
+from generator.fileio import atomic_folder, write_json_atomic
 from generator.phantoms import NORMAL, PHANTOM_MODULES, get_spec, make_phantom
 from generator.phantoms.dataset import study_seed
 
 from .config import ClassifierConfig
+from .metrics import auroc
 from .scorers import ScoreResult, as_image_batch, check_inputs, register_scorer
 from .text_labels import expected_findings
 
@@ -128,7 +131,7 @@ class ResNet(nn.Module):
     def __init__(self, n_labels: int, widths: Sequence[int], blocks: int, patch: int = 4, pool: str = "avg"):
         super().__init__()
         if pool not in POOLS:
-            raise ValueError(f"unknown pooling {pool!r}; choose one of {', '.join(POOLS)}")
+            raise UserError(f"unknown pooling {pool!r}; choose one of {', '.join(POOLS)}")
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], patch, stride=patch, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
         stages: list[nn.Module] = []
         c_in = widths[0]
@@ -157,20 +160,20 @@ DEFAULT_POOL = {"convnet": "avgmax", "resnet": "avg"}  # the convnet always pool
 
 def build_network(arch: str, n_labels: int, widths: Sequence[int], blocks: int = 1, patch: int = 4, pool: str | None = None) -> nn.Module:
     if not widths:
-        raise ValueError("an architecture needs at least one width")
+        raise UserError("an architecture needs at least one width")
     if arch == "convnet":
         if pool not in (None, "avgmax"):
-            raise ValueError("the convnet always pools average and max (pool='avgmax')")
+            raise UserError("the convnet always pools average and max (pool='avgmax')")
         return ConvNet(n_labels, widths, patch)
     if arch == "resnet":
         return ResNet(n_labels, widths, blocks, patch, pool or DEFAULT_POOL["resnet"])
-    raise ValueError(f"unknown classifier architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    raise UserError(f"unknown classifier architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
 
 
 def role_settings(cfg: ClassifierConfig, role: str) -> dict[str, Any]:
     """Architecture, widths, blocks and seed of one role, from the config."""
     if role not in ROLES:
-        raise ValueError(f"unknown classifier role {role!r}; choose one of {', '.join(ROLES)}")
+        raise UserError(f"unknown classifier role {role!r}; choose one of {', '.join(ROLES)}")
     arch = cfg.reward_arch if role == "reward" else cfg.evaluator_arch
     seed = cfg.reward_seed if role == "reward" else cfg.evaluator_seed
     widths = list(cfg.convnet_widths if arch == "convnet" else cfg.resnet_widths)
@@ -249,6 +252,14 @@ class FindingClassifier:
         fn = self.network.features if what == "features" else self.network
         return torch.cat([fn(batch[i : i + batch_size]).float().cpu() for i in range(0, len(batch), batch_size)])
 
+    def differentiable_logits(self, images: torch.Tensor, calibrated: bool = True) -> torch.Tensor:
+        """Logits ``(B, L)`` of a ``(B, 3, H, W)`` [-1, 1] tensor *with* the graph to ``images`` (for reward-gradient
+        training; the network's own weights stay frozen), temperature-scaled unless ``calibrated=False``."""
+        self.network.eval()
+        self.network.requires_grad_(False)
+        out = self.network(_resize_batch(images.to(self.device), self.image_size)).float()
+        return out / self.temperature if calibrated else out
+
     def logits(self, images: Any) -> torch.Tensor:
         """Uncalibrated logits ``(B, L)``."""
         return self._run(images, "logits")
@@ -263,7 +274,7 @@ class FindingClassifier:
         return self._run(images, "features").numpy()
 
 
-class ClassifierNotFoundError(FileNotFoundError):
+class ClassifierNotFoundError(SynthmedError, FileNotFoundError):
     pass
 
 
@@ -293,9 +304,9 @@ def load_classifier(folder: str | os.PathLike, role: str | None = None, device: 
             raise ClassifierNotFoundError(f"no finding classifier in {folder} ({what}); train it with: {_train_hint(folder)}")
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if config.get("kind") != "synthmed finding classifier":
-        raise ValueError(f"{folder / 'config.json'} is not a synthmed finding classifier config")
+        raise UserError(f"{folder / 'config.json'} is not a synthmed finding classifier config")
     if role is not None and config.get("role") != role:
-        raise ValueError(
+        raise UserError(
             f"{folder} holds a {config.get('role')!r} classifier, but a {role!r} one was asked for; "
             f"the reward must never be built from evaluator weights (nor the evaluator from reward weights). "
             f"Point at <out>/{role}/{config.get('modality')} instead."
@@ -305,28 +316,10 @@ def load_classifier(folder: str | os.PathLike, role: str | None = None, device: 
                                 config.get("pool"))
         network.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
     except (KeyError, RuntimeError) as exc:
-        raise ValueError(f"{folder}: the weights do not fit config.json ({exc}); retrain with: {_train_hint(folder)}") from None
+        raise UserError(f"{folder}: the weights do not fit config.json ({exc}); retrain with: {_train_hint(folder)}") from None
     return FindingClassifier(
         network, config["label_names"], config["image_size"], config["temperature"], config["role"], config["modality"], config, device
     )
-
-
-def write_json_atomic(data: dict, path: Path) -> None:
-    """``data`` as indented JSON at ``path``, written beside it and renamed into place (complete or absent)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=json_default) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def json_default(value: Any) -> Any:
-    """``json.dumps(default=...)`` for numpy scalars and arrays and paths."""
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def _finite(value: Any) -> Any:
@@ -344,21 +337,12 @@ def save_classifier(classifier: FindingClassifier, folder: str | os.PathLike, me
     """Write the classifier atomically: a temporary folder beside ``folder``, renamed at the end."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_folder(folder) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in classifier.network.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        write_json_atomic(classifier.config, tmp / "config.json")
-        write_json_atomic(_finite({**(metadata or {}), **{k: classifier.config[k] for k in ("version", "role", "modality", "arch")}}), tmp / "metadata.json")
-        if folder.exists():
-            os.replace(folder, old)  # a directory cannot be renamed over a non-empty one
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        write_json_atomic(tmp / "config.json", classifier.config, ensure_ascii=False)
+        write_json_atomic(tmp / "metadata.json", _finite({**(metadata or {}), **{k: classifier.config[k] for k in ("version", "role", "modality", "arch")}}),
+                          ensure_ascii=False)
     return folder
 
 
@@ -384,11 +368,11 @@ def label_space(modality: str, rows: Sequence[ManifestRow], mode: str = "auto") 
     phantom = modality in PHANTOM_MODULES and bool(own) and all(is_phantom_row(r) for r in own)
     if mode == "phantom" or (mode == "auto" and phantom):
         if modality not in PHANTOM_MODULES:
-            raise ValueError(f"labels=phantom but there is no phantom catalogue for modality {modality!r}; use labels=manifest")
+            raise UserError(f"labels=phantom but there is no phantom catalogue for modality {modality!r}; use labels=manifest")
         return list(get_spec(modality).findings)
     names = sorted({f["name"] for r in own for f in r.findings if f.get("present", True) and f["name"] != NORMAL})
     if not names:
-        raise ValueError(
+        raise UserError(
             f"no finding is stated present in the {len(own)} {modality} rows, so there is nothing to learn; "
             "give rows with a findings column (or phantoms)"
         )
@@ -499,25 +483,6 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 # Metrics and calibration
 
 
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney, ties averaged); NaN when one class is missing."""
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):  # average the ranks of tied scores
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, known: np.ndarray | None = None, bins: int = ECE_BINS) -> float:
     """ECE over every known (image, label) pair: the count-weighted mean |accuracy - confidence|
     over ``bins`` equal-width bins of predicted probability (a multi-label model's probabilities
@@ -582,14 +547,6 @@ def classification_metrics(logits: torch.Tensor, data: LabelledImages, label_nam
 # Training
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for, but CUDA is not available; use device=cpu or auto")
-    return torch.device(device)
-
-
 def _lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 1 % of the peak."""
     if step < warmup:
@@ -633,13 +590,13 @@ def fit_classifier(
     own = [r for r in rows if r.modality == modality]
     if not own:
         present = sorted({r.modality for r in rows})
-        raise ValueError(f"no {modality} rows to train on; the rows hold: {', '.join(present) or 'nothing'}")
+        raise UserError(f"no {modality} rows to train on; the rows hold: {', '.join(present) or 'nothing'}")
     label_names = label_space(modality, own, cfg.labels)
     closed_world = all(is_phantom_row(r) for r in own)
     splits = split_rows(own, role, settings["seed"], cfg.val_fraction)
     sizes = {k: len(v) for k, v in splits.items()}
     if min(sizes.values()) == 0:
-        raise ValueError(
+        raise UserError(
             f"{modality}: {len(own)} rows split into {sizes} (val_fraction {cfg.val_fraction}); every split needs "
             "images: give more rows or a larger val_fraction"
         )
@@ -852,12 +809,12 @@ class FindingScorer:
 
     def __init__(self, classifiers: Mapping[str, FindingClassifier], role: str, name: str | None = None):
         if role not in ROLES:
-            raise ValueError(f"unknown classifier role {role!r}; choose one of {', '.join(ROLES)}")
+            raise UserError(f"unknown classifier role {role!r}; choose one of {', '.join(ROLES)}")
         if not classifiers:
-            raise ValueError("a finding scorer needs at least one classifier")
+            raise UserError("a finding scorer needs at least one classifier")
         for modality, classifier in classifiers.items():
             if classifier.role != role:
-                raise ValueError(
+                raise UserError(
                     f"the {modality} classifier has role {classifier.role!r}, but this scorer is the {role!r} scorer; "
                     "the reward must never be built from evaluator weights"
                 )
@@ -890,7 +847,7 @@ class FindingScorer:
         for modality in dict.fromkeys(modalities):
             if modality not in self.classifiers:
                 known = ", ".join(self.classifiers)
-                raise ValueError(f"no {self.role} finding classifier for modality {modality!r}; loaded: {known}")
+                raise UserError(f"no {self.role} finding classifier for modality {modality!r}; loaded: {known}")
             classifier = self.classifiers[modality]
             index = np.array([i for i, m in enumerate(modalities) if m == modality])
             p = classifier.predict_proba(batch[torch.from_numpy(index)]).astype(np.float64)
@@ -912,7 +869,7 @@ def load_finding_scorer(
 ) -> FindingScorer:
     """The ``role`` scorer over the classifiers in ``<root>/<role>/`` (every modality there, or ``modalities``)."""
     if role not in ROLES:
-        raise ValueError(f"unknown classifier role {role!r}; choose one of {', '.join(ROLES)}")
+        raise UserError(f"unknown classifier role {role!r}; choose one of {', '.join(ROLES)}")
     from generator.paths import shipped
 
     folder = shipped(root) if root is not None else DEFAULT_ROOT
@@ -970,7 +927,7 @@ if __name__ == "__main__":
 __all__ = [
     "ARCHITECTURES", "ClassifierNotFoundError", "ConvNet", "DEFAULT_ROOT", "FindingClassifier", "FindingScorer", "ROLES",
     "ResNet", "auroc", "build_network", "classification_metrics", "expected_calibration_error", "finding_evaluator_scorer",
-    "finding_reward_scorer", "fit_classifier", "fit_temperature", "format_summary", "json_default", "label_space", "load_classifier", "load_finding_scorer",
+    "finding_reward_scorer", "fit_classifier", "fit_temperature", "format_summary", "label_space", "load_classifier", "load_finding_scorer",
     "load_rows", "phantom_benchmark_rows", "role_settings", "save_classifier", "split_of_row", "split_rows", "train_all",
-    "train_classifier", "train_command", "write_json_atomic",
+    "train_classifier", "train_command",
 ]

@@ -197,6 +197,13 @@ class DDPOConfig(Section):
     advantages: Literal["group", "tracker", "batch"] = "group"  # normalise within each prompt's K images (GRPO), per prompt text over recent epochs (ddpo-pytorch's stat tracker), or over the batch
     tracker_buffer: int = Field(32, ge=2)  # tracker: rewards kept per prompt
     tracker_min_count: int = Field(8, ge=2)  # tracker: below this many a prompt uses the batch's statistics
+    # The update: "ppo" is DDPO's PPO-clip on the rollouts' log probabilities and the scalar reward; "draft" backpropagates
+    # the reward-role classifier's log likelihood of the expected findings (the differentiable "log" findings reward)
+    # through the VAE decoder and the last ``draft_steps`` denoising steps of each stored rollout (DRaFT-K, Clark et al.
+    # 2024), with each step's noise held at the rollout's, so the image it differentiates is the one the reward scored.
+    # "draft" uses only the findings component for its gradient; the other components are still measured and logged.
+    objective: Literal["ppo", "draft"] = "ppo"
+    draft_steps: int = Field(2, ge=1)  # K of DRaFT-K: the last K of the ``steps`` denoising steps carry the gradient
     kl_weight: float = Field(0.0, ge=0)  # beta of the KL penalty to the base model (adapter disabled); 0: no penalty (and no extra forward pass)
     lr: float = Field(5e-4, gt=0)  # AdamW learning rate of the LoRA weights
     weight_decay: float = Field(1e-4, ge=0)

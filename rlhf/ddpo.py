@@ -32,8 +32,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from generator.errors import UserError
 
 __all__ = [
+    "findings_log_likelihood",
     "PerPromptStatTracker", "PPOTerms", "batch_advantages", "clip_advantages", "gaussian_kl", "group_advantages",
     "ppo_clip_loss",
 ]
@@ -113,8 +117,8 @@ class PerPromptStatTracker:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("buffer_size") != self.buffer_size or state.get("min_count") != self.min_count:
-            raise ValueError(f"stat tracker state was saved with buffer {state.get('buffer_size')} / min count "
-                             f"{state.get('min_count')}, this tracker has {self.buffer_size} / {self.min_count}")
+            raise UserError(f"stat tracker state was saved with buffer {state.get('buffer_size')} / min count "
+                            f"{state.get('min_count')}, this tracker has {self.buffer_size} / {self.min_count}")
         self.stats = {p: deque(v, maxlen=self.buffer_size) for p, v in state["stats"].items()}
 
 
@@ -155,3 +159,19 @@ def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, r
     per_element = (mean.float() - ref_mean.float().detach()) ** 2 / (2 * std.float() ** 2)
     dims = tuple(range(1, per_element.ndim))
     return per_element.sum(dim=dims) if reduce == "sum" else per_element.mean(dim=dims)
+
+
+def findings_log_likelihood(logits: torch.Tensor, stated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The differentiable form of the findings reward (``findings_form="log"``) for reward-gradient updates.
+
+    ``logits`` (B, L) are the reward classifier's temperature-scaled logits; ``stated`` (B, L) holds +1 where
+    the prompt asks for the finding, -1 where it states it absent and 0 where it says nothing. Returns the
+    per-image mean of ``log p`` (present) and ``log(1 - p)`` (absent) over its stated findings, (B,), and a
+    (B,) mask of the images that state any (the others carry 0 and should not enter a mean)."""
+    if logits.shape != stated.shape or logits.ndim != 2:
+        raise ValueError(f"logits {tuple(logits.shape)} and stated {tuple(stated.shape)} must be equal (B, L) shapes")
+    stated = stated.to(logits.dtype).detach()
+    terms = F.logsigmoid(logits * stated) * stated.abs()  # log sigma(z) if present, log sigma(-z) = log(1 - p) if absent
+    counts = stated.abs().sum(dim=1)
+    has = counts > 0
+    return terms.sum(dim=1) / counts.clamp_min(1), has

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from generator.errors import UserError
+
 DEGRADATIONS: tuple[str, ...] = ("blur", "noise", "contrast", "blocking", "clipping", "occlusion", "ringing")
 SEVERITIES: tuple[int, ...] = (1, 2, 3)
 
@@ -159,9 +161,9 @@ def draw_degradations(n: int, copies: int, kinds: Sequence[str], severities: Seq
     """``copies`` (image index, kind, severity) per image: kinds in turn from a seeded offset, severity drawn."""
     for kind in kinds:
         if kind not in DEGRADATIONS:
-            raise ValueError(f"unknown degradation {kind!r}; known: {', '.join(DEGRADATIONS)}")
+            raise UserError(f"unknown degradation {kind!r}; known: {', '.join(DEGRADATIONS)}")
     if not kinds or not severities:
-        raise ValueError("give at least one degradation kind and one severity")
+        raise UserError("give at least one degradation kind and one severity")
     rng = np.random.default_rng(seed)
     plan = []
     for i in range(n):

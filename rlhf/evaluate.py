@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -32,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from generator.errors import UserError
 
 from . import metrics
 from .config import EvalConfig, JudgesConfig
@@ -266,10 +267,10 @@ def evaluate(model, cases: list[EvalCase], judges: Judges, cfg: EvalConfig, trai
         by_modality[c.modality].append(c)
     unknown = sorted(set(by_modality) - set(model.modalities))
     if unknown:
-        raise ValueError(f"the model has no embedding for {', '.join(unknown)}; it knows {', '.join(model.modalities)}")
+        raise UserError(f"the model has no embedding for {', '.join(unknown)}; it knows {', '.join(model.modalities)}")
     missing = sorted(set(by_modality) - set(judges.evaluator))
     if missing:
-        raise ValueError(f"no evaluator classifier for {', '.join(missing)}; train one with `synthmed judges train classifier`")
+        raise UserError(f"no evaluator classifier for {', '.join(missing)}; train one with `synthmed judges train classifier`")
     total = sum(min(cfg.prompts_per_modality, len(v)) * cfg.n_per_prompt for v in by_modality.values())
     bar = tqdm(total=total, desc="eval: generating", unit=" img", disable=not progress)
     result: dict[str, Any] = {"modalities": {}}
@@ -342,12 +343,6 @@ def markdown_table(result: dict[str, Any]) -> str:
     notes.append("FD/KID: synthmed features = the held-out evaluator classifier's penultimate layer; the real row's FD is "
                  "between two halves of the reference set (the floor at this sample size)")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def to_json(result: dict[str, Any]) -> str:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from generator.errors import UserError
+
 from .config import EvalConfig, HeldoutConfig
 from .evaluate import Judges, _batched, measure, phantom_cases
 from .scorers import as_image_batch
@@ -80,7 +82,7 @@ def heldout_evaluation(model, items: Sequence[Any], judges: Judges, reference: R
     rows are :func:`rlhf.evaluate.measure`'s (FD, MS-SSIM within a prompt, CLIP, selector, memorisation,
     evaluator finding accuracy, ``all_requested_shown``: the share of images showing every requested finding)."""
     if not items:
-        raise ValueError("the held-out prompt set is empty; raise improve.prompts.heldout_per_modality")
+        raise UserError("the held-out prompt set is empty; raise improve.prompts.heldout_per_modality")
     started = time.perf_counter()
     images = generate_heldout(model, items, cfg, guidance, batch_size, progress)
     k = cfg.images_per_prompt
@@ -90,7 +92,7 @@ def heldout_evaluation(model, items: Sequence[Any], judges: Judges, reference: R
     for m in dict.fromkeys(it.modality for it in items):
         idx = [i for i, it in enumerate(expanded) if it.modality == m]
         if m not in judges.evaluator:
-            raise ValueError(f"no evaluator classifier for {m}; train one with `synthmed judges train classifier`")
+            raise UserError(f"no evaluator classifier for {m}; train one with `synthmed judges train classifier`")
         labels = list(judges.evaluator[m].label_names)
         sub = images[torch.as_tensor(idx)]
         sub_items = [expanded[i] for i in idx]

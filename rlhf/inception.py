@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from generator.devices import resolve_device
+
 from .config import EvalConfig
 from .metrics import frechet_distance, kid
 from .scorers import as_image_batch
@@ -117,8 +119,7 @@ def load_inception(
     """The Inception feature extractor of ``config`` (``inception_weights`` or the hub cache), or why not."""
     cfg = config or EvalConfig()
     found = find_inception_weights(cfg.inception_weights, hub_dir)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(device))
     loaded = found if isinstance(found, InceptionStatus) else InceptionFeatures.load(found, device, cfg.inception_batch_size)
     if isinstance(loaded, InceptionStatus):
         log.info("FID/KID (Inception) %s", loaded)

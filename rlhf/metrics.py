@@ -21,6 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from generator.errors import UserError
+from generator.similarity import SSIM_SIGMA, gaussian_window, ssim_parts
+
 from .config import EvalConfig
 from .scorers import as_image_batch
 
@@ -54,7 +57,7 @@ def _check_pair(feats_a: Any, feats_b: Any, min_samples: int, what: str) -> tupl
         raise ValueError(f"feature sets differ in width: {a.shape[1]} vs {b.shape[1]}; extract both with the same model")
     for name, x in (("feats_a", a), ("feats_b", b)):
         if x.shape[0] < min_samples:
-            raise ValueError(f"{what} needs at least {min_samples} feature vectors per set; {name} has {x.shape[0]}")
+            raise UserError(f"{what} needs at least {min_samples} feature vectors per set; {name} has {x.shape[0]}")
     return a, b
 
 
@@ -65,7 +68,7 @@ def gaussian_stats(feats: Any) -> tuple[np.ndarray, np.ndarray]:
     """Mean ``(D,)`` and unbiased covariance ``(D, D)``, float64; needs at least 2 vectors."""
     x = _as_features(feats, "feats")
     if x.shape[0] < 2:
-        raise ValueError(f"a covariance needs at least 2 feature vectors, got {x.shape[0]}")
+        raise UserError(f"a covariance needs at least 2 feature vectors, got {x.shape[0]}")
     return x.mean(axis=0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
 
 
@@ -140,10 +143,10 @@ def kid(feats_a: Any, feats_b: Any, subsets: int = 100, subset_size: int = 1000,
     negative; it is not clamped."""
     a, b = _check_pair(feats_a, feats_b, 2, "KID")
     if subsets < 1:
-        raise ValueError(f"KID needs at least 1 subset, got {subsets}")
+        raise UserError(f"KID needs at least 1 subset, got {subsets}")
     m = min(int(subset_size), a.shape[0], b.shape[0])
     if m < 2:
-        raise ValueError(f"KID subset_size must be at least 2, got {subset_size}")
+        raise UserError(f"KID subset_size must be at least 2, got {subset_size}")
     rng = np.random.default_rng(seed)
     off_diag = m * (m - 1)
     estimates = np.empty(subsets, dtype=np.float64)
@@ -184,33 +187,6 @@ def feature_distances(
 # Wang, Simoncelli, Bovik 2003, "Multi-scale structural similarity for image quality assessment"
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 SSIM_WINDOW = 11  # pixels, Gaussian window of the reference implementation
-SSIM_SIGMA = 1.5  # pixels
-_C1, _C2 = 0.01**2, 0.03**2  # stabilisers for a data range of 1 (images mapped to [0, 1])
-
-
-def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    w = torch.exp(-(x**2) / (2 * sigma**2))
-    return w / w.sum()
-
-
-def _ssim_parts(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean SSIM and mean contrast-structure term per (image, channel), valid filtering (no padding)."""
-    c = x.shape[1]
-    k = window.numel()
-    wx = window.view(1, 1, 1, k).expand(c, 1, 1, k)
-    wy = window.view(1, 1, k, 1).expand(c, 1, k, 1)
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.conv2d(t, wx, groups=c), wy, groups=c)
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x**2
-    var_y = blur(y * y) - mu_y**2
-    cov = blur(x * y) - mu_x * mu_y
-    cs = (2 * cov + _C2) / (var_x + var_y + _C2)
-    lum = (2 * mu_x * mu_y + _C1) / (mu_x**2 + mu_y**2 + _C1)
-    return (lum * cs).mean(dim=(2, 3)), cs.mean(dim=(2, 3))
 
 
 def ms_ssim_plan(height: int, width: int, scales: int | None = None) -> tuple[int, int, float, tuple[float, ...]]:
@@ -235,7 +211,7 @@ def ms_ssim_plan(height: int, width: int, scales: int | None = None) -> tuple[in
     if scales is None:
         scales = fit
     elif not 1 <= scales <= fit:
-        raise ValueError(f"{scales} MS-SSIM scales do not fit a {height}x{width} image with an {window}-pixel window; at most {fit}")
+        raise UserError(f"{scales} MS-SSIM scales do not fit a {height}x{width} image with an {window}-pixel window; at most {fit}")
     weights = np.asarray(MS_SSIM_WEIGHTS[:scales])
     return scales, window, sigma, tuple(float(w) for w in weights / weights.sum())
 
@@ -251,10 +227,10 @@ def ms_ssim(a: Any, b: Any, scales: int | None = None) -> torch.Tensor:
         raise ValueError(f"MS-SSIM needs paired batches of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     x, y = (x + 1) / 2, (y + 1) / 2
     n_scales, size, sigma, weights = ms_ssim_plan(x.shape[2], x.shape[3], scales)
-    window = _gaussian_window(size, sigma)
+    window = gaussian_window(size, sigma)
     result = torch.ones(x.shape[:2], dtype=torch.float64)
     for j, w in enumerate(weights):
-        ssim_j, cs_j = _ssim_parts(x, y, window)
+        ssim_j, cs_j = ssim_parts(x, y, window)
         if j == n_scales - 1:
             result = result * ssim_j.clamp(min=0) ** w  # luminance enters at the coarsest scale only
         else:
@@ -287,7 +263,7 @@ def diversity_summary(images_by_prompt: Mapping[str, Any]) -> dict[str, float]:
         per_prompt.append(float(values.mean()))
         pairs += values.numel()
     if not per_prompt:
-        raise ValueError("MS-SSIM diversity needs at least 2 images for one prompt (judges.eval.n_per_prompt >= 2)")
+        raise UserError("MS-SSIM diversity needs at least 2 images for one prompt (judges.eval.n_per_prompt >= 2)")
     mean = float(np.mean(per_prompt))
     return {"ms_ssim": mean, "diversity": 1.0 - mean, "prompts": float(len(per_prompt)), "pairs": float(pairs)}
 

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from generator.errors import UserError
+
 from .config import FORBIDDEN_IN_REWARD, REWARD_COMPONENTS, EvalConfig, JudgesConfig, RewardConfig
 from .metrics import quality_checks
 from .scorers import ScoreResult, as_image_batch, build_scorer, check_inputs, register_scorer
@@ -66,17 +68,17 @@ def check_weights(weights: Mapping[str, float]) -> None:
     """One clear error for a reward that names the evaluator or an unknown component."""
     forbidden = [k for k in weights if k in FORBIDDEN_IN_REWARD or "evaluator" in k]
     if forbidden:
-        raise ValueError(f"improve.reward.weights.{forbidden[0]}: the held-out evaluator can never enter a reward "
-                         f"(it judges the result); reward components: {', '.join(REWARD_COMPONENTS)}")
+        raise UserError(f"improve.reward.weights.{forbidden[0]}: the held-out evaluator can never enter a reward "
+                        f"(it judges the result); reward components: {', '.join(REWARD_COMPONENTS)}")
     unknown = [k for k in weights if k not in REWARD_COMPONENTS]
     if unknown:
-        raise ValueError(f"improve.reward.weights.{unknown[0]}: unknown reward component {unknown[0]!r}; "
-                         f"known: {', '.join(REWARD_COMPONENTS)}")
+        raise UserError(f"improve.reward.weights.{unknown[0]}: unknown reward component {unknown[0]!r}; "
+                        f"known: {', '.join(REWARD_COMPONENTS)}")
     if not weights or not any(w != 0 for w in weights.values()):
-        raise ValueError(f"improve.reward.weights: give at least one non-zero weight among {', '.join(REWARD_COMPONENTS)}")
+        raise UserError(f"improve.reward.weights: give at least one non-zero weight among {', '.join(REWARD_COMPONENTS)}")
     bad = {k: w for k, w in weights.items() if not np.isfinite(w)}
     if bad:
-        raise ValueError(f"improve.reward.weights: weights must be finite numbers, got {bad}")
+        raise UserError(f"improve.reward.weights: weights must be finite numbers, got {bad}")
 
 
 class Reward:

@@ -23,6 +23,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from generator.errors import UserError
+
 ScoreResult = tuple[np.ndarray, dict[str, np.ndarray]]
 
 
@@ -58,7 +60,7 @@ def as_image_batch(images: Any) -> torch.Tensor:
         tensors.append(torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1))
     sizes = {tuple(t.shape) for t in tensors}
     if len(sizes) > 1:
-        raise ValueError(f"images differ in size ({sorted(sizes)}); resize them to one size first")
+        raise UserError(f"images differ in size ({sorted(sizes)}); resize them to one size first")
     return torch.stack(tensors).float().div(127.5).sub(1.0)
 
 
@@ -136,7 +138,7 @@ def build_scorer(name: str, **kwargs) -> Scorer:
         load_builtin_scorers()
     if name not in SCORER_FACTORIES:
         known = ", ".join(sorted(SCORER_FACTORIES)) or "none"
-        raise ValueError(f"unknown scorer {name!r}; registered scorers: {known}")
+        raise UserError(f"unknown scorer {name!r}; registered scorers: {known}")
     return SCORER_FACTORIES[name](**kwargs)
 
 

@@ -29,7 +29,6 @@ import csv
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -41,19 +40,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from scipy.stats import rankdata, spearmanr
+from scipy.stats import spearmanr
 from tqdm import tqdm
 
 from generator.config import DataConfig
 from generator.data.records import ManifestRow
+from generator.errors import SynthmedError, UserError
+from generator.fileio import atomic_folder
 from generator.modalities import resolve_modality
 
 from .alignment import (
     AlignmentModel, AlignmentNotFoundError, default_manifests, load_alignment, load_images, manifest_rows, parse_overrides,
-    read_metadata, replace_folder, resolve_folder,
+    read_metadata, resolve_folder,
 )
 from .config import SelectorConfig
 from .degrade import DEGRADATIONS, degrade_each, draw_degradations
+from .metrics import auroc as labelled_auroc
 from .scorers import ScoreResult, as_image_batch, check_inputs, register_scorer
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ PAIRS_COLUMNS = ("preferred_path", "other_path", "modality", "prompt")
 STANDARD_SCALES = ((0.0, 1.0), (1.0, 5.0), (1.0, 10.0), (0.0, 10.0), (0.0, 100.0))  # narrowest first
 
 
-class SelectorNotFoundError(FileNotFoundError):
+class SelectorNotFoundError(SynthmedError, FileNotFoundError):
     """The selector folder is missing or incomplete."""
 
 
@@ -126,13 +128,10 @@ class Selector:
 
 # -- metrics ----------------------------------------------------------------------------------
 def auroc(good: np.ndarray, bad: np.ndarray) -> float:
-    """Probability that a good item scores above a bad one (ties count half): Mann-Whitney U / (n m)."""
-    good, bad = np.asarray(good, dtype=np.float64), np.asarray(bad, dtype=np.float64)
-    if not len(good) or not len(bad):
-        return float("nan")
-    ranks = rankdata(np.concatenate([good, bad]))
-    u = ranks[: len(good)].sum() - len(good) * (len(good) + 1) / 2
-    return float(u / (len(good) * len(bad)))
+    """Probability that a good item scores above a bad one (ties count half): :func:`rlhf.metrics.auroc`
+    with the good items as the positive class; NaN when either set is empty."""
+    good, bad = np.ravel(np.asarray(good, dtype=np.float64)), np.ravel(np.asarray(bad, dtype=np.float64))
+    return labelled_auroc(np.concatenate([good, bad]), np.concatenate([np.ones(len(good)), np.zeros(len(bad))]))
 
 
 def pairwise_accuracy(preferred: np.ndarray, other: np.ndarray) -> float:
@@ -187,10 +186,10 @@ def _read_csv(path: str | os.PathLike, columns: Sequence[str], what: str) -> tup
         header = [h.strip().lower() for h in reader.fieldnames or []]
         missing = [c for c in columns if c not in header]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; a {what} CSV has the header {','.join(columns)}")
+            raise UserError(f"{path}: missing column(s) {', '.join(missing)}; a {what} CSV has the header {','.join(columns)}")
         rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise UserError(f"{path}: no rows")
     return path, rows
 
 
@@ -199,7 +198,7 @@ def detect_scale(ratings: np.ndarray) -> tuple[float, float]:
     for scale in STANDARD_SCALES:
         if scale[0] <= lo and hi <= scale[1]:
             return scale
-    raise ValueError(f"ratings from {lo:g} to {hi:g} fit none of the scales 0-1, 1-5, 1-10, 0-10, 0-100; set judges.selector.rating_scale=[worst, best]")
+    raise UserError(f"ratings from {lo:g} to {hi:g} fit none of the scales 0-1, 1-5, 1-10, 0-10, 0-100; set judges.selector.rating_scale=[worst, best]")
 
 
 def read_ratings(path: str | os.PathLike, cfg: SelectorConfig, data: DataConfig | None = None) -> RatingsTable:
@@ -210,12 +209,12 @@ def read_ratings(path: str | os.PathLike, cfg: SelectorConfig, data: DataConfig 
     for line, row in enumerate(rows, start=2):
         level = row["expert_level"].lower()
         if level not in cfg.expert_weights:
-            raise ValueError(f"{path}, line {line}: unknown expert_level {row['expert_level']!r}; known levels: "
-                             f"{', '.join(cfg.expert_weights)} (add it to judges.selector.expert_weights)")
+            raise UserError(f"{path}, line {line}: unknown expert_level {row['expert_level']!r}; known levels: "
+                            f"{', '.join(cfg.expert_weights)} (add it to judges.selector.expert_weights)")
         try:
             ratings.append(float(row["rating"]))
         except ValueError:
-            raise ValueError(f"{path}, line {line}: rating {row['rating']!r} is not a number") from None
+            raise UserError(f"{path}, line {line}: rating {row['rating']!r} is not a number") from None
         paths.append(str((path.parent / row["image_path"]).resolve()))
         weights.append(float(cfg.expert_weights[level]))
         levels.append(level)
@@ -224,7 +223,7 @@ def read_ratings(path: str | os.PathLike, cfg: SelectorConfig, data: DataConfig 
     values = np.asarray(ratings, dtype=np.float64)
     scale = tuple(cfg.rating_scale) if cfg.rating_scale is not None else detect_scale(values)
     if scale[1] <= scale[0]:
-        raise ValueError(f"judges.selector.rating_scale must be (worst, best) with best > worst, got {scale}")
+        raise UserError(f"judges.selector.rating_scale must be (worst, best) with best > worst, got {scale}")
     targets = np.clip((values - scale[0]) / (scale[1] - scale[0]), 0.0, 1.0)
     return RatingsTable(paths, values, targets, np.asarray(weights), levels, mods, prompts, (float(scale[0]), float(scale[1])))
 
@@ -323,11 +322,11 @@ def train_selector(
         result = _train_bootstrap(head, cfg, alignment, list(train_rows), list(val_rows), generated, data, progress)
     elif cfg.source == "ratings":
         if not cfg.ratings:
-            raise ValueError("judges.selector.source=ratings needs judges.selector.ratings (a CSV image_path,rating,modality,expert_level,prompt)")
+            raise UserError("judges.selector.source=ratings needs judges.selector.ratings (a CSV image_path,rating,modality,expert_level,prompt)")
         result = _train_ratings(head, cfg, alignment, data, progress)
     else:
         if not cfg.pairs:
-            raise ValueError("judges.selector.source=pairs needs judges.selector.pairs (a CSV preferred_path,other_path,modality,prompt)")
+            raise UserError("judges.selector.source=pairs needs judges.selector.pairs (a CSV preferred_path,other_path,modality,prompt)")
         result = _train_pairs(head, cfg, alignment, data, progress)
     threshold, metrics, data_info, history = result
     alignment_info = {
@@ -384,7 +383,7 @@ def bootstrap_rows(cfg: SelectorConfig, alignment: AlignmentModel, data: DataCon
 
 def _train_bootstrap(head, cfg, alignment, train_rows, val_rows, generated, data, progress):
     if not train_rows or not val_rows:
-        raise ValueError(f"the bootstrap needs training and validation images, got {len(train_rows)} and {len(val_rows)}")
+        raise UserError(f"the bootstrap needs training and validation images, got {len(train_rows)} and {len(val_rows)}")
     train = load_images(train_rows, alignment.image_size, data, progress)
     val = load_images(val_rows, alignment.image_size, data, progress)
     train_images = train.images.float().div(127.5).sub(1.0)
@@ -524,13 +523,10 @@ def _train_pairs(head, cfg, alignment, data, progress):
 def save_selector(head: QualityHead, folder: str | os.PathLike, config: dict, metadata: dict) -> Path:
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(tmp / "head.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-    replace_folder(tmp, folder)
+    with atomic_folder(folder) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(tmp / "head.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     return folder
 
 
@@ -554,7 +550,7 @@ def load_selector(folder: str | os.PathLike | None = None, alignment: AlignmentM
         except AlignmentNotFoundError as exc:
             raise AlignmentNotFoundError(f"selector {path} needs its alignment model: {exc}") from None
     if alignment.weights_hash != recorded["weights_sha256"]:
-        raise ValueError(
+        raise UserError(
             f"selector {path} was trained on alignment model {recorded['weights_sha256'][:12]} ({recorded.get('folder')}), "
             f"but the one given is {alignment.weights_hash[:12]} ({alignment.folder}); load the alignment model it was "
             f"trained on, or retrain the selector on this one with `{TRAIN_COMMAND}`"

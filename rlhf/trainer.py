@@ -28,17 +28,19 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from generator.ddim_logprob import ddim_step_with_logprob
+from generator.errors import SynthmedError
 from generator.lora import adapters_disabled, lora_parameters, merged_for_sampling
 from generator.models import LatentDiffusion, latent_size
 from generator.sampling import guided_conditioning, guided_prediction, initial_noise
 
 from .config import DDPOConfig, SelectionConfig
-from .ddpo import PerPromptStatTracker, batch_advantages, clip_advantages, gaussian_kl, group_advantages, ppo_clip_loss
+from .ddpo import (PerPromptStatTracker, batch_advantages, clip_advantages, findings_log_likelihood, gaussian_kl, group_advantages,
+                   ppo_clip_loss)
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(SynthmedError, ValueError):
     """A NaN or infinite loss or reward: the loop stops before anything of the epoch is written."""
 
 
@@ -263,6 +265,98 @@ class DDPOTrainer:
                 stats.steps.append(self._mean_over_ranks(record))
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", clipfrac=f"{acc['clipfrac']:.2f}")
+        bar.close()
+        model.unet.eval()
+        stats.seconds = time.perf_counter() - started
+        return stats
+
+    # -- stage 1, objective "draft": the reward's gradient through the last K steps ----------------------------
+    def _stated(self, items: Sequence[Any], labels: Sequence[str]) -> torch.Tensor:
+        """(B, L): +1 where an item's structured expectation asks for label l, -1 where it states it absent, else 0."""
+        out = torch.zeros(len(items), len(labels))
+        column = {name: j for j, name in enumerate(labels)}
+        for i, it in enumerate(items):
+            for name, present in dict(it.expected).items():
+                if name in column:
+                    out[i, column[name]] = 1.0 if present else -1.0
+        return out
+
+    def draft_update(self, rollout: Rollout, epoch: int, progress: bool = True) -> UpdateStats:
+        """DRaFT-K on the epoch's stored rollouts: from each trajectory's latent K steps before the end, the last K
+        DDIM steps run again with the gradient on (guidance as in the rollout; each step's noise held at the value the
+        rollout drew, ``x_prev = mean + (x_prev_rollout - mean.detach())``, so the final latent *is* the rollout's), the
+        VAE decodes, and the reward-role classifier's log likelihood of the expected findings is maximised. The
+        evaluator never enters: the classifiers come from the reward's findings scorer, which refuses any other role."""
+        cfg, model = self.cfg, self.model
+        scorer = getattr(self.reward, "finding_scorer", None)
+        if scorer is None or getattr(scorer, "role", None) != "reward":
+            raise SynthmedError("the 'draft' objective needs the reward's findings component (reward-role classifiers); "
+                                "add findings to improve.reward.weights")
+        started = time.perf_counter()
+        stats = UpdateStats()
+        n = len(rollout.items)
+        steps = len(rollout.timesteps)
+        k = min(cfg.draft_steps, steps)
+        scheduler = model.scheduler
+        scheduler.set_timesteps(cfg.steps)
+        model.unet.train()
+        micro = cfg.train_batch_size
+        per_step = micro * cfg.grad_accum_steps
+        n_steps = math.ceil(n / per_step)
+        bar = tqdm(total=cfg.inner_epochs * n_steps, desc=f"epoch {epoch}: reward-gradient update", unit=" step", disable=not progress,
+                   leave=False)
+        for inner in range(cfg.inner_epochs):
+            order = np.random.default_rng([cfg.seed, epoch, inner, 13]).permutation(n)
+            for s in range(n_steps):
+                members = order[s * per_step:(s + 1) * per_step]
+                # images that state any finding the classifier knows carry the loss; the mean runs over all ranks' images
+                counted = sum(1 for i in members if any(f in scorer.classifiers[rollout.items[i].modality].label_names
+                                                        for f in dict(rollout.items[i].expected)))
+                global_count = max(1, int(self.accelerator.reduce(torch.tensor(float(counted)), reduction="sum").item())
+                                   if self.world > 1 else counted)
+                total_ll, images_seen = 0.0, 0
+                for m in range(0, len(members), micro):
+                    batch = members[m:m + micro]
+                    rows = torch.as_tensor(batch)
+                    items = [rollout.items[i] for i in batch]
+                    with torch.no_grad():
+                        cond = guided_conditioning(model, [it.prompt for it in items], [it.modality for it in items],
+                                                   [it.negative for it in items], cfg.guidance)
+                    x = rollout.latents[rows, steps - k].to(model.device)
+                    for j in range(steps - k, steps):
+                        t = rollout.timesteps[j].expand(len(batch)).to(model.device)
+                        prediction = guided_prediction(model, x, t, cond, cfg.guidance)
+                        stored = rollout.latents[rows, j + 1].to(model.device)
+                        step = ddim_step_with_logprob(scheduler, prediction, t, x, eta=cfg.eta, prev_sample=stored,
+                                                      reduce=cfg.logprob_reduce)
+                        x = step.mean + (stored - step.mean.detach()).to(step.mean.dtype)
+                    images = model.decode(x).float()
+                    ll = torch.zeros(len(batch), device=images.device)
+                    has = torch.zeros(len(batch), dtype=torch.bool, device=images.device)
+                    for modality in dict.fromkeys(it.modality for it in items):
+                        index = torch.as_tensor([i for i, it in enumerate(items) if it.modality == modality], device=images.device)
+                        classifier = scorer.classifiers[modality]
+                        logits = classifier.differentiable_logits(images[index])
+                        value, mask = findings_log_likelihood(logits, self._stated([items[i] for i in index.tolist()],
+                                                                                   classifier.label_names).to(logits.device))
+                        ll = ll.index_put((index,), value.to(ll.dtype))
+                        has = has.index_put((index,), mask)
+                    loss = -(ll * has).sum() / global_count
+                    if not torch.isfinite(loss):
+                        bad = [rollout.indices[int(i)] for i in batch]
+                        raise NonFiniteError(f"non-finite reward-gradient loss in epoch {epoch} on samples {bad} "
+                                             f"(prompts: {[it.prompt[:60] for it in items]})")
+                    loss.backward()
+                    total_ll += float((ll * has).sum().detach())
+                    images_seen += int(has.sum())
+                norm = self._optimiser_step()
+                mean_ll = total_ll / max(1, images_seen)
+                record = {"kind": "step", "epoch": epoch, "step": self.global_step, "stage": "draft", "loss": -mean_ll,
+                          "findings_log_likelihood": mean_ll, "grad_norm": norm, "lr": self.optimizer.param_groups[0]["lr"],
+                          "samples": len(members), "draft_steps": k}
+                stats.steps.append(self._mean_over_ranks(record))
+                bar.update(1)
+                bar.set_postfix(loglik=f"{mean_ll:.3f}")
         bar.close()
         model.unet.eval()
         stats.seconds = time.perf_counter() - started

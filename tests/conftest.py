@@ -35,3 +35,10 @@ def embedder():
     from knowledge.embedder import Embedder
 
     return Embedder()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that read the real images carry the ``meddata`` marker (``-m "not meddata"`` leaves them out)."""
+    for item in items:
+        if "meddata" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.meddata)

@@ -303,3 +303,70 @@ def test_the_guard_stops_the_loop_and_best_keeps_the_best_adapter(base_model, tm
     best = json.loads((tmp_path / "run" / "best" / "metadata.json").read_text())
     assert best["epoch"] == max(evals, key=lambda e: (evals[e]["all_requested_shown"] or 0, evals[e]["finding_accuracy"] or 0))
     assert json.loads((tmp_path / "run" / "metadata.json").read_text())["status"] == "stopped_reward_hacking"
+
+
+def _draft_ll(trainer, rollout, noise=None) -> tuple[float, list, torch.Tensor]:
+    """The reward classifier's findings log likelihood of the rollouts redrawn over their last K steps by the current
+    policy with each step's noise held (``noise``: the rollout policy's, returned by the first call)."""
+    from generator.ddim_logprob import ddim_step_with_logprob
+    from generator.sampling import guided_conditioning, guided_prediction
+    from rlhf.ddpo import findings_log_likelihood
+
+    model, cfg = trainer.model, trainer.cfg
+    items = rollout.items
+    steps, k = len(rollout.timesteps), cfg.draft_steps
+    held = []
+    with torch.no_grad():
+        cond = guided_conditioning(model, [it.prompt for it in items], [it.modality for it in items], [it.negative for it in items], cfg.guidance)
+        x = rollout.latents[:, steps - k]
+        for n, j in enumerate(range(steps - k, steps)):
+            t = rollout.timesteps[j].expand(len(items))
+            mean = ddim_step_with_logprob(model.scheduler, guided_prediction(model, x, t, cond, cfg.guidance), t, x, eta=cfg.eta,
+                                          prev_sample=rollout.latents[:, j + 1]).mean
+            held.append(rollout.latents[:, j + 1] - mean if noise is None else noise[n])
+            x = mean + held[-1]
+        images = model.decode(x)
+        total, count = 0.0, 0
+        for i, it in enumerate(items):
+            clf = trainer.reward.finding_scorer.classifiers[it.modality]
+            value, has = findings_log_likelihood(clf.differentiable_logits(images[i:i + 1]), trainer._stated([it], clf.label_names))
+            total += float(value.sum())
+            count += int(has.sum())
+    return total / max(count, 1), held, x
+
+
+def test_the_draft_objective_raises_the_reward_classifiers_likelihood_on_the_same_rollouts(base_model, tmp_path):
+    """DRaFT-K: the held noise makes the differentiated image the rollout's own (value unchanged), and a few
+    reward-gradient steps raise the reward classifier's log likelihood of the expected findings."""
+    from accelerate import Accelerator
+
+    from pipelines.improve import build_parts
+    from rlhf.trainer import DDPOTrainer
+
+    cfg = load_config(write_profile(tmp_path, settings(base_model, **{"improve.ddpo.objective": "draft", "improve.ddpo.draft_steps": 2,
+                                                                     "improve.ddpo.lr": 5e-3, "improve.ddpo.steps": 3})))
+    ic = cfg.improve
+    parts = build_parts(cfg, progress=False, load_eval=False)
+    trainer = DDPOTrainer(parts.model, parts.reward, ic.ddpo, ic.selection, Accelerator(cpu=True), None)
+    prompts = parts.sampler.draw(4, 1, 0)
+    prompts = [p for p in prompts if p.expected] or prompts
+    items = [p for p in prompts for _ in range(2)]
+    rollout = trainer.rollout(items, list(range(len(items))), 1, progress=False)
+    before, noise, final = _draft_ll(trainer, rollout)
+    assert torch.allclose(final, rollout.latents[:, -1], atol=1e-5)  # held noise: the redraw is the rollout's own image
+    lora_before = [p.detach().clone() for p in trainer.params]
+    for _ in range(4):
+        stats = trainer.draft_update(rollout, 1, progress=False)
+    assert all(s["stage"] == "draft" and np.isfinite(s["grad_norm"]) and s["grad_norm"] > 0 for s in stats.steps)
+    assert any(not torch.equal(a, b) for a, b in zip(lora_before, trainer.params))
+    after, _, moved = _draft_ll(trainer, rollout, noise)
+    assert not torch.allclose(moved, final)
+    assert after > before + 1e-3, (before, after)
+
+
+def test_a_draft_run_logs_its_steps_and_refuses_a_reward_without_findings(base_model, tmp_path, capsys):
+    profile = write_profile(tmp_path, settings(base_model, **{"improve.ddpo.objective": "draft", "improve.ddpo.epochs": 1}))
+    assert cli(["improve", "--config", str(profile), "--run-dir", str(tmp_path / "run"), "--no-progress", "--no-selection"]) == 0
+    steps = [r for r in lines(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "step"]
+    assert steps and all(r["stage"] == "draft" and "findings_log_likelihood" in r for r in steps)
+    assert cli(["runs", "show", str(tmp_path / "run")]) == 0

@@ -7,8 +7,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UserError
+from ..fileio import atomic_open
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """A bad row or file. The message names the file, the row and the column, and how to fix it."""
 
     def __init__(
@@ -63,11 +66,9 @@ class BadRows:
         if not self.rows:
             return None
         path = Path(str(output) + ".skipped.csv")
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with atomic_open(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["file", "row", "column", "reason"])
             for r in self.rows:
                 writer.writerow([r.file, "" if r.row is None else r.row, r.column or "", r.reason])
-        os.replace(tmp, path)
         return path

@@ -16,12 +16,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import SynthmedError
+
 DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}  # never sniffed for DICOM
 NPZ_CACHE_FILES = 4  # .npz archives kept decoded in memory at once
 
 
-class ImageReadError(OSError):
+class ImageReadError(SynthmedError, OSError):
     pass
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..config import ModalityConfig
+from ..fileio import atomic_open
 from .errors import BadRows, DataError
 from .imageio import ImageReadError, load_image, probe_image, split_ref
 from .meddata import is_meddata_folder, meddata_rows
@@ -132,36 +133,30 @@ def write_manifest(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     bad = bad if bad is not None else BadRows(skip=False)
-    tmp = out.with_name(out.name + ".tmp")
     images_dir = out.parent / f"{out.stem}_images"
     by_modality: dict[str, int] = {}
     count = 0
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(MANIFEST_COLUMNS)
-            for row in tqdm(rows, desc=f"manifest {out.name}", unit=" rows", disable=not progress, mininterval=1.0):
-                if row.image is not None:
-                    images_dir.mkdir(exist_ok=True)
-                    target = images_dir / f"{count:08d}.png"
-                    Image.fromarray(row.image).save(target)
-                    row.path = str(target)
-                else:
-                    # Every file's header is read (cheap); --verify decodes the pixels too.
-                    try:
-                        if verify_images:
-                            window = (modalities or {}).get(row.modality)
-                            load_image(row.path, window=window.window if window else None)
-                        else:
-                            probe_image(row.path)
-                    except ImageReadError as exc:
-                        bad.handle(DataError(str(exc), file=row.source, row=row.row, column="path"))
-                        continue
-                writer.writerow([_relative(row.path, out.parent), row.text, row.modality, findings_to_cell(row.findings), row.source])
-                by_modality[row.modality] = by_modality.get(row.modality, 0) + 1
-                count += 1
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_open(out, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(MANIFEST_COLUMNS)
+        for row in tqdm(rows, desc=f"manifest {out.name}", unit=" rows", disable=not progress, mininterval=1.0):
+            if row.image is not None:
+                images_dir.mkdir(exist_ok=True)
+                target = images_dir / f"{count:08d}.png"
+                Image.fromarray(row.image).save(target)
+                row.path = str(target)
+            else:
+                # Every file's header is read (cheap); --verify decodes the pixels too.
+                try:
+                    if verify_images:
+                        window = (modalities or {}).get(row.modality)
+                        load_image(row.path, window=window.window if window else None)
+                    else:
+                        probe_image(row.path)
+                except ImageReadError as exc:
+                    bad.handle(DataError(str(exc), file=row.source, row=row.row, column="path"))
+                    continue
+            writer.writerow([_relative(row.path, out.parent), row.text, row.modality, findings_to_cell(row.findings), row.source])
+            by_modality[row.modality] = by_modality.get(row.modality, 0) + 1
+            count += 1
     return ManifestSummary(out, count, len(bad), bad.write(out), by_modality)

@@ -13,6 +13,8 @@ from typing import Any, TypedDict
 
 import numpy as np
 
+from ..errors import UserError
+
 
 class Record(TypedDict):
     image: Any  # np.ndarray (H, W) / (H, W, 3) uint8 as loaded; torch.Tensor (C, H, W) in [-1, 1] after transforms
@@ -48,7 +50,7 @@ def findings_from_cell(cell: str | None) -> list[dict]:
     if cell.startswith("["):
         value = json.loads(cell)
         if not isinstance(value, list) or not all(isinstance(v, dict) and "name" in v for v in value):
-            raise ValueError("findings JSON must be a list of objects with a 'name'")
+            raise UserError("findings JSON must be a list of objects with a 'name'")
         return value
     sep = "|" if "|" in cell else ";"
     return [{"name": part.strip(), "present": True} for part in cell.split(sep) if part.strip()]

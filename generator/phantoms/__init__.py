@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import UserError
 from .base import Finding, FindingSpec, PhantomSpec, Rendered, bbox_of, sample_attributes
 from .reports import compose_report
 
@@ -33,7 +34,7 @@ def phantom_modalities() -> list[str]:
 def get_spec(modality: str) -> PhantomSpec:
     if modality not in PHANTOM_MODULES:
         known = ", ".join(PHANTOM_MODULES)
-        raise ValueError(f"no phantom generator for modality {modality!r}; phantoms exist for: {known}")
+        raise UserError(f"no phantom generator for modality {modality!r}; phantoms exist for: {known}")
     return importlib.import_module(PHANTOM_MODULES[modality]).SPEC
 
 
@@ -71,7 +72,7 @@ def make_phantom(
 ) -> PhantomStudy:
     """Draw one study with the given findings (names, or Findings with chosen attributes)."""
     if size < 32:
-        raise ValueError(f"phantom size must be at least 32 pixels, got {size}")
+        raise UserError(f"phantom size must be at least 32 pixels, got {size}")
     spec = get_spec(modality)
     # Separate streams for attributes, drawing and wording: a study with a finding given by name
     # draws the same anatomy as the normal study of the same seed (a paired counterfactual),
@@ -91,7 +92,7 @@ def make_phantom(
     for f in requested:
         clash = set(spec.finding(f.name).excludes) & set(names)
         if clash:
-            raise ValueError(f"{modality}: {f.name!r} cannot be drawn together with {sorted(clash)}")
+            raise UserError(f"{modality}: {f.name!r} cannot be drawn together with {sorted(clash)}")
 
     rendered = spec.render(requested, size, render_rng)
     image = np.ascontiguousarray(rendered.image)

@@ -20,6 +20,8 @@ from typing import Callable, Literal
 
 import numpy as np
 
+from ..errors import UserError
+
 Side = Literal["left", "right", "bilateral"]
 
 
@@ -120,7 +122,7 @@ class PhantomSpec:
             return self.findings[name]
         except KeyError:
             known = ", ".join(sorted(self.findings))
-            raise ValueError(f"unknown finding {name!r} for modality {self.name!r}; known: {known}") from None
+            raise UserError(f"unknown finding {name!r} for modality {self.name!r}; known: {known}") from None
 
 
 def sample_attributes(spec: FindingSpec, rng: np.random.Generator) -> Finding:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from ..errors import UserError
 from .base import Finding, FindingSpec, PhantomSpec, Rendered, bbox_of
 
 WINDOW_LEVEL_HU = -600.0
@@ -622,7 +623,7 @@ def _resolve(f: Finding, rng: np.random.Generator) -> Finding:
         if options and value is None:
             changes[attr] = str(options[rng.integers(len(options))])
         elif value is not None and value not in options:
-            raise ValueError(f"chest_ct {f.name}: {attr} {value!r} not in {options}")
+            raise UserError(f"chest_ct {f.name}: {attr} {value!r} not in {options}")
     return f.copy(**changes)
 
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from . import NORMAL, get_spec, make_phantom, rng_for
 from .base import sample_attributes
 from ..data.records import MANIFEST_COLUMNS, findings_to_cell
+from ..fileio import atomic_open, write_text_atomic
 
 PHANTOM_VERSION = "1"  # bump when a renderer changes what a seed draws
 
@@ -45,12 +46,6 @@ class PhantomSummary:
     images: int
     counts: dict[str, dict[str, int]]  # modality -> finding -> images
     seconds: float
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_phantoms(
@@ -69,8 +64,10 @@ def write_phantoms(
     (out / "images").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     counts: dict[str, dict[str, int]] = {}
-    manifest_tmp, labels_tmp = out / "manifest.csv.tmp", out / "labels.jsonl.tmp"
-    with open(manifest_tmp, "w", newline="", encoding="utf-8") as mf, open(labels_tmp, "w", encoding="utf-8") as lf:
+    with (
+        atomic_open(out / "manifest.csv", "w", newline="", encoding="utf-8") as mf,
+        atomic_open(out / "labels.jsonl", "w", encoding="utf-8") as lf,
+    ):
         writer = csv.writer(mf)
         writer.writerow(MANIFEST_COLUMNS)
         for modality, finding, index in tqdm(plan, desc="phantoms", unit=" img", disable=not progress):
@@ -94,8 +91,6 @@ def write_phantoms(
             lf.write(json.dumps(label, ensure_ascii=False) + "\n")
             counts.setdefault(modality, {}).setdefault(finding, 0)
             counts[modality][finding] += 1
-    os.replace(manifest_tmp, out / "manifest.csv")
-    os.replace(labels_tmp, out / "labels.jsonl")
     seconds = time.perf_counter() - start
     metadata = {
         "kind": "synthmed phantom dataset",
@@ -114,7 +109,7 @@ def write_phantoms(
         "numpy": np.__version__,
         **(extra_metadata or {}),
     }
-    _atomic_text(out / "metadata.json", json.dumps(metadata, indent=2) + "\n")
+    write_text_atomic(out / "metadata.json", json.dumps(metadata, indent=2) + "\n")
     return PhantomSummary(out, len(plan), counts, seconds)
 
 

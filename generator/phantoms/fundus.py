@@ -53,6 +53,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from ..errors import UserError
 from .base import Finding, FindingSpec, PhantomSpec, Rendered, bbox_of
 
 SUPERSAMPLE = 4
@@ -641,7 +642,7 @@ def render(findings: list[Finding], size: int, rng: np.random.Generator) -> Rend
         sev = f.severity or (str(spec.severities[frng.integers(len(spec.severities))]) if spec.severities else None)
         loc = f.location or (str(spec.locations[frng.integers(len(spec.locations))]) if spec.locations else None)
         if sev is not None and sev not in spec.severities or loc is not None and loc not in spec.locations:
-            raise ValueError(f"fundus: {f.name} does not allow severity {sev!r} / location {loc!r}")
+            raise UserError(f"fundus: {f.name} does not allow severity {sev!r} / location {loc!r}")
         resolved.append(f.copy(severity=sev, location=loc))
     for f in resolved:
         if f.name == "enlarged_cup":  # glaucomatous cup: larger and vertically elongated

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from generator.errors import UserError
+
 from ..config import SynthmedConfig, load_config, parse_overrides
 
 
@@ -18,7 +20,7 @@ def resolve_config(args: argparse.Namespace, extra: list[str], flags: dict[str, 
     """Profile, then dotted overrides, then the command's own flags that were given."""
     overrides, rest = parse_overrides(extra)
     if rest:
-        raise ValueError(f"unrecognised arguments: {' '.join(rest)}")
+        raise UserError(f"unrecognised arguments: {' '.join(rest)}")
     overrides.update({k: v for k, v in (flags or {}).items() if v is not None})
     return load_config(args.config, overrides)
 
@@ -33,16 +35,10 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
 
 
 def resolve_device(name: str) -> str:
-    """``run.device``: "auto" is the first GPU when there is one, else the CPU."""
-    import torch
+    """``run.device`` as a string (see :func:`generator.devices.resolve_device`)."""
+    from generator import devices  # imports torch: not at CLI start-up
 
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    return str(devices.resolve_device(name))
 
 
 def phantom_manifest(phantoms, size: int, progress: bool = True, per_finding: int | None = None, seed: int | None = None,

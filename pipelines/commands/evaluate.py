@@ -7,6 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+from generator.errors import UserError
+from generator.fileio import write_text_atomic
+
 from .common import add_config_argument, phantom_manifest, resolve_config, resolve_device
 
 
@@ -86,7 +89,7 @@ def _eval(args, extra) -> int:
     from generator.modalities import resolve_modality
     from generator.training import environment, make_run_dir
     from pipelines.config import save_config
-    from rlhf.evaluate import evaluate, load_judges, manifest_cases, markdown_table, phantom_cases, to_json, write_atomic
+    from rlhf.evaluate import evaluate, load_judges, manifest_cases, markdown_table, phantom_cases, to_json
 
     cfg = resolve_config(args, extra, {"judges.eval.n_per_prompt": args.n_per_prompt, "judges.eval.prompts_per_modality": args.prompts,
                                        "judges.eval.steps": args.steps, "judges.eval.guidance": args.guidance})
@@ -108,7 +111,7 @@ def _eval(args, extra) -> int:
         modalities = wanted or [m for m in model.modalities if m in phantom_modalities()]
         cases = phantom_cases(modalities, size, args.reference_per_finding, ec.seed)
     if not cases:
-        raise ValueError("nothing to evaluate: the data holds no rows of the requested modalities")
+        raise UserError("nothing to evaluate: the data holds no rows of the requested modalities")
     modalities = sorted({c.modality for c in cases})
     judges = load_judges(cfg.judges, modalities, device=device)
     run = make_run_dir(cfg.run.runs_dir, f"{cfg.run.name}-eval")
@@ -121,9 +124,9 @@ def _eval(args, extra) -> int:
     result |= {"model": str(model_dir), "lora": adapters, "data": args.data or f"phantoms (seed {ec.seed}, {args.reference_per_finding} per finding)",
                "run": str(run.root)}
     table = markdown_table(result)
-    write_atomic(run.root / "eval.md", f"# synthmed eval\n\nmodel: `{model_dir}`{' + LoRA ' + ', '.join(adapters) if adapters else ''}; data: {result['data']}\n\n" + table)
-    write_atomic(run.root / "eval.json", to_json(result))
-    write_atomic(run.root / "metadata.json", json.dumps({
+    write_text_atomic(run.root / "eval.md", f"# synthmed eval\n\nmodel: `{model_dir}`{' + LoRA ' + ', '.join(adapters) if adapters else ''}; data: {result['data']}\n\n" + table)
+    write_text_atomic(run.root / "eval.json", to_json(result))
+    write_text_atomic(run.root / "metadata.json", json.dumps({
         "kind": "synthmed eval", "model": str(model_dir), "data": result["data"], "seed": ec.seed,
         "seconds": round(time.time() - started, 1), "environment": environment(),
         "command": "synthmed " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("synthmed") else "synthmed eval",

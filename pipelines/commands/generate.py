@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from generator.errors import UserError
+
 from .common import add_config_argument, resolve_config, table
 
 
@@ -61,7 +63,7 @@ def _generate(args, extra) -> int:
         settings = {"n": args.n, "seed": args.seed, "max_rounds": args.max_rounds, "steps": args.steps, "guidance": args.guidance,
                     "out": args.out, "stop_after": "compose_prompt" if args.dry_run else None}
         if args.n is not None and args.n < 1:
-            raise ValueError(f"--n must be at least 1, got {args.n}")
+            raise UserError(f"--n must be at least 1, got {args.n}")
         state = agent.run(args.text, args.modality, **settings)
     finally:
         agent.close()
@@ -127,12 +129,9 @@ def _short(text: str, n: int = 60) -> str:
 
 
 def _trace_show(args, extra) -> int:
-    from agents.traces import TraceNotFoundError, format_trace, show_trace, trace_json
+    from agents.traces import format_trace, show_trace, trace_json
 
     cfg = resolve_config(args, extra)
-    try:
-        trace = show_trace(Path(cfg.agents.traces), args.trace_id)
-    except TraceNotFoundError as exc:
-        raise ValueError(str(exc)) from None
+    trace = show_trace(Path(cfg.agents.traces), args.trace_id)  # an unknown id is a TraceNotFoundError (a UserError)
     print(trace_json(trace) if args.json else format_trace(trace, args.hits))
     return 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import sys
 
+from generator.errors import UserError
+
 from .common import add_config_argument, phantom_manifest, resolve_config, table
 
 
@@ -64,8 +66,8 @@ def _classifier(cfg, args, progress: bool) -> None:
         clash = {"judges.eval.seed": cfg.judges.eval.seed, "judges.classifier.benchmark_seed": cc.benchmark_seed}
         for name, value in clash.items():
             if cc.phantoms_seed == value:
-                raise ValueError(f"judges.classifier.phantoms_seed ({value}) equals {name}: the classifiers would be trained "
-                                 "on the images they are judged on; choose another seed")
+                raise UserError(f"judges.classifier.phantoms_seed ({value}) equals {name}: the classifiers would be trained "
+                                "on the images they are judged on; choose another seed")
         if cc.phantoms_seed == cfg.phantoms.seed:
             logging.getLogger(__name__).warning(
                 "judges.classifier.phantoms_seed equals phantoms.seed: the classifiers train on the generator's training phantoms")
@@ -84,8 +86,8 @@ def _clip(cfg, args, progress: bool) -> None:
 
     ac = cfg.judges.alignment
     if ac.model:
-        raise ValueError(f"judges.alignment.model is {ac.model!r}: a named open_clip model is used as it is, not trained here; "
-                         "unset it to train the project's own model")
+        raise UserError(f"judges.alignment.model is {ac.model!r}: a named open_clip model is used as it is, not trained here; "
+                        "unset it to train the project's own model")
     sources = args.data or ac.data or [phantom_manifest(cfg.phantoms, ac.image_size, progress)]
     rows = manifest_rows(sources, cfg.data)
     train_rows, val_rows = split_rows(rows, ac.val_fraction, ac.seed)

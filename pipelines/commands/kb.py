@@ -9,6 +9,8 @@ from collections import defaultdict
 from functools import lru_cache
 from pathlib import Path
 
+from generator.errors import UserError
+
 from .common import add_config_argument, resolve_config, table
 
 log = logging.getLogger("synthmed.kb")
@@ -186,7 +188,7 @@ def _eval(args, extra) -> int:
     kind_of = {item["id"]: item["kind"] for item in retriever.concepts.items}
     unknown = sorted({q["expected"] for q in queries} - set(kind_of))
     if unknown:
-        raise ValueError(f"{args.queries}: expected concepts not in the index: {', '.join(unknown[:10])}")
+        raise UserError(f"{args.queries}: expected concepts not in the index: {', '.join(unknown[:10])}")
     results = {"stage": evaluate_queries(retriever, queries, kind_of), "all_kinds": evaluate_queries(retriever, queries)}
     if args.json:
         print(json.dumps(results, indent=2))

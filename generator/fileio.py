@@ -1,0 +1,131 @@
+"""Files that are complete or absent: every write goes to a temporary file beside the target, is
+flushed to disk, then renamed over the target (``os.replace`` is atomic on one filesystem). A crash
+mid-write leaves the old file (or none), never half of a new one; the temporary file is removed
+when the write fails.
+
+- ``write_bytes_atomic`` / ``write_text_atomic`` / ``write_json_atomic``: a whole file at once.
+- ``atomic_open``: a file streamed row by row (manifests, JSON lines).
+- ``atomic_write(path, lambda tmp: save_file(state, str(tmp)))``: any writer that takes a path
+  (safetensors, ``torch.save``, PIL, matplotlib). The temporary name keeps the target's suffix, so
+  writers that infer the format from it still do.
+- ``atomic_folder`` / ``replace_folder``: a folder written beside its target, swapped in when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+
+def temporary_path(path: str | os.PathLike) -> Path:
+    """A hidden, unique sibling of ``path`` with the same suffix: ``.name.<pid>.<token>.tmp<suffix>``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` to write a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
+    """``open`` for writing whose file appears at ``path`` only when the ``with`` block ends without error."""
+    if not mode.startswith(("w", "x")):
+        raise ValueError(f"atomic_open writes a new file; mode {mode!r} is not a write mode")
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    with atomic_open(path, "w", encoding=encoding) as f:
+        f.write(text)
+    return Path(path)
+
+
+def json_default(value: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy scalars and arrays and paths."""
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, **json_kwargs: Any) -> Path:
+    """``obj`` as JSON and a final newline; ``json.dumps`` options default to ``indent=2`` and
+    :func:`json_default` (numpy values and paths), others as ``json.dumps``'s own."""
+    text = json.dumps(obj, **{"indent": 2, "default": json_default, **json_kwargs}) + "\n"
+    return write_text_atomic(path, text)
+
+
+@contextmanager
+def atomic_folder(folder: str | os.PathLike, tmp: str | os.PathLike | None = None) -> Iterator[Path]:
+    """A fresh temporary folder (default ``.<name>.tmp-<pid>`` beside ``folder``) to fill; it becomes
+    ``folder`` when the ``with`` block ends without error and is removed when it fails."""
+    folder = Path(folder)
+    tmp = Path(tmp) if tmp is not None else folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_folder(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_folder(tmp: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """Swap the complete folder ``tmp`` in as ``folder``. A directory cannot be renamed over a
+    non-empty one, so the old folder steps aside first and is deleted after."""
+    tmp, folder = Path(tmp), Path(folder)
+    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+__all__ = ["atomic_folder", "atomic_open", "atomic_write", "json_default", "replace_folder", "temporary_path", "write_bytes_atomic",
+           "write_json_atomic", "write_text_atomic"]

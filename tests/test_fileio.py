@@ -1,0 +1,70 @@
+"""Atomic writes: the target is complete or untouched, and a failed write leaves no debris."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from generator.fileio import (
+    atomic_folder,
+    atomic_open,
+    atomic_write,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
+
+
+def test_whole_file_writers_round_trip(tmp_path):
+    write_bytes_atomic(tmp_path / "a.bin", b"\x00\x01")
+    write_text_atomic(tmp_path / "a.txt", "héllo\n")
+    write_json_atomic(tmp_path / "a.json", {"x": np.float32(0.5), "n": np.int64(3), "v": np.arange(2), "p": Path("q")})
+    assert (tmp_path / "a.bin").read_bytes() == b"\x00\x01"
+    assert (tmp_path / "a.txt").read_text(encoding="utf-8") == "héllo\n"
+    text = (tmp_path / "a.json").read_text()
+    assert text == json.dumps({"x": 0.5, "n": 3, "v": [0, 1], "p": "q"}, indent=2) + "\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "a.json", "a.txt"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_debris(tmp_path):
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"old")
+
+    def half_then_crash(tmp: Path) -> None:
+        tmp.write_bytes(b"ne")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(target, half_then_crash)
+    with pytest.raises(OSError, match="no space"), atomic_open(tmp_path / "rows.csv", "w") as f:
+        f.write("a,b\n")
+        raise OSError("no space left on device")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_the_writer_sees_the_target_suffix(tmp_path):
+    seen = []
+    atomic_write(tmp_path / "sheet.png", lambda tmp: (seen.append(tmp), tmp.write_bytes(b"png")))
+    assert seen[0].suffix == ".png" and seen[0].parent == tmp_path and seen[0] != tmp_path / "sheet.png"
+    assert (tmp_path / "sheet.png").read_bytes() == b"png"
+
+
+def test_atomic_open_refuses_append():
+    with pytest.raises(ValueError, match="not a write mode"), atomic_open("x.txt", "a"):
+        pass
+
+
+def test_atomic_folder_swaps_in_when_complete_and_keeps_the_old_one_on_failure(tmp_path):
+    folder = tmp_path / "clf"
+    with atomic_folder(folder) as tmp:
+        (tmp / "config.json").write_text("1")
+    with pytest.raises(RuntimeError), atomic_folder(folder) as tmp:
+        (tmp / "config.json").write_text("2")
+        raise RuntimeError("crash")
+    assert (folder / "config.json").read_text() == "1"
+    with atomic_folder(folder) as tmp:
+        (tmp / "config.json").write_text("3")
+    assert (folder / "config.json").read_text() == "3"
+    assert [p.name for p in tmp_path.iterdir()] == ["clf"]
