@@ -82,8 +82,8 @@ def write_text_atomic(path: str | os.PathLike, text: str, encoding: str = "utf-8
 
 
 def json_default(value: Any) -> Any:
-    """``json.dumps(default=...)`` for numpy scalars and arrays and paths."""
-    if isinstance(value, (np.floating, np.integer)):
+    """``json.dumps(default=...)`` for numpy scalars (numbers and booleans), arrays and paths."""
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
         return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()

@@ -224,7 +224,10 @@ def trl_settings(ddpo) -> tuple[dict, dict]:
     }
     notes = {"trained_timesteps": n_train, "advantages": ddpo.advantages,
              "negative_prompt": "each request's own on both sides (trl's one negative is replaced in the UNet hook)",
-             "adam": "AdamW betas (0.9, 0.999), eps 1e-8 on both sides", "checkpoints": "ours after each epoch, untimed; trl none"}
+             "adam": "AdamW betas (0.9, 0.999), eps 1e-8 on both sides", "checkpoints": "ours after each epoch, untimed; trl none",
+             "objective": ("ours: PPO-clip (DDPO), as trl" if ddpo.objective == "ppo" else
+                           f"ours: DRaFT-{ddpo.draft_steps} (the reward classifier's gradient through the last {ddpo.draft_steps} steps), "
+                           "trl: DDPO's PPO-clip; the same prompts, reward, samples and steps, but not the same trained timesteps")}
     return kwargs, notes
 
 

@@ -314,7 +314,7 @@ class DDPOTrainer:
                                                         for f in dict(rollout.items[i].expected)))
                 global_count = max(1, int(self.accelerator.reduce(torch.tensor(float(counted)), reduction="sum").item())
                                    if self.world > 1 else counted)
-                total_ll, images_seen = 0.0, 0
+                total_ll, total_kl, images_seen = 0.0, 0.0, 0
                 for m in range(0, len(members), micro):
                     batch = members[m:m + micro]
                     rows = torch.as_tensor(batch)
@@ -323,12 +323,18 @@ class DDPOTrainer:
                         cond = guided_conditioning(model, [it.prompt for it in items], [it.modality for it in items],
                                                    [it.negative for it in items], cfg.guidance)
                     x = rollout.latents[rows, steps - k].to(model.device)
+                    kl = torch.zeros(len(batch), device=model.device)
                     for j in range(steps - k, steps):
                         t = rollout.timesteps[j].expand(len(batch)).to(model.device)
                         prediction = guided_prediction(model, x, t, cond, cfg.guidance)
                         stored = rollout.latents[rows, j + 1].to(model.device)
                         step = ddim_step_with_logprob(scheduler, prediction, t, x, eta=cfg.eta, prev_sample=stored,
                                                       reduce=cfg.logprob_reduce)
+                        if cfg.kl_weight > 0:  # to the base model on the same input, adapter disabled (not a second copy)
+                            with torch.no_grad(), adapters_disabled(model.unet):
+                                ref = ddim_step_with_logprob(scheduler, guided_prediction(model, x.detach(), t, cond, cfg.guidance), t,
+                                                             x.detach(), eta=cfg.eta, prev_sample=stored, reduce=cfg.logprob_reduce)
+                            kl = kl + gaussian_kl(step.mean, ref.mean, step.std, reduce=cfg.logprob_reduce)
                         x = step.mean + (stored - step.mean.detach()).to(step.mean.dtype)
                     images = model.decode(x).float()
                     ll = torch.zeros(len(batch), device=images.device)
@@ -341,18 +347,20 @@ class DDPOTrainer:
                                                                                    classifier.label_names).to(logits.device))
                         ll = ll.index_put((index,), value.to(ll.dtype))
                         has = has.index_put((index,), mask)
-                    loss = -(ll * has).sum() / global_count
+                    loss = (-(ll * has).sum() + cfg.kl_weight * kl.sum()) / global_count
                     if not torch.isfinite(loss):
                         bad = [rollout.indices[int(i)] for i in batch]
                         raise NonFiniteError(f"non-finite reward-gradient loss in epoch {epoch} on samples {bad} "
                                              f"(prompts: {[it.prompt[:60] for it in items]})")
                     loss.backward()
                     total_ll += float((ll * has).sum().detach())
+                    total_kl += float(kl.detach().sum())
                     images_seen += int(has.sum())
                 norm = self._optimiser_step()
                 mean_ll = total_ll / max(1, images_seen)
-                record = {"kind": "step", "epoch": epoch, "step": self.global_step, "stage": "draft", "loss": -mean_ll,
-                          "findings_log_likelihood": mean_ll, "grad_norm": norm, "lr": self.optimizer.param_groups[0]["lr"],
+                mean_kl = total_kl / max(1, len(members))
+                record = {"kind": "step", "epoch": epoch, "step": self.global_step, "stage": "draft", "loss": -mean_ll + cfg.kl_weight * mean_kl,
+                          "findings_log_likelihood": mean_ll, "kl": mean_kl, "grad_norm": norm, "lr": self.optimizer.param_groups[0]["lr"],
                           "samples": len(members), "draft_steps": k}
                 stats.steps.append(self._mean_over_ranks(record))
                 bar.update(1)

@@ -365,8 +365,10 @@ def test_the_draft_objective_raises_the_reward_classifiers_likelihood_on_the_sam
 
 
 def test_a_draft_run_logs_its_steps_and_refuses_a_reward_without_findings(base_model, tmp_path, capsys):
-    profile = write_profile(tmp_path, settings(base_model, **{"improve.ddpo.objective": "draft", "improve.ddpo.epochs": 1}))
+    profile = write_profile(tmp_path, settings(base_model, **{"improve.ddpo.objective": "draft", "improve.ddpo.epochs": 2,
+                                                             "improve.ddpo.kl_weight": 0.5}))
     assert cli(["improve", "--config", str(profile), "--run-dir", str(tmp_path / "run"), "--no-progress", "--no-selection"]) == 0
     steps = [r for r in lines(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "step"]
     assert steps and all(r["stage"] == "draft" and "findings_log_likelihood" in r for r in steps)
+    assert steps[0]["kl"] == 0.0 and steps[-1]["kl"] > 0  # zero while the LoRA is zero, then the adapter moves away
     assert cli(["runs", "show", str(tmp_path / "run")]) == 0

@@ -9,6 +9,7 @@ write must land in that folder (the workspace), never in site-packages.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -78,8 +79,10 @@ def test_sample_generate_and_eval_run_from_another_folder_and_write_only_there(i
     assert (work / "data" / "kb").is_dir(), "the knowledge base is built in the workspace"
     _run([synthmed, "eval", "--modalities", "cxr", "--prompts", "2", "--n-per-prompt", "1", "--reference-per-finding", "1",
           "--steps", "3", "--no-progress"], cwd=work)
-    reports = list((work / "runs").glob("*-eval-*/eval.md"))
+    reports = list((work / "runs").glob("*-eval-*/eval.json"))
     assert reports, "eval wrote no report into the workspace's runs/"
+    generated = json.loads(reports[0].read_text())["modalities"]["cxr"]["generated"]
+    assert generated["nearest_train_ssim"] is not None, "eval found the shipped model's training images (its metadata.json)"
     after = {p: _files(site / p) for p in PACKAGES}
     for p in PACKAGES:
         assert after[p] == before[p], f"the commands wrote into site-packages/{p}: {sorted(after[p] - before[p])[:5]}"

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from generator.errors import UserError
+from generator.paths import shipped
 from generator.fileio import write_text_atomic
 
 from .common import add_config_argument, phantom_manifest, resolve_config, resolve_device
@@ -95,7 +96,7 @@ def _eval(args, extra) -> int:
                                        "judges.eval.steps": args.steps, "judges.eval.guidance": args.guidance})
     ec = cfg.judges.eval
     device = resolve_device(cfg.run.device)
-    model_dir = Path(args.model or cfg.train.out)
+    model_dir = shipped(args.model or cfg.train.out)  # its metadata.json names the training images, from any folder
     model = LatentDiffusion.load(model_dir, device=device)
     from generator.lora import apply_adapters
 
