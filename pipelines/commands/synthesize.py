@@ -1,0 +1,58 @@
+"""`synthmed synthesize SPEC --out DIR`: a spec (CSV or YAML mix) drawn into a synthetic data set (pipelines/synthesize.py)."""
+
+from __future__ import annotations
+
+import json
+
+from .common import add_config_argument, resolve_config
+
+
+def register(groups, formatter) -> None:
+    p = groups.add_parser(
+        "synthesize", formatter_class=formatter,
+        help="a spec of requests drawn into a synthetic data set: images, manifest.csv, checks.jsonl",
+        description="SPEC is a CSV with the columns text,modality,n or a YAML mix (per modality: findings or a+b pairs\n"
+                    "with counts or shares, the normal share, severities, sides; see docs/specs/example_mix.yaml).\n"
+                    "Every image is checked against the generator's training images (a draw too close is redrawn with a\n"
+                    "new seed, synthesize.max_tries in all), judged by the verifier and the evaluator (reported in\n"
+                    "checks.jsonl), and marked as synthetic (PNG text chunks; DICOM Secondary Capture, synthetic patient).\n"
+                    "Writes images/, manifest.csv (path,text,modality,findings,source), checks.jsonl, summary.json.\n"
+                    "An interrupted run finishes with --resume.",
+    )
+    p.add_argument("spec", metavar="SPEC", help="spec file: .csv (text,modality,n) or .yaml (a mix)")
+    p.add_argument("--out", required=True, help="output folder (new or empty; or this spec's folder with --resume)")
+    p.add_argument("--format", choices=["png", "dicom"], default=None, help="image files (config: synthesize.format, png)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run of the same spec in --out")
+    p.add_argument("--seed", type=int, default=None, help="seed of the wording and of image 0 (config: synthesize.seed)")
+    p.add_argument("--lora", nargs="+", help="LoRA adapters on the generator: files, a run's final/ or best/, or a "
+                   "`synthmed improve` run folder (default: sample.lora)")
+    p.add_argument("--through-graph", action="store_true",
+                   help="draw each request through the agent graph (grounding, verify, refine) instead of straight from the sampler")
+    p.add_argument("--model", default=None, help="generator folder (default: train.out, the shipped model)")
+    p.add_argument("--train-data", nargs="+", help="manifests of the generator's training images for the memorisation gate "
+                   "(default: those its metadata.json names, or its phantom set, drawn again if absent)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per sampler call (config: synthesize.batch_size, else sample.batch_size)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    add_config_argument(p)
+    p.set_defaults(handler=_synthesize)
+
+
+def _synthesize(args, extra) -> int:
+    from ..synthesize import synthesize
+
+    cfg = resolve_config(args, extra, {"synthesize.seed": args.seed, "synthesize.format": args.format,
+                                       "synthesize.batch_size": args.batch_size, "sample.lora": args.lora})
+    result = synthesize(cfg, args.spec, args.out, model_dir=args.model, train_data=args.train_data, through_graph=args.through_graph,
+                        resume=args.resume, progress=not (args.no_progress or args.json))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    rate = f"{result['images_per_s']:.2f} images/s" if result["images_per_s"] else "nothing drawn"
+    print(f"{result['accepted']}/{result['images']} images -> {result['out']} ({result['draws']} draws, {result['rejected']} rejected, "
+          f"acceptance {result['acceptance_rate']:.0%}; {rate})")
+    if result["unfilled"]:
+        print(f"warning: {len(result['unfilled'])} image(s) left out after synthesize.max_tries rejected draws: "
+              f"{', '.join(map(str, result['unfilled'][:10]))}{' ...' if len(result['unfilled']) > 10 else ''} (see checks.jsonl)")
+    print(f"manifest: {result['manifest']}; checks: {result['checks']}")
+    return 0
