@@ -38,4 +38,9 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return device
 
 
-__all__ = ["DEVICE_NAMES", "resolve_device"]
+__all__ = ["device_name", "DEVICE_NAMES", "resolve_device"]
+
+
+def device_name(name: str | torch.device) -> str:
+    """:func:`resolve_device` as a string ("cpu", "cuda:0", "mps"), for APIs that take one."""
+    return str(resolve_device(name))

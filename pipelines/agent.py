@@ -6,7 +6,6 @@ is measured is what users run.
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -16,7 +15,6 @@ from typing import Any
 from agents.graph import build_graph, recursion_limit
 from agents.nodes import settings_from
 
-log = logging.getLogger(__name__)
 
 
 def new_trace_id() -> str:
@@ -25,18 +23,11 @@ def new_trace_id() -> str:
 
 
 def knowledge_retriever(cfg, progress: bool = True):
-    """The configured knowledge base's retriever; the base is built first when it is not on disk."""
-    from knowledge.build import load_retriever
+    """The configured knowledge base's retriever; the base is built first when it is not on disk
+    (:func:`knowledge.open.open_knowledge_base`)."""
+    from knowledge.open import open_knowledge_base
 
-    from .commands.kb import _embedder, build_index
-
-    k = cfg.knowledge
-    embedder = _embedder(cfg)
-    if not (Path(k.index_dir) / "concepts").is_dir():
-        log.info("no knowledge base in %s: building it now (once; `synthmed kb build` rebuilds it)", k.index_dir)
-        summary = build_index(cfg, embedder, progress=progress)
-        log.info("knowledge base: %d concepts, %d cases in %.1f s", summary["concepts"], summary["cases"], summary["seconds"])
-    return load_retriever(k.index_dir, embedder, k.exact_weight, k.fuzzy_cutoff, k.hnsw_ef_search, k.ivf_nprobe, cfg.data.modalities)
+    return open_knowledge_base(cfg, build_if_absent=True, progress=progress)
 
 
 def build_reasoner(cfg, retriever, drawable: dict[str, set[str]] | None = None, chat_model=None):
@@ -57,7 +48,7 @@ def build_verifier(cfg, device: str = "cpu"):
     from agents.verifier import Verifier
     from rlhf.classifiers import load_finding_scorer
 
-    from .commands.evaluate import read_training_images
+    from rlhf.evaluate import read_training_images
 
     v = cfg.agents.verifier
     scorer = load_finding_scorer("reward", cfg.judges.classifier.out, device=device)
@@ -139,9 +130,9 @@ def build_agent(cfg, model_path: str | None = None, draw: bool = True, traces: s
     verifier (skipped with ``draw=False``: reasoning and composition only), SQLite checkpointer."""
     from agents.traces import open_checkpointer
 
-    from .commands.common import resolve_device
+    from generator.devices import device_name
 
-    device = resolve_device(cfg.run.device)
+    device = device_name(cfg.run.device)
     timings = {}
     started = time.perf_counter()
     retriever = knowledge_retriever(cfg, progress)

@@ -208,7 +208,7 @@ def build_parts(cfg: SynthmedConfig, device: str = "cpu", progress: bool = True,
         reference = ReferenceSet(judges, ic.prompts.modalities, model.cfg.image_size, ic.eval.reference_per_finding, cfg.judges.eval.seed)
         present = [m for m in cfg.agents.verifier.training_data if Path(m).is_file()]
         if present:
-            from .commands.evaluate import read_training_images
+            from rlhf.evaluate import read_training_images
 
             train_images = read_training_images(present, cfg, model.cfg.image_size, list(ic.prompts.modalities), limit=300, first_wins=True)
     return Parts(model, sampler, reward, judges, reference, train_images, threshold)
@@ -339,12 +339,12 @@ def run_improve(cfg: SynthmedConfig, run_dir: Path | None = None, resume: bool =
     from rlhf.heldout import heldout_evaluation
     from rlhf.trainer import DDPOTrainer
 
-    from .commands.common import resolve_device
+    from generator.devices import device_name
 
     ic = cfg.improve
     accelerator = accelerator or Accelerator(log_with=_trackers(ic.report_to) or None,
                                              project_dir=str(run_dir) if run_dir else None,
-                                             cpu=resolve_device(cfg.run.device) == "cpu")
+                                             cpu=device_name(cfg.run.device) == "cpu")
     main = accelerator.is_main_process
     world = accelerator.num_processes
     if ic.num_threads:

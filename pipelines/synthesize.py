@@ -1077,10 +1077,10 @@ def _draw(cfg, slots: Sequence[Slot], mine: Sequence[Slot], folder: OutputFolder
     """Open the generator (or the agent graph) and the judges, then draw."""
     from generator.models import LatentDiffusion
 
-    from .commands.common import resolve_device
+    from generator.devices import device_name
 
     sc = cfg.synthesize
-    device = resolve_device(cfg.run.device)
+    device = device_name(cfg.run.device)
     modalities = sorted({s.request.modality for s in slots})
     agent = None
     try:
@@ -1114,7 +1114,7 @@ def training_images(cfg, model_dir: Path, size: int, modalities: list[str], mani
                     progress: bool) -> tuple[dict, str]:
     """The generator's training images for the gate, found as `synthmed eval` finds them (--train-data, else
     the model's metadata.json), limited to ``synthesize.training_limit`` per modality."""
-    from .commands.evaluate import _training_images, read_training_images
+    from rlhf.evaluate import model_training_images, read_training_images
 
     if manifests:
         missing = [m for m in manifests if not Path(m).is_file()]
@@ -1122,7 +1122,7 @@ def training_images(cfg, model_dir: Path, size: int, modalities: list[str], mani
             raise UserError(f"--train-data manifest {missing[0]} not found")
         images = read_training_images(list(manifests), cfg, size, modalities, cfg.synthesize.training_limit)
         return images, f"training images from {', '.join(manifests)}"
-    images = _training_images(model_dir, size, cfg, progress)
+    images = model_training_images(model_dir, size, cfg, progress)
     limit = cfg.synthesize.training_limit
     images = {m: (v[:limit] if limit else v) for m, v in images.items() if m in modalities}
     return images, f"the training images {model_dir}/metadata.json names"

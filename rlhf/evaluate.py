@@ -197,7 +197,7 @@ def measure(images: torch.Tensor, texts: list[str], modality: str, groups: list[
         by_group[g].append(i)
     multi = {g: images[idx] for g, idx in by_group.items() if len(idx) >= 2}
     if multi:
-        row |= {f"ms_ssim": metrics.diversity_summary(multi)["ms_ssim"]}
+        row |= {"ms_ssim": metrics.diversity_summary(multi)["ms_ssim"]}
     else:
         row["ms_ssim"] = None
     probs = _batched(evaluator.predict_proba, images)
@@ -356,5 +356,57 @@ def to_json(result: dict[str, Any]) -> str:
     return json.dumps(result, indent=2, default=default, allow_nan=True)
 
 
-__all__ = ["EvalCase", "Judges", "choose_prompts", "evaluate", "expected_matrix", "load_judges", "manifest_cases",
+__all__ = ["EvalCase", "Judges", "choose_prompts", "evaluate", "expected_matrix", "load_judges", "manifest_cases", "model_training_images",
+           "read_training_images",
            "markdown_table", "measure", "phantom_cases"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The generator's training images, for the memorisation check
+
+
+def model_training_images(model_dir: Path, size: int, cfg, progress: bool = True, manifests: list[str] | None = None) -> dict:
+    """The generator's training images per modality, for the memorisation check: ``manifests`` when
+    given, else the manifests its metadata names, or, for a model trained on phantoms, that phantom
+    set (drawn again if absent)."""
+    meta_path = model_dir / "metadata.json"
+    manifests = list(manifests or [])
+    if manifests:
+        missing = [m for m in manifests if not Path(m).is_file()]
+        if missing:
+            raise FileNotFoundError(f"--train-data manifest {missing[0]} not found")
+    elif meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        manifests = [m for m in meta.get("manifests", []) if Path(m).is_file()]
+        if not manifests and meta.get("data") and all(str(d).startswith("phantom") for d in meta["data"]):
+            # trained on phantoms: draw the same set again (seeded, so identical) where it is not on disk
+            from generator.config import PhantomConfig
+
+            pc = PhantomConfig.model_validate(meta["config"]["phantoms"]) if "config" in meta else cfg.phantoms
+            from generator.phantoms.dataset import phantom_manifest
+
+            manifests = [phantom_manifest(pc, size, progress)]
+    return read_training_images(manifests, cfg, size)
+
+
+def read_training_images(manifests: list[str], cfg, size: int, modalities: list[str] | None = None, limit: int | None = None,
+                         first_wins: bool = False) -> dict:
+    """Images of ``manifests`` per modality at ``size`` pixels, (N, 3, size, size) in [-1, 1], for the
+    memorisation check: every modality (or ``modalities``), at most ``limit`` images each; with
+    ``first_wins`` a modality is taken from the first manifest that has it, else from all of them."""
+    from generator.data import iter_manifest
+    from generator.data.sources import load_row
+    from generator.data.transforms import RecordTransform
+    from rlhf.scorers import as_image_batch
+
+    transform = RecordTransform(cfg.data.model_copy(update={"image_size": size}), as_tensor=False)
+    by_modality: dict[str, list] = {}
+    for manifest in manifests:
+        done = set(by_modality) if first_wins else set()
+        for row in iter_manifest(manifest, cfg.data.modalities):
+            if row.modality in done or (modalities is not None and row.modality not in modalities):
+                continue
+            images = by_modality.setdefault(row.modality, [])
+            if limit is None or len(images) < limit:
+                images.append(transform.image(load_row(row, transform.modalities)["image"], row.modality))
+    return {m: as_image_batch(images) for m, images in by_modality.items()} if by_modality else {}

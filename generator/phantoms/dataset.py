@@ -168,3 +168,19 @@ def contact_sheet(
     fig.savefig(out, dpi=110, metadata={"Software": None})
     plt.close(fig)
     return out
+
+
+def phantom_manifest(phantoms, size: int, progress: bool = True, per_finding: int | None = None, seed: int | None = None,
+                     suffix: str = "") -> str:
+    """The phantom set drawn at ``size`` pixels beside ``phantoms.out`` (``<out>_<size>px<suffix>``), drawn
+    first when it is not on disk (seeded: the same bytes every time); returns its manifest path.
+
+    ``per_finding`` and ``seed`` default to the ``phantoms`` section's; a set drawn with other values
+    needs its own ``suffix`` (a folder on disk is used as it is, whatever it was drawn with)."""
+    per_finding = phantoms.per_finding if per_finding is None else per_finding
+    seed = phantoms.seed if seed is None else seed
+    folder = Path(f"{phantoms.out}_{size}px{suffix}")
+    if not (folder / "manifest.csv").is_file():
+        summary = write_phantoms(folder, phantoms.modalities, per_finding, size, seed, phantoms.negatives, progress)
+        print(f"{summary.images} phantoms -> {folder} ({summary.seconds:.0f} s)")
+    return str(folder / "manifest.csv")

@@ -36,26 +36,13 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
 
 def resolve_device(name: str) -> str:
     """``run.device`` as a string (see :func:`generator.devices.resolve_device`)."""
-    from generator import devices  # imports torch: not at CLI start-up
+    from generator.devices import device_name  # imports torch: not at CLI start-up
 
-    return str(devices.resolve_device(name))
+    return device_name(name)
 
 
-def phantom_manifest(phantoms, size: int, progress: bool = True, per_finding: int | None = None, seed: int | None = None,
-                     suffix: str = "") -> str:
-    """The phantom set drawn at ``size`` pixels beside ``phantoms.out`` (``<out>_<size>px<suffix>``), drawn
-    first when it is not on disk (seeded: the same bytes every time); returns its manifest path.
+def phantom_manifest(phantoms, size: int, progress: bool = True, **kwargs) -> str:
+    """:func:`generator.phantoms.dataset.phantom_manifest`, imported when called (numpy and PIL: not at CLI start-up)."""
+    from generator.phantoms.dataset import phantom_manifest as draw
 
-    ``per_finding`` and ``seed`` default to the ``phantoms`` section's; a set drawn with other values
-    needs its own ``suffix`` (a folder on disk is used as it is, whatever it was drawn with)."""
-    from pathlib import Path
-
-    from generator.phantoms.dataset import write_phantoms
-
-    per_finding = phantoms.per_finding if per_finding is None else per_finding
-    seed = phantoms.seed if seed is None else seed
-    folder = Path(f"{phantoms.out}_{size}px{suffix}")
-    if not (folder / "manifest.csv").is_file():
-        summary = write_phantoms(folder, phantoms.modalities, per_finding, size, seed, phantoms.negatives, progress)
-        print(f"{summary.images} phantoms -> {folder} ({summary.seconds:.0f} s)")
-    return str(folder / "manifest.csv")
+    return draw(phantoms, size, progress, **kwargs)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 from generator.errors import UserError
-from generator.paths import shipped
 from generator.fileio import write_text_atomic
+from generator.paths import shipped
 
-from .common import add_config_argument, phantom_manifest, resolve_config, resolve_device
+from .common import add_config_argument, resolve_config, resolve_device
 
 
 def register(groups, formatter) -> None:
@@ -40,57 +39,20 @@ def register(groups, formatter) -> None:
     e.set_defaults(handler=_eval)
 
 
-def _training_images(model_dir: Path, size: int, cfg, progress: bool = True, manifests: list[str] | None = None) -> dict:
-    """The generator's training images per modality, for the memorisation check: ``manifests`` when
-    given, else the manifests its metadata names, or, for a model trained on phantoms, that phantom
-    set (drawn again if absent)."""
-    meta_path = model_dir / "metadata.json"
-    manifests = list(manifests or [])
-    if manifests:
-        missing = [m for m in manifests if not Path(m).is_file()]
-        if missing:
-            raise FileNotFoundError(f"--train-data manifest {missing[0]} not found")
-    elif meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        manifests = [m for m in meta.get("manifests", []) if Path(m).is_file()]
-        if not manifests and meta.get("data") and all(str(d).startswith("phantom") for d in meta["data"]):
-            # trained on phantoms: draw the same set again (seeded, so identical) where it is not on disk
-            from generator.config import PhantomConfig
-
-            pc = PhantomConfig.model_validate(meta["config"]["phantoms"]) if "config" in meta else cfg.phantoms
-            manifests = [phantom_manifest(pc, size, progress)]
-    return read_training_images(manifests, cfg, size)
-
-
-def read_training_images(manifests: list[str], cfg, size: int, modalities: list[str] | None = None, limit: int | None = None,
-                         first_wins: bool = False) -> dict:
-    """Images of ``manifests`` per modality at ``size`` pixels, (N, 3, size, size) in [-1, 1], for the
-    memorisation check: every modality (or ``modalities``), at most ``limit`` images each; with
-    ``first_wins`` a modality is taken from the first manifest that has it, else from all of them."""
-    from generator.data import iter_manifest
-    from generator.data.sources import load_row
-    from generator.data.transforms import RecordTransform
-    from rlhf.scorers import as_image_batch
-
-    transform = RecordTransform(cfg.data.model_copy(update={"image_size": size}), as_tensor=False)
-    by_modality: dict[str, list] = {}
-    for manifest in manifests:
-        done = set(by_modality) if first_wins else set()
-        for row in iter_manifest(manifest, cfg.data.modalities):
-            if row.modality in done or (modalities is not None and row.modality not in modalities):
-                continue
-            images = by_modality.setdefault(row.modality, [])
-            if limit is None or len(images) < limit:
-                images.append(transform.image(load_row(row, transform.modalities)["image"], row.modality))
-    return {m: as_image_batch(images) for m, images in by_modality.items()} if by_modality else {}
-
-
 def _eval(args, extra) -> int:
-    from generator.models import LatentDiffusion
     from generator.modalities import resolve_modality
+    from generator.models import LatentDiffusion
     from generator.training import environment, make_run_dir
     from pipelines.config import save_config
-    from rlhf.evaluate import evaluate, load_judges, manifest_cases, markdown_table, phantom_cases, to_json
+    from rlhf.evaluate import (
+        evaluate,
+        load_judges,
+        manifest_cases,
+        markdown_table,
+        model_training_images,
+        phantom_cases,
+        to_json,
+    )
 
     cfg = resolve_config(args, extra, {"judges.eval.n_per_prompt": args.n_per_prompt, "judges.eval.prompts_per_modality": args.prompts,
                                        "judges.eval.steps": args.steps, "judges.eval.guidance": args.guidance})
@@ -118,7 +80,7 @@ def _eval(args, extra) -> int:
     run = make_run_dir(cfg.run.runs_dir, f"{cfg.run.name}-eval")
     save_config(cfg, run.root / "config.yaml")
     started = time.time()
-    result = evaluate(model, cases, judges, ec, train_images=_training_images(model_dir, size, cfg, not (args.no_progress or args.json),
+    result = evaluate(model, cases, judges, ec, train_images=model_training_images(model_dir, size, cfg, not (args.no_progress or args.json),
                                                                                   args.train_data),
                       channels={m: s.channels for m, s in cfg.data.modalities.items()}, sample_dir=run.samples,
                       progress=not (args.no_progress or args.json), batch_size=cfg.sample.batch_size)

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import logging
-import os
 from collections import defaultdict
-from functools import lru_cache
 from pathlib import Path
 
 from generator.errors import UserError
 
+from knowledge.open import build_from_config, cases_from_manifests, embedder_for, open_knowledge_base
+
 from .common import add_config_argument, resolve_config, table
 
-log = logging.getLogger("synthmed.kb")
 
 
 def register(groups, formatter) -> None:
@@ -57,58 +55,17 @@ def register(groups, formatter) -> None:
     n.set_defaults(handler=_bench)
 
 
-@lru_cache(maxsize=2)
-def _load_embedder(name: str, device: str, batch_size: int):
-    from knowledge.embedder import Embedder
-
-    return Embedder(name, device=device, batch_size=batch_size)
-
-
-def _embedder(cfg):
-    """One embedder per process and setting: in-process callers (tests, the agents) pay its load once."""
-    k = cfg.knowledge
-    return _load_embedder(k.embedder, k.device, k.batch_size)
-
-
-def _concepts(cfg):
-    from knowledge.lexicon import LEXICON_DIR, load_lexicon
-
-    k = cfg.knowledge
-    concepts = load_lexicon(k.lexicon_dir or LEXICON_DIR, known_modalities=cfg.data.modalities)
-    if k.radlex:
-        from knowledge.radlex import load_radlex_csv, load_radlex_owl
-
-        loader = load_radlex_csv if k.radlex.lower().endswith(".csv") else load_radlex_owl
-        concepts += loader(k.radlex, roots=k.radlex_roots or None)
-    if k.snomed:
-        from knowledge.snomed import load_snomed_rf2
-
-        concepts += load_snomed_rf2(k.snomed, roots=k.snomed_roots or None)
-    return concepts
-
-
-def _cases(cfg, manifests):
-    """Case records from manifests, read through the data layer (bad rows are errors)."""
-    from generator.data import iter_manifest
-    from knowledge.cases import Case
-
-    for manifest in manifests:
-        name = Path(manifest).stem
-        for row in iter_manifest(manifest, cfg.data.modalities):
-            yield Case(f"{name}:{row.row}", row.text, row.modality, row.path, row.findings, row.source)
-
-
 def _build(args, extra) -> int:
     from knowledge.build import add_cases
 
     cfg = resolve_config(args, extra)
     k = cfg.knowledge
-    embedder = _embedder(cfg)
+    embedder = embedder_for(cfg)
     if args.add_cases:
-        added = add_cases(k.index_dir, _cases(cfg, args.add_cases), embedder)
+        added = add_cases(k.index_dir, cases_from_manifests(cfg, args.add_cases), embedder)
         print(f"added {added} cases to {k.index_dir}/cases")
         return 0
-    summary = build_index(cfg, embedder)
+    summary = build_from_config(cfg, embedder)
     rows = [[kind, n] for kind, n in sorted(summary["concepts_by_kind"].items())]
     rows += [[f"cases ({m})", n] for m, n in sorted(summary["cases_by_modality"].items())]
     print(table(rows, ["kind", "count"]))
@@ -116,32 +73,12 @@ def _build(args, extra) -> int:
     return 0
 
 
-def build_index(cfg, embedder=None, progress: bool = True) -> dict:
-    """Build the knowledge base the config describes (lexicon, vocabularies, the case manifests on disk)."""
-    from knowledge.build import build_knowledge_base
-
-    k = cfg.knowledge
-    manifests = [m for m in k.case_manifests if os.path.exists(m)]
-    for missing in sorted(set(k.case_manifests) - set(manifests)):
-        log.warning("case manifest %s not found: skipped (make it with `synthmed data phantoms` or `synthmed data manifest`)", missing)
-    return build_knowledge_base(k.index_dir, _concepts(cfg), _cases(cfg, manifests), embedder or _embedder(cfg),
-                                k.concept_index, k.case_index, progress=progress)
-
-
-def _retriever(cfg):
-    from knowledge.build import load_retriever, require_knowledge_base
-
-    k = cfg.knowledge
-    require_knowledge_base(k.index_dir)  # before the embedder's 10 s load
-    return load_retriever(k.index_dir, _embedder(cfg), k.exact_weight, k.fuzzy_cutoff, k.hnsw_ef_search, k.ivf_nprobe, cfg.data.modalities)
-
-
 def _search(args, extra) -> int:
     from generator.modalities import resolve_modality
 
     cfg = resolve_config(args, extra)
     modality = resolve_modality(args.modality, cfg.data.modalities) if args.modality else None
-    hits = _retriever(cfg).search(args.query, k=args.k, modality=modality, kinds=args.kinds)
+    hits = open_knowledge_base(cfg, build_if_absent=False).search(args.query, k=args.k, modality=modality, kinds=args.kinds)
     if args.json:
         print(json.dumps({"query": args.query, "modality": modality, "hits": [h.to_dict() for h in hits]}, indent=2))
         return 0
@@ -184,7 +121,7 @@ def _eval(args, extra) -> int:
 
     cfg = resolve_config(args, extra)
     queries = yaml.safe_load(Path(args.queries).read_text())
-    retriever = _retriever(cfg)
+    retriever = open_knowledge_base(cfg, build_if_absent=False)
     kind_of = {item["id"]: item["kind"] for item in retriever.concepts.items}
     unknown = sorted({q["expected"] for q in queries} - set(kind_of))
     if unknown:
