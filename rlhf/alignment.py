@@ -551,36 +551,6 @@ def evaluate_alignment(model: AlignmentModel, images: torch.Tensor, texts: Seque
 
 
 # -- command line -----------------------------------------------------------------------------
-def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """``["epochs=6", "vision_layers=[1,1,1,1]"]`` -> ``{"epochs": 6, "vision_layers": [1, 1, 1, 1]}`` (values as JSON, else text)."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise UserError(f"--set takes field=value, got {pair!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m rlhf.alignment [--set field=value ...]``: train on the configured data, save to ``out``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m rlhf.alignment", description="train the alignment model (judges.alignment)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="AlignmentConfig fields, e.g. epochs=6 out=rlhf/weights/clip")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = AlignmentConfig(**parse_overrides(args.set))
-    train_rows, val_rows = alignment_rows(cfg)
-    summary = train_alignment(cfg, train_rows, val_rows, progress=not args.no_progress)
-    print(json.dumps({k: summary[k] for k in ("folder", "metrics", "steps", "seconds")}, indent=2))
-    return 0
-
-
 # -- scorer -----------------------------------------------------------------------------------
 class AlignmentScorer:
     """Reward component: the CLIP score between each image and the prompt it was drawn from."""
@@ -605,10 +575,8 @@ def alignment_scorer(folder: str | os.PathLike | None = None, device: str = "aut
 
 __all__ = [
     "AlignmentModel", "AlignmentNotFoundError", "AlignmentScorer", "CLIP_SCORE_WEIGHT", "alignment_rows", "alignment_scorer",
-    "build_alignment", "contrastive_loss", "main", "parse_overrides", "evaluate_alignment", "finding_label", "load_alignment", "load_images",
+    "build_alignment", "contrastive_loss", "evaluate_alignment", "finding_label", "load_alignment", "load_images",
     "manifest_rows", "model_config", "recall_at_k", "recalibrate_batchnorm", "round_to_fp16", "save_alignment", "train_alignment", "weights_hash",
 ]
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())

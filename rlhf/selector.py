@@ -50,8 +50,7 @@ from generator.fileio import atomic_folder
 from generator.modalities import resolve_modality
 
 from .alignment import (
-    AlignmentModel, AlignmentNotFoundError, default_manifests, load_alignment, load_images, manifest_rows, parse_overrides,
-    read_metadata, resolve_folder,
+    AlignmentModel, AlignmentNotFoundError, default_manifests, load_alignment, load_images, manifest_rows, read_metadata, resolve_folder,
 )
 from .config import SelectorConfig
 from .degrade import DEGRADATIONS, degrade_each, draw_degradations
@@ -560,24 +559,6 @@ def load_selector(folder: str | os.PathLike | None = None, alignment: AlignmentM
     return Selector(head, alignment, config["threshold"], config, path)
 
 
-# -- command line -----------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m rlhf.selector [--alignment FOLDER] [--set field=value ...]``: train, save to ``out``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m rlhf.selector", description="train the quality selector (judges.selector)")
-    parser.add_argument("--alignment", default=None, help="alignment model folder (default: judges.selector.alignment, else the shipped one)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="SelectorConfig fields, e.g. source=ratings ratings=r.csv")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = SelectorConfig(**parse_overrides(args.set))
-    alignment = load_alignment(args.alignment or cfg.alignment, device=cfg.device)
-    summary = train_selector(cfg, alignment, progress=not args.no_progress)
-    print(json.dumps({k: summary[k] for k in ("folder", "threshold", "metrics", "seconds")}, indent=2))
-    return 0
-
-
 # -- scorer -----------------------------------------------------------------------------------
 class SelectorScorer:
     """Reward component: the selector's quality; details say whether each image clears the threshold."""
@@ -603,10 +584,8 @@ def selector_scorer(folder: str | os.PathLike | None = None, alignment: Alignmen
 
 __all__ = [
     "DEGRADATIONS", "GeneratedImages", "QualityHead", "RatingsTable", "Selector", "SelectorNotFoundError", "SelectorScorer",
-    "auroc", "best_threshold", "bootstrap_rows", "detect_scale", "main", "load_selector", "pairwise_accuracy", "read_ratings", "save_selector",
+    "auroc", "best_threshold", "bootstrap_rows", "detect_scale", "load_selector", "pairwise_accuracy", "read_ratings", "save_selector",
     "selector_features", "selector_scorer", "train_selector",
 ]
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())

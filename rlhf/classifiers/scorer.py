@@ -1,0 +1,119 @@
+"""The finding scorer: agreement between what a prompt asks for and what the classifiers of one role see."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from generator.errors import UserError
+
+from ..scorers import ScoreResult, as_image_batch, check_inputs, register_scorer
+from ..text_labels import expected_findings
+from .layout import DEFAULT_ROOT, NEUTRAL_AGREEMENT, ROLES
+from .model import ClassifierNotFoundError, FindingClassifier, load_classifier, train_command
+
+
+class FindingScorer:
+    """Agreement between the findings a prompt asks for and what the ``role`` classifiers see.
+
+    For image ``i`` with stated findings ``S_i`` (``expected[i]``, or read from the prompt by
+    :func:`rlhf.text_labels.expected_findings`) and calibrated probabilities ``p``::
+
+        agreement_i = mean over f in S_i of ( p_f if f is stated present else 1 - p_f )
+
+    Findings the prompt does not state, and stated findings the classifier does not know, do not
+    count. An image with none counts ``NEUTRAL_AGREEMENT`` (0.5) and ``n_expected`` 0, so it
+    neither rewards nor punishes. Details: ``agreement``, ``n_expected`` and ``prob/<finding>``
+    for every label of every loaded modality (NaN where the finding is not the image's modality's).
+    """
+
+    def __init__(self, classifiers: Mapping[str, FindingClassifier], role: str, name: str | None = None):
+        if role not in ROLES:
+            raise UserError(f"unknown classifier role {role!r}; choose one of {', '.join(ROLES)}")
+        if not classifiers:
+            raise UserError("a finding scorer needs at least one classifier")
+        for modality, classifier in classifiers.items():
+            if classifier.role != role:
+                raise UserError(
+                    f"the {modality} classifier has role {classifier.role!r}, but this scorer is the {role!r} scorer; "
+                    "the reward must never be built from evaluator weights"
+                )
+            if classifier.modality != modality:
+                raise ValueError(f"classifier of modality {classifier.modality!r} given for modality {modality!r}")
+        self.classifiers = dict(classifiers)
+        self.role = role
+        self.name = name or f"finding_{role}"
+        self.label_names = list(dict.fromkeys(n for c in self.classifiers.values() for n in c.label_names))
+
+    def expected_for(self, prompt: str, modality: str) -> dict[str, bool]:
+        """What the prompt states about each of the modality's labels (see rlhf/text_labels.py)."""
+        return expected_findings(prompt, modality, self.classifiers[modality].label_names)
+
+    def score(
+        self,
+        images: Any,
+        prompts: Sequence[str],
+        modalities: Sequence[str],
+        expected: Sequence[Mapping[str, bool]] | None = None,
+    ) -> ScoreResult:
+        batch = as_image_batch(images)
+        check_inputs(batch, prompts, modalities)
+        n = batch.shape[0]
+        if expected is not None and len(expected) != n:
+            raise ValueError(f"{n} images but {len(expected)} expected-finding dicts; give one per image (or None to read the prompts)")
+        scores = np.full(n, NEUTRAL_AGREEMENT, dtype=np.float64)
+        n_expected = np.zeros(n, dtype=np.float64)
+        probs = {name: np.full(n, np.nan, dtype=np.float64) for name in self.label_names}
+        for modality in dict.fromkeys(modalities):
+            if modality not in self.classifiers:
+                known = ", ".join(self.classifiers)
+                raise UserError(f"no {self.role} finding classifier for modality {modality!r}; loaded: {known}")
+            classifier = self.classifiers[modality]
+            index = np.array([i for i, m in enumerate(modalities) if m == modality])
+            p = classifier.predict_proba(batch[torch.from_numpy(index)]).astype(np.float64)
+            column = {name: j for j, name in enumerate(classifier.label_names)}
+            for name, j in column.items():
+                probs[name][index] = p[:, j]
+            for row, i in enumerate(index):
+                stated = expected[i] if expected is not None else self.expected_for(prompts[i], modality)
+                terms = [p[row, column[f]] if bool(present) else 1.0 - p[row, column[f]] for f, present in stated.items() if f in column]
+                if terms:
+                    scores[i] = float(np.mean(terms))
+                    n_expected[i] = len(terms)
+        details = {"agreement": scores.copy(), "n_expected": n_expected, **{f"prob/{k}": v for k, v in probs.items()}}
+        return scores, details
+
+
+def load_finding_scorer(
+    role: str, root: str | os.PathLike | None = None, modalities: Sequence[str] | None = None, device: str = "cpu"
+) -> FindingScorer:
+    """The ``role`` scorer over the classifiers in ``<root>/<role>/`` (every modality there, or ``modalities``)."""
+    if role not in ROLES:
+        raise UserError(f"unknown classifier role {role!r}; choose one of {', '.join(ROLES)}")
+    from generator.paths import shipped
+
+    folder = shipped(root) if root is not None else DEFAULT_ROOT
+    if modalities is None:
+        modalities = sorted(p.name for p in (folder / role).glob("*") if (p / "config.json").is_file())
+        if not modalities:
+            raise ClassifierNotFoundError(
+                f"no {role} finding classifiers in {folder / role}; train them with: " + train_command(role, "all", folder)
+            )
+    classifiers = {m: load_classifier(folder / role / m, role=role, device=device) for m in modalities}
+    return FindingScorer(classifiers, role)
+
+
+@register_scorer("finding_reward")
+def finding_reward_scorer(root: str | os.PathLike | None = None, modalities: Sequence[str] | None = None, device: str = "cpu") -> FindingScorer:
+    """The reward's finding scorer, from the shipped ``reward`` classifiers by default."""
+    return load_finding_scorer("reward", root, modalities, device)
+
+
+@register_scorer("finding_evaluator")
+def finding_evaluator_scorer(root: str | os.PathLike | None = None, modalities: Sequence[str] | None = None, device: str = "cpu") -> FindingScorer:
+    """The held-out evaluator's finding scorer; never part of a reward."""
+    return load_finding_scorer("evaluator", root, modalities, device)
