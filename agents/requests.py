@@ -144,16 +144,26 @@ class PromptSampler:
         return keys | ({combination_key(m, ()) for m in self.cfg.modalities} if split == "train" else set())
 
     # -- one request ------------------------------------------------------------------------
-    def make(self, modality: str, present: Sequence[str], rng: np.random.Generator) -> ImagePrompt:
-        """A request for ``present`` findings of ``modality`` with attributes and negatives drawn by ``rng``."""
+    def make(self, modality: str, present: Sequence[str], rng: np.random.Generator, severities: Mapping[str, float] | None = None,
+             sides: Mapping[str, float] | None = None, negatives: int | None = None) -> ImagePrompt:
+        """A request for ``present`` findings of ``modality`` with attributes and negatives drawn by ``rng``: severity
+        grades weighted by ``severities`` (default: the config's), sides uniformly or weighted by ``sides`` (a side of
+        weight 0 is not drawn where the finding has another), ``negatives`` pertinent negatives (default: the config's)."""
         spec = get_spec(modality)
-        grades = list(self.cfg.severities)
-        weights = np.array([self.cfg.severities[g] for g in grades], dtype=float)
+        severities = self.cfg.severities if severities is None else severities
+        grades = list(severities)
+        weights = np.array([severities[g] for g in grades], dtype=float)
         findings = []
         for name in present:
             fspec = spec.findings[name]
             severity = _grade(fspec, grades[rng.choice(len(grades), p=weights / weights.sum())])
-            side = str(rng.choice(fspec.sides)) if fspec.sides else None
+            side = None
+            if fspec.sides and sides is None:
+                side = str(rng.choice(fspec.sides))
+            elif fspec.sides:
+                allowed = [x for x in fspec.sides if sides.get(x, 0) > 0] or list(fspec.sides)
+                p = np.array([sides.get(x, 1.0) for x in allowed], dtype=float)
+                side = str(allowed[rng.choice(len(allowed), p=p / p.sum())])
             location = str(rng.choice(fspec.locations)) if fspec.locations else None
             findings.append({"name": name, "present": True, "severity": severity, "laterality": side, "location": location,
                              "stated": True})
@@ -161,7 +171,7 @@ class PromptSampler:
         # one the present findings' own phrases state ("choroidal neovascularisation with surrounding subretinal fluid")
         implied = self._implied(modality, findings)
         candidates = [n for n in self.findings[modality] if n not in present and n not in implied]
-        n_neg = min(self.cfg.negatives, len(candidates))
+        n_neg = min(self.cfg.negatives if negatives is None else negatives, len(candidates))
         negated = [candidates[i] for i in sorted(rng.permutation(len(candidates))[:n_neg])]
         for name in negated:
             findings.append({"name": name, "present": False, "severity": None, "laterality": None, "location": None, "stated": True})

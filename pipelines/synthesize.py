@@ -425,39 +425,8 @@ class MixSampler(PromptSampler):
 
     def make_weighted(self, modality: str, present: Sequence[str], rng: np.random.Generator, severities: Mapping[str, float],
                       sides: Mapping[str, float] | None, negatives: int):
-        # mirrors PromptSampler.make, with side weights (the loop's sampler draws sides uniformly)
-        from agents.prompts import compose_prompt
-        from agents.requests import ImagePrompt, _grade, combination_key
-        from generator.phantoms import get_spec
-
-        spec = get_spec(modality)
-        grades = list(severities)
-        weights = np.array([severities[g] for g in grades], dtype=float)
-        findings = []
-        for name in present:
-            fspec = spec.findings[name]
-            severity = _grade(fspec, grades[rng.choice(len(grades), p=weights / weights.sum())])
-            side = None
-            if fspec.sides:
-                allowed = [s for s in fspec.sides if sides is None or sides.get(s, 0) > 0] or list(fspec.sides)
-                p = np.array([sides[s] if sides is not None and s in sides else 1.0 for s in allowed])
-                side = str(allowed[rng.choice(len(allowed), p=p / p.sum())])
-            location = str(rng.choice(fspec.locations)) if fspec.locations else None
-            findings.append({"name": name, "present": True, "severity": severity, "laterality": side, "location": location, "stated": True})
-        implied = self._implied(modality, findings)
-        candidates = [n for n in self.findings[modality] if n not in present and n not in implied]
-        negated = [candidates[i] for i in sorted(rng.permutation(len(candidates))[:min(negatives, len(candidates))])]
-        for name in negated:
-            findings.append({"name": name, "present": False, "severity": None, "laterality": None, "location": None, "stated": True})
-        if not present:
-            for name in self.findings[modality]:
-                if name not in negated:
-                    findings.append({"name": name, "present": False, "severity": None, "laterality": None, "location": None, "stated": False})
-        stated = [f for f in findings if f["stated"]]
-        request = self._clinician_text(modality, stated, rng, normal=not present)
-        composed = compose_prompt({"text": request}, {"findings": [{k: v for k, v in f.items() if k != "stated"} for f in stated]},
-                                  modality, default_severity=None)
-        return ImagePrompt(modality, request, composed["prompt"], composed["negative"], tuple(findings), combination_key(modality, present))
+        """:meth:`PromptSampler.make` with the mix's severity and side weights and its number of negatives."""
+        return self.make(modality, present, rng, severities=severities, sides=sides, negatives=negatives)
 
 
 # ================================================================================ the output folder
