@@ -20,9 +20,9 @@ class ClassifierConfig(Section):
     out: str = "rlhf/weights/classifiers"  # shipped classifiers: <out>/<role>/<modality>/
     image_size: int = Field(64, ge=16)  # pixels; images are resized to this before classification
     data: list[str] = []  # manifests to train on; empty: the classifiers' own phantom set (phantoms_per_finding, phantoms_seed), drawn at image_size into <phantoms.out>_<image_size>px_seed<phantoms_seed>_<phantoms_per_finding>pf if absent
-    phantoms_per_finding: int = Field(300, ge=1)  # studies per (modality, finding) of that set, the normal study counting as a finding (300: 2,100-2,700 images per modality, 12,300 in all, ~15-35 ms each to draw); evaluator fundus benchmark AUROC 0.71 at 60 x 30 epochs, 0.83 at 300 x 12, 0.82 at 480 x 8
+    phantoms_per_finding: int = Field(300, ge=1)  # studies per (modality, finding) of that set, the normal study counting as a finding (300: 2,100-2,700 images per modality, 12,300 in all); why 300: docs/judges/settings.md
     phantoms_seed: int = Field(4242, ge=0)  # seed of that set; must differ from judges.eval.seed (the evaluation's reference phantoms) and benchmark_seed, and differs from phantoms.seed so no generator training image is a classifier training image
-    epochs: int = Field(12, ge=1)  # passes over the training split; on the 300-per-finding set the evaluator's chest_ct benchmark AUROC is 0.85 at 8, 0.90 at 12 (on the 60-per-finding set 30 were needed)
+    epochs: int = Field(12, ge=1)  # passes over the training split (measured choice: docs/judges/settings.md)
     batch_size: int = Field(64, ge=1)  # images per step
     lr: float = Field(2e-3, gt=0)  # peak learning rate (AdamW, cosine decay)
     weight_decay: float = Field(1e-4, ge=0)
@@ -36,12 +36,12 @@ class ClassifierConfig(Section):
     convnet_widths: list[int] = [16, 32, 64, 64]  # channels: the stem, then one conv + 2x2 max pool per further width
     resnet_widths: list[int] = [20, 40, 80]  # channels per stage of the residual net; each stage after the first halves the resolution
     resnet_blocks: int = Field(1, ge=1)  # residual blocks per stage
-    resnet_pool: Literal["avg", "avgmax"] = "avgmax"  # global pooling of the residual net's features: average, or average and max side by side (the convnet always pools both); avgmax keeps small lesions: evaluator fundus benchmark AUROC 0.87 against 0.83 with avg
+    resnet_pool: Literal["avg", "avgmax"] = "avgmax"  # global pooling of the residual net's features: average, or average and max side by side (the convnet always pools both); avgmax keeps small lesions (docs/judges/settings.md)
     labels: Literal["auto", "phantom", "manifest"] = "auto"  # label space: the phantom catalogue, or names seen present in the rows; auto: phantom when every row is a phantom
     augment: bool = True  # small shift, rotation, zoom, brightness and contrast jitter while training; never a flip (laterality)
     benchmark_per_finding: int = Field(40, ge=0)  # fresh phantoms per (modality, finding) drawn at benchmark_seed for an extra test (40 positives per finding: an AUROC's standard error near 0.03 instead of 0.06-0.08 at 10); 0: none
     benchmark_seed: int = Field(777, ge=0)  # distinct from the seed of the training phantoms
-    num_threads: int = Field(1, ge=1)  # CPU threads torch may use while training; on a busy shared CPU two threads wait on each other's time slices (measured 12x slower)
+    num_threads: int = Field(1, ge=1)  # CPU threads torch may use while training; on a busy shared CPU two threads wait on each other's time slices (docs/judges/settings.md)
     device: str = "auto"  # "auto", "cpu", "cuda"
 
 
