@@ -1,8 +1,5 @@
 """Command groups of the CLI; each module has ``register(subparsers, formatter)``."""
 
-from . import bench, config_cmd, data, evaluate, generate, improve, judges, kb, train
-from . import runs
+from . import bench, config_cmd, dashboard, data, evaluate, generate, improve, judges, kb, runs, synthesize, train
 
-ALL = [improve, data, train, kb, judges, evaluate, generate, config_cmd, bench, runs]
-from . import synthesize  # noqa: E402  (synthmed synthesize)
-ALL.append(synthesize)
+ALL = [improve, data, train, kb, judges, evaluate, generate, synthesize, config_cmd, bench, runs, dashboard]
