@@ -196,6 +196,25 @@ class DDPOTrainer:
         self.global_step += 1
         return norm
 
+    def _optimiser_passes(self, n: int, epoch: int, salt: int, desc: str, progress: bool):
+        """``inner_epochs`` passes over an epoch's ``n`` rollouts in a seeded order (``salt`` keeps each update's draw
+        its own): yields ``(inner, members, bar)`` per optimiser step, the UNet in train mode meanwhile."""
+        cfg = self.cfg
+        self.model.scheduler.set_timesteps(cfg.steps)
+        self.model.unet.train()
+        per_step = cfg.train_batch_size * cfg.grad_accum_steps
+        n_steps = math.ceil(n / per_step)
+        bar = tqdm(total=cfg.inner_epochs * n_steps, desc=desc, unit=" step", disable=not progress, leave=False)
+        try:
+            for inner in range(cfg.inner_epochs):
+                order = np.random.default_rng([cfg.seed, epoch, inner, salt]).permutation(n)
+                for s in range(n_steps):
+                    yield inner, order[s * per_step:(s + 1) * per_step], bar
+                    bar.update(1)
+        finally:
+            bar.close()
+            self.model.unet.eval()
+
     def update(self, rollout: Rollout, advantages: np.ndarray, epoch: int, progress: bool = True) -> UpdateStats:
         """PPO-clip over a sampled fraction of each trajectory's steps, ``inner_epochs`` passes."""
         cfg, model = self.cfg, self.model
@@ -204,69 +223,58 @@ class DDPOTrainer:
         n = len(rollout.items)
         adv = torch.as_tensor(advantages, dtype=torch.float32)
         scheduler = model.scheduler
-        scheduler.set_timesteps(cfg.steps)
-        model.unet.train()
         micro = cfg.train_batch_size
-        per_step = micro * cfg.grad_accum_steps
-        n_steps = math.ceil(n / per_step)
-        bar = tqdm(total=cfg.inner_epochs * n_steps, desc=f"epoch {epoch}: update", unit=" step", disable=not progress, leave=False)
-        for inner in range(cfg.inner_epochs):
-            order = np.random.default_rng([cfg.seed, epoch, inner, 11]).permutation(n)
-            for s in range(n_steps):
-                members = order[s * per_step:(s + 1) * per_step]
-                train_steps = {int(i): self._train_timesteps(epoch, inner, rollout.indices[i]) for i in members}
-                local_terms = sum(len(v) for v in train_steps.values())
-                global_terms = local_terms * self.world  # ranks hold equal shares (checked by the loop)
-                acc = {"policy_loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "ratio_min": math.inf, "ratio_max": -math.inf}
-                for m in range(0, len(members), micro):
-                    batch = members[m:m + micro]
-                    items = [rollout.items[i] for i in batch]
-                    with torch.no_grad():
-                        cond = guided_conditioning(model, [it.prompt for it in items], [it.modality for it in items],
-                                                   [it.negative for it in items], cfg.guidance)
-                    n_train = len(train_steps[int(batch[0])])
-                    for j in range(n_train):
-                        idx = torch.as_tensor([int(train_steps[int(i)][j]) for i in batch])
-                        rows = torch.as_tensor(batch)
-                        x_t = rollout.latents[rows, idx].to(model.device)
-                        x_prev = rollout.latents[rows, idx + 1].to(model.device)
-                        t = rollout.timesteps[idx].to(model.device)
-                        old = rollout.log_probs[rows, idx].to(model.device)
-                        prediction = guided_prediction(model, x_t, t, cond, cfg.guidance)
-                        step = ddim_step_with_logprob(scheduler, prediction, t, x_t, eta=cfg.eta, prev_sample=x_prev,
-                                                      reduce=cfg.logprob_reduce)
-                        terms = ppo_clip_loss(step.log_prob, old, adv[rows].to(model.device), cfg.clip_range, reduce="sum")
-                        loss = terms.loss
-                        kl_value = torch.zeros(())
-                        if cfg.kl_weight > 0:
-                            with torch.no_grad(), adapters_disabled(model.unet):
-                                ref_prediction = guided_prediction(model, x_t, t, cond, cfg.guidance)
-                                ref = ddim_step_with_logprob(scheduler, ref_prediction, t, x_t, eta=cfg.eta, prev_sample=x_prev,
-                                                             reduce=cfg.logprob_reduce)
-                            kl = gaussian_kl(step.mean, ref.mean, step.std, reduce=cfg.logprob_reduce)
-                            kl_value = kl.detach().sum()
-                            loss = loss + cfg.kl_weight * kl.sum()
-                        if not torch.isfinite(loss):
-                            bad = [rollout.indices[int(i)] for i in batch]
-                            raise NonFiniteError(f"non-finite DDPO loss in epoch {epoch} on samples {bad} "
-                                                 f"(prompts: {[it.prompt[:60] for it in items]})")
-                        (loss / global_terms).backward()
-                        k = len(batch)
-                        acc["policy_loss"] += float(terms.loss.detach()) / local_terms
-                        acc["kl"] += float(kl_value) / local_terms
-                        acc["approx_kl"] += float(terms.approx_kl) * k / local_terms
-                        acc["clipfrac"] += float(terms.clipfrac) * k / local_terms
-                        acc["ratio_min"] = min(acc["ratio_min"], float(terms.ratio.min()))
-                        acc["ratio_max"] = max(acc["ratio_max"], float(terms.ratio.max()))
-                norm = self._optimiser_step()
-                record = {"kind": "step", "epoch": epoch, "step": self.global_step, "stage": "ddpo",
-                          "loss": acc["policy_loss"] + cfg.kl_weight * acc["kl"], **acc, "grad_norm": norm,
-                          "lr": self.optimizer.param_groups[0]["lr"], "samples": len(members)}
-                stats.steps.append(self._mean_over_ranks(record))
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", clipfrac=f"{acc['clipfrac']:.2f}")
-        bar.close()
-        model.unet.eval()
+        for inner, members, bar in self._optimiser_passes(n, epoch, 11, f"epoch {epoch}: update", progress):
+            train_steps = {int(i): self._train_timesteps(epoch, inner, rollout.indices[i]) for i in members}
+            local_terms = sum(len(v) for v in train_steps.values())
+            global_terms = local_terms * self.world  # ranks hold equal shares (checked by the loop)
+            acc = {"policy_loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "ratio_min": math.inf, "ratio_max": -math.inf}
+            for m in range(0, len(members), micro):
+                batch = members[m:m + micro]
+                items = [rollout.items[i] for i in batch]
+                with torch.no_grad():
+                    cond = guided_conditioning(model, [it.prompt for it in items], [it.modality for it in items],
+                                               [it.negative for it in items], cfg.guidance)
+                n_train = len(train_steps[int(batch[0])])
+                for j in range(n_train):
+                    idx = torch.as_tensor([int(train_steps[int(i)][j]) for i in batch])
+                    rows = torch.as_tensor(batch)
+                    x_t = rollout.latents[rows, idx].to(model.device)
+                    x_prev = rollout.latents[rows, idx + 1].to(model.device)
+                    t = rollout.timesteps[idx].to(model.device)
+                    old = rollout.log_probs[rows, idx].to(model.device)
+                    prediction = guided_prediction(model, x_t, t, cond, cfg.guidance)
+                    step = ddim_step_with_logprob(scheduler, prediction, t, x_t, eta=cfg.eta, prev_sample=x_prev,
+                                                  reduce=cfg.logprob_reduce)
+                    terms = ppo_clip_loss(step.log_prob, old, adv[rows].to(model.device), cfg.clip_range, reduce="sum")
+                    loss = terms.loss
+                    kl_value = torch.zeros(())
+                    if cfg.kl_weight > 0:
+                        with torch.no_grad(), adapters_disabled(model.unet):
+                            ref_prediction = guided_prediction(model, x_t, t, cond, cfg.guidance)
+                            ref = ddim_step_with_logprob(scheduler, ref_prediction, t, x_t, eta=cfg.eta, prev_sample=x_prev,
+                                                         reduce=cfg.logprob_reduce)
+                        kl = gaussian_kl(step.mean, ref.mean, step.std, reduce=cfg.logprob_reduce)
+                        kl_value = kl.detach().sum()
+                        loss = loss + cfg.kl_weight * kl.sum()
+                    if not torch.isfinite(loss):
+                        bad = [rollout.indices[int(i)] for i in batch]
+                        raise NonFiniteError(f"non-finite DDPO loss in epoch {epoch} on samples {bad} "
+                                             f"(prompts: {[it.prompt[:60] for it in items]})")
+                    (loss / global_terms).backward()
+                    k = len(batch)
+                    acc["policy_loss"] += float(terms.loss.detach()) / local_terms
+                    acc["kl"] += float(kl_value) / local_terms
+                    acc["approx_kl"] += float(terms.approx_kl) * k / local_terms
+                    acc["clipfrac"] += float(terms.clipfrac) * k / local_terms
+                    acc["ratio_min"] = min(acc["ratio_min"], float(terms.ratio.min()))
+                    acc["ratio_max"] = max(acc["ratio_max"], float(terms.ratio.max()))
+            norm = self._optimiser_step()
+            record = {"kind": "step", "epoch": epoch, "step": self.global_step, "stage": "ddpo",
+                      "loss": acc["policy_loss"] + cfg.kl_weight * acc["kl"], **acc, "grad_norm": norm,
+                      "lr": self.optimizer.param_groups[0]["lr"], "samples": len(members)}
+            stats.steps.append(self._mean_over_ranks(record))
+            bar.set_postfix(loss=f"{record['loss']:.4f}", clipfrac=f"{acc['clipfrac']:.2f}")
         stats.seconds = time.perf_counter() - started
         return stats
 
@@ -298,75 +306,63 @@ class DDPOTrainer:
         steps = len(rollout.timesteps)
         k = min(cfg.draft_steps, steps)
         scheduler = model.scheduler
-        scheduler.set_timesteps(cfg.steps)
-        model.unet.train()
         micro = cfg.train_batch_size
-        per_step = micro * cfg.grad_accum_steps
-        n_steps = math.ceil(n / per_step)
-        bar = tqdm(total=cfg.inner_epochs * n_steps, desc=f"epoch {epoch}: reward-gradient update", unit=" step", disable=not progress,
-                   leave=False)
-        for inner in range(cfg.inner_epochs):
-            order = np.random.default_rng([cfg.seed, epoch, inner, 13]).permutation(n)
-            for s in range(n_steps):
-                members = order[s * per_step:(s + 1) * per_step]
-                # images that state any finding the classifier knows carry the loss; the mean runs over all ranks' images
-                counted = sum(1 for i in members if any(f in scorer.classifiers[rollout.items[i].modality].label_names
-                                                        for f in dict(rollout.items[i].expected)))
-                global_count = max(1, int(self.accelerator.reduce(torch.tensor(float(counted)), reduction="sum").item())
-                                   if self.world > 1 else counted)
-                total_ll, total_kl, images_seen = 0.0, 0.0, 0
-                for m in range(0, len(members), micro):
-                    batch = members[m:m + micro]
-                    rows = torch.as_tensor(batch)
-                    items = [rollout.items[i] for i in batch]
-                    with torch.no_grad():
-                        cond = guided_conditioning(model, [it.prompt for it in items], [it.modality for it in items],
-                                                   [it.negative for it in items], cfg.guidance)
-                    x = rollout.latents[rows, steps - k].to(model.device)
-                    kl = torch.zeros(len(batch), device=model.device)
-                    for j in range(steps - k, steps):
-                        t = rollout.timesteps[j].expand(len(batch)).to(model.device)
-                        prediction = guided_prediction(model, x, t, cond, cfg.guidance)
-                        stored = rollout.latents[rows, j + 1].to(model.device)
-                        step = ddim_step_with_logprob(scheduler, prediction, t, x, eta=cfg.eta, prev_sample=stored,
-                                                      reduce=cfg.logprob_reduce)
-                        if cfg.kl_weight > 0:  # to the base model on the same input, adapter disabled (not a second copy)
-                            with torch.no_grad(), adapters_disabled(model.unet):
-                                ref = ddim_step_with_logprob(scheduler, guided_prediction(model, x.detach(), t, cond, cfg.guidance), t,
-                                                             x.detach(), eta=cfg.eta, prev_sample=stored, reduce=cfg.logprob_reduce)
-                            kl = kl + gaussian_kl(step.mean, ref.mean, step.std, reduce=cfg.logprob_reduce)
-                        x = step.mean + (stored - step.mean.detach()).to(step.mean.dtype)
-                    images = model.decode(x).float()
-                    ll = torch.zeros(len(batch), device=images.device)
-                    has = torch.zeros(len(batch), dtype=torch.bool, device=images.device)
-                    for modality in dict.fromkeys(it.modality for it in items):
-                        index = torch.as_tensor([i for i, it in enumerate(items) if it.modality == modality], device=images.device)
-                        classifier = scorer.classifiers[modality]
-                        logits = classifier.differentiable_logits(images[index])
-                        value, mask = findings_log_likelihood(logits, self._stated([items[i] for i in index.tolist()],
-                                                                                   classifier.label_names).to(logits.device))
-                        ll = ll.index_put((index,), value.to(ll.dtype))
-                        has = has.index_put((index,), mask)
-                    loss = (-(ll * has).sum() + cfg.kl_weight * kl.sum()) / global_count
-                    if not torch.isfinite(loss):
-                        bad = [rollout.indices[int(i)] for i in batch]
-                        raise NonFiniteError(f"non-finite reward-gradient loss in epoch {epoch} on samples {bad} "
-                                             f"(prompts: {[it.prompt[:60] for it in items]})")
-                    loss.backward()
-                    total_ll += float((ll * has).sum().detach())
-                    total_kl += float(kl.detach().sum())
-                    images_seen += int(has.sum())
-                norm = self._optimiser_step()
-                mean_ll = total_ll / max(1, images_seen)
-                mean_kl = total_kl / max(1, len(members))
-                record = {"kind": "step", "epoch": epoch, "step": self.global_step, "stage": "draft", "loss": -mean_ll + cfg.kl_weight * mean_kl,
-                          "findings_log_likelihood": mean_ll, "kl": mean_kl, "grad_norm": norm, "lr": self.optimizer.param_groups[0]["lr"],
-                          "samples": len(members), "draft_steps": k}
-                stats.steps.append(self._mean_over_ranks(record))
-                bar.update(1)
-                bar.set_postfix(loglik=f"{mean_ll:.3f}")
-        bar.close()
-        model.unet.eval()
+        for _, members, bar in self._optimiser_passes(n, epoch, 13, f"epoch {epoch}: reward-gradient update", progress):
+            # images that state any finding the classifier knows carry the loss; the mean runs over all ranks' images
+            counted = sum(1 for i in members if any(f in scorer.classifiers[rollout.items[i].modality].label_names
+                                                    for f in dict(rollout.items[i].expected)))
+            global_count = max(1, int(self.accelerator.reduce(torch.tensor(float(counted)), reduction="sum").item())
+                               if self.world > 1 else counted)
+            total_ll, total_kl, images_seen = 0.0, 0.0, 0
+            for m in range(0, len(members), micro):
+                batch = members[m:m + micro]
+                rows = torch.as_tensor(batch)
+                items = [rollout.items[i] for i in batch]
+                with torch.no_grad():
+                    cond = guided_conditioning(model, [it.prompt for it in items], [it.modality for it in items],
+                                               [it.negative for it in items], cfg.guidance)
+                x = rollout.latents[rows, steps - k].to(model.device)
+                kl = torch.zeros(len(batch), device=model.device)
+                for j in range(steps - k, steps):
+                    t = rollout.timesteps[j].expand(len(batch)).to(model.device)
+                    prediction = guided_prediction(model, x, t, cond, cfg.guidance)
+                    stored = rollout.latents[rows, j + 1].to(model.device)
+                    step = ddim_step_with_logprob(scheduler, prediction, t, x, eta=cfg.eta, prev_sample=stored,
+                                                  reduce=cfg.logprob_reduce)
+                    if cfg.kl_weight > 0:  # to the base model on the same input, adapter disabled (not a second copy)
+                        with torch.no_grad(), adapters_disabled(model.unet):
+                            ref = ddim_step_with_logprob(scheduler, guided_prediction(model, x.detach(), t, cond, cfg.guidance), t,
+                                                         x.detach(), eta=cfg.eta, prev_sample=stored, reduce=cfg.logprob_reduce)
+                        kl = kl + gaussian_kl(step.mean, ref.mean, step.std, reduce=cfg.logprob_reduce)
+                    x = step.mean + (stored - step.mean.detach()).to(step.mean.dtype)
+                images = model.decode(x).float()
+                ll = torch.zeros(len(batch), device=images.device)
+                has = torch.zeros(len(batch), dtype=torch.bool, device=images.device)
+                for modality in dict.fromkeys(it.modality for it in items):
+                    index = torch.as_tensor([i for i, it in enumerate(items) if it.modality == modality], device=images.device)
+                    classifier = scorer.classifiers[modality]
+                    logits = classifier.differentiable_logits(images[index])
+                    value, mask = findings_log_likelihood(logits, self._stated([items[i] for i in index.tolist()],
+                                                                               classifier.label_names).to(logits.device))
+                    ll = ll.index_put((index,), value.to(ll.dtype))
+                    has = has.index_put((index,), mask)
+                loss = (-(ll * has).sum() + cfg.kl_weight * kl.sum()) / global_count
+                if not torch.isfinite(loss):
+                    bad = [rollout.indices[int(i)] for i in batch]
+                    raise NonFiniteError(f"non-finite reward-gradient loss in epoch {epoch} on samples {bad} "
+                                         f"(prompts: {[it.prompt[:60] for it in items]})")
+                loss.backward()
+                total_ll += float((ll * has).sum().detach())
+                total_kl += float(kl.detach().sum())
+                images_seen += int(has.sum())
+            norm = self._optimiser_step()
+            mean_ll = total_ll / max(1, images_seen)
+            mean_kl = total_kl / max(1, len(members))
+            record = {"kind": "step", "epoch": epoch, "step": self.global_step, "stage": "draft", "loss": -mean_ll + cfg.kl_weight * mean_kl,
+                      "findings_log_likelihood": mean_ll, "kl": mean_kl, "grad_norm": norm, "lr": self.optimizer.param_groups[0]["lr"],
+                      "samples": len(members), "draft_steps": k}
+            stats.steps.append(self._mean_over_ranks(record))
+            bar.set_postfix(loglik=f"{mean_ll:.3f}")
         stats.seconds = time.perf_counter() - started
         return stats
 
