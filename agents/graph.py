@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from langgraph.graph import END, START, StateGraph
 
 from .config import AgentsConfig
-from .nodes import REASONING_STAGES, Nodes, after_compose, after_stage, after_verify
+from .nodes import REASONING_STAGES, Nodes, Step, after_compose, after_stage, after_verify
 from .schema import StageError
 from .state import GraphState
 
@@ -31,26 +31,25 @@ log = logging.getLogger(__name__)
 NODES = (*REASONING_STAGES, "compose_prompt", "generate", "verify", "refine", "finish")
 
 
-def traced(name: str, fn: Callable[[Mapping], dict], backend: Callable[[], str]) -> Callable[[Mapping], dict]:
-    """The node ``fn`` with one trace event per run (node, backend, seconds, summary); a
+def traced(name: str, fn: Callable[[Mapping], Step]) -> Callable[[Mapping], dict]:
+    """The node ``fn`` as a LangGraph node: its :class:`~agents.nodes.Step`'s update plus one trace event
+    (node, round, seconds, summary; the backend of a reasoning stage, the seconds spent drawing); a
     :class:`StageError` becomes a refusal recorded in the state."""
 
     @functools.wraps(fn)
     def run(state: Mapping) -> dict:
         started = time.perf_counter()
         try:
-            update = dict(fn(state))
-            error = None
+            step = fn(state)
+            update, summary = dict(step.update), step.summary
         except StageError as exc:
-            update, error = {"status": "refused", "error": str(exc)}, str(exc)
-        summary = update.pop("_summary", None)
-        generate_seconds = update.pop("_seconds_generate", None)
+            step, update, summary = None, {"status": "refused", "error": str(exc)}, f"refused: {exc}"
         event = {"node": name, "round": int(update.get("round", state.get("round", 0)) or 0),
-                 "seconds": round(time.perf_counter() - started, 4), "summary": error and f"refused: {error}" or summary}
+                 "seconds": round(time.perf_counter() - started, 4), "summary": summary}
         if name in REASONING_STAGES:
-            event["backend"] = backend()
-        if generate_seconds is not None:
-            event["generate_seconds"] = round(generate_seconds, 4)
+            event["backend"] = step.backend if step is not None and step.backend else "rules"
+        if step is not None and step.generate_seconds is not None:
+            event["generate_seconds"] = round(step.generate_seconds, 4)
         update["events"] = [event]
         log.info("%s: %s", name, event["summary"])
         return update
@@ -65,14 +64,9 @@ def build_graph(reasoner, generator, verifier, checkpointer=None, config: Agents
     LangGraph checkpointer, e.g. SqliteSaver; None keeps no trace)."""
     config = config or AgentsConfig()
     nodes = Nodes(reasoner, generator, verifier, config)
-
-    def backend() -> str:
-        last = getattr(reasoner, "last_backend", None)
-        return last or getattr(reasoner, "name", type(reasoner).__name__)
-
     graph = StateGraph(GraphState)
     for name in NODES:
-        graph.add_node(name, traced(name, getattr(nodes, name), backend))
+        graph.add_node(name, traced(name, getattr(nodes, name)))
     graph.add_edge(START, "parse_request")
     chain = [*REASONING_STAGES, "compose_prompt"]
     for here, nxt in zip(chain, chain[1:]):

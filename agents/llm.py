@@ -78,8 +78,6 @@ class LLMReasoner:
         if unknown:
             raise UserError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(RECORDS)}")
         self.known_findings = known_findings  # modality -> lexicon finding ids valid there
-        self.last_backend = None
-        self.last_warning: str | None = None
 
     # -- the model call ----------------------------------------------------------------------
     def _ask(self, stage: str, context: dict) -> BaseModel:
@@ -103,23 +101,22 @@ class LLMReasoner:
         return record.model_validate(_json_of(reply))
 
     def _run(self, stage: str, rules_result: BaseModel, context: dict, check) -> BaseModel:
+        """The stage's record, its ``backend`` saying who decided it: "llm", "rules" (not an LLM stage) or
+        "rules (llm fallback)" (with a warning saying why)."""
         if stage not in self.stages:
-            self.last_backend, self.last_warning = "rules", None
-            return rules_result
+            return rules_result.model_copy(update={"backend": "rules"})
         try:
             answer = self._ask(stage, context | {"candidate": rules_result.model_dump(mode="json")})
             check(answer)
         except (LLMOutputError, ValidationError, StageError, ValueError, TimeoutError, OSError, RuntimeError) as exc:
             reason = str(exc).splitlines()[0][:300]
-            self.last_backend = "rules (llm fallback)"
-            self.last_warning = f"{stage}: the LLM's answer did not validate ({type(exc).__name__}: {reason}); used the rules"
-            log.warning(self.last_warning)
-            return _with_warning(rules_result, self.last_warning)
-        self.last_backend, self.last_warning = "llm", None
+            warning = f"{stage}: the LLM's answer did not validate ({type(exc).__name__}: {reason}); used the rules"
+            log.warning(warning)
+            return _with_warning(rules_result, warning).model_copy(update={"backend": "rules (llm fallback)"})
+        update = {"backend": "llm"}
         if hasattr(rules_result, "retrievals") and hasattr(answer, "retrievals"):
-            # the trace keeps the retrieval calls actually made
-            answer = answer.model_copy(update={"retrievals": rules_result.retrievals})
-        return answer
+            update["retrievals"] = rules_result.retrievals  # the trace keeps the retrieval calls actually made
+        return answer.model_copy(update=update)
 
     # -- the stages -------------------------------------------------------------------------
     def parse_request(self, text: str, modality: str) -> ParsedRequest:

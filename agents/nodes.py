@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,9 +16,9 @@ from generator.errors import UserError
 
 from .config import AgentsConfig
 from .drawing import read_images
-from .prompts import SEVERITY_ORDER, Emphasis, compose_prompt
+from .prompts import compose_prompt
+from .refinement import Emphasis, RefineState, apply_actions, suggest_actions
 from .schema import ParsedRequest, PathologyResult, StageError
-from .verifier import suggest_actions
 
 log = logging.getLogger(__name__)
 
@@ -57,26 +58,37 @@ def _dump(record) -> dict:
     return record.model_dump(mode="json")
 
 
+@dataclass
+class Step:
+    """What a node hands the graph: the state update, and for the trace a one-line summary, the backend that
+    decided a reasoning stage (from its record) and the seconds spent drawing."""
+
+    update: dict
+    summary: str | None = None
+    backend: str | None = None
+    generate_seconds: float | None = None
+
+
 class Nodes:
     def __init__(self, reasoner, generator, verifier, config: AgentsConfig | None = None):
         self.reasoner, self.generator, self.verifier = reasoner, generator, verifier
         self.config = config or AgentsConfig()
 
     # -- reasoning -------------------------------------------------------------------------
-    def parse_request(self, state: Mapping) -> dict:
+    def parse_request(self, state: Mapping) -> Step:
         request = self.reasoner.parse_request(state.get("text") or "", state.get("modality") or "")
         if self.generator is not None and request.modality not in self.generator.modalities:
             raise StageError(f"modality {request.modality!r} is known, but the generator was not trained on it "
                              f"(it knows {', '.join(self.generator.modalities)}); use one of those or a model trained on it")
         summary = f"{request.modality}: {len(request.statements)} statement(s)" + (", truncated" if request.truncated else "")
-        return {"request": _dump(request), "warnings": list(request.warnings), "_summary": summary}
+        return Step({"request": _dump(request), "warnings": list(request.warnings)}, summary, request.backend)
 
-    def localize_anatomy(self, state: Mapping) -> dict:
+    def localize_anatomy(self, state: Mapping) -> Step:
         anatomy = self.reasoner.localize_anatomy(ParsedRequest(**state["request"]))
         summary = ", ".join(m.concept_id for m in anatomy.mentions) or "no anatomy named"
-        return {"anatomy": _dump(anatomy), "retrievals": [_dump(r) for r in anatomy.retrievals], "_summary": summary}
+        return Step({"anatomy": _dump(anatomy), "retrievals": [_dump(r) for r in anatomy.retrievals]}, summary, anatomy.backend)
 
-    def assess_pathology(self, state: Mapping) -> dict:
+    def assess_pathology(self, state: Mapping) -> Step:
         from .schema import AnatomyResult
 
         result = self.reasoner.assess_pathology(ParsedRequest(**state["request"]), AnatomyResult(**state["anatomy"]))
@@ -88,24 +100,24 @@ class Nodes:
             raise StageError(f"the generator was not trained on {', '.join(undrawable)} ({state['request']['modality']}); "
                              "remove it from the request or set agents.non_drawable=warn to draw the rest")
         summary = "; ".join(_finding_words(f) for f in result.findings) or ("normal study" if result.normal else "no findings")
-        return {"pathology": _dump(result), "retrievals": [_dump(r) for r in result.retrievals],
-                "warnings": [w for w in warnings if w not in result.warnings] + list(result.warnings), "_summary": summary}
+        return Step({"pathology": _dump(result), "retrievals": [_dump(r) for r in result.retrievals],
+                     "warnings": [w for w in warnings if w not in result.warnings] + list(result.warnings)}, summary, result.backend)
 
-    def map_visual_features(self, state: Mapping) -> dict:
+    def map_visual_features(self, state: Mapping) -> Step:
         visual = self.reasoner.map_visual_features(ParsedRequest(**state["request"]), PathologyResult(**state["pathology"]))
         summary = f"{len(visual.descriptors)} appearance(s), {len(visual.cases)} similar case(s)"
-        return {"visual": _dump(visual), "retrievals": [_dump(r) for r in visual.retrievals], "_summary": summary}
+        return Step({"visual": _dump(visual), "retrievals": [_dump(r) for r in visual.retrievals]}, summary, visual.backend)
 
     # -- prompt, drawing, verification ------------------------------------------------------
-    def compose_prompt(self, state: Mapping) -> dict:
+    def compose_prompt(self, state: Mapping) -> Step:
         settings = state["settings"]
         composition = compose_prompt(state["request"], state["pathology"], state["request"]["modality"],
                                      Emphasis(), settings["default_severity"], settings["base_negative"])
         composition["visual"] = [d["description"] for d in (state.get("visual") or {}).get("descriptors", []) if d.get("description")]
-        return {"composition": composition, "round": 0, "guidance": float(settings["guidance"]), "status": "running",
-                "_summary": composition["prompt"]}
+        return Step({"composition": composition, "round": 0, "guidance": float(settings["guidance"]), "status": "running"},
+                    composition["prompt"])
 
-    def generate(self, state: Mapping) -> dict:
+    def generate(self, state: Mapping) -> Step:
         settings, composition = state["settings"], state["composition"]
         r = int(state.get("round", 0))
         k = int(settings["candidates"])
@@ -115,9 +127,9 @@ class Nodes:
                                                 negative=composition["negative"], guidance=state["guidance"], steps=settings["steps"])
         drawn = [{"round": r, "path": p, "seed": s, "prompt": composition["prompt"], "negative": composition["negative"],
                   "guidance": state["guidance"], "steps": settings["steps"]} for p, s in zip(paths, seeds)]
-        return {"candidates": drawn, "round": r + 1, "_summary": f"round {r}: {k} candidate(s) in {seconds:.1f} s", "_seconds_generate": seconds}
+        return Step({"candidates": drawn, "round": r + 1}, f"round {r}: {k} candidate(s) in {seconds:.1f} s", generate_seconds=seconds)
 
-    def verify(self, state: Mapping) -> dict:
+    def verify(self, state: Mapping) -> Step:
         r = int(state["round"]) - 1
         drawn = [c for c in state["candidates"] if c["round"] == r]
         images = read_images([c["path"] for c in drawn])
@@ -131,67 +143,34 @@ class Nodes:
         summary = f"round {r}: {'pass' if verdict['passed'] else 'fail'}; best {Path(best['path']).name} score {best['score']}"
         if not verdict["passed"]:
             summary += " (" + "; ".join(best["failures"][:3]) + ")"
-        return {"verdicts": [verdict], "_summary": summary}
+        return Step({"verdicts": [verdict]}, summary)
 
-    def refine(self, state: Mapping) -> dict:
-        settings = state["settings"]
-        verdict = state["verdicts"][-1]
-        composition = state["composition"]
-        actions = suggest_actions(verdict, float(state["guidance"]), composition["findings"], self.config.refine)
-        emphasis = Emphasis.from_dict(composition.get("emphasis"))
-        user_severity = {f["name"]: f.get("severity") for f in state["pathology"]["findings"]}
-        current = {f["name"]: f for f in composition["findings"]}
-        guidance = float(state["guidance"])
-        present_names = [f["name"] for f in composition["findings"] if f.get("present", True)]
-        applied = []
-        for action in actions:
-            a = dict(action)
-            if a["action"] == "emphasis":
-                name = a["finding"]
-                severity = current.get(name, {}).get("severity")
-                if self.config.refine.escalate_severity and user_severity.get(name) is None and severity in SEVERITY_ORDER[:-1]:
-                    a["severity"] = emphasis.severity[name] = SEVERITY_ORDER[SEVERITY_ORDER.index(severity) + 1]
-                    a["applied"] = f"restated as {a['severity']} (the request gives no severity)"
-                elif present_names and present_names[0] == name:
-                    a["applied"] = "wording kept (the user's severity; already the impression's statement)"
-                else:
-                    if name not in emphasis.repeat_in_impression:
-                        emphasis.repeat_in_impression.append(name)
-                    a["applied"] = "stated again in the impression"
-            elif a["action"] == "negative_normal":
-                emphasis.normal_negative = True
-                a["applied"] = "normal report added to the negative prompt"
-            elif a["action"] == "negative_prompt":
-                if a["finding"] not in emphasis.negative_findings:
-                    emphasis.negative_findings.append(a["finding"])
-                a["applied"] = "stated in the negative prompt"
-            elif a["action"] == "guidance":
-                guidance = float(a["to"])
-                a["applied"] = f"guidance {a['from']} -> {a['to']}"
-            elif a["action"] == "reseed":
-                a["applied"] = "next round draws new seeds"
-            applied.append(a)
-        new = compose_prompt(state["request"], state["pathology"], state["request"]["modality"], emphasis,
+    def refine(self, state: Mapping) -> Step:
+        settings, composition = state["settings"], state["composition"]
+        actions = suggest_actions(state["verdicts"][-1], float(state["guidance"]), self.config.refine)
+        refine = RefineState(Emphasis.from_dict(composition.get("emphasis")), float(state["guidance"]), composition["findings"],
+                             {f["name"]: f.get("severity") for f in state["pathology"]["findings"]}, self.config.refine.escalate_severity)
+        applied = apply_actions(actions, refine)
+        new = compose_prompt(state["request"], state["pathology"], state["request"]["modality"], refine.emphasis,
                              settings["default_severity"], settings["base_negative"])
         new["visual"] = composition.get("visual", [])
-        summary = "; ".join(a["applied"] for a in applied)
-        return {"composition": new, "guidance": guidance, "refinements": [{"round": int(state["round"]), "actions": applied}],
-                "_summary": summary}
+        return Step({"composition": new, "guidance": refine.guidance, "refinements": [{"round": int(state["round"]), "actions": applied}]},
+                    "; ".join(a["applied"] for a in applied))
 
-    def finish(self, state: Mapping) -> dict:
+    def finish(self, state: Mapping) -> Step:
         settings = state.get("settings") or {}
         if state.get("status") == "refused":
-            return {"result": {"status": "refused", "error": state.get("error"), "images": []}, "_summary": f"refused: {state.get('error')}"}
+            return Step({"result": {"status": "refused", "error": state.get("error"), "images": []}}, f"refused: {state.get('error')}")
         if settings.get("stop_after") == "compose_prompt" or not state.get("verdicts"):
-            return {"status": "composed", "result": result_record(state, [], None, "composed"), "_summary": "composed (nothing drawn)"}
+            return Step({"status": "composed", "result": result_record(state, [], None, "composed")}, "composed (nothing drawn)")
         verdicts = state["verdicts"]
         ranked = sorted((c for v in verdicts for c in v["candidates"]),
                         key=lambda c: (c["passed"], c["score"]), reverse=True)
         chosen = ranked[: int(settings.get("n", 1))]
         passed = bool(chosen) and all(c["passed"] for c in chosen)
         status = "passed" if passed else "failed"
-        return {"status": status, "result": result_record(state, chosen, verdicts[-1], status),
-                "_summary": f"{status} after {len(verdicts)} round(s); kept {', '.join(Path(c['path']).name for c in chosen)}"}
+        return Step({"status": status, "result": result_record(state, chosen, verdicts[-1], status)},
+                    f"{status} after {len(verdicts)} round(s); kept {', '.join(Path(c['path']).name for c in chosen)}")
 
 
 def result_record(state: Mapping, chosen: list[dict], last_verdict: dict | None, status: str) -> dict:

@@ -7,42 +7,23 @@ the severity, side and location words come from that specification
 (:mod:`generator.phantoms`), so a request reaches the generator in the words it learnt. Findings
 the specification does not know are phrased from the lexicon's preferred term.
 
-Refinement changes the composition only through :class:`Emphasis` (restated severities, findings
+Refinement (:mod:`agents.refinement`) changes the composition only through its :class:`Emphasis` (restated severities, findings
 to push away from, the normal report as a negative), so the trace shows exactly what changed.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
 from generator.phantoms import PHANTOM_MODULES, get_spec
 from generator.phantoms.base import FindingSpec, PhantomSpec
 
-SEVERITY_ORDER = ("mild", "moderate", "severe")
+from .refinement import Emphasis
+from .schema import SEVERITY_ORDER
+
 SIDE_WORDS = {"left": "left", "right": "right", "bilateral": "bilateral"}
 EYE_WORDS = {"left": "left eye", "right": "right eye", "bilateral": "both eyes"}
 GENERIC_TEMPLATES = ("{severity} {side} {term} in the {location}", "{severity} {side} {term}")
-
-
-@dataclass
-class Emphasis:
-    """What refinement rounds have asked of the composition so far."""
-
-    severity: dict[str, str] = field(default_factory=dict)  # finding -> severity restated by refinement
-    negative_findings: list[str] = field(default_factory=list)  # findings seen although not wanted: stated in the negative prompt
-    normal_negative: bool = False  # the modality's normal report joins the negative prompt
-    repeat_in_impression: list[str] = field(default_factory=list)  # findings stated again in the impression
-
-    def to_dict(self) -> dict:
-        return {"severity": dict(self.severity), "negative_findings": list(self.negative_findings),
-                "normal_negative": self.normal_negative, "repeat_in_impression": list(self.repeat_in_impression)}
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "Emphasis":
-        d = d or {}
-        return cls(dict(d.get("severity") or {}), list(d.get("negative_findings") or []), bool(d.get("normal_negative")),
-                   list(d.get("repeat_in_impression") or []))
 
 
 def _tidy(text: str) -> str:
@@ -197,5 +178,5 @@ def compose_prompt(
             "emphasis": emphasis.to_dict(), "findings": findings}
 
 
-__all__ = ["Emphasis", "compose_prompt", "finding_phrase", "negated_phrase", "normal_report", "phantom_spec",
+__all__ = ["SEVERITY_ORDER", "Emphasis", "compose_prompt", "finding_phrase", "negated_phrase", "normal_report", "phantom_spec",
            "severity_word", "technique_line", "with_defaults"]

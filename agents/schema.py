@@ -12,15 +12,24 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from generator.errors import UserError
 
 Laterality = Literal["left", "right", "bilateral"]
 Severity = Literal["mild", "moderate", "severe"]
+SEVERITY_ORDER: tuple[str, ...] = ("mild", "moderate", "severe")  # the order refinement escalates along
 
 
 class Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class StageRecord(Record):
+    """A reasoning stage's result. ``backend`` says who decided it ("rules", "llm", or "rules (llm fallback)");
+    the backend sets it, the trace shows it, and it is not part of the schema a chat model is asked to fill."""
+
+    backend: SkipJsonSchema[str] = "rules"
 
 
 class RetrievalRecord(Record):
@@ -57,7 +66,7 @@ class Statement(Record):
     scopes: list[CueScope] = []  # where each cue applies; one statement can hold a negated and a present finding
 
 
-class ParsedRequest(Record):
+class ParsedRequest(StageRecord):
     """Stage 1: the request normalised."""
 
     text: str  # the text the stages read (after truncation)
@@ -85,7 +94,7 @@ class AnatomyMention(Record):
     end: int | None = None
 
 
-class AnatomyResult(Record):
+class AnatomyResult(StageRecord):
     region: str | None = None  # coarse region of the study, e.g. "chest", "brain", "retina"
     mentions: list[AnatomyMention] = []
     retrievals: list[RetrievalRecord] = []
@@ -118,7 +127,7 @@ class Contradiction(Record):
     message: str
 
 
-class PathologyResult(Record):
+class PathologyResult(StageRecord):
     findings: list[FindingMention] = []
     normal: bool = False  # the request describes a normal study
     contradictions: list[Contradiction] = []
@@ -133,7 +142,7 @@ class VisualDescriptor(Record):
     score: float = 0.0
 
 
-class VisualResult(Record):
+class VisualResult(StageRecord):
     descriptors: list[VisualDescriptor] = []
     cases: list[dict] = Field(default_factory=list)  # similar cases: id, text, score, source, path, findings
     retrievals: list[RetrievalRecord] = []
@@ -146,5 +155,5 @@ class StageError(UserError):
 
 __all__ = [
     "AnatomyMention", "AnatomyResult", "Contradiction", "CueScope", "FindingMention", "Laterality", "ParsedRequest",
-    "PathologyResult", "RetrievalRecord", "Severity", "StageError", "Statement", "VisualDescriptor", "VisualResult",
+    "PathologyResult", "RetrievalRecord", "SEVERITY_ORDER", "Severity", "StageError", "StageRecord", "Statement", "VisualDescriptor", "VisualResult",
 ]

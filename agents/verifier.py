@@ -3,9 +3,9 @@
 Tools: the reward-side finding classifier (never the held-out evaluator; the constructor refuses
 one), the text-image alignment model, image quality checks (blank, saturated, out-of-field, NaN)
 and a memorisation check against the generator's training images. The verdict says per requested
-finding what was expected, the observed calibrated probability and whether it passed; a round
-that fails comes with concrete refinement actions (emphasis, negative prompt, guidance, reseed)
-that the graph's ``refine`` node applies.
+finding what was expected, the observed calibrated probability and whether it passed; for a round
+that fails, :func:`agents.refinement.suggest_actions` turns the verdict into the typed actions
+(emphasis, negative prompt, guidance, reseed) that the graph's ``refine`` node applies.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from rlhf.config import EvalConfig
 from rlhf.metrics import pixel_memorisation, quality_checks
 
-from .config import RefineConfig, VerifierConfig
+from .config import VerifierConfig
 
 log = logging.getLogger(__name__)
 
@@ -137,36 +137,4 @@ class Verifier:
                           "quality": True}}
 
 
-def suggest_actions(verdict: Mapping[str, Any], guidance: float, findings: Sequence[Mapping[str, Any]], refine: RefineConfig) -> list[dict]:
-    """Concrete refinement actions for a failed round, from its best candidate's verdict.
-
-    - a requested finding not shown: ``emphasis`` (restate it more strongly; the graph escalates
-      its severity only where the user left it open), ``negative_normal`` (push away from the
-      normal report) and a higher ``guidance``;
-    - a negated finding shown: ``negative_prompt`` naming it;
-    - a saturated image: a lower ``guidance``;
-    - always ``reseed``: new seeds for every candidate.
-    """
-    best = verdict["candidates"][verdict["best"]]
-    actions: list[dict] = []
-    missing = [r["name"] for r in best["findings"] if r["checked"] and not r["pass"] and r["expected"] == "present"]
-    unwanted = [r["name"] for r in best["findings"] if r["checked"] and not r["pass"] and r["expected"] == "absent"]
-    for name in missing:
-        actions.append({"action": "emphasis", "finding": name, "why": f"{name} not shown (p below threshold)"})
-    if missing and refine.normal_as_negative:
-        actions.append({"action": "negative_normal", "why": "push the image away from a normal study"})
-    for name in unwanted:
-        actions.append({"action": "negative_prompt", "finding": name, "why": f"{name} shown although the request negates it"})
-    new_guidance = guidance
-    if missing:
-        new_guidance = min(refine.max_guidance, guidance + refine.guidance_step)
-    if best["quality"]["saturated"]:
-        new_guidance = max(refine.min_guidance, guidance - refine.guidance_step)
-    if new_guidance != guidance:
-        actions.append({"action": "guidance", "from": guidance, "to": new_guidance,
-                        "why": "finding not shown" if new_guidance > guidance else "saturated image"})
-    actions.append({"action": "reseed", "why": "draw new candidates"})
-    return actions
-
-
-__all__ = ["Verifier", "suggest_actions"]
+__all__ = ["Verifier"]

@@ -38,9 +38,9 @@ def test_valid_answer_is_used_and_retrievals_are_the_real_ones(rules):
     model = FakeListChatModel(responses=[pathology_answer(laterality="right", severity="mild")])
     llm = LLMReasoner(model, reasoner, stages=["assess_pathology"], known_findings=known)
     request = llm.parse_request("small right effusion", "cxr")
-    assert llm.last_backend == "rules"  # not an LLM stage here
+    assert request.backend == "rules"  # not an LLM stage here
     result = llm.assess_pathology(request, llm.localize_anatomy(request))
-    assert llm.last_backend == "llm"
+    assert result.backend == "llm"
     assert [(f.name, f.laterality, f.severity) for f in result.findings] == [("pleural_effusion", "right", "mild")]
     assert result.retrievals and result.retrievals == reasoner.assess_pathology(request, reasoner.localize_anatomy(request)).retrievals
 
@@ -56,8 +56,8 @@ def test_invalid_answers_fall_back_to_the_rules(rules, reply, why):
     llm = LLMReasoner(FakeListChatModel(responses=[reply]), reasoner, stages=["assess_pathology"], known_findings=known)
     request = llm.parse_request("large left pleural effusion", "cxr")
     result = llm.assess_pathology(request, llm.localize_anatomy(request))
-    assert llm.last_backend == "rules (llm fallback)"
-    assert why in llm.last_warning and any("did not validate" in w for w in result.warnings)
+    assert result.backend == "rules (llm fallback)"
+    assert any(why in w and "did not validate" in w for w in result.warnings)
     expected = reasoner.assess_pathology(request, reasoner.localize_anatomy(request))
     assert [f.name for f in result.findings] == [f.name for f in expected.findings]
 
@@ -68,7 +68,7 @@ def test_parse_stage_answer_must_keep_the_resolved_modality(rules):
     wrong = rules_parse.model_copy(update={"modality": "oct"}).model_dump_json()
     llm = LLMReasoner(FakeListChatModel(responses=[wrong]), reasoner, stages=["parse_request"])
     parsed = llm.parse_request("no pneumothorax", "chest x-ray")
-    assert parsed.modality == "cxr" and llm.last_backend == "rules (llm fallback)"
+    assert parsed.modality == "cxr" and parsed.backend == "rules (llm fallback)"
 
 
 def test_graph_records_which_backend_ran_each_stage(rules, tmp_path):
