@@ -3,6 +3,9 @@
 A trace id is the LangGraph thread id of one request. The checkpointer keeps a checkpoint after
 every step; the latest holds the whole state (its append-only logs included: events, retrievals,
 candidates, verdicts, refinements), and the number of checkpoints is the number of steps taken.
+
+Several processes (two ``synthmed generate`` at once, the dashboard reading) share one database: every
+connection uses SQLite's write-ahead log and waits up to ``BUSY_TIMEOUT_S`` for another's write.
 """
 
 from __future__ import annotations
@@ -22,13 +25,46 @@ class TraceNotFoundError(UserError, LookupError):
     pass
 
 
+class NotATracesDatabaseError(UserError, sqlite3.DatabaseError):
+    """The traces file is not a SQLite database, or a damaged one. Also a ``sqlite3.DatabaseError``, so readers
+    that skip an unreadable database still do."""
+
+
+BUSY_TIMEOUT_S = 30.0  # how long a connection waits for another process's write before "database is locked"
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    """A connection to the traces database that several processes can share: write-ahead log (readers do
+    not block the writer, nor it them) and a busy timeout; usable from LangGraph's worker threads."""
+    path = Path(path)
+    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise _unreadable(path, exc) from None
+    return conn
+
+
+def _unreadable(path: Path, exc: sqlite3.DatabaseError) -> Exception:
+    """A file that is not a SQLite database, or a damaged one, as one line saying what to do; other errors as they are."""
+    if type(exc) is not sqlite3.DatabaseError:  # OperationalError ("database is locked", no permission, ...) and the like
+        return exc
+    return NotATracesDatabaseError(f"{path} is not a readable SQLite database ({exc}); move it away (e.g. `mv {path} {path}.bad`) "
+                                   "and synthmed starts an empty traces database there, or point --agents.traces elsewhere")
+
+
 def open_checkpointer(path: str | Path) -> SqliteSaver:
-    """A SqliteSaver on ``path`` (created with its folder when absent). The connection allows use from
-    LangGraph's worker threads; the saver serialises its own writes."""
+    """A SqliteSaver on ``path`` (created with its folder when absent) over :func:`connect`; the saver
+    serialises its own writes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    saver = SqliteSaver(sqlite3.connect(str(path), check_same_thread=False))
-    saver.setup()
+    saver = SqliteSaver(connect(path))
+    try:
+        saver.setup()
+    except sqlite3.DatabaseError as exc:
+        saver.conn.close()
+        raise _unreadable(path, exc) from None
     return saver
 
 
@@ -201,5 +237,5 @@ def _default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-__all__ = ["TraceNotFoundError", "checkpointer", "format_trace", "list_traces", "open_checkpointer", "show_trace", "trace_json",
-           "trace_state"]
+__all__ = ["BUSY_TIMEOUT_S", "NotATracesDatabaseError", "TraceNotFoundError", "checkpointer", "connect", "format_trace", "list_traces",
+           "open_checkpointer", "show_trace", "trace_json", "trace_state"]

@@ -9,20 +9,67 @@ when the write fails.
   (safetensors, ``torch.save``, PIL, matplotlib). The temporary name keeps the target's suffix, so
   writers that infer the format from it still do.
 - ``atomic_folder`` / ``replace_folder``: a folder written beside its target, swapped in when complete.
+- ``append_whole``: lines appended to a log in full or not at all (a full disk cuts the file back).
+
+A full disk or a read-only folder met by these helpers raises :class:`WriteError` (an ``OSError``
+and a ``SynthmedError``): one line naming the target and what to do.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from .errors import SynthmedError
+
+_WRITE_HINTS = {
+    errno.ENOSPC: "no space left on the disk; free some space and run again",
+    errno.EDQUOT: "the disk quota is used up; free some space and run again",
+    errno.EFBIG: "the file is larger than the file system allows",
+    errno.EROFS: "the file system is read-only; choose a folder on a writable one",
+    errno.EACCES: "permission denied; make the folder writable or choose another one",
+    errno.EPERM: "permission denied; make the folder writable or choose another one",
+}
+
+
+class WriteError(SynthmedError, OSError):
+    """A file that could not be written (full disk, read-only folder); nothing half-written was left."""
+
+
+def write_error(exc: OSError, path: str | os.PathLike) -> OSError:
+    """``exc`` as a one-line :class:`WriteError` naming ``path`` when it is a disk or permission fault, else ``exc``."""
+    hint = _WRITE_HINTS.get(exc.errno)
+    if hint is None or isinstance(exc, WriteError):
+        return exc
+    error = WriteError(f"cannot write {path}: {hint} (nothing half-written was kept)")
+    error.errno = exc.errno  # strerror and filename stay unset: they would replace the message in str(error)
+    return error
+
+
+@contextmanager
+def _writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turns a disk or permission fault of the enclosed writes into a :class:`WriteError` about ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        error = write_error(exc, path)
+        if error is exc:
+            raise
+        raise error from exc
+
+
+def _remove(path: Path) -> None:
+    with suppress(OSError):  # cleanup never hides the error that made it necessary
+        path.unlink(missing_ok=True)
 
 
 def temporary_path(path: str | os.PathLike) -> Path:
@@ -44,11 +91,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     path = Path(path)
     tmp = temporary_path(path)
     try:
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
+        with _writing(path):
+            write(tmp)
+            _fsync(tmp)
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
     return path
 
 
@@ -60,23 +108,27 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) ->
     path = Path(path)
     tmp = temporary_path(path)
     try:
-        with open(tmp, mode, **open_kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with _writing(path):
+            f = open(tmp, mode, **open_kwargs)
+        with f:
+            yield f  # what the block raises passes unchanged
+            with _writing(path):
+                f.flush()
+                os.fsync(f.fileno())
+        with _writing(path):
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    with atomic_open(path, "wb") as f:
+    with atomic_open(path, "wb") as f, _writing(path):
         f.write(data)
     return Path(path)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
-    with atomic_open(path, "w", encoding=encoding) as f:
+    with atomic_open(path, "w", encoding=encoding) as f, _writing(path):
         f.write(text)
     return Path(path)
 
@@ -106,10 +158,12 @@ def atomic_folder(folder: str | os.PathLike, tmp: str | os.PathLike | None = Non
     folder = Path(folder)
     tmp = Path(tmp) if tmp is not None else folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with _writing(folder):
+        tmp.mkdir(parents=True)
     try:
         yield tmp
-        replace_folder(tmp, folder)
+        with _writing(folder):
+            replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -127,5 +181,28 @@ def replace_folder(tmp: str | os.PathLike, folder: str | os.PathLike) -> Path:
     return folder
 
 
-__all__ = ["atomic_folder", "atomic_open", "atomic_write", "json_default", "replace_folder", "temporary_path", "write_bytes_atomic",
-           "write_json_atomic", "write_text_atomic"]
+def append_whole(path: str | os.PathLike, data: bytes) -> Path:
+    """Append ``data`` (whole lines) to ``path`` and fsync it, in full or not at all: when a write
+    fails (a full disk) the file is cut back to its previous size, so no reader sees half a line."""
+    path = Path(path)
+    with _writing(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            with _writing(path):
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+        except BaseException:
+            with suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+    return path
+
+
+__all__ = ["WriteError", "append_whole", "atomic_folder", "atomic_open", "atomic_write", "json_default", "replace_folder",
+           "temporary_path", "write_bytes_atomic", "write_error", "write_json_atomic", "write_text_atomic"]

@@ -197,8 +197,8 @@ class LatentDiffusion(torch.nn.Module):
         cfg = ModelConfig.model_validate(meta["model"])
         saved = list(meta["modalities"])
         wanted = saved + [m for m in (modalities or []) if m not in saved]
-        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32)
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32, use_safetensors=True)  # never a pickled .bin
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32, use_safetensors=True)
         model = cls(cfg, wanted, vae=vae, unet=unet, text_encoder=text_encoder)
         lora = meta.get("text_encoder_lora")
         if lora:  # the saved conditioner carries the text encoder's LoRA weights

@@ -96,7 +96,7 @@ def train_vae(
         return {f"val_{k}": v for k, v in latest.items()}
 
     result = run_loop(run, train_cfg, [vae], [p for p in vae.parameters()], loss_fn, validate=validate,
-                      progress=progress, stop_after=stop_after)
+                      progress=progress, stop_after=stop_after, generators=[generator])
     if result.steps < train_cfg.max_steps:
         return {"stopped_at": result.steps}
     metrics = dict(latest)
@@ -143,6 +143,9 @@ def save_grid(images: list[np.ndarray], path: Path, columns: int) -> Path:
 
 
 def validation_samples(model: LatentDiffusion, run: RunDir, step: int, data_cfg: DataConfig, steps: int = 20) -> dict:
+    # each module goes back to its own mode after: model.train() would also switch the frozen text encoder to
+    # training mode (dropout on) from the first validation on, so a run resumed past it would train differently
+    modes = {module: module.training for module in model.modules()}
     model.eval()
     modalities = [m for m in VALIDATION_PROMPTS if m in model.modalities]
     prompts = [VALIDATION_PROMPTS[m] for m in modalities]
@@ -150,7 +153,8 @@ def validation_samples(model: LatentDiffusion, run: RunDir, step: int, data_cfg:
     output = sample(model, prompts + [""] * len(modalities), modalities * 2, guidance=3.0, steps=steps, seed=0)
     channels = {m: spec.channels for m, spec in data_cfg.modalities.items()}
     save_grid(output.to_uint8(modalities * 2, channels), run.samples / f"step_{step:07d}.png", len(modalities))
-    model.train()
+    for module, training in modes.items():
+        module.training = training
     return {"val_sample_seconds": round(time.perf_counter() - started, 2)}
 
 
@@ -206,7 +210,7 @@ def train_unet(
 
     result = run_loop(run, train_cfg, [model.unet, model.conditioner], trainable, loss_fn,
                       validate=lambda step: validation_samples(model, run, step, data_cfg), progress=progress,
-                      stop_after=stop_after)
+                      stop_after=stop_after, generators=[generator, text_rng])
     summary = {
         "kind": "synthmed latent diffusion model",
         "steps": result.steps,

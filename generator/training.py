@@ -21,7 +21,7 @@ import platform
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -38,7 +38,7 @@ from .config import TrainConfig
 from .data.records import ManifestRow
 from .data.sources import load_row
 from .data.transforms import RecordTransform
-from .fileio import atomic_folder
+from .fileio import append_whole, atomic_folder, write_bytes_atomic
 from .models import LatentDiffusion
 
 log = logging.getLogger(__name__)
@@ -132,8 +132,26 @@ class RunDir:
         return self.root / "samples"
 
     def log_metrics(self, record: dict) -> None:
-        with open(self.root / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_whole(self.root / "metrics.jsonl", (json.dumps(record) + "\n").encode("utf-8"))  # whole line or none
+
+    def trim_metrics(self, step: int) -> int:
+        """Keep the whole lines of ``metrics.jsonl`` up to ``step`` (the checkpoint a resume starts from);
+        later lines (logged by a killed run after its last checkpoint, and logged again by the resume) and a
+        torn last line move to ``metrics.jsonl.orphaned``. Returns the number of lines moved."""
+        path = self.root / "metrics.jsonl"
+        if not path.is_file():
+            return 0
+        keep, moved = [], []
+        for line in path.read_bytes().splitlines(keepends=True):
+            try:
+                whole = line.endswith(b"\n") and json.loads(line)["step"] <= step
+            except (ValueError, KeyError, TypeError):
+                whole = False
+            (keep if whole else moved).append(line)
+        if moved:
+            append_whole(path.with_name(path.name + ".orphaned"), b"".join(line if line.endswith(b"\n") else line + b"\n" for line in moved))
+            write_bytes_atomic(path, b"".join(keep))
+        return len(moved)
 
     def latest_checkpoint(self) -> Path | None:
         done = sorted(p for p in self.checkpoints.glob("step_*") if (p / "trainer_state.json").exists())
@@ -141,8 +159,17 @@ class RunDir:
 
 
 def make_run_dir(runs_dir: str, name: str) -> RunDir:
-    root = Path(runs_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    (root / "checkpoints").mkdir(parents=True, exist_ok=False)
+    """A new ``<runs_dir>/<name>-<time>`` (``-1``, ``-2``, ... when another run started in the same second)."""
+    base = Path(runs_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    root, i = base, 1
+    while True:
+        try:
+            root.mkdir()  # atomic: the folder is this run's alone
+            break
+        except FileExistsError:
+            root, i = base.with_name(f"{base.name}-{i}"), i + 1
+    (root / "checkpoints").mkdir()
     (root / "samples").mkdir()
     return RunDir(root)
 
@@ -167,9 +194,12 @@ def run_loop(
     progress: bool = True,
     accelerator: Accelerator | None = None,
     stop_after: int | None = None,
+    generators: Sequence[torch.Generator | random.Random] = (),
 ) -> LoopResult:
     """Optimise ``parameters`` with ``loss_fn(step, micro)`` for ``cfg.max_steps`` steps.
 
+    ``generators`` are the random generators ``loss_fn`` draws from: their states go into every
+    checkpoint, so a resumed run draws what the uninterrupted one would have.
     ``stop_after`` ends the run early (tests use it to simulate a kill between checkpoints).
     """
     accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1)
@@ -184,9 +214,12 @@ def run_loop(
     start_step = 0
     checkpoint = run.latest_checkpoint() if resume else None
     if checkpoint is not None:
+        start_step = checkpoint_step(checkpoint)
         accelerator.load_state(str(checkpoint))
-        start_step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+        load_generators(checkpoint, generators)
         log.info("resumed from %s (step %d)", checkpoint, start_step)
+    if resume and run.trim_metrics(start_step):
+        log.warning("resume: metrics.jsonl lines logged after step %d (before the kill) moved to metrics.jsonl.orphaned", start_step)
 
     started = time.perf_counter()
     last = float("nan")
@@ -219,7 +252,7 @@ def run_loop(
             with ema_weights(ema, parameters):
                 run.log_metrics({"step": done, **validate(done)})
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-            save_checkpoint(accelerator, run, done, cfg.keep_checkpoints)
+            save_checkpoint(accelerator, run, done, cfg.keep_checkpoints, generators)
     else:
         step = cfg.max_steps
     bar.close()
@@ -244,10 +277,45 @@ class ema_weights:
             self.ema.restore(self.parameters)
 
 
-def save_checkpoint(accelerator: Accelerator, run: RunDir, step: int, keep: int) -> Path:
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step of a training checkpoint, after loading each of its files with ``weights_only=True``:
+    ``accelerator.load_state`` would unpickle the EMA state with ``weights_only=False``."""
+    from .errors import UserError
+    from .safeload import check_checkpoint_folder
+
+    fix = f"delete {checkpoint} to resume from the checkpoint before it, or start a new run"
+    check_checkpoint_folder(checkpoint, fix)
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["step"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{checkpoint / 'trainer_state.json'} is damaged ({exc!r}); {fix}") from None
+
+
+GENERATORS_FILE = "generators.pt"
+
+
+def load_generators(checkpoint: Path, generators: Sequence[torch.Generator | random.Random]) -> None:
+    """Put back the generator states a checkpoint saved (checkpoints written before they were saved have none)."""
+    path = checkpoint / GENERATORS_FILE
+    if not generators or not path.is_file():
+        return
+    states = torch.load(path, map_location="cpu", weights_only=True)
+    if len(states) != len(generators):
+        raise ValueError(f"{path} holds {len(states)} generator states, the trainer has {len(generators)}")
+    for generator, state in zip(generators, states):
+        if isinstance(generator, torch.Generator):
+            generator.set_state(state)
+        else:
+            generator.setstate((state[0], tuple(state[1]), state[2]))
+
+
+def save_checkpoint(accelerator: Accelerator, run: RunDir, step: int, keep: int,
+                    generators: Sequence[torch.Generator | random.Random] = ()) -> Path:
     final = run.checkpoints / f"step_{step:07d}"
     with atomic_folder(final, run.checkpoints / f".tmp_step_{step:07d}") as tmp:  # complete or absent, never half-written
         accelerator.save_state(str(tmp))
+        if generators:
+            torch.save([g.get_state() if isinstance(g, torch.Generator) else g.getstate() for g in generators], tmp / GENERATORS_FILE)
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
     for old in sorted(p for p in run.checkpoints.glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

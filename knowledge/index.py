@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import faiss
 import numpy as np
 
 from generator.errors import UserError
-from generator.fileio import atomic_open, write_bytes_atomic, write_json_atomic
+from generator.fileio import append_whole, atomic_open, write_bytes_atomic, write_json_atomic
 
 FORMAT_VERSION = 1
 REBUILD_HINT = "rebuild it with `synthmed kb build`"
@@ -101,10 +102,9 @@ class VectorIndex:
         folder.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(folder / "index.faiss", faiss.serialize_index(self.index).tobytes())
         items_path = folder / "items.jsonl"
-        if self._saved_items and items_path.exists():
-            with open(items_path, "a", encoding="utf-8") as f:
-                for item in self.items[self._saved_items :]:
-                    f.write(json.dumps(item, ensure_ascii=False) + "\n")
+        if self._saved_items and items_path.exists():  # all the new rows or none (a full disk leaves the file as it was)
+            rows = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in self.items[self._saved_items :])
+            append_whole(items_path, rows.encode("utf-8"))
         else:
             with atomic_open(items_path, "w", encoding="utf-8") as f:
                 for item in self.items:
@@ -127,26 +127,21 @@ class VectorIndex:
             if not (folder / name).is_file():
                 raise KnowledgeIndexError(f"index file {folder / name} is missing; {REBUILD_HINT}")
         try:
-            meta = json.loads((folder / "meta.json").read_text())
+            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
             dim, factory = int(meta["dim"]), str(meta["factory"])
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise KnowledgeIndexError(f"{folder / 'meta.json'} is unreadable ({exc}); {REBUILD_HINT}") from None
         if expected_dim is not None and dim != expected_dim:
             raise KnowledgeIndexError(
                 f"index {folder} holds {dim}-d vectors (embedder {meta.get('embedder')!r}) but the configured "
                 f"embedder makes {expected_dim}-d ones; {REBUILD_HINT} with this embedder, or configure the old one"
             )
-        try:
+        try:  # faiss reads its own binary format: a foreign file (a pickle, garbage, a cut-off copy) fails here, nothing runs
             index = faiss.deserialize_index(np.frombuffer((folder / "index.faiss").read_bytes(), dtype=np.uint8))
-        except RuntimeError as exc:
-            raise KnowledgeIndexError(f"index file {folder / 'index.faiss'} is corrupt ({str(exc).splitlines()[-1]}); {REBUILD_HINT}") from None
-        items = []
-        with open(folder / "items.jsonl", encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                try:
-                    items.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise KnowledgeIndexError(f"{folder / 'items.jsonl'} line {line_no} is corrupt; {REBUILD_HINT}") from None
+        except (RuntimeError, MemoryError) as exc:
+            reason = re.sub(r"^Error in .*? at \S+:\d+: ", "", (str(exc).strip().splitlines() or [type(exc).__name__])[-1])
+            raise KnowledgeIndexError(f"index file {folder / 'index.faiss'} is corrupt ({reason}); {REBUILD_HINT}") from None
+        items = _read_items(folder / "items.jsonl")
         if len(items) != index.ntotal or index.d != dim:
             raise KnowledgeIndexError(
                 f"index {folder} is inconsistent: {index.ntotal} vectors of dimension {index.d}, {len(items)} metadata "
@@ -157,3 +152,17 @@ class VectorIndex:
         out.ef_search, out.nprobe = ef_search, nprobe
         out.index, out.items, out._saved_items = index, items, len(items)
         return out
+
+
+def _read_items(path: Path) -> list[dict]:
+    items = []
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, 1):
+            try:
+                item = json.loads(line.decode("utf-8"))
+            except ValueError:  # not UTF-8, or not JSON
+                item = None
+            if not isinstance(item, dict):
+                raise KnowledgeIndexError(f"{path} line {line_no} is corrupt; {REBUILD_HINT}")
+            items.append(item)
+    return items

@@ -22,6 +22,8 @@ from .terms import TermMatcher
 
 HIT_KINDS = (*KINDS, "case")
 CANDIDATES = 32  # dense candidates fetched before fusion, at least
+MAX_K = 1000  # hits one query may ask for
+MAX_QUERY_CHARS = 20_000  # a longer query is refused: term matching and embedding grow with its length
 
 
 @dataclass
@@ -95,8 +97,14 @@ class Retriever:
         return self._allowed[key]
 
     def search(self, query: str, k: int = 5, modality: str | None = None, kinds: Iterable[str] | None = None) -> list[Hit]:
-        if not query or not query.strip():
-            raise UserError("empty query")
+        if not isinstance(query, str) or not query.strip():
+            raise UserError("empty query: give the words to look up, e.g. 'left pleural effusion'")
+        if len(query) > MAX_QUERY_CHARS:
+            raise UserError(f"query of {len(query):,} characters; a query has at most {MAX_QUERY_CHARS:,}: "
+                            "look up a phrase or a sentence, not a whole document")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
+            raise UserError(f"k (hits to return) must be a whole number from 1 to {MAX_K}, got {k!r}")
+        k = int(k)
         modality, kinds = self._check(modality, kinds)
         vector = self.embed([query])  # (1, dim)
         hits: list[Hit] = []

@@ -98,7 +98,15 @@ def parse_value(text: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"cannot parse value {text!r}: {exc}") from None
+        raise ConfigError(f"cannot parse value {_clip(text)}: {exc}") from None
+    except RecursionError:  # "[[[[..." thousands deep
+        raise ConfigError(f"cannot parse value {_clip(text)}: nested too deeply") from None
+
+
+def _clip(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so an error stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-1]} ({len(str(value)):,} characters)"
 
 
 def resolve_profile(profile: str | os.PathLike) -> Path:
@@ -119,9 +127,13 @@ def _read_profile(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         chain = " -> ".join(str(p) for p in (*seen, path))
         raise ConfigError(f"profiles extend each other in a cycle: {chain}")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
+        data = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_Loader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the profile as UTF-8") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read; a profile is sections of fields, a few levels deep") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a profile must be a mapping of sections, got {type(data).__name__}")
     parent = data.pop("extends", None)

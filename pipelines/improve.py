@@ -32,6 +32,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,8 @@ import numpy as np
 import torch
 
 from generator.errors import UserError
-from generator.fileio import atomic_folder, json_default, write_json_atomic
+from generator.fileio import append_whole, atomic_folder, json_default, write_json_atomic
+from generator.runlock import RunFolderInUseError, RunLock
 from rlhf.trainer import NonFiniteError, sample_seed
 
 from .config import SynthmedConfig, config_to_dict, load_config, save_config
@@ -106,6 +108,35 @@ def latest_checkpoint(run: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def _checkpoint_fix(checkpoint: Path) -> str:
+    return f"delete {checkpoint} to resume from the checkpoint before it, or start a new run"
+
+
+def _load_trainer_state(checkpoint: Path) -> dict:
+    """trainer_state.pt of ``checkpoint`` (trainer and RNG states), read with ``weights_only=True``: a pickle is refused."""
+    from generator.safeload import load_torch_file
+
+    state = load_torch_file(checkpoint / "trainer_state.pt", "DDPO trainer state", _checkpoint_fix(checkpoint))
+    if not isinstance(state, dict) or not {"trainer", "rng"} <= set(state):
+        raise ResumeError(f"{checkpoint / 'trainer_state.pt'} is not a DDPO trainer state; {_checkpoint_fix(checkpoint)}")
+    return state
+
+
+def _read_checkpoint_state(checkpoint: Path) -> dict:
+    """state.json of ``checkpoint``, after checking that its adapter file opens."""
+    from generator.safeload import check_safetensors
+
+    fix = _checkpoint_fix(checkpoint)
+    try:
+        state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ResumeError(f"{checkpoint / 'state.json'} is damaged ({exc}); {fix}") from None
+    if not isinstance(state, dict) or not {"epoch", "logs", "guard"} <= set(state):
+        raise ResumeError(f"{checkpoint / 'state.json'} is not a synthmed improve checkpoint state; {fix}")
+    check_safetensors(checkpoint / "lora.safetensors", "checkpoint adapter", fix)
+    return state
+
+
 def _truncate_log(path: Path, size: int) -> int:
     """Cut ``path`` back to ``size`` bytes; what followed (lines of an epoch that never reached its
     checkpoint) is appended to ``<path>.orphaned``. Returns the number of bytes moved."""
@@ -129,13 +160,11 @@ def _truncate_log(path: Path, size: int) -> int:
 
 
 def append_lines(path: Path, records: Sequence[dict]) -> None:
+    """All of ``records`` as JSON lines, or none of them (a full disk leaves the log as it was)."""
     if not records:
         return
     text = "".join(json.dumps(_clean(r), default=json_default) + "\n" for r in records)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    append_whole(path, text.encode("utf-8"))
 
 
 # -- adapters -------------------------------------------------------------------------------
@@ -305,13 +334,25 @@ def _trackers(report_to: str) -> list[str]:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The torch, numpy and Python RNG states as tensors, numbers and lists: ``torch.load(weights_only=True)`` reads them."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached)},
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy_state, python_state = state["numpy"], state["python"]
+    if isinstance(numpy_state, dict):  # checkpoints before this format hold np.random.get_state()'s tuple itself
+        numpy_state = (numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    if isinstance(python_state, dict):
+        python_state = (python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"])
+    np.random.set_state(numpy_state)
+    random.setstate(python_state)
 
 
 def new_run_dir(cfg: SynthmedConfig) -> Path:
@@ -327,6 +368,23 @@ def new_run_dir(cfg: SynthmedConfig) -> Path:
 def run_improve(cfg: SynthmedConfig, run_dir: Path | None = None, resume: bool = False, progress: bool = True,
                 parts: Parts | None = None, command: str | None = None, stop_after: Callable[[str, int], bool] | None = None,
                 accelerator=None) -> dict:
+    """Run (or with ``resume`` continue) the loop in ``run_dir``; returns the end record. The main process
+    holds the run folder's lock (``generator.runlock``) until the run ends, however it ends."""
+    with ExitStack() as held:
+        return _run_improve(held, cfg, run_dir, resume, progress, parts, command, stop_after, accelerator)
+
+
+def _lock_run_folder(held: ExitStack, root: Path) -> str | None:
+    """Hold ``root``'s lock until ``held`` closes; the refusal when another process holds it."""
+    try:
+        held.enter_context(RunLock(root))
+    except RunFolderInUseError as exc:
+        return str(exc)
+    return None
+
+
+def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, resume: bool, progress: bool, parts: Parts | None,
+                 command: str | None, stop_after: Callable[[str, int], bool] | None, accelerator) -> dict:
     """Run (or with ``resume`` continue) the loop in ``run_dir``; returns the end record.
 
     ``stop_after(point, epoch)`` is for tests: returning True raises SystemExit at that point
@@ -353,17 +411,21 @@ def run_improve(cfg: SynthmedConfig, run_dir: Path | None = None, resume: bool =
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     device = str(accelerator.device)
 
-    # the run folder: made by the main process, its path shared with the others
-    holder = [str(run_dir) if run_dir else None]
+    # the run folder: made and locked by the main process, its path (or the lock's refusal) shared with the others
+    holder = [str(run_dir) if run_dir else None, None]
     if not resume and run_dir and (Path(run_dir) / "metrics.jsonl").exists():  # every rank sees it and stops
         raise UserError(f"{run_dir} already holds a run; continue it with `synthmed improve --resume {run_dir}` or "
                         "choose another --run-dir")
     if main and not resume:
         root = Path(run_dir) if run_dir else new_run_dir(cfg)
         (root / "checkpoints").mkdir(parents=True, exist_ok=True)
-        holder = [str(root)]
+        holder = [str(root), None]
+    if main:
+        holder[1] = _lock_run_folder(held, Path(holder[0]))
     if world > 1:
         broadcast_object_list(holder)
+    if holder[1]:
+        raise RunFolderInUseError(holder[1])
     root = Path(holder[0])
     progress = progress and main
 
@@ -379,7 +441,7 @@ def run_improve(cfg: SynthmedConfig, run_dir: Path | None = None, resume: bool =
     if resume:
         checkpoint = latest_checkpoint(root)
         if checkpoint is not None:
-            state = json.loads((checkpoint / "state.json").read_text())
+            state = _read_checkpoint_state(checkpoint)
             meta = read_lora_metadata(checkpoint / "lora.safetensors")
             from generator.lora_training import lora_spec
 
@@ -389,7 +451,7 @@ def run_improve(cfg: SynthmedConfig, run_dir: Path | None = None, resume: bool =
             if state.get("base_model") != base_model:
                 raise ResumeError(f"cannot resume {root}: it improves the base model {state.get('base_model')}, this config names {base_model}")
             load_lora(model.unet, checkpoint / "lora.safetensors", "default")
-            trainer_state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+            trainer_state = _load_trainer_state(checkpoint)
             trainer.load_state_dict(trainer_state["trainer"])
             _set_rng_state(trainer_state["rng"])
             guard.load_state_dict(state["guard"])

@@ -8,23 +8,21 @@ A run directory (``runs/<id>/``) is written by the loop and only read here:
   model), ``guard`` (reward hacking suspected) and ``end``;
 - ``grids/epoch_NNNN.png``, ``plots/*.png``, ``checkpoints/epoch_NNNN/``, ``final/``, ``best/``.
 
-A run that was killed may end in half a line: an unparseable *last* line is skipped with a warning.
-Anywhere else it is an error that names the file and line, since the lines after it were written by
-something that did not keep the contract. Where a resumed run logged an epoch twice, the later
-line wins.
+A line counts once its newline is written: the loop appends whole lines, newline included, in one
+write, so a last line without one is being written now (or the run was killed mid-write) and is left
+out, silently: a reader polling a running run never sees half a record. A complete line that is not
+a JSON object is an error that names the file and line. Where a resumed run logged an epoch twice,
+the later line wins.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from generator.errors import UserError
-
-log = logging.getLogger(__name__)
 
 RUN_KIND = "synthmed improve run"  # metadata.json "kind" of a run directory
 LINE_KINDS = ("step", "epoch", "eval", "guard", "end")  # the "kind"s of metrics.jsonl lines
@@ -32,42 +30,44 @@ TIMING_PARTS = ("sampling", "reward", "update", "selection", "total")  # an epoc
 
 
 # -- files ------------------------------------------------------------------------------------
-def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
-    """The objects of a JSON-lines file, and a warning for a cut-off last line (if any)."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
-    records, warnings = [], []
-    for position, (number, line) in enumerate(numbered):
+def complete_lines(path: Path) -> list[str]:
+    """The lines of ``path`` that end in a newline; a last line without one (a writer mid-append) is left out."""
+    data = path.read_bytes()
+    try:
+        return data[:data.rfind(b"\n") + 1].decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); the file was damaged or written by something else") from None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """The objects of the complete lines of a JSON-lines file."""
+    records = []
+    for number, line in enumerate(complete_lines(path), 1):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            if position == len(numbered) - 1:
-                warnings.append(f"{path}:{number}: skipped the last line, cut short ({exc.msg}); "
-                                "the run was killed or is writing it now")
-                continue
-            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg}); only a run's last line may be "
+            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg}); only a line still being written may be "
                             "incomplete, so this file was damaged or written by something else") from None
         if not isinstance(record, dict):
             raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         records.append(record)
-    return records, warnings
+    return records
 
 
-def _load_metrics(run_dir: Path) -> tuple[list[dict], list[str]]:
+def _load_metrics(run_dir: Path) -> list[dict]:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run directory {run_dir}")
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        return [], []  # started, nothing logged yet
-    records, warnings = _read_jsonl(path)
-    for w in warnings:
-        log.warning(w)
-    return records, warnings
+        return []  # started, nothing logged yet
+    return _read_jsonl(path)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """Every line of ``run_dir/metrics.jsonl`` in order ([] when the run has logged nothing yet)."""
-    return _load_metrics(Path(run_dir))[0]
+    return _load_metrics(Path(run_dir))
 
 
 def _read_metadata(run_dir: Path) -> dict | None:
@@ -229,7 +229,7 @@ def show_run(run: str | Path, runs_dir: str | Path = "runs") -> dict[str, Any]:
     messages, how it ended, where its files are and where the time went."""
     run_dir = resolve_run(run, runs_dir)
     meta = _read_metadata(run_dir) or {}
-    records, warnings = _load_metrics(run_dir)
+    records = _load_metrics(run_dir)
     summary = summarise(run_dir, records, meta)
     epochs, evals = lines_by_epoch(records, "epoch"), lines_by_epoch(records, "eval")
     steps = [r for r in records if r.get("kind") == "step"]
@@ -253,7 +253,6 @@ def show_run(run: str | Path, runs_dir: str | Path = "runs") -> dict[str, Any]:
         "timing": {"epochs": len(timed), **{part: _mean([t.get(part) for t in timed]) for part in TIMING_PARTS},
                    "eval": _mean([e.get("seconds") for e in evals])},
         "paths": _paths(run_dir, summary["best_epoch"]),
-        "warnings": warnings,
     }
 
 
@@ -303,7 +302,7 @@ def list_runs(runs_dir: str | Path = "runs") -> list[dict[str, Any]]:
             continue
         try:
             meta = _read_metadata(folder) or {}
-            row = summarise(folder, _load_metrics(folder)[0], meta) | {"error": None}
+            row = summarise(folder, _load_metrics(folder), meta) | {"error": None}
         except (ValueError, OSError) as exc:
             meta = {}
             row = summarise(folder, [], meta) | {"status": "unreadable", "error": str(exc)}

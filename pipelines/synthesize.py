@@ -41,6 +41,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -54,6 +55,7 @@ import numpy as np
 from agents.requests import PromptSampler
 from generator.errors import UserError
 from generator.fileio import atomic_open, atomic_write, json_default, write_json_atomic, write_text_atomic
+from generator.runlock import LOCK_NAME, RunLock
 
 log = logging.getLogger("synthmed.synthesize")
 
@@ -63,6 +65,7 @@ CSV_COLUMNS = ("text", "modality", "n")
 MIX_KEYS = {"modalities", "negatives"}
 MODALITY_KEYS = {"n", "normal", "findings", "severities", "sides", "negatives"}
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+MAX_SPEC_IMAGES = 1_000_000  # images one spec may ask for: a typo like n=10000000000 stops here, not in memory
 
 
 class SpecError(UserError):
@@ -71,6 +74,12 @@ class SpecError(UserError):
     def __init__(self, path: str | os.PathLike, line: int | None, field_name: str, message: str):
         where = f"line {line}, " if line else ""
         super().__init__(f"{path}: {where}{field_name}: {message}")
+
+
+def _quote(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a message stays one readable line whatever the spec holds."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-1]} ({len(str(value)):,} characters)"
 
 
 def _near(word: str, options: Iterable[str]) -> str:
@@ -120,41 +129,52 @@ def read_spec(path: str | os.PathLike, cfg, seed: int) -> list[Slot]:
 # -------------------------------------------------------------------------------- CSV rows
 def read_csv_spec(path: Path, cfg) -> list[tuple[Any, str]]:
     """Rows ``text,modality,n``: each row's text read once, repeated ``n`` times in file order."""
+    from generator.data.sources import csv_encoding, csv_read_error
+
+    try:
+        with open(path, newline="", encoding=csv_encoding(path)) as f:
+            return _csv_spec_rows(path, csv.reader(f), cfg)
+    except (UnicodeError, csv.Error) as exc:
+        raise UserError(csv_read_error(path, exc, "spec")) from None
+
+
+def _csv_spec_rows(path: Path, reader, cfg) -> list[tuple[Any, str]]:
     from generator.modalities import resolve_modality
 
     out: list[tuple[Any, str]] = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise SpecError(path, 1, "header", f"empty file; the first line names the columns {','.join(CSV_COLUMNS)}")
-        names = [h.strip().lower() for h in header]
-        for col in CSV_COLUMNS:
-            if col not in names:
-                raise SpecError(path, 1, col, f"missing column {col!r}; a CSV spec has the columns {','.join(CSV_COLUMNS)} "
-                                f"(found: {','.join(h.strip() for h in header)})")
-        where = {col: names.index(col) for col in CSV_COLUMNS}
-        for line, row in enumerate(reader, start=2):
-            if not any(cell.strip() for cell in row):
-                continue
-            cells = {col: (row[i].strip() if i < len(row) else "") for col, i in where.items()}
-            try:
-                n = int(cells["n"])
-            except ValueError:
-                raise SpecError(path, line, "n", f"a whole number of images >= 0, got {cells['n']!r}") from None
-            if n < 0:
-                raise SpecError(path, line, "n", f"a count cannot be negative, got {n}")
-            try:
-                modality = resolve_modality(cells["modality"], cfg.data.modalities)
-            except UserError as exc:
-                raise SpecError(path, line, "modality", str(exc)) from None
-            if not cells["text"]:
-                raise SpecError(path, line, "text", "empty; describe the image, e.g. \"Small left pleural effusion.\"")
-            try:
-                request = text_request(cells["text"], modality, cfg.agents.default_severity, label_names(modality, cfg))
-            except UserError as exc:
-                raise SpecError(path, line, "text", str(exc)) from None
-            out += [(request, f"{path.name}:{line}")] * n
+    header = next(reader, None)
+    if header is None:
+        raise SpecError(path, 1, "header", f"empty file; the first line names the columns {','.join(CSV_COLUMNS)}")
+    names = [h.strip().lower() for h in header]
+    for col in CSV_COLUMNS:
+        if col not in names:
+            raise SpecError(path, 1, col, f"missing column {col!r}; a CSV spec has the columns {','.join(CSV_COLUMNS)} "
+                            f"(found: {_quote(','.join(h.strip() for h in header))})")
+    where = {col: names.index(col) for col in CSV_COLUMNS}
+    for line, row in enumerate(reader, start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        cells = {col: (row[i].strip() if i < len(row) else "") for col, i in where.items()}
+        try:
+            n = int(cells["n"])
+        except ValueError:
+            raise SpecError(path, line, "n", f"a whole number of images >= 0, got {_quote(cells['n'])}") from None
+        if n < 0:
+            raise SpecError(path, line, "n", f"a count cannot be negative, got {n}")
+        if len(out) + n > MAX_SPEC_IMAGES:
+            raise SpecError(path, line, "n", f"the spec asks for {len(out) + n:,} images so far; a spec asks for at "
+                            f"most {MAX_SPEC_IMAGES:,}: split it into several specs (or check this count)")
+        try:
+            modality = resolve_modality(cells["modality"], cfg.data.modalities)
+        except UserError as exc:
+            raise SpecError(path, line, "modality", str(exc)) from None
+        if not cells["text"]:
+            raise SpecError(path, line, "text", "empty; describe the image, e.g. \"Small left pleural effusion.\"")
+        try:
+            request = text_request(cells["text"], modality, cfg.agents.default_severity, label_names(modality, cfg))
+        except UserError as exc:
+            raise SpecError(path, line, "text", str(exc)) from None
+        out += [(request, f"{path.name}:{line}")] * n
     return out
 
 
@@ -202,10 +222,10 @@ def text_request(text: str, modality: str, default_severity: str | None, labels:
             study_normal.add(clause)
     present = list(dict.fromkeys(m.name for m in mentions if m.status == "present"))
     if study_normal and present:
-        raise UserError(f"a normal study with a finding ({', '.join(present)}): {next(iter(study_normal))!r} says the study "
+        raise UserError(f"a normal study with a finding ({', '.join(present)}): {_quote(next(iter(study_normal)))} says the study "
                         "is normal; drop it or the finding")
     if not mentions:
-        raise UserError(f"no {modality} finding recognised in {text!r} and it does not say the study is normal; "
+        raise UserError(f"no {modality} finding recognised in {_quote(text)} and it does not say the study is normal; "
                         f"name findings ({', '.join(list(vocab)[:8])}{', ...' if len(vocab) > 8 else ''}) or write \"Normal study.\"")
     spec = phantom_spec(modality)
     findings = []
@@ -248,6 +268,8 @@ def _yaml_lines(text: str, path: Path) -> tuple[Any, dict[tuple[str, ...], int]]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise SpecError(path, mark.line + 1 if mark else None, "yaml", str(getattr(exc, "problem", exc))) from None
+    except RecursionError:  # "[[[[..." thousands deep
+        raise SpecError(path, None, "yaml", "nested too deeply to read; a mix is modalities -> modality -> fields") from None
     lines: dict[tuple[str, ...], int] = {}
 
     def walk(node, prefix: tuple[str, ...]) -> None:
@@ -281,8 +303,8 @@ def _weights(value: Any, allowed: Sequence[str], path: Path, line: int | None, n
     for k, w in value.items():
         if k not in allowed:
             raise SpecError(path, line, f"{name}.{k}", f"unknown value; use {', '.join(allowed)}{_near(k, allowed)}")
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
-            raise SpecError(path, line, f"{name}.{k}", f"a weight >= 0, got {w!r}")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise SpecError(path, line, f"{name}.{k}", f"a weight >= 0, got {_quote(w)}")
         out[str(k)] = float(w)
     if sum(out.values()) <= 0:
         raise SpecError(path, line, name, "the weights sum to 0")
@@ -296,7 +318,11 @@ def read_mix_spec(path: Path, cfg, seed: int) -> list[tuple[Any, str]]:
     from generator.modalities import resolve_modality
     from generator.phantoms import NORMAL, PHANTOM_MODULES, get_spec
 
-    data, lines = _yaml_lines(path.read_text(encoding="utf-8"), path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SpecError(path, None, "yaml", f"not UTF-8 text ({exc.reason} at byte {exc.start}); save the spec as UTF-8") from None
+    data, lines = _yaml_lines(text, path)
     if not isinstance(data, Mapping) or not isinstance(data.get("modalities"), Mapping) or not data["modalities"]:
         raise SpecError(path, lines.get(("modalities",)), "modalities",
                         "a YAML spec is a mapping with `modalities:` holding one entry per modality (see docs/specs/example_mix.yaml)")
@@ -356,8 +382,8 @@ def read_mix_spec(path: Path, cfg, seed: int) -> list[tuple[Any, str]]:
             raise SpecError(path, line, name, "no findings and no normal share: nothing to draw")
         kinds = set()
         for value, vline, vname in entries.values():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise SpecError(path, vline, vname, f"a count (whole number) or a share (0.0-1.0), got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise SpecError(path, vline, vname, f"a count (whole number) or a share (0.0-1.0), got {_quote(value)}")
             if value < 0:
                 raise SpecError(path, vline, vname, f"a count or share cannot be negative, got {value}")
             if isinstance(value, float):
@@ -369,7 +395,7 @@ def read_mix_spec(path: Path, cfg, seed: int) -> list[tuple[Any, str]]:
         n = entry.get("n")
         nline = lines.get(at + ("n",))
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-            raise SpecError(path, nline, f"{name}.n", f"a whole number of images >= 0, got {n!r}")
+            raise SpecError(path, nline, f"{name}.n", f"a whole number of images >= 0, got {_quote(n)}")
         if kinds == {"share", "count"}:
             raise SpecError(path, line, name, "mixes counts (whole numbers) and shares (0.0-1.0); use one kind per modality")
         if "share" in kinds:
@@ -389,13 +415,18 @@ def read_mix_spec(path: Path, cfg, seed: int) -> list[tuple[Any, str]]:
             counts = {k: int(v[0]) for k, v in entries.items()}
             if n is not None and n != sum(counts.values()):
                 raise SpecError(path, nline, f"{name}.n", f"n is {n} but the counts sum to {sum(counts.values())}")
+        total = sum(c for _, _, c in plan) + sum(counts.values())
+        if total > MAX_SPEC_IMAGES:
+            raise SpecError(path, nline or line, f"{name}.n" if n is not None else name,
+                            f"the spec asks for {total:,} images so far; a spec asks for at most "
+                            f"{MAX_SPEC_IMAGES:,}: split it into several specs (or check the counts)")
         severities = _weights(entry["severities"], SEVERITIES, path, lines.get(at + ("severities",)), f"{name}.severities") \
             if "severities" in entry else dict(cfg.improve.prompts.severities)
         sides = _weights(entry["sides"], SIDES, path, lines.get(at + ("sides",)), f"{name}.sides") if "sides" in entry else None
         negatives = entry.get("negatives", top_negatives)
         if isinstance(negatives, bool) or not isinstance(negatives, int) or not 0 <= negatives <= 3:
             raise SpecError(path, lines.get(at + ("negatives",)) or lines.get(("negatives",)), f"{name}.negatives",
-                            f"pertinent negatives per request: 0 to 3, got {negatives!r}")
+                            f"pertinent negatives per request: 0 to 3, got {_quote(negatives)}")
         sampler_parts[modality] = {"severities": severities, "sides": sides, "negatives": negatives, "origin": f"{path.name}:{mkey}"}
         plan += [(modality, combo, counts[combo]) for combo in sorted(counts, key=lambda c: (len(c), c))]
 
@@ -475,6 +506,7 @@ class OutputFolder:
         self.checks_path = self.root / ("checks.jsonl" if world == 1 else f"checks.rank{rank}.jsonl")
         self.manifest_path = self.root / "manifest.csv"
         self.summary_path = self.root / "summary.json"
+        self.lock_name = LOCK_NAME if world == 1 else f"{LOCK_NAME}.rank{rank}"  # held while this run (shard) writes here
 
     def image_path(self, slot: Slot, fmt: str) -> Path:
         return self.images / f"{slot.index:06d}_{slot.request.modality}.{'dcm' if fmt == 'dicom' else 'png'}"
@@ -493,7 +525,7 @@ class OutputFolder:
             if not resume:
                 raise UserError(f"{self.root} already holds this spec's images; pass --resume to finish it, or choose a new --out")
             return True
-        if self.root.exists() and any(self.root.iterdir()):
+        if self.root.exists() and any(not p.name.startswith(LOCK_NAME) for p in self.root.iterdir()):
             raise UserError(f"{self.root} is not empty and holds no synthesize run (no synthesize.json); choose a new or empty --out")
         self.images.mkdir(parents=True, exist_ok=True)
         try:
@@ -1003,6 +1035,15 @@ def synthesize(
     model_dir = str(shipped(model_dir or cfg.train.out))  # the shipped model is found from any working folder
     model_info = model_identity(model_dir, list(cfg.sample.lora))
     folder = OutputFolder(out, rank, world)
+    with RunLock(folder.root, folder.lock_name):  # one run at a time in ``out`` (in each shard)
+        return _fill(folder, cfg, spec_path, slots, model_dir, model_info, train_data, through_graph, resume, progress, rank, world)
+
+
+def _fill(folder: OutputFolder, cfg, spec_path: Path, slots: list[Slot], model_dir: str, model_info: dict,
+          train_data: Sequence[str] | None, through_graph: bool, resume: bool, progress: bool, rank: int, world: int) -> dict:
+    """Claim (or resume) the locked ``folder`` and draw this shard's open slots; the summary."""
+    sc = cfg.synthesize
+    seed = sc.seed
     resumed = folder.prepare(run_identity(spec_path, slots, cfg, model_info, seed, through_graph), slots, resume)
     if not resumed:
         from .config import save_config

@@ -177,16 +177,23 @@ class RatingsTable:
 
 
 def _read_csv(path: str | os.PathLike, columns: Sequence[str], what: str) -> tuple[Path, list[dict[str, str]]]:
+    from generator.data.sources import csv_encoding, csv_read_error
+
     path = resolve_folder(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give the {what} CSV file in it")
     if not path.is_file():
-        raise FileNotFoundError(f"{what} CSV not found: {path}")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip().lower() for h in reader.fieldnames or []]
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise UserError(f"{path}: missing column(s) {', '.join(missing)}; a {what} CSV has the header {','.join(columns)}")
-        rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+        raise UserError(f"{what} CSV not found: {path}")
+    try:
+        with open(path, newline="", encoding=csv_encoding(path)) as f:
+            reader = csv.DictReader(f)
+            header = [h.strip().lower() for h in reader.fieldnames or []]
+            missing = [c for c in columns if c not in header]
+            if missing:
+                raise UserError(f"{path}: missing column(s) {', '.join(missing)}; a {what} CSV has the header {','.join(columns)}")
+            rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    except (UnicodeError, csv.Error) as exc:
+        raise UserError(csv_read_error(path, exc, f"{what} CSV")) from None
     if not rows:
         raise UserError(f"{path}: no rows")
     return path, rows
@@ -204,25 +211,38 @@ def read_ratings(path: str | os.PathLike, cfg: SelectorConfig, data: DataConfig 
     """The ratings CSV, normalised and weighted; image paths are relative to the CSV's folder."""
     path, rows = _read_csv(path, RATINGS_COLUMNS, "ratings")
     modalities = (data or DataConfig()).modalities
+    given = tuple(cfg.rating_scale) if cfg.rating_scale is not None else None
+    if given is not None and given[1] <= given[0]:
+        raise UserError(f"judges.selector.rating_scale must be (worst, best) with best > worst, got {given}")
     paths, ratings, weights, levels, mods, prompts = [], [], [], [], [], []
-    for line, row in enumerate(rows, start=2):
+    for line, row in enumerate(rows, start=2):  # (a quoted field holding a line break makes later numbers approximate)
         level = row["expert_level"].lower()
         if level not in cfg.expert_weights:
-            raise UserError(f"{path}, line {line}: unknown expert_level {row['expert_level']!r}; known levels: "
+            raise UserError(f"{path}, line {line}: unknown expert_level {row['expert_level'][:40]!r}; known levels: "
                             f"{', '.join(cfg.expert_weights)} (add it to judges.selector.expert_weights)")
         try:
-            ratings.append(float(row["rating"]))
+            rating = float(row["rating"])
         except ValueError:
-            raise UserError(f"{path}, line {line}: rating {row['rating']!r} is not a number") from None
+            rating = None
+        if rating is None or not np.isfinite(rating):
+            raise UserError(f"{path}, line {line}: rating {row['rating'][:40]!r} is not a number; write a number such as 4") from None
+        if given is not None and not given[0] <= rating <= given[1]:
+            raise UserError(f"{path}, line {line}: rating {rating:g} is outside judges.selector.rating_scale "
+                            f"{given[0]:g}-{given[1]:g}; fix the rating or the scale")
+        ratings.append(rating)
+        if not row["image_path"] or "\x00" in row["image_path"]:
+            raise UserError(f"{path}, line {line}: image_path is empty or holds a NUL byte; give the image file, "
+                            "relative to the CSV's folder")
         paths.append(str((path.parent / row["image_path"]).resolve()))
         weights.append(float(cfg.expert_weights[level]))
         levels.append(level)
-        mods.append(resolve_modality(row["modality"], modalities))
+        try:
+            mods.append(resolve_modality(row["modality"], modalities))
+        except UserError as exc:
+            raise UserError(f"{path}, line {line}: {exc}") from None
         prompts.append(row["prompt"])
     values = np.asarray(ratings, dtype=np.float64)
-    scale = tuple(cfg.rating_scale) if cfg.rating_scale is not None else detect_scale(values)
-    if scale[1] <= scale[0]:
-        raise UserError(f"judges.selector.rating_scale must be (worst, best) with best > worst, got {scale}")
+    scale = given if given is not None else detect_scale(values)
     targets = np.clip((values - scale[0]) / (scale[1] - scale[0]), 0.0, 1.0)
     return RatingsTable(paths, values, targets, np.asarray(weights), levels, mods, prompts, (float(scale[0]), float(scale[1])))
 

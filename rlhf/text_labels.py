@@ -33,6 +33,7 @@ How a text is read:
 from __future__ import annotations
 
 import re
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
@@ -227,7 +228,9 @@ def vocabulary(modality: str, label_names: tuple[str, ...] | list[str] | None = 
 def _compiled(modality: str, label_names: tuple[str, ...] | None) -> _Vocabulary:
     terms = vocabulary(modality, label_names)
     labels = tuple(terms)
-    entries: list[tuple[str, tuple[str, ...], bool]] = [(t, (name,), False) for name, ts in terms.items() for t in ts]
+    # (a blank term, from a blank label name, names nothing: it would match everywhere, or break the pattern)
+    entries: list[tuple[str, tuple[str, ...], bool]] = [(t, (name,), False) for name, ts in terms.items() for t in ts
+                                                         if normalise(t).split()]
     for phrase, names in GROUP_TERMS.get(modality, {}).items():
         kept = tuple(n for n in names if n in terms)
         if kept:
@@ -295,15 +298,72 @@ def _negated_after(clause: str, matches: list[re.Match], k: int) -> bool:
     return False
 
 
-def _uncertain(clause: str, match: re.Match) -> bool:
+def _uncertain(clause: str, match: re.Match, index: "_ClauseIndex | None" = None) -> bool:
     """A hedge within a few words before ("possible ...") or after ("... cannot be excluded")."""
-    before = clause[: match.start()]
-    hedges = list(_PRE_UNCERTAIN.finditer(before))
-    if hedges and not _SCOPE_END.search(before[hedges[-1].end() :]) and len(before[hedges[-1].end() :].split()) <= 6:
+    index = index or _ClauseIndex(clause)
+    hedge = index.hedge_before(match.start())
+    if hedge is not None and index.words(hedge.end(), match.start()) <= 6 \
+            and not _SCOPE_END.search(clause[hedge.end() : match.start()]):
         return True
-    after = clause[match.end() :]
+    after = clause[match.end() : index.end_of_word_after(match.end(), 10)]  # a post hedge counts within 4 words
     post = _POST_UNCERTAIN.search(after)
     return post is not None and len(after[: post.start()].split()) <= 4 and "," not in after[: post.start()]
+
+
+class _ClauseIndex:
+    """The hedges and word positions of one clause, found once: each finding's checks then look only at the few
+    words around it, so a long clause with many findings reads in linear time, not quadratic (a 1 MB
+    "pneumothorax, pneumothorax, ..." took minutes)."""
+
+    def __init__(self, clause: str):
+        self.hedges = list(_PRE_UNCERTAIN.finditer(clause))
+        self.hedge_ends = [h.end() for h in self.hedges]
+        runs = [(m.start(), m.end()) for m in re.finditer(r"\S+", clause)]  # the words of str.split()
+        self.starts, self.ends = [a for a, _ in runs], [b for _, b in runs]
+        self.length = len(clause)
+
+    def hedge_before(self, at: int) -> re.Match | None:
+        """The last hedge ending at or before ``at``."""
+        i = bisect_right(self.hedge_ends, at)
+        return self.hedges[i - 1] if i else None
+
+    def words(self, a: int, b: int) -> int:
+        """``len(clause[a:b].split())``."""
+        return max(0, bisect_left(self.starts, b) - bisect_right(self.ends, a))
+
+    def end_of_word_after(self, at: int, n: int) -> int:
+        """Where the ``n``-th word after ``at`` ends (the clause's end if there are fewer)."""
+        i = bisect_right(self.ends, at) + n - 1
+        return self.ends[i] if i < len(self.ends) else self.length
+
+
+def _negations(clause: str, matches: list[re.Match]) -> tuple[list[bool], list[bool]]:
+    """``_negated_before`` and ``_negated_after`` of every match, each gap read once (a list of absent items
+    takes the answer of its neighbour, so the walk along the list is not repeated for every item)."""
+    before: list[bool] = []
+    for j in range(len(matches)):
+        left = matches[j - 1].end() if j > 0 else 0
+        gap = clause[left : matches[j].start()]
+        triggers = list(_PRE_NEGATION.finditer(gap))
+        if triggers:
+            before.append(not _SCOPE_END.search(gap[triggers[-1].end() :]))
+        elif j == 0 or not _is_list_gap(gap):
+            before.append(False)
+        else:
+            before.append(before[j - 1])
+    after: list[bool] = [False] * len(matches)
+    for j in range(len(matches) - 1, -1, -1):
+        right = matches[j + 1].start() if j + 1 < len(matches) else len(clause)
+        gap = clause[matches[j].end() : right]
+        post = _POST_NEGATION.search(gap)
+        if post is not None:
+            head = gap[: post.start()]
+            after[j] = len(head.split()) <= 3 and "," not in head and not _SCOPE_END.search(head)
+        elif j + 1 >= len(matches) or not _is_list_gap(gap, commas=False):
+            after[j] = False
+        else:
+            after[j] = after[j + 1]
+    return before, after
 
 
 def finding_mentions(text: str, modality: str, label_names: tuple[str, ...] | list[str] | None = None) -> list[FindingMention]:
@@ -314,10 +374,12 @@ def finding_mentions(text: str, modality: str, label_names: tuple[str, ...] | li
         matches = list(vocab.pattern.finditer(clause))
         low = clause.lower()  # same positions: the negation and hedge cues are matched in lower case
         affirmed = False
+        index = _ClauseIndex(low)
+        negated_before, negated_after = _negations(low, matches)
         for k, m in enumerate(matches):
             names, deny_only = vocab.groups[m.lastgroup]
-            hedged = _uncertain(low, m)  # checked first: "cannot be excluded" holds a negation word
-            negated = not hedged and (_negated_before(low, matches, k) or _negated_after(low, matches, k))
+            hedged = _uncertain(low, m, index)  # checked first: "cannot be excluded" holds a negation word
+            negated = not hedged and (negated_before[k] or negated_after[k])
             status: Status = "absent" if negated else "uncertain" if hedged else "present"
             if deny_only and status != "absent":
                 continue

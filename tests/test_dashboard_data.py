@@ -95,7 +95,7 @@ def test_open_run_gives_series_grids_and_the_same_numbers_as_runs_show(runs_dir)
     assert [x for x, _ in heldout["fd"]] == [0, 2]  # the last eval has no FD: left out, not zero
     assert set(run["series"]["per_modality"]) == {"cxr", "oct"}
     assert [e for e, _ in run["grids"]] == [1, 2, 3, 4]
-    assert run["warnings"] and "cut short" in run["warnings"][0]
+    assert not run.get("warnings")  # the half-written last line is left out, not reported
 
 
 def test_open_run_of_a_train_run_plots_its_numbers(runs_dir):  # noqa: F811

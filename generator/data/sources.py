@@ -38,6 +38,24 @@ NORMAL_LABELS = {"normal", "no finding", "no_finding", "notumor", "no tumor", "h
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long report texts
 
 
+def csv_encoding(path: str | os.PathLike) -> str:
+    """The encoding to read a CSV with: UTF-16 when it starts with a UTF-16 byte-order mark (Excel's "Unicode
+    text"), else UTF-8 with or without a BOM (Excel's "CSV UTF-8")."""
+    with open(path, "rb") as f:
+        start = f.read(2)
+    return "utf-16" if start in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+
+
+def csv_read_error(path: str | os.PathLike, exc: Exception, what: str = "CSV file", line: int | None = None) -> str:
+    """One line for a CSV that cannot be decoded or parsed: what is wrong and how to fix it (``line``: the last
+    line read whole, when known)."""
+    where = f" after line {line}" if line else ""
+    if isinstance(exc, UnicodeError):
+        return (f"{path}: not UTF-8 text{where} ({exc.reason if isinstance(exc, UnicodeDecodeError) else exc}); "
+                f"save the {what} as UTF-8 (in Excel: CSV UTF-8) or UTF-16 with its byte-order mark")
+    return f"{path}: not a readable {what}{where} ({exc}); check its quoting and that it is text, not a binary file"
+
+
 def match_columns(header: list[str], file: str) -> dict[str, int]:
     """Column name -> index for the canonical columns found in a header (aliases accepted)."""
     lowered = [h.strip().lower() for h in header]
@@ -76,29 +94,40 @@ def iter_manifest(
     bad = bad if bad is not None else BadRows(skip=False)
     base = path.parent
     name = str(path)
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise DataError("empty file: a manifest needs a header row path,text,modality", file=name)
-        cols = match_columns(header, name)
-        if "modality" not in cols and modality is None:
-            raise DataError(
-                "missing column and no default modality; add a column modality (or modal) "
-                "or pass --modality",
-                file=name,
-                column="modality",
-            )
-        resolve = ModalityResolver(modalities)
-        fixed_modality = resolve(modality) if modality else None
-        for fields in reader:
+    try:
+        encoding = csv_encoding(path)
+    except OSError as exc:
+        raise DataError(f"cannot open the manifest: {exc.strerror or exc}", file=name) from None
+    line = 0
+    try:
+        with open(path, newline="", encoding=encoding) as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise DataError("empty file: a manifest needs a header row path,text,modality", file=name)
+            cols = match_columns(header, name)
+            if "modality" not in cols and modality is None:
+                raise DataError(
+                    "missing column and no default modality; add a column modality (or modal) "
+                    "or pass --modality",
+                    file=name,
+                    column="modality",
+                )
+            resolve = ModalityResolver(modalities)
+            fixed_modality = resolve(modality) if modality else None
             line = reader.line_num
-            if not fields or not any(cell.strip() for cell in fields):
-                continue
-            try:
-                yield _manifest_row(fields, cols, len(header), line, name, base, resolve, fixed_modality, check_files)
-            except DataError as error:
-                bad.handle(error)
+            for fields in reader:
+                line = reader.line_num
+                if not fields or not any(cell.strip() for cell in fields):
+                    continue
+                try:
+                    row = _manifest_row(fields, cols, len(header), line, name, base, resolve, fixed_modality, check_files)
+                except DataError as error:
+                    bad.handle(error)
+                    continue
+                yield row
+    except (UnicodeError, csv.Error) as exc:  # the whole file is unreadable from here on: no row to skip
+        raise DataError(csv_read_error(path, exc, "manifest", line).removeprefix(f"{path}: "), file=name) from None
 
 
 def _manifest_row(
@@ -142,8 +171,9 @@ def _manifest_row(
     if "findings" in cols:
         try:
             findings = findings_from_cell(fields[cols["findings"]])
-        except ValueError as exc:
-            raise error(f"unreadable findings: {exc}", "findings") from None
+        except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested thousands deep ("[[[[...")
+            raise error(f"unreadable findings: {str(exc)[:200] or type(exc).__name__}; write a JSON list of objects "
+                        "with a 'name', or names separated by '|'", "findings") from None
     source = fields[cols["source"]].strip() if "source" in cols else ""
     return ManifestRow(ref, text, modality, findings, source or f"manifest:{Path(file).name}", line)
 
@@ -188,7 +218,7 @@ def iter_npz(
     ``file.npz#<split>/<index>`` refs. ``label_text`` maps a label vector to (text, findings)."""
     path = Path(path)
     modality = resolve_modality(modality, modalities)
-    with np.load(path) as archive:
+    with np.load(path, allow_pickle=False) as archive:
         present = [s for s in splits if f"{s}_images" in archive.files]
         if not present:
             raise DataError(f"no <split>_images arrays; arrays found: {', '.join(archive.files)}", file=str(path))

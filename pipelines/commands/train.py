@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
+
+from generator.errors import UserError
 
 from .common import add_config_argument, phantom_manifest, resolve_config, resolve_device, table
 
@@ -26,6 +30,9 @@ def register(groups, formatter) -> None:
         p.add_argument("--data", nargs="+", help="manifest(s) to train on (default: data.manifests, else phantoms.out/manifest.csv)")
         p.add_argument("--resume", help="a run folder (runs/<name>-...) to continue from its newest checkpoint")
         p.add_argument("--no-progress", action="store_true")
+        if name == "unet":
+            p.add_argument("--init-from", metavar="MODEL", help="start from an exported model folder's UNet, conditioner and VAE "
+                           "(e.g. generator/weights/default) with a fresh optimiser and schedule, instead of from scratch")
         if name == "lora":
             p.add_argument("--model", default=None, help="base model folder (default: train.out)")
             p.add_argument("--adapter-out", required=True, help="adapter file to write (.safetensors)")
@@ -86,6 +93,13 @@ def _run_dir(cfg, kind: str, resume: str | None):
     return run
 
 
+def _run_lock(run):
+    """The run folder's lock (``generator.runlock``), held for the run's life by the main process (rank 0 under accelerate)."""
+    from generator.runlock import RunLock
+
+    return RunLock(run.root) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
+
+
 def _train(args, extra) -> int:
     from generator.training import split_rows
 
@@ -97,15 +111,16 @@ def _train(args, extra) -> int:
     rows = _rows(cfg, args.data)
     train_rows, val_rows = split_rows(rows, cfg.train.val_fraction, cfg.train.seed)
     run = _run_dir(cfg, args.train_kind, args.resume)
-    print(f"run folder: {run.root}  ({len(train_rows)} training, {len(val_rows)} validation images)")
-    if args.train_kind == "vae":
-        from generator.trainers import train_vae
+    with _run_lock(run):
+        print(f"run folder: {run.root}  ({len(train_rows)} training, {len(val_rows)} validation images)")
+        if args.train_kind == "vae":
+            from generator.trainers import train_vae
 
-        summary = train_vae(cfg.model, cfg.vae_train, cfg.data, train_rows, val_rows, run, out / "vae", progress)
-    elif args.train_kind == "unet":
-        summary = _train_unet(cfg, train_rows, run, out, progress)
-    else:
-        summary = _train_lora(cfg, args, train_rows, run, progress)
+            summary = train_vae(cfg.model, cfg.vae_train, cfg.data, train_rows, val_rows, run, out / "vae", progress)
+        elif args.train_kind == "unet":
+            summary = _train_unet(cfg, train_rows, run, out, progress, init_from=getattr(args, "init_from", None))
+        else:
+            summary = _train_lora(cfg, args, train_rows, run, progress)
     summary["command"] = "synthmed " + " ".join(sys.argv[1:])
     print(json.dumps({k: v for k, v in summary.items() if k != "environment"}, indent=2))
     return 0
@@ -125,12 +140,28 @@ def _load_vae(cfg):
     return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
 
 
-def _train_unet(cfg, train_rows, run, out, progress):
+def _train_unet(cfg, train_rows, run, out, progress, init_from: str | None = None):
     from generator.models import LatentDiffusion
     from generator.trainers import train_unet
+    from generator.training import seed_everything
 
-    vae_dir = Path(cfg.model.vae_pretrained or Path(out) / "vae")
-    model = LatentDiffusion(cfg.model, list(cfg.data.modalities), vae=_load_vae(cfg))
+    seed_everything(cfg.train.seed)  # the UNet's and the conditioner's initial weights: a rerun (or a resume before the first checkpoint) draws the same
+    if init_from:
+        from generator.paths import shipped
+
+        init_from = str(shipped(init_from))
+        if not (Path(init_from) / "model.json").is_file():
+            raise FileNotFoundError(f"--init-from {init_from}: not an exported model folder (no model.json); give e.g. generator/weights/default")
+        vae_dir = Path(init_from) / "vae"
+        model = LatentDiffusion.load(init_from, list(cfg.data.modalities))
+        saved, wanted = model.cfg.model_dump(mode="json"), cfg.model.model_dump(mode="json")
+        differ = [f"model.{k}: {saved.get(k)!r} there, {wanted.get(k)!r} here" for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+        if differ:
+            raise UserError(f"--init-from {init_from}: its architecture differs from this config's ({'; '.join(differ[:4])}); "
+                            "use the profile it was trained with")
+    else:
+        vae_dir = Path(cfg.model.vae_pretrained or Path(out) / "vae")
+        model = LatentDiffusion(cfg.model, list(cfg.data.modalities), vae=_load_vae(cfg))
     vae_meta = json.loads((vae_dir / "metadata.json").read_text()) if (vae_dir / "metadata.json").is_file() else None
     summary = train_unet(model, cfg.train, cfg.data, train_rows, run, out, progress, lora_cfg=cfg.lora)
     if (Path(out) / "model.json").is_file():  # exported: complete its metadata.json
@@ -140,7 +171,7 @@ def _train_unet(cfg, train_rows, run, out, progress):
             "seed": cfg.train.seed,
             "vae": vae_meta,
             "command": "synthmed " + " ".join(sys.argv[1:]),
-        }
+        } | ({"init_from": init_from} if init_from else {})
         (Path(out) / "metadata.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -164,10 +195,12 @@ def _train_default(cfg, args, progress) -> int:
 
     out = Path(cfg.train.out)
     vae_run = _run_dir(cfg, "vae", None)
-    vae_summary = train_vae(cfg.model, cfg.vae_train, cfg.data, train_rows, val_rows, vae_run, out / "vae", progress)
+    with _run_lock(vae_run):
+        vae_summary = train_vae(cfg.model, cfg.vae_train, cfg.data, train_rows, val_rows, vae_run, out / "vae", progress)
     print(table([[k, v] for k, v in vae_summary["val_metrics"].items()], ["VAE validation", "value"]))
     unet_run = _run_dir(cfg, "unet", None)
-    summary = _train_unet(cfg, train_rows, unet_run, out, progress)
+    with _run_lock(unet_run):
+        summary = _train_unet(cfg, train_rows, unet_run, out, progress)
     print(f"model -> {out} ({summary['steps']} UNet steps, {summary['seconds']} s)")
     return 0
 

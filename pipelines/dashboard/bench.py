@@ -10,7 +10,6 @@ loop run (metrics, 64 samples per epoch, a grid per epoch) and a 500-row manifes
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -62,7 +61,9 @@ def _write_traces(db: Path, count: int, cfg=None) -> None:
             agent.run(text, modality, trace_id=f"seed-{i}", stop_after="compose_prompt")
     finally:
         agent.close()
-    conn = sqlite3.connect(db)
+    from agents.traces import connect
+
+    conn = connect(db)  # WAL and a busy timeout, as every traces connection
     with conn:
         for n in range(count - len(REQUESTS)):
             source, new = f"seed-{n % len(REQUESTS)}", f"bench-{n:05d}"

@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from generator.fileio import write_bytes_atomic
-from pipelines.runs import RUN_KIND, is_run_dir, lines_by_epoch, list_runs, read_metrics, resolve_run, show_run
+from pipelines.runs import RUN_KIND, complete_lines, is_run_dir, lines_by_epoch, list_runs, read_metrics, resolve_run, show_run
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")  # what the pages show (DICOM is read, not served)
 RATINGS_COLUMNS = ("image_path", "rating", "modality", "expert_level", "prompt")  # MINIM's format, rlhf.selector reads it
@@ -248,16 +248,12 @@ def read_samples(run_dir: str | Path) -> list[dict]:
     if cached and cached[0] == key:
         return cached[1]
     rows = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(complete_lines(path), 1):  # a last line without its newline is being written now
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            if number == len(lines):
-                continue  # being written now
             raise ValueError(f"{path}:{number}: not valid JSON; the samples log is damaged") from None
     _SAMPLES_CACHE[str(path)] = (key, rows)
     return rows
@@ -610,11 +606,17 @@ def append_rating(csv_path: str | Path, image_path: str | Path, rating: int, mod
 
 def read_ratings_rows(csv_path: str | Path) -> list[dict[str, str]]:
     """The rows of a ratings CSV as written (no normalisation); [] when there is none yet."""
+    from generator.data.sources import csv_encoding, csv_read_error
+    from generator.errors import UserError
+
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         return []
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        return list(csv.DictReader(f))
+    try:
+        with open(csv_path, newline="", encoding=csv_encoding(csv_path)) as f:
+            return list(csv.DictReader(f))
+    except (UnicodeError, csv.Error) as exc:
+        raise UserError(csv_read_error(csv_path, exc, "ratings CSV")) from None
 
 
 __all__ = [

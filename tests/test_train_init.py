@@ -1,0 +1,54 @@
+"""`synthmed train unet --init-from MODEL`: continue training an exported model (its UNet, conditioner
+and VAE) with a fresh optimiser, into another folder; a model of another architecture is refused."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from generator.paths import shipped
+from pipelines.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_manifest(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ph") / "phantoms"
+    assert main(["data", "phantoms", "--out", str(out), "--per-finding", "1", "--size", "64", "--modalities", "cxr", "--no-progress"]) == 0
+    return out / "manifest.csv"
+
+
+def test_init_from_continues_the_shipped_model(tmp_path, tiny_manifest, capsys):
+    base = shipped("generator/weights/default")
+    out = tmp_path / "model"
+    code = main(["train", "unet", "--init-from", str(base), "--data", str(tiny_manifest), f"--train.out={out}",
+                 "--train.max_steps=2", "--train.batch_size=2", "--train.warmup_steps=1", "--train.validate_every=100",
+                 f"--run.runs_dir={tmp_path / 'runs'}", "--no-progress"])
+    assert code == 0, capsys.readouterr()
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["steps"] == 2 and meta["init_from"] == str(base)
+    before = load_file(base / "unet" / "diffusion_pytorch_model.safetensors")
+    after = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert before.keys() == after.keys()
+    # started from the shipped weights (a fresh UNet would be far away), and trained: not identical
+    diffs = [float((after[k].float() - before[k].float()).abs().max()) for k in before]
+    assert max(diffs) > 0
+    assert max(diffs) < 0.05
+    assert torch.equal(load_file(base / "vae" / "diffusion_pytorch_model.safetensors")["decoder.conv_out.weight"].float(),
+                       load_file(out / "vae" / "diffusion_pytorch_model.safetensors")["decoder.conv_out.weight"].float())
+
+
+def test_init_from_refuses_another_architecture(tmp_path, tiny_manifest, capsys):
+    code = main(["train", "unet", "--init-from", str(shipped("generator/weights/default")), "--data", str(tiny_manifest),
+                 f"--train.out={tmp_path / 'model'}", "--model.unet_channels=[32,64,128]", f"--run.runs_dir={tmp_path / 'runs'}",
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "architecture differs" in err and "unet_channels" in err
+
+
+def test_init_from_needs_an_exported_model(tmp_path, tiny_manifest, capsys):
+    code = main(["train", "unet", "--init-from", str(tmp_path), "--data", str(tiny_manifest), f"--train.out={tmp_path / 'm'}",
+                 f"--run.runs_dir={tmp_path / 'runs'}", "--no-progress"])
+    assert code == 2
+    assert "not an exported model folder" in capsys.readouterr().err
