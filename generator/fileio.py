@@ -151,6 +151,20 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, **json_kwargs: Any) -> 
     return write_text_atomic(path, text)
 
 
+def claim_new_folder(base: str | os.PathLike) -> Path:
+    """Make and return ``base``, or ``base-1``, ``base-2``, ... if taken: ``mkdir`` is atomic, so two processes
+    starting in the same second (run folders are named by time) never get the same folder."""
+    base = Path(base)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    root, i = base, 1
+    while True:
+        try:
+            root.mkdir()
+            return root
+        except FileExistsError:
+            root, i = base.with_name(f"{base.name}-{i}"), i + 1
+
+
 @contextmanager
 def atomic_folder(folder: str | os.PathLike, tmp: str | os.PathLike | None = None) -> Iterator[Path]:
     """A fresh temporary folder (default ``.<name>.tmp-<pid>`` beside ``folder``) to fill; it becomes
@@ -204,5 +218,6 @@ def append_whole(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
-__all__ = ["WriteError", "append_whole", "atomic_folder", "atomic_open", "atomic_write", "json_default", "replace_folder",
+__all__ = [
+    "WriteError", "append_whole", "claim_new_folder", "atomic_folder", "atomic_open", "atomic_write", "json_default", "replace_folder",
            "temporary_path", "write_bytes_atomic", "write_error", "write_json_atomic", "write_text_atomic"]

@@ -160,15 +160,9 @@ class RunDir:
 
 def make_run_dir(runs_dir: str, name: str) -> RunDir:
     """A new ``<runs_dir>/<name>-<time>`` (``-1``, ``-2``, ... when another run started in the same second)."""
-    base = Path(runs_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    base.parent.mkdir(parents=True, exist_ok=True)
-    root, i = base, 1
-    while True:
-        try:
-            root.mkdir()  # atomic: the folder is this run's alone
-            break
-        except FileExistsError:
-            root, i = base.with_name(f"{base.name}-{i}"), i + 1
+    from .fileio import claim_new_folder
+
+    root = claim_new_folder(Path(runs_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     (root / "checkpoints").mkdir()
     (root / "samples").mkdir()
     return RunDir(root)

@@ -356,12 +356,10 @@ def _set_rng_state(state: dict) -> None:
 
 
 def new_run_dir(cfg: SynthmedConfig) -> Path:
-    base = Path(cfg.run.runs_dir) / f"{cfg.run.name}-improve-{time.strftime('%Y%m%d-%H%M%S')}"
-    root, i = base, 1
-    while root.exists():
-        root = base.with_name(f"{base.name}-{i}")
-        i += 1
-    (root / "checkpoints").mkdir(parents=True)
+    from generator.fileio import claim_new_folder
+
+    root = claim_new_folder(Path(cfg.run.runs_dir) / f"{cfg.run.name}-improve-{time.strftime('%Y%m%d-%H%M%S')}")
+    (root / "checkpoints").mkdir()
     return root
 
 

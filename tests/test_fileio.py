@@ -68,3 +68,19 @@ def test_atomic_folder_swaps_in_when_complete_and_keeps_the_old_one_on_failure(t
         (tmp / "config.json").write_text("3")
     assert (folder / "config.json").read_text() == "3"
     assert [p.name for p in tmp_path.iterdir()] == ["clf"]
+
+
+def test_claim_new_folder_never_hands_out_a_folder_twice(tmp_path):
+    import threading
+
+    from generator.fileio import claim_new_folder
+
+    base = tmp_path / "runs" / "tiny-improve-20261203-120000"
+    got: list = []
+    threads = [threading.Thread(target=lambda: got.append(claim_new_folder(base))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(got)) == 8 and all(p.is_dir() for p in got)
+    assert sorted(p.name for p in got) == sorted([base.name] + [f"{base.name}-{i}" for i in range(1, 8)])
