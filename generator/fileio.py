@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -76,6 +77,41 @@ def temporary_path(path: str | os.PathLike) -> Path:
     """A hidden, unique sibling of ``path`` with the same suffix: ``.name.<pid>.<token>.tmp<suffix>``."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+
+
+_TEMP_FILE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp")  # temporary_path's names: .name.<pid>.<token>.tmp<suffix>
+_TEMP_FOLDER = re.compile(r"^\..+\.tmp-(\d+)$")  # atomic_folder's default: .name.tmp-<pid>
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that writers killed mid-write left under ``folder`` (their pid is gone, or is
+    this process's from an earlier life: a resumed run has a new pid); the paths removed. Called when a run
+    resumes, so that no ``.x.<pid>.<token>.tmp`` file or ``.x.tmp-<pid>`` folder stays where a reader looks."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.rglob(".*"), key=lambda p: len(p.parts), reverse=True):
+        match = (_TEMP_FOLDER if path.is_dir() else _TEMP_FILE).match(path.name)
+        if match is None or (int(match.group(1)) != os.getpid() and _pid_alive(int(match.group(1)))):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with suppress(FileNotFoundError):
+                path.unlink()
+        removed.append(path)
+    return removed
 
 
 def _fsync(path: Path) -> None:
@@ -219,5 +255,5 @@ def append_whole(path: str | os.PathLike, data: bytes) -> Path:
 
 
 __all__ = [
-    "WriteError", "append_whole", "claim_new_folder", "atomic_folder", "atomic_open", "atomic_write", "json_default", "replace_folder",
+    "WriteError", "append_whole", "claim_new_folder", "sweep_temporaries", "atomic_folder", "atomic_open", "atomic_write", "json_default", "replace_folder",
            "temporary_path", "write_bytes_atomic", "write_error", "write_json_atomic", "write_text_atomic"]

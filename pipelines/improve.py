@@ -437,6 +437,11 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
     base_model = str(ic.base_model or cfg.train.out)
 
     if resume:
+        if main:
+            from generator.fileio import sweep_temporaries
+
+            for path in sweep_temporaries(root):
+                log.warning("resume: removed %s, left by a write the kill interrupted", path)
         checkpoint = latest_checkpoint(root)
         if checkpoint is not None:
             state = _read_checkpoint_state(checkpoint)

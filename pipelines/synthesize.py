@@ -1045,6 +1045,11 @@ def _fill(folder: OutputFolder, cfg, spec_path: Path, slots: list[Slot], model_d
     sc = cfg.synthesize
     seed = sc.seed
     resumed = folder.prepare(run_identity(spec_path, slots, cfg, model_info, seed, through_graph), slots, resume)
+    if resumed:
+        from generator.fileio import sweep_temporaries
+
+        for path in sweep_temporaries(folder.root):
+            log.warning("resume: removed %s, left by a write the kill interrupted", path)
     if not resumed:
         from .config import save_config
 

@@ -84,3 +84,32 @@ def test_claim_new_folder_never_hands_out_a_folder_twice(tmp_path):
         t.join()
     assert len(set(got)) == 8 and all(p.is_dir() for p in got)
     assert sorted(p.name for p in got) == sorted([base.name] + [f"{base.name}-{i}" for i in range(1, 8)])
+
+
+def test_sweep_removes_temporaries_of_dead_writers_and_keeps_live_ones(tmp_path):
+    import subprocess
+    import sys
+
+    from generator.fileio import sweep_temporaries, temporary_path
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "checkpoints").mkdir()
+        orphan = tmp_path / "checkpoints" / f".state.json.{dead.pid}.0123abcd.tmp.json"
+        mine_before = temporary_path(tmp_path / "metrics.jsonl")  # this pid from an earlier life of a resumed run
+        writing = tmp_path / f".lora.safetensors.{live.pid}.89abcdef.tmp.safetensors"
+        folder = tmp_path / f".final.tmp-{dead.pid}"
+        (folder / "sub").mkdir(parents=True)
+        for path in (orphan, mine_before, writing, folder / "sub" / "x.bin"):
+            path.write_bytes(b"half")
+        kept = [tmp_path / ".lock", tmp_path / ".hidden.json", tmp_path / "metrics.jsonl"]
+        for path in kept:
+            path.write_text("{}\n")
+        removed = set(sweep_temporaries(tmp_path))
+        assert removed == {orphan, mine_before, folder}
+        assert writing.exists() and all(p.exists() for p in kept)
+        assert sweep_temporaries(tmp_path / "absent") == []
+    finally:
+        live.kill()

@@ -164,7 +164,10 @@ def test_kill_then_resume_gives_the_metrics_of_an_uninterrupted_run(base_model, 
     with pytest.raises(SystemExit):  # mid-epoch 2, after its update: nothing of epoch 2 written
         run_improve(cfg, killed, progress=False, stop_after=lambda point, epoch: point == "update" and epoch == 2)
     assert [r["epoch"] for r in lines(killed / "metrics.jsonl") if r["kind"] == "epoch"] == [1]
+    half = killed / "checkpoints" / ".state.json.999999999.0123abcd.tmp.json"  # a write the kill cut short (pid gone)
+    half.write_text('{"epo')
     resumed = run_improve(cfg, killed, resume=True, progress=False)
+    assert not half.exists()
     assert resumed["status"] == "finished"
     assert without_timing(lines(killed / "metrics.jsonl")) == without_timing(lines(tmp_path / "whole" / "metrics.jsonl"))
     assert lines(killed / "samples.jsonl") == lines(tmp_path / "whole" / "samples.jsonl")

@@ -87,6 +87,11 @@ def _run_dir(cfg, kind: str, resume: str | None):
         run = RunDir(Path(resume))
         if not run.checkpoints.is_dir():
             raise FileNotFoundError(f"{resume} is not a run folder (no checkpoints/)")
+        if int(os.environ.get("RANK", "0")) == 0:
+            from generator.fileio import sweep_temporaries
+
+            for path in sweep_temporaries(run.root):
+                log.warning("resume: removed %s, left by a write the kill interrupted", path)
         return run
     run = make_run_dir(cfg.run.runs_dir, f"{cfg.run.name}-{kind}")
     save_config(cfg, run.root / "config.yaml")
