@@ -83,12 +83,18 @@ class Action:
 
 
 @dataclass(frozen=True)
-class Emphasise(Action):
+class FindingAction(Action):
+    """An action about one finding, which its trace record names."""
+
     finding: str = ""
-    kind: ClassVar[str] = "emphasis"
 
     def fields(self) -> dict[str, Any]:
         return {"finding": self.finding}
+
+
+@dataclass(frozen=True)
+class Emphasise(FindingAction):
+    kind: ClassVar[str] = "emphasis"
 
     def apply(self, state: RefineState) -> dict[str, Any]:
         name, severity = self.finding, state.severity_of(self.finding)
@@ -114,12 +120,8 @@ class NegativeNormal(Action):
 
 
 @dataclass(frozen=True)
-class NegativePrompt(Action):
-    finding: str = ""
+class NegativePrompt(FindingAction):
     kind: ClassVar[str] = "negative_prompt"
-
-    def fields(self) -> dict[str, Any]:
-        return {"finding": self.finding}
 
     def apply(self, state: RefineState) -> dict[str, Any]:
         if self.finding not in state.emphasis.negative_findings:
@@ -178,5 +180,5 @@ def apply_actions(actions: Sequence[Action], state: RefineState) -> list[dict[st
     return [action.record(action.apply(state)) for action in actions]
 
 
-__all__ = ["ACTIONS", "Action", "Emphasis", "Emphasise", "NegativeNormal", "NegativePrompt", "RefineState", "Reseed", "SetGuidance",
+__all__ = ["ACTIONS", "Action", "Emphasis", "Emphasise", "FindingAction", "NegativeNormal", "NegativePrompt", "RefineState", "Reseed", "SetGuidance",
            "apply_actions", "suggest_actions"]

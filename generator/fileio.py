@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,6 +32,8 @@ from typing import IO, Any
 import numpy as np
 
 from .errors import SynthmedError
+
+log = logging.getLogger(__name__)
 
 _WRITE_HINTS = {
     errno.ENOSPC: "no space left on the disk; free some space and run again",
@@ -83,33 +86,27 @@ _TEMP_FILE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp")  # temporary_path's n
 _TEMP_FOLDER = re.compile(r"^\..+\.tmp-(\d+)$")  # atomic_folder's default: .name.tmp-<pid>
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Remove the temporaries that writers killed mid-write left under ``folder`` (their pid is gone, or is
     this process's from an earlier life: a resumed run has a new pid); the paths removed. Called when a run
-    resumes, so that no ``.x.<pid>.<token>.tmp`` file or ``.x.tmp-<pid>`` folder stays where a reader looks."""
+    resumes, so that no ``.x.<pid>.<token>.tmp`` file or ``.x.tmp-<pid>`` folder stays where a reader looks;
+    each removal is logged as a warning."""
+    from .runlock import pid_alive
+
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
     for path in sorted(folder.rglob(".*"), key=lambda p: len(p.parts), reverse=True):
         match = (_TEMP_FOLDER if path.is_dir() else _TEMP_FILE).match(path.name)
-        if match is None or (int(match.group(1)) != os.getpid() and _pid_alive(int(match.group(1)))):
+        if match is None or (int(match.group(1)) != os.getpid() and pid_alive(int(match.group(1)))):
             continue
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
             with suppress(FileNotFoundError):
                 path.unlink()
+        log.warning("removed %s, left by a write that was killed", path)
         removed.append(path)
     return removed
 

@@ -440,8 +440,7 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
         if main:
             from generator.fileio import sweep_temporaries
 
-            for path in sweep_temporaries(root):
-                log.warning("resume: removed %s, left by a write the kill interrupted", path)
+            sweep_temporaries(root)
         checkpoint = latest_checkpoint(root)
         if checkpoint is not None:
             state = _read_checkpoint_state(checkpoint)

@@ -1048,9 +1048,8 @@ def _fill(folder: OutputFolder, cfg, spec_path: Path, slots: list[Slot], model_d
     if resumed:
         from generator.fileio import sweep_temporaries
 
-        for path in sweep_temporaries(folder.root):
-            log.warning("resume: removed %s, left by a write the kill interrupted", path)
-    if not resumed:
+        sweep_temporaries(folder.root)
+    else:
         from .config import save_config
 
         save_config(cfg, folder.root / "config.yaml")

@@ -90,8 +90,7 @@ def _run_dir(cfg, kind: str, resume: str | None):
         if int(os.environ.get("RANK", "0")) == 0:
             from generator.fileio import sweep_temporaries
 
-            for path in sweep_temporaries(run.root):
-                log.warning("resume: removed %s, left by a write the kill interrupted", path)
+            sweep_temporaries(run.root)
         return run
     run = make_run_dir(cfg.run.runs_dir, f"{cfg.run.name}-{kind}")
     save_config(cfg, run.root / "config.yaml")
