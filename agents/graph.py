@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping
 
 from langgraph.graph import END, START, StateGraph
 
+from generator.config import ModalityConfig
+
 from .config import AgentsConfig
 from .nodes import REASONING_STAGES, Nodes, Step, after_compose, after_stage, after_verify
 from .schema import StageError
@@ -57,13 +59,15 @@ def traced(name: str, fn: Callable[[Mapping], Step]) -> Callable[[Mapping], dict
     return run
 
 
-def build_graph(reasoner, generator, verifier, checkpointer=None, config: AgentsConfig | None = None):
+def build_graph(reasoner, generator, verifier, checkpointer=None, config: AgentsConfig | None = None,
+                modalities: Mapping[str, ModalityConfig] | None = None):
     """The compiled graph. Parts: ``reasoner`` (agents.rules.RuleReasoner or agents.llm.LLMReasoner, each
     holding its retriever), ``generator`` (agents.drawing.ImageGenerator; may be None for a graph
     that only reasons and composes), ``verifier`` (agents.verifier.Verifier), ``checkpointer`` (a
-    LangGraph checkpointer, e.g. SqliteSaver; None keeps no trace)."""
+    LangGraph checkpointer, e.g. SqliteSaver; None keeps no trace), ``modalities`` (the configured
+    modalities, ``data.modalities``; None: the built-in ones)."""
     config = config or AgentsConfig()
-    nodes = Nodes(reasoner, generator, verifier, config)
+    nodes = Nodes(reasoner, generator, verifier, config, modalities)
     graph = StateGraph(GraphState)
     for name in NODES:
         graph.add_node(name, traced(name, getattr(nodes, name)))

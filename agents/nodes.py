@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from generator.config import ModalityConfig
 from generator.errors import UserError
 
 from .config import AgentsConfig
@@ -70,9 +71,11 @@ class Step:
 
 
 class Nodes:
-    def __init__(self, reasoner, generator, verifier, config: AgentsConfig | None = None):
+    def __init__(self, reasoner, generator, verifier, config: AgentsConfig | None = None,
+                 modalities: Mapping[str, ModalityConfig] | None = None):
         self.reasoner, self.generator, self.verifier = reasoner, generator, verifier
         self.config = config or AgentsConfig()
+        self.modalities = dict(modalities or {})  # the configured modalities; one absent here is composed as built in
 
     # -- reasoning -------------------------------------------------------------------------
     def parse_request(self, state: Mapping) -> Step:
@@ -111,8 +114,9 @@ class Nodes:
     # -- prompt, drawing, verification ------------------------------------------------------
     def compose_prompt(self, state: Mapping) -> Step:
         settings = state["settings"]
-        composition = compose_prompt(state["request"], state["pathology"], state["request"]["modality"],
-                                     Emphasis(), settings["default_severity"], settings["base_negative"])
+        modality = state["request"]["modality"]
+        composition = compose_prompt(state["request"], state["pathology"], modality, Emphasis(), settings["default_severity"],
+                                     settings["base_negative"], self.modalities.get(modality))
         composition["visual"] = [d["description"] for d in (state.get("visual") or {}).get("descriptors", []) if d.get("description")]
         return Step({"composition": composition, "round": 0, "guidance": float(settings["guidance"]), "status": "running"},
                     composition["prompt"])
@@ -151,8 +155,9 @@ class Nodes:
         refine = RefineState(Emphasis.from_dict(composition.get("emphasis")), float(state["guidance"]), composition["findings"],
                              {f["name"]: f.get("severity") for f in state["pathology"]["findings"]}, self.config.refine.escalate_severity)
         applied = apply_actions(actions, refine)
-        new = compose_prompt(state["request"], state["pathology"], state["request"]["modality"], refine.emphasis,
-                             settings["default_severity"], settings["base_negative"])
+        modality = state["request"]["modality"]
+        new = compose_prompt(state["request"], state["pathology"], modality, refine.emphasis, settings["default_severity"],
+                             settings["base_negative"], self.modalities.get(modality))
         new["visual"] = composition.get("visual", [])
         return Step({"composition": new, "guidance": refine.guidance, "refinements": [{"round": int(state["round"]), "actions": applied}]},
                     "; ".join(a["applied"] for a in applied))

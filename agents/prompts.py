@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 
+from generator.config import ModalityConfig, default_modalities
 from generator.phantoms import PHANTOM_MODULES, get_spec
 from generator.phantoms.base import FindingSpec, PhantomSpec
 
@@ -125,15 +126,18 @@ def compose_prompt(
     emphasis: Emphasis | None = None,
     default_severity: str | None = "moderate",
     base_negative: str = "",
-    display: str | None = None,
+    modality_config: ModalityConfig | None = None,
 ) -> dict:
     """The structured report and what the generator is given.
 
     ``request`` is the parse stage's record, ``pathology`` the pathology stage's (as dicts).
+    ``modality_config`` (default: the built-in entry of ``modality``) says whether one side names the eye
+    studied, and gives the technique line of a modality without a phantom specification its display name.
     Returns ``{"report": {history, technique, findings, impression, text}, "prompt", "negative",
     "assumed", "emphasis"}``.
     """
     emphasis = emphasis or Emphasis()
+    modality_config = modality_config or default_modalities().get(modality)
     findings, assumed = with_defaults(pathology.get("findings") or [], modality, default_severity)
     for f in findings:
         if f["name"] in emphasis.severity and f.get("present", True):
@@ -141,9 +145,10 @@ def compose_prompt(
     present = [f for f in findings if f.get("present", True)]
     absent = [f for f in findings if not f.get("present", True)]
     sides = {f.get("laterality") for f in findings if f.get("laterality")}
-    eye = sides.pop() if modality in ("fundus", "oct") and len(sides) == 1 else None
+    eye_study = modality_config is not None and modality_config.laterality == "eye"
+    eye = sides.pop() if eye_study and len(sides) == 1 else None
 
-    technique = technique_line(modality, eye, display)
+    technique = technique_line(modality, eye, modality_config.display_name if modality_config else None)
     statements = [_capitalise(finding_phrase(f, modality)) + "." for f in present]
     statements += [negated_phrase(f, modality) for f in absent]
     if present:

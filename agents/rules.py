@@ -56,7 +56,6 @@ from .schema import (
 
 SEVERITIES = ("mild", "moderate", "severe")
 NORMAL_CONCEPT = "normal_study"  # the lexicon's normal study: it sets PathologyResult.normal, it is no finding
-REGION = {"cxr": "chest", "chest_ct": "chest", "brain_mri": "brain", "fundus": "retina", "oct": "retina"}
 
 # Cue direction, by normalised surface form: these stand after what they govern ("effusion is not seen");
 # "both" forms govern either side ("resolved effusion", "effusion resolved"); every other cue stands before.
@@ -148,6 +147,7 @@ class RuleReasoner:
         # a cue before its finding after a comma starts a new clause: "atelectasis, no effusion"; "drusen, possible AMD"
         self._comma_cues = re.compile(r",\s*(?=(?:" + "|".join(re.escape(f) for f in pre_forms) + r")\b|\?)", re.I)
         self._alias_words = {w for alias in alias_table(self.modalities) for w in words_of(alias)}
+        self._study_words = STUDY_WORDS | {w for spec in self.modalities.values() for w in words_of(spec.region or "")}
         self._vocab_cache: dict[tuple[str, str], set[str]] = {}
         self._anchors: dict[str, dict[str, set[str]]] = {}
         self._anchor_cache: dict[tuple[str, str], str | None] = {}
@@ -395,7 +395,7 @@ class RuleReasoner:
                     matched=request.text[tokens[0].start : tokens[-1].end], score=round(hit.score, 4) if hit else 0.0,
                     source=concept.source, codes=dict(hit.codes if hit else concept.codes),
                     start=tokens[0].start, end=tokens[-1].end))
-        return AnatomyResult(region=REGION.get(request.modality), mentions=mentions, retrievals=records)
+        return AnatomyResult(region=self.modalities[request.modality].region, mentions=mentions, retrievals=records)
 
     @staticmethod
     def _adjacent_side(clause: Clause, span: Span) -> str | None:
@@ -496,7 +496,7 @@ class RuleReasoner:
         named = {i for s in clause.normals if a <= s.first and s.stop <= b for i in range(s.first, s.stop)}
         words = [t.norm for i, t in enumerate(clause.tokens[a:b], a) if i not in named]
         return (bool(named) or any(w in NORMAL_WORDS for w in words)) and \
-            all(w in NORMAL_WORDS or w in STUDY_WORDS or w in self._alias_words for w in words)
+            all(w in NORMAL_WORDS or w in self._study_words or w in self._alias_words for w in words)
 
     def _foreign(self, clause: Clause, span: Span, modality: str, text: str, records,
                  warnings) -> tuple[Span, Hit | None] | str | None:
@@ -520,7 +520,7 @@ class RuleReasoner:
             before = tokens[j].norm if j is not None else None
             own = {w for n in concept.names() for w in words_of(n)}
             content = before is not None and len(before) >= ANCHOR_MIN_CHARS and \
-                before not in GENERIC_WORDS | CLAUSE_WORDS | STUDY_WORDS | self._alias_words
+                before not in GENERIC_WORDS | CLAUSE_WORDS | self._study_words | self._alias_words
             if content and before not in own and (before in self._vocabulary(modality, "finding") or
                                                   before in self._vocabulary(modality, "anatomy")):
                 warnings.append(f"{text[tokens[j].start : tokens[span.stop - 1].end]!r} names no finding "
@@ -550,7 +550,7 @@ class RuleReasoner:
         words with no finding name, a word of a finding name of this modality asks the retriever, and the best
         hit whose names hold that word is taken."""
         excluded = self._vocabulary(modality, "anatomy") | self._vocabulary(modality, "modifier") | \
-            self._vocabulary(modality, "cue") | GENERIC_WORDS | NORMAL_WORDS | STUDY_WORDS | self._alias_words
+            self._vocabulary(modality, "cue") | GENERIC_WORDS | NORMAL_WORDS | self._study_words | self._alias_words
         found = []
         covered = clause.findings + clause.normals + clause.anatomy + clause.modifiers + clause.cues
         for a, b in clause.chunks():

@@ -19,23 +19,17 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psutil
 import torch
 
+from .config import ModalityConfig, default_modalities
 from .errors import UserError
 from .models import LatentDiffusion, latent_size
 from .sampling import initial_noise, sample
-
-BENCH_PROMPTS = {
-    "cxr": "Chest radiograph, PA view. Findings: moderate right pleural effusion.",
-    "chest_ct": "Axial chest CT. Findings: 12 mm nodule in the left upper lobe.",
-    "brain_mri": "Axial FLAIR brain MRI. Findings: left frontal tumour with surrounding oedema.",
-    "fundus": "Colour fundus photograph, right eye. Findings: scattered hard exudates and microaneurysms.",
-    "oct": "Macular OCT B-scan. Findings: intraretinal fluid with central thickening.",
-}
 
 
 @dataclass
@@ -126,17 +120,18 @@ class StockPipeline:
 
 def bench_generate(
     model: LatentDiffusion, n: int = 16, batch_size: int = 8, steps: int = 25, guidance: float = 4.0,
-    repeats: int = 3, seed: int = 0, progress: bool = True,
+    repeats: int = 3, seed: int = 0, progress: bool = True, modalities: Mapping[str, ModalityConfig] | None = None,
 ) -> dict:
     """Seconds per image and peak memory of both samplers; ``speedup_vs_diffusers`` is stock s/image
-    divided by synthmed s/image (above 1: synthmed is faster)."""
+    divided by synthmed s/image (above 1: synthmed is faster). Each modality draws its example report
+    (``modalities``: the configured ones; None: the built-in ones)."""
     if n < 1 or batch_size < 1 or repeats < 1:
         raise UserError("n, batch size and repeats must be at least 1")
     if guidance < 1:
         raise UserError(f"guidance {guidance} < 1: the stock pipeline only guides above 1, so the two would not draw the same images")
-    modalities = [m for m in model.modalities]
-    names = [modalities[i % len(modalities)] for i in range(n)]
-    prompts = [BENCH_PROMPTS.get(m, f"{m.replace('_', ' ')} study. Findings: normal.") for m in names]
+    specs = default_modalities() if modalities is None else modalities
+    names = [model.modalities[i % len(model.modalities)] for i in range(n)]
+    prompts = [specs[m].example() if m in specs else f"{m.replace('_', ' ')} study. Findings: normal." for m in names]
     stock = StockPipeline(model)
     device = model.device
 
@@ -190,4 +185,4 @@ def bench_generate(
     }
 
 
-__all__ = ["BENCH_PROMPTS", "StockPipeline", "bench_generate", "peak_memory_mb"]
+__all__ = ["StockPipeline", "bench_generate", "peak_memory_mb"]

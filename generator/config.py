@@ -25,6 +25,14 @@ class ModalityConfig(Section):
     aliases: list[str] = []  # other names users type ("CXR", "chest x-ray"); matched case-insensitively
     window: tuple[float, float] | None = None  # DICOM (centre, width) in stored units (HU for CT); None: use the file's own
     clahe: bool = False  # contrast-limited adaptive histogram equalisation at load time
+    region: str | None = None  # the anatomical region a study shows ("chest", "retina"); the graph's anatomy stage reports it
+    # what "left" / "right" name: sides of the body, or (eye) the one eye a study shows, which the technique line then names
+    laterality: Literal["body", "eye"] = "body"
+    example_prompt: str = ""  # a typical report: the prompt of validation grids and `bench generate`; empty: the display name
+
+    def example(self) -> str:
+        """The example report, or the display name when there is none."""
+        return self.example_prompt or f"{self.display_name}."
 
 
 def default_modalities() -> dict[str, ModalityConfig]:
@@ -33,27 +41,39 @@ def default_modalities() -> dict[str, ModalityConfig]:
             channels=1,
             display_name="chest X-ray",
             aliases=["chest x-ray", "chest xray", "chest radiograph", "x-ray", "xray", "cxr", "radiograph", "dx"],
+            region="chest",
+            example_prompt="Chest radiograph, PA view. Findings: large left pleural effusion.",
         ),
         "chest_ct": ModalityConfig(
             channels=1,
             display_name="chest CT",
             aliases=["chest ct", "ct chest", "ct", "thoracic ct", "lung ct", "ct thorax"],
             window=(-600.0, 1500.0),  # lung window
+            region="chest",
+            example_prompt="Axial CT thorax, lung window. Findings: right upper lobe mass.",
         ),
         "brain_mri": ModalityConfig(
             channels=1,
             display_name="brain MRI",
             aliases=["brain mri", "mri brain", "mri", "head mri", "brain mr", "mr"],
+            region="brain",
+            example_prompt="Axial FLAIR MRI of the brain. Findings: left frontal tumour with surrounding oedema.",
         ),
         "fundus": ModalityConfig(
             channels=3,
             display_name="colour fundus photograph",
             aliases=["fundus photograph", "fundus photo", "color fundus", "colour fundus", "retinal photograph", "cfp"],
+            region="retina",
+            laterality="eye",
+            example_prompt="Colour fundus photograph. Findings: numerous hard exudates at the macula.",
         ),
         "oct": ModalityConfig(
             channels=1,
             display_name="retinal OCT",
             aliases=["retinal oct", "macular oct", "optical coherence tomography", "oct b-scan", "sd-oct"],
+            region="retina",
+            laterality="eye",
+            example_prompt="Macular OCT. Findings: large subretinal fluid.",
         ),
     }
 

@@ -86,18 +86,19 @@ _TEMP_FILE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp")  # temporary_path's n
 _TEMP_FOLDER = re.compile(r"^\..+\.tmp-(\d+)$")  # atomic_folder's default: .name.tmp-<pid>
 
 
-def sweep_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temporaries that writers killed mid-write left under ``folder`` (their pid is gone, or is
-    this process's from an earlier life: a resumed run has a new pid); the paths removed. Called when a run
-    resumes, so that no ``.x.<pid>.<token>.tmp`` file or ``.x.tmp-<pid>`` folder stays where a reader looks;
-    each removal is logged as a warning."""
+def sweep_temporaries(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Remove the temporaries that writers killed mid-write left under ``folder`` (in it only, unless
+    ``recursive``; their pid is gone, or is this process's from an earlier life: a resumed run has a new
+    pid); the paths removed. Called when a run resumes, so that no ``.x.<pid>.<token>.tmp`` file or
+    ``.x.tmp-<pid>`` folder stays where a reader looks; each removal is logged as a warning."""
     from .runlock import pid_alive
 
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
-    for path in sorted(folder.rglob(".*"), key=lambda p: len(p.parts), reverse=True):
+    found = folder.rglob(".*") if recursive else folder.glob(".*")
+    for path in sorted(found, key=lambda p: len(p.parts), reverse=True):
         match = (_TEMP_FOLDER if path.is_dir() else _TEMP_FILE).match(path.name)
         if match is None or (int(match.group(1)) != os.getpid() and pid_alive(int(match.group(1)))):
             continue
@@ -199,14 +200,19 @@ def claim_new_folder(base: str | os.PathLike) -> Path:
 
 
 @contextmanager
-def atomic_folder(folder: str | os.PathLike, tmp: str | os.PathLike | None = None) -> Iterator[Path]:
+def atomic_folder(folder: str | os.PathLike, tmp: str | os.PathLike | None = None, keep: bool = False) -> Iterator[Path]:
     """A fresh temporary folder (default ``.<name>.tmp-<pid>`` beside ``folder``) to fill; it becomes
-    ``folder`` when the ``with`` block ends without error and is removed when it fails."""
+    ``folder`` when the ``with`` block ends without error and is removed when it fails. ``keep``: the
+    temporary folder starts as a copy of ``folder``'s present content (less temporaries), so an export
+    that rewrites some files of a folder keeps the others (a model folder's ``vae/`` and its metadata)."""
     folder = Path(folder)
     tmp = Path(tmp) if tmp is not None else folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     with _writing(folder):
-        tmp.mkdir(parents=True)
+        if keep and folder.is_dir():
+            shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns(".*.tmp*", ".*.old-*"))
+        else:
+            tmp.mkdir(parents=True)
     try:
         yield tmp
         with _writing(folder):

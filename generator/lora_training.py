@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import random
-from pathlib import Path
 
 import torch
 
 from .config import DataConfig, LoraConfig, TrainConfig
 from .data.records import ManifestRow
 from .data.transforms import RecordTransform
+from .fileio import write_json_atomic
 from .lora import LoraSpec, add_lora, lora_parameters, save_lora
 from .models import LatentDiffusion
 from .training import ImageCache, RunDir, augment_prompt, batch_indices, diffusion_loss, process_slot, environment, run_loop, seed_everything
@@ -55,7 +55,7 @@ def train_lora_adapter(
                "environment": environment(), "run": str(run.root)}
     if result.steps >= train_cfg.max_steps:
         save_lora(model.unet, out, lora_cfg.name, metadata={"training": json.dumps(summary)})
-        Path(str(out) + ".metadata.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json_atomic(str(out) + ".metadata.json", summary)
     return summary
 
 

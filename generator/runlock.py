@@ -19,6 +19,8 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
@@ -157,4 +159,23 @@ class RunLock:
         self.release()
 
 
-__all__ = ["LOCK_NAME", "RunFolderInUseError", "RunLock", "owner_record", "pid_alive"]
+@contextmanager
+def one_at_a_time(path: str | os.PathLike, waiting: str = "") -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (made if absent; never removed, so no two holders ever lock
+    different files), waiting while another process holds it: for a step two processes may both start but
+    only one should do (building a missing knowledge base). ``waiting`` is logged while it waits. Where the
+    filesystem cannot flock, nothing is held."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        got = _try_flock(fd)
+        if got is False:
+            log.info("%s", waiting or f"waiting for {path}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the file lets the lock go
+
+
+__all__ = ["LOCK_NAME", "RunFolderInUseError", "RunLock", "one_at_a_time", "owner_record", "pid_alive"]

@@ -6,7 +6,6 @@ goes into metadata.json; the CLI (``synthmed train ...``) only assembles them.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -20,6 +19,7 @@ from PIL import Image
 from .config import DataConfig, LoraConfig, ModelConfig, TrainConfig
 from .data.records import ManifestRow
 from .data.transforms import RecordTransform
+from .fileio import atomic_folder, write_json_atomic
 from .models import LatentDiffusion, build_vae
 from .sampling import sample
 from .similarity import ssim as _ssim
@@ -101,8 +101,6 @@ def train_vae(
         return {"stopped_at": result.steps}
     metrics = dict(latest)
     vae.register_to_config(scaling_factor=latent_scaling_factor(vae, train.images[:512].float().div(127.5).sub(1)))
-    out = Path(out)
-    vae.save_pretrained(out, safe_serialization=True)
     summary = {
         "kind": "synthmed VAE",
         "steps": result.steps,
@@ -115,20 +113,13 @@ def train_vae(
         "environment": environment(),
         "run": str(run.root),
     }
-    (out / "metadata.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with atomic_folder(out, keep=True) as tmp:  # a kill mid-export leaves the previous folder (or none), never half of one
+        vae.save_pretrained(tmp, safe_serialization=True)
+        write_json_atomic(tmp / "metadata.json", summary, indent=2)
     return summary
 
 
 # -- UNet -------------------------------------------------------------------------------------
-VALIDATION_PROMPTS = {
-    "cxr": "Chest radiograph, PA view. Findings: large left pleural effusion.",
-    "chest_ct": "Axial CT thorax, lung window. Findings: right upper lobe mass.",
-    "brain_mri": "Axial FLAIR MRI of the brain. Findings: left frontal tumour with surrounding oedema.",
-    "fundus": "Colour fundus photograph. Findings: numerous hard exudates at the macula.",
-    "oct": "Macular OCT. Findings: large subretinal fluid.",
-}
-
-
 def save_grid(images: list[np.ndarray], path: Path, columns: int) -> Path:
     tiles = [np.repeat(im[..., None], 3, 2) if im.ndim == 2 else im for im in images]
     h, w = tiles[0].shape[:2]
@@ -147,8 +138,8 @@ def validation_samples(model: LatentDiffusion, run: RunDir, step: int, data_cfg:
     # training mode (dropout on) from the first validation on, so a run resumed past it would train differently
     modes = {module: module.training for module in model.modules()}
     model.eval()
-    modalities = [m for m in VALIDATION_PROMPTS if m in model.modalities]
-    prompts = [VALIDATION_PROMPTS[m] for m in modalities]
+    modalities = [m for m in data_cfg.modalities if m in model.modalities]
+    prompts = [data_cfg.modalities[m].example() for m in modalities]
     started = time.perf_counter()
     output = sample(model, prompts + [""] * len(modalities), modalities * 2, guidance=3.0, steps=steps, seed=0)
     channels = {m: spec.channels for m, spec in data_cfg.modalities.items()}
@@ -162,9 +153,10 @@ def train_unet(
     model: LatentDiffusion, train_cfg: TrainConfig, data_cfg: DataConfig, train_rows: list[ManifestRow],
     run: RunDir, out: str | os.PathLike | None, progress: bool = True,
     stop_after: int | None = None, ship_dtype: torch.dtype = torch.float16, lora_cfg: LoraConfig | None = None,
+    metadata: dict | None = None,
 ) -> dict:
     """Train UNet + conditioner projections on frozen VAE latents (encoded once: the VAE is frozen
-    and a phantom set fits in memory).
+    and a phantom set fits in memory). The exported folder's ``metadata.json`` is the summary plus ``metadata``.
 
     With ``train_cfg.unet_lora`` the UNet stays frozen and LoRA adapters (``lora_cfg``) learn in its
     place; the export merges them. ``lora_cfg.text_encoder_rank > 0`` adds LoRA to the text encoder."""
@@ -223,16 +215,18 @@ def train_unet(
     }
     summary["trainable_parameters"] = int(sum(p.numel() for p in trainable))
     if out is not None and result.steps >= train_cfg.max_steps:
-        if train_cfg.unet_lora:  # the adapter alone, then merged into the UNet that is exported
-            from .lora import merge_lora, save_lora
+        summary |= metadata or {}
+        # a kill mid-export leaves the previous folder (or none), never half of one; its other files (vae/) stay
+        with atomic_folder(out, keep=True) as tmp:
+            if train_cfg.unet_lora:  # the adapter alone, then merged into the UNet that is exported
+                from .lora import merge_lora, save_lora
 
-            Path(out).mkdir(parents=True, exist_ok=True)
-            save_lora(model.unet, Path(out) / "unet_lora.safetensors", lora_cfg.name)
-            merge_lora(model.unet, [lora_cfg.name])
-            model.unet.unload_lora()
-            summary["unet_lora"] = {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "merged": True, "file": "unet_lora.safetensors"}
-        model.save(out, dtype=ship_dtype)
-        (Path(out) / "metadata.json").write_text(json.dumps(summary, indent=2) + "\n")
+                save_lora(model.unet, tmp / "unet_lora.safetensors", lora_cfg.name)
+                merge_lora(model.unet, [lora_cfg.name])
+                model.unet.unload_lora()
+                summary["unet_lora"] = {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "merged": True, "file": "unet_lora.safetensors"}
+            model.save(tmp, dtype=ship_dtype)
+            write_json_atomic(tmp / "metadata.json", summary, indent=2)
     return summary
 
 

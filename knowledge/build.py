@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from generator.fileio import write_json_atomic
+from generator.fileio import atomic_folder, sweep_temporaries, write_json_atomic
 
 from .cases import Case
 from .index import KnowledgeIndexError, VectorIndex
@@ -58,8 +58,15 @@ def build_knowledge_base(
     case_factory: str = "HNSW32",
     progress: bool = True,
 ) -> dict:
-    """Embed and index everything; write the folder; return the build summary."""
+    """Embed and index everything; write the folder; return the build summary. The folder is built beside
+    it and swapped in whole, so a reader (or a kill) never meets half a knowledge base."""
     folder = Path(folder)
+    sweep_temporaries(folder.parent, recursive=False)  # what an earlier build, killed, left beside it
+    with atomic_folder(folder) as tmp:
+        return _build(tmp, concepts, cases, embedder, concept_factory, case_factory, progress)
+
+
+def _build(folder: Path, concepts, cases, embedder, concept_factory: str, case_factory: str, progress: bool) -> dict:
     start = time.perf_counter()
     concept_index = VectorIndex(embedder.dim, concept_factory, embedder.name)
     concept_index.add(embedder.encode([c.embedding_text() for c in concepts], progress=progress), [concept_item(c) for c in concepts])

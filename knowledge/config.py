@@ -19,6 +19,7 @@ class KnowledgeConfig(BaseModel):
     hnsw_ef_search: int = Field(64, ge=1)  # HNSW search breadth: higher is slower and more exact
     ivf_nprobe: int = Field(16, ge=1)  # IVF lists visited per query
     lexicon_dir: str | None = None  # None: the lexicon shipped in knowledge/lexicon/
+    lexicon_files: list[str] = []  # more lexicon YAML files read with lexicon_dir, e.g. the findings of a new modality
     radlex: str | None = None  # RadLex OWL or its BioPortal CSV export, if you hold one
     radlex_roots: list[str] = []  # keep only descendants of these RIDs (e.g. ["RID5"]); empty: every mapped branch
     snomed: str | None = None  # SNOMED CT RF2 Snapshot folder, if you hold a licence and the files

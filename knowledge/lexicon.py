@@ -2,7 +2,8 @@
 
 Each file holds ``concepts:``, a list of :class:`~knowledge.schema.Concept` fields. Loading
 checks every concept and every cross-reference (an appearance's finding, parents) and stops
-with one message listing all problems, each naming the file and the concept.
+with one message listing all problems, each naming the file and the concept. More files (a new
+modality's findings) may be loaded with a folder; they are checked together with it.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from pathlib import Path
 
 import yaml
 
+from generator.config import default_modalities
 from generator.errors import UserError
 
 from .schema import Concept, validate_concept
 
 LEXICON_DIR = Path(__file__).resolve().parent / "lexicon"
-MODALITIES = {"cxr", "chest_ct", "brain_mri", "fundus", "oct"}
 
 
 class LexiconError(UserError):
@@ -26,14 +27,19 @@ class LexiconError(UserError):
 
 
 def load_lexicon(
-    folder: str | Path = LEXICON_DIR, known_modalities: Iterable[str] | None = None
+    folder: str | Path = LEXICON_DIR, known_modalities: Iterable[str] | None = None, extra_files: Iterable[str | Path] = ()
 ) -> list[Concept]:
-    """All concepts of a lexicon folder, validated, in file then declaration order."""
+    """All concepts of a lexicon folder and of ``extra_files``, validated, in file then declaration order.
+    ``known_modalities``: the modality ids concepts may name (default: the built-in ones)."""
     folder = Path(folder)
-    modalities = set(known_modalities) if known_modalities is not None else MODALITIES
+    modalities = set(known_modalities if known_modalities is not None else default_modalities())
     files = sorted(folder.glob("*.yaml"))
     if not files:
         raise LexiconError(f"no lexicon files (*.yaml) in {folder}")
+    missing = [str(f) for f in extra_files if not Path(f).is_file()]
+    if missing:
+        raise LexiconError(f"lexicon file(s) not found: {', '.join(missing)}")
+    files += [Path(f) for f in extra_files]
     concepts: list[Concept] = []
     origin: dict[str, str] = {}
     problems: list[str] = []

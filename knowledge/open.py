@@ -31,12 +31,18 @@ def embedder_for(cfg):
     return _load_embedder(k.embedder, k.device, k.batch_size)
 
 
-def concepts_for(cfg) -> list:
-    """The lexicon, plus RadLex and SNOMED CT where the config names them."""
+def lexicon_for(cfg) -> list:
+    """The configured lexicon: ``knowledge.lexicon_dir`` (default: the shipped one) and ``knowledge.lexicon_files``."""
     from .lexicon import LEXICON_DIR, load_lexicon
 
     k = cfg.knowledge
-    concepts = load_lexicon(k.lexicon_dir or LEXICON_DIR, known_modalities=cfg.data.modalities)
+    return load_lexicon(k.lexicon_dir or LEXICON_DIR, known_modalities=cfg.data.modalities, extra_files=k.lexicon_files)
+
+
+def concepts_for(cfg) -> list:
+    """The lexicon, plus RadLex and SNOMED CT where the config names them."""
+    k = cfg.knowledge
+    concepts = lexicon_for(cfg)
     if k.radlex:
         from .radlex import load_radlex_csv, load_radlex_owl
 
@@ -77,16 +83,22 @@ def open_knowledge_base(cfg, build_if_absent: bool = True, progress: bool = True
     from .build import load_retriever, require_knowledge_base
 
     k = cfg.knowledge
-    if not (Path(k.index_dir) / "concepts").is_dir():
+    index = Path(k.index_dir)
+    if not (index / "concepts").is_dir():
         if not build_if_absent:
             require_knowledge_base(k.index_dir)  # raises with the command that builds it
-        log.info("no knowledge base in %s: building it now (once; `synthmed kb build` rebuilds it)", k.index_dir)
-        summary = build_from_config(cfg, embedder_for(cfg), progress=progress)
-        log.info("knowledge base: %d concepts, %d cases in %.1f s", summary["concepts"], summary["cases"], summary["seconds"])
+        from generator.runlock import one_at_a_time
+
+        # two commands started at once (two `synthmed generate`) build it once: the second waits, then opens it
+        with one_at_a_time(index.parent / f".{index.name}.build.lock", f"waiting for another process building {index}"):
+            if not (index / "concepts").is_dir():
+                log.info("no knowledge base in %s: building it now (once; `synthmed kb build` rebuilds it)", index)
+                summary = build_from_config(cfg, embedder_for(cfg), progress=progress)
+                log.info("knowledge base: %d concepts, %d cases in %.1f s", summary["concepts"], summary["cases"], summary["seconds"])
     else:
         require_knowledge_base(k.index_dir)  # before the embedder's 10 s load
     return load_retriever(k.index_dir, embedder_for(cfg), k.exact_weight, k.fuzzy_cutoff, k.hnsw_ef_search, k.ivf_nprobe,
                           cfg.data.modalities)
 
 
-__all__ = ["build_from_config", "cases_from_manifests", "concepts_for", "embedder_for", "open_knowledge_base"]
+__all__ = ["build_from_config", "cases_from_manifests", "concepts_for", "embedder_for", "lexicon_for", "open_knowledge_base"]

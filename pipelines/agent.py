@@ -32,9 +32,10 @@ def knowledge_retriever(cfg, progress: bool = True):
 
 def build_reasoner(cfg, retriever, drawable: dict[str, set[str]] | None = None, chat_model=None):
     from agents.rules import RuleReasoner
+    from knowledge.open import lexicon_for
 
     a = cfg.agents
-    rules = RuleReasoner(retriever, cfg.data.modalities, drawable, max_chars=a.max_chars, k=a.retrieval_k)
+    rules = RuleReasoner(retriever, cfg.data.modalities, drawable, max_chars=a.max_chars, k=a.retrieval_k, lexicon=lexicon_for(cfg))
     if a.reasoner == "rules" and chat_model is None:
         return rules
     from agents.llm import LLMReasoner, make_chat_model
@@ -147,7 +148,7 @@ def build_agent(cfg, model_path: str | None = None, draw: bool = True, traces: s
         verifier = build_verifier(cfg, device)
         timings["verifier"] = time.perf_counter() - started
     saver = open_checkpointer(traces or cfg.agents.traces) if traces != "" else None
-    graph = build_graph(reasoner, generator, verifier, saver, cfg.agents)
+    graph = build_graph(reasoner, generator, verifier, saver, cfg.agents, cfg.data.modalities)
     return Agent(cfg, graph, reasoner, generator, verifier, saver, timings)
 
 

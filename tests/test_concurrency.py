@@ -1,5 +1,5 @@
 """Several processes at once: two `synthmed generate` share the traces database (write-ahead log, busy
-timeout), a traces file that is not SQLite is one clear error, and readers of the append-only logs
+timeout) and build a missing knowledge base once, a traces file that is not SQLite is one clear error, and readers of the append-only logs
 (metrics.jsonl, samples.jsonl) never see half a record while a writer appends."""
 
 from __future__ import annotations
@@ -89,15 +89,19 @@ def lexicon_kb(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_two_generate_commands_at_once_share_the_traces_database(tmp_path, lexicon_kb):
-    db = tmp_path / "traces.sqlite"
-    args = ["--modality", "cxr", "--steps", "2", "--max-rounds", "1", "--json", f"--knowledge.index_dir={lexicon_kb}",
+def test_two_generate_commands_at_once_share_the_traces_database(tmp_path):
+    """Started together on a fresh workspace: the knowledge base is built once (the other waits for it),
+    and both traces land complete in one database."""
+    db, kb = tmp_path / "traces.sqlite", tmp_path / "kb"
+    args = ["--modality", "cxr", "--steps", "2", "--max-rounds", "1", "--json", f"--knowledge.index_dir={kb}",
             "--knowledge.case_manifests=[]", f"--agents.traces={db}", f"--agents.out={tmp_path / 'images'}", "--agents.candidates=1"]
     texts = ["Chest X-ray: large left pleural effusion.", "Chest X-ray: right pneumothorax, no effusion."]
     procs = [subprocess.Popen([sys.executable, "-m", "pipelines.cli", "generate", text, *args], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for text in texts]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert sum("building it now" in err for _, err in outputs) == 1, [err[-2000:] for _, err in outputs]
+    assert not list(tmp_path.glob(".kb.tmp*")) and not list(tmp_path.glob(".kb.old*"))
     records = [json.loads(out) for out, _ in outputs]
     rows = {r["trace_id"]: r for r in list_traces(db)}
     assert set(rows) == {r["trace_id"] for r in records}

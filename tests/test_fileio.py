@@ -70,6 +70,26 @@ def test_atomic_folder_swaps_in_when_complete_and_keeps_the_old_one_on_failure(t
     assert [p.name for p in tmp_path.iterdir()] == ["clf"]
 
 
+def test_an_export_that_keeps_the_folder_rewrites_its_files_and_keeps_the_others(tmp_path):
+    """A model export (``keep=True``): the UNet files are replaced, the VAE trained earlier stays, and a failed
+    export leaves the folder exactly as it was; temporaries of earlier writers are not copied in."""
+    model = tmp_path / "model"
+    (model / "vae").mkdir(parents=True)
+    (model / "vae" / "metadata.json").write_text("vae")
+    (model / "unet.bin").write_text("old")
+    (model / ".unet.bin.99999999.0123abcd.tmp.bin").write_text("half")
+    with pytest.raises(RuntimeError), atomic_folder(model, keep=True) as tmp:
+        (tmp / "unet.bin").write_text("half")
+        raise RuntimeError("killed")
+    assert (model / "unet.bin").read_text() == "old"
+    with atomic_folder(model, keep=True) as tmp:
+        assert (tmp / "vae" / "metadata.json").read_text() == "vae"
+        (tmp / "unet.bin").write_text("new")
+    assert (model / "unet.bin").read_text() == "new" and (model / "vae" / "metadata.json").read_text() == "vae"
+    assert sorted(p.name for p in model.iterdir()) == ["unet.bin", "vae"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
 def test_claim_new_folder_never_hands_out_a_folder_twice(tmp_path):
     import threading
 

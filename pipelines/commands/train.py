@@ -167,17 +167,14 @@ def _train_unet(cfg, train_rows, run, out, progress, init_from: str | None = Non
         vae_dir = Path(cfg.model.vae_pretrained or Path(out) / "vae")
         model = LatentDiffusion(cfg.model, list(cfg.data.modalities), vae=_load_vae(cfg))
     vae_meta = json.loads((vae_dir / "metadata.json").read_text()) if (vae_dir / "metadata.json").is_file() else None
-    summary = train_unet(model, cfg.train, cfg.data, train_rows, run, out, progress, lora_cfg=cfg.lora)
-    if (Path(out) / "model.json").is_file():  # exported: complete its metadata.json
-        summary |= {
-            "config": cfg.model_dump(mode="json"),
-            "data": sorted({r.source for r in train_rows}),
-            "seed": cfg.train.seed,
-            "vae": vae_meta,
-            "command": "synthmed " + " ".join(sys.argv[1:]),
-        } | ({"init_from": init_from} if init_from else {})
-        (Path(out) / "metadata.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    provenance = {
+        "config": cfg.model_dump(mode="json"),
+        "data": sorted({r.source for r in train_rows}),
+        "seed": cfg.train.seed,
+        "vae": vae_meta,
+        "command": "synthmed " + " ".join(sys.argv[1:]),
+    } | ({"init_from": init_from} if init_from else {})
+    return train_unet(model, cfg.train, cfg.data, train_rows, run, out, progress, lora_cfg=cfg.lora, metadata=provenance)
 
 
 def _train_lora(cfg, args, train_rows, run, progress):
