@@ -83,33 +83,41 @@ def temporary_path(path: str | os.PathLike) -> Path:
 
 
 _TEMP_FILE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp")  # temporary_path's names: .name.<pid>.<token>.tmp<suffix>
-_TEMP_FOLDER = re.compile(r"^\..+\.tmp-(\d+)$")  # atomic_folder's default: .name.tmp-<pid>
+_TEMP_FOLDER = re.compile(r"^\.(.+)\.(tmp|old)-(\d+)$")  # atomic_folder's .name.tmp-<pid>, replace_folder's .name.old-<pid>
 
 
 def sweep_temporaries(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
-    """Remove the temporaries that writers killed mid-write left under ``folder`` (in it only, unless
-    ``recursive``; their pid is gone, or is this process's from an earlier life: a resumed run has a new
-    pid); the paths removed. Called when a run resumes, so that no ``.x.<pid>.<token>.tmp`` file or
-    ``.x.tmp-<pid>`` folder stays where a reader looks; each removal is logged as a warning."""
+    """Settle what writers killed mid-write left under ``folder`` (in it only, unless ``recursive``; their pid
+    is gone, or is this process's from an earlier life: a resumed run has a new pid); the paths settled.
+    A ``.x.<pid>.<token>.tmp`` file or ``.x.tmp-<pid>`` folder is removed; a ``.x.old-<pid>`` folder (a swap
+    killed between its two renames) is put back as ``x`` where ``x`` is missing, else removed. Called when a
+    run resumes and before every folder swap, so nothing half-done stays; each step is logged as a warning."""
     from .runlock import pid_alive
 
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    removed = []
+    settled = []
     found = folder.rglob(".*") if recursive else folder.glob(".*")
-    for path in sorted(found, key=lambda p: len(p.parts), reverse=True):
-        match = (_TEMP_FOLDER if path.is_dir() else _TEMP_FILE).match(path.name)
-        if match is None or (int(match.group(1)) != os.getpid() and pid_alive(int(match.group(1)))):
+    for path in sorted(found, key=lambda p: (-len(p.parts), p.name)):  # deepest first; .x.old before .x.tmp
+        is_dir = path.is_dir()
+        match = (_TEMP_FOLDER if is_dir else _TEMP_FILE).match(path.name)
+        pid = int(match.group(match.re.groups)) if match else None
+        if pid is None or (pid != os.getpid() and pid_alive(pid)):
             continue
-        if path.is_dir():
+        target = path.with_name(match.group(1)) if is_dir and match.group(2) == "old" else None
+        if target is not None and not target.exists():
+            os.replace(path, target)
+            log.warning("put back %s as %s: a folder swap was killed halfway", path, target)
+        elif is_dir:
             shutil.rmtree(path, ignore_errors=True)
+            log.warning("removed %s, left by a write that was killed", path)
         else:
             with suppress(FileNotFoundError):
                 path.unlink()
-        log.warning("removed %s, left by a write that was killed", path)
-        removed.append(path)
-    return removed
+            log.warning("removed %s, left by a write that was killed", path)
+        settled.append(path)
+    return settled
 
 
 def _fsync(path: Path) -> None:
@@ -207,6 +215,7 @@ def atomic_folder(folder: str | os.PathLike, tmp: str | os.PathLike | None = Non
     that rewrites some files of a folder keeps the others (a model folder's ``vae/`` and its metadata)."""
     folder = Path(folder)
     tmp = Path(tmp) if tmp is not None else folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    sweep_temporaries(folder.parent, recursive=False)  # what a killed earlier swap left beside it
     shutil.rmtree(tmp, ignore_errors=True)
     with _writing(folder):
         if keep and folder.is_dir():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from generator.fileio import atomic_folder, sweep_temporaries, write_json_atomic
+from generator.fileio import atomic_folder, write_json_atomic
 
 from .cases import Case
 from .index import KnowledgeIndexError, VectorIndex
@@ -60,9 +60,7 @@ def build_knowledge_base(
 ) -> dict:
     """Embed and index everything; write the folder; return the build summary. The folder is built beside
     it and swapped in whole, so a reader (or a kill) never meets half a knowledge base."""
-    folder = Path(folder)
-    sweep_temporaries(folder.parent, recursive=False)  # what an earlier build, killed, left beside it
-    with atomic_folder(folder) as tmp:
+    with atomic_folder(folder) as tmp:  # settles what an earlier build, killed, left beside it
         return _build(tmp, concepts, cases, embedder, concept_factory, case_factory, progress)
 
 

@@ -131,5 +131,14 @@ def test_sweep_removes_temporaries_of_dead_writers_and_keeps_live_ones(tmp_path)
         assert removed == {orphan, mine_before, folder}
         assert writing.exists() and all(p.exists() for p in kept)
         assert sweep_temporaries(tmp_path / "absent") == []
+        # a swap killed between its renames: the old folder stepped aside comes back; beside a present folder it goes
+        (tmp_path / f".model.old-{dead.pid}").mkdir()
+        (tmp_path / f".model.old-{dead.pid}" / "unet.bin").write_text("complete")
+        (tmp_path / f".model.tmp-{dead.pid}").mkdir()
+        (tmp_path / f".vae.old-{dead.pid}").mkdir()
+        (tmp_path / "vae").mkdir()
+        assert len(sweep_temporaries(tmp_path, recursive=False)) == 3
+        assert (tmp_path / "model" / "unet.bin").read_text() == "complete" and (tmp_path / "vae").is_dir()
+        assert not list(tmp_path.glob(".model.*")) and not list(tmp_path.glob(".vae.*"))
     finally:
         live.kill()
