@@ -23,10 +23,11 @@ class ImageGenerator:
     """``draw(prompt, modality, seeds, ...) -> (paths, images)`` with one seed per candidate."""
 
     def __init__(self, model, channels: Mapping[str, int], sampler: str = "ddim", eta: float = 0.0, batch_size: int = 8,
-                 guidance_schedule: str = "constant", source: str = ""):
+                 guidance_schedule: str = "constant", source: str = "", precision: str = "fp32"):
         self.model = model  # generator.models.LatentDiffusion
         self.channels = dict(channels)  # modality -> 1 (grey) or 3 (colour)
         self.sampler, self.eta, self.batch_size, self.guidance_schedule = sampler, eta, batch_size, guidance_schedule
+        self.precision = precision  # fp32, bf16 or auto (generator.sampling)
         self.source = source  # where the weights came from, for the trace
 
     @property
@@ -52,7 +53,7 @@ class ImageGenerator:
             with torch.inference_mode():
                 output = sample(self.model, [prompt] * len(run), [modality] * len(run), negative=negative or None,
                                 guidance=guidance, steps=steps, seed=run[0], sampler=self.sampler, eta=self.eta,
-                                guidance_schedule=self.guidance_schedule)
+                                guidance_schedule=self.guidance_schedule, precision=self.precision)
             for seed, image in zip(run, output.to_uint8([modality] * len(run), self.channels)):
                 path = out / f"{prefix}{modality}_seed{seed:06d}.png"
                 atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp))  # noqa: B023  (called at once)

@@ -29,7 +29,7 @@ import torch
 from .config import ModalityConfig, default_modalities
 from .errors import UserError
 from .models import LatentDiffusion, latent_size
-from .sampling import initial_noise, sample
+from .sampling import initial_noise, sample, sampling_dtype
 
 
 @dataclass
@@ -121,10 +121,13 @@ class StockPipeline:
 def bench_generate(
     model: LatentDiffusion, n: int = 16, batch_size: int = 8, steps: int = 25, guidance: float = 4.0,
     repeats: int = 3, seed: int = 0, progress: bool = True, modalities: Mapping[str, ModalityConfig] | None = None,
+    precision: str = "fp32",
 ) -> dict:
     """Seconds per image and peak memory of both samplers; ``speedup_vs_diffusers`` is stock s/image
     divided by synthmed s/image (above 1: synthmed is faster). Each modality draws its example report
-    (``modalities``: the configured ones; None: the built-in ones)."""
+    (``modalities``: the configured ones; None: the built-in ones). synthmed draws at ``precision``
+    (generator.sampling), the stock pipeline as diffusers does by default (the model's own dtype);
+    ``max_abs_diff`` compares their images, ``fp32_max_abs_diff`` synthmed's fp32 images with the stock ones."""
     if n < 1 or batch_size < 1 or repeats < 1:
         raise UserError("n, batch size and repeats must be at least 1")
     if guidance < 1:
@@ -135,9 +138,11 @@ def bench_generate(
     stock = StockPipeline(model)
     device = model.device
 
-    def run_synthmed() -> torch.Tensor:
+    compute = sampling_dtype(precision, device)
+
+    def run_synthmed(precision: str = precision) -> torch.Tensor:
         return torch.cat([sample(model, prompts[i:i + batch_size], names[i:i + batch_size], guidance=guidance,
-                                 steps=steps, seed=seed + i).images for i in range(0, n, batch_size)])
+                                 steps=steps, seed=seed + i, precision=precision).images for i in range(0, n, batch_size)])
 
     def run_stock() -> torch.Tensor:
         return torch.cat([stock(prompts[i:i + batch_size], names[i:i + batch_size], guidance, steps, seed + i)
@@ -159,9 +164,13 @@ def bench_generate(
     try:
         from tqdm import tqdm
 
-        bar = tqdm(total=2 * (repeats + 1), desc="bench generate", unit="run", disable=not progress)
+        exact = compute == torch.float32
+        bar = tqdm(total=2 * (repeats + 1) + (not exact), desc="bench generate", unit="run", disable=not progress)
         for k, fn in runners.items():  # warm-up, and the images compared
             images[k], _, _ = timed(fn)
+            bar.update()
+        if not exact:
+            images["fp32"], _, _ = timed(lambda: run_synthmed("fp32"))
             bar.update()
         for _ in range(repeats):
             for k, fn in runners.items():
@@ -176,12 +185,15 @@ def bench_generate(
     return {
         "n": n, "batch_size": batch_size, "steps": steps, "guidance": guidance, "repeats": repeats,
         "image_size": model.cfg.image_size, "device": str(device), "torch_threads": torch.get_num_threads(),
+        "precision": str(compute).removeprefix("torch."),
         "synthmed": {"seconds_per_image": round(per_image["synthmed"], 4), "images_per_second": round(1 / per_image["synthmed"], 2),
                      "peak_memory_mb": round(max(peaks["synthmed"]), 1), "runs_seconds": [round(s, 3) for s in seconds["synthmed"]]},
         "diffusers": {"seconds_per_image": round(per_image["diffusers"], 4), "images_per_second": round(1 / per_image["diffusers"], 2),
                       "peak_memory_mb": round(max(peaks["diffusers"]), 1), "runs_seconds": [round(s, 3) for s in seconds["diffusers"]]},
         "speedup_vs_diffusers": round(per_image["diffusers"] / per_image["synthmed"], 3),
         "max_abs_diff": float((images["synthmed"].float() - images["diffusers"].float()).abs().max()),
+        "mean_abs_diff": float((images["synthmed"].float() - images["diffusers"].float()).abs().mean()),
+        "fp32_max_abs_diff": float((images.get("fp32", images["synthmed"]).float() - images["diffusers"].float()).abs().max()),
     }
 
 

@@ -183,6 +183,9 @@ class SampleConfig(Section):
     batch_size: int = Field(8, ge=1)  # images per forward pass
     seed: int = Field(0, ge=0)
     negative: str = ""  # default negative prompt
+    # fp32, bf16, or auto: bf16 where the hardware computes it natively (generator/sampling.py); sample, generate,
+    # synthesize and contact sheets draw in it; eval, the loop and training validation always draw in fp32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     lora: list[str] = []  # LoRA adapters applied on load (sample, eval, generate): .safetensors files, a run's final/ or best/, or a run folder (its best/)
 
 

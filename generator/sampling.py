@@ -4,6 +4,12 @@ Classifier-free guidance runs the unconditional (negative prompt, or "") and con
 branches in one UNet call. ``guidance_schedule`` varies the scale over the steps (dynamic CFG):
 ``constant``, or rising from 1 to ``guidance`` linearly or along a half cosine. Image ``i`` of a
 call uses seed ``seed + i`` for its noise, so it is the same whatever the batch size.
+
+``precision`` (``sample.precision``): ``fp32``; ``bf16`` (autocast: the text encoder, UNet and VAE compute in
+bfloat16); ``auto``: bf16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16
+or AMX: on this project's 2-core CPU it drew 1.3x faster, pixels within 0.02 of fp32's) and fp32 elsewhere. A
+trajectory (DDPO's rollouts) is always drawn in fp32: the loop re-scores its steps in fp32, and its clipped
+probability ratio must start at exactly 1.
 """
 
 from __future__ import annotations
@@ -35,6 +41,24 @@ class SampleOutput:
             array = image.detach().float().add(1).mul(127.5).round().clamp(0, 255).byte().cpu()
             out.append(array.float().mean(0).round().byte().numpy() if channels.get(modality, 3) == 1 else array.permute(1, 2, 0).numpy())
         return out
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def sampling_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype ``precision`` computes in on ``device``: float32 or bfloat16 (see the module's docstring)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    return torch.float32
 
 
 def guidance_scales(guidance: float, steps: int, schedule: str) -> list[float]:
@@ -93,9 +117,21 @@ def sample(
     sampler: str = "ddim",
     eta: float = 0.0,
     guidance_schedule: str = "constant",
+    precision: str = "fp32",
 ) -> SampleOutput:
     """Draw one image per prompt. With ``return_trajectory`` (DDIM, eta > 0) also the latents of
-    every step and the log probability of each transition."""
+    every step and the log probability of each transition (always in fp32). ``precision``: fp32, bf16
+    or auto (see the module's docstring); images come back as float32 either way."""
+    compute = torch.float32 if return_trajectory else sampling_dtype(precision, model.device)
+    if compute == torch.float32 or next(model.unet.parameters()).dtype != torch.float32:
+        return _sample(model, prompts, modalities, negative, guidance, steps, seed, return_trajectory, sampler, eta, guidance_schedule)
+    with torch.autocast(model.device.type, dtype=compute):
+        out = _sample(model, prompts, modalities, negative, guidance, steps, seed, False, sampler, eta, guidance_schedule)
+    return SampleOutput(out.images.float())
+
+
+def _sample(model: LatentDiffusion, prompts: list[str], modalities: list[str], negative: str | list[str] | None, guidance: float,
+            steps: int, seed: int, return_trajectory: bool, sampler: str, eta: float, guidance_schedule: str) -> SampleOutput:
     n = len(prompts)
     if n == 0:
         raise UserError("no prompts")

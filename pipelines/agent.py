@@ -82,7 +82,7 @@ def build_generator(cfg, model_path: str | None = None, device: str = "cpu"):
         apply_adapters(model.unet, list(cfg.sample.lora))
     channels = {m: spec.channels for m, spec in cfg.data.modalities.items()}
     s = cfg.sample
-    return ImageGenerator(model, channels, s.sampler, s.eta, s.batch_size, s.guidance_schedule, source=str(path))
+    return ImageGenerator(model, channels, s.sampler, s.eta, s.batch_size, s.guidance_schedule, source=str(path), precision=s.precision)
 
 
 def drawable_findings(cfg) -> dict[str, set[str]]:

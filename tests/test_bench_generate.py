@@ -58,6 +58,28 @@ def test_bench_reports_the_ratio(model):
         assert result[side]["images_per_second"] > 0 and result[side]["peak_memory_mb"] >= 0
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no native bf16")
+def test_bf16_draws_what_fp32_draws_within_rounding(model):
+    """``precision="bf16"`` (what ``auto`` picks on a CPU with native bf16): the same images to within bf16's
+    rounding, as float32; a trajectory for DDPO stays fp32 whatever is asked."""
+    prompts, modalities = ["left pleural effusion", "drusen"], ["cxr", "oct"]
+    exact = sample(model, prompts, modalities, guidance=3.0, steps=4, seed=3).images
+    rounded = sample(model, prompts, modalities, guidance=3.0, steps=4, seed=3, precision="bf16").images
+    assert rounded.dtype == torch.float32 and 0 < (rounded - exact).abs().max() < 0.1
+    result = bench_generate(model, n=2, batch_size=2, steps=2, guidance=2.0, repeats=1, progress=False, precision="bf16")
+    assert result["precision"] == "bfloat16" and result["fp32_max_abs_diff"] < 1e-3 and result["max_abs_diff"] < 0.1
+    a = sample(model, prompts, modalities, steps=3, seed=1, eta=1.0, return_trajectory=True, precision="bf16")
+    b = sample(model, prompts, modalities, steps=3, seed=1, eta=1.0, return_trajectory=True)
+    assert torch.equal(a.log_probs, b.log_probs) and torch.equal(a.images, b.images)
+
+
+def test_an_unknown_precision_is_one_clear_error(model):
+    from generator.errors import UserError
+
+    with pytest.raises(UserError, match="unknown precision 'fp8'"):
+        sample(model, ["x"], ["cxr"], steps=1, precision="fp8")
+
+
 def test_bench_refuses_guidance_below_one(model):
     with pytest.raises(ValueError, match="only guides above 1"):
         bench_generate(model, n=1, guidance=0.5, progress=False)
@@ -72,7 +94,8 @@ def test_bench_generate_command(model, tmp_path, capsys):
     assert main(["bench", "generate", "--model", str(tmp_path / "m"), "--n", "2", "--batch", "2", "--steps", "2",
                  "--guidance", "2", "--repeats", "1", "--json", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["speedup_vs_diffusers"] > 0 and result["n"] == 2 and result["max_abs_diff"] < 1e-3
+    assert result["speedup_vs_diffusers"] > 0 and result["n"] == 2 and result["fp32_max_abs_diff"] < 1e-3
+    assert result["max_abs_diff"] < (1e-3 if result["precision"] == "float32" else 0.1)  # sample.precision: auto
     assert main(["bench", "generate", "--model", str(tmp_path / "m"), "--n", "1", "--steps", "1", "--repeats", "1"]) == 0
     assert "speedup_vs_diffusers" in capsys.readouterr().out
 

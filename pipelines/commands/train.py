@@ -232,7 +232,8 @@ def _sample(args, extra) -> int:
 
     from generator.modalities import resolve_modality
     from generator.models import LatentDiffusion
-    from generator.sampling import sample
+    from generator.fileio import append_whole
+    from generator.sampling import sample, sampling_dtype
 
     cfg = resolve_config(args, extra, {"sample.steps": args.steps, "sample.guidance": args.guidance,
                                        "sample.negative": args.negative, "sample.sampler": args.sampler, "sample.seed": args.seed})
@@ -252,16 +253,16 @@ def _sample(args, extra) -> int:
         with torch.inference_mode():
             output = sample(model, [args.text] * n, [modality] * n, negative=sc.negative or None, guidance=sc.guidance,
                             steps=sc.steps, seed=sc.seed + start, sampler=sc.sampler, eta=sc.eta,
-                            guidance_schedule=sc.guidance_schedule)
+                            guidance_schedule=sc.guidance_schedule, precision=sc.precision)
         for i, image in enumerate(output.to_uint8([modality] * n, channels)):
             path = out / f"{modality}_{sc.seed + start + i:05d}.png"
             Image.fromarray(image).save(path)
             paths.append(str(path))
     seconds = time.perf_counter() - started
     record = {"text": args.text, "modality": modality, "images": paths, "steps": sc.steps, "guidance": sc.guidance,
-              "sampler": sc.sampler, "negative": sc.negative, "seed": sc.seed, "seconds": round(seconds, 2),
+              "sampler": sc.sampler, "precision": str(sampling_dtype(sc.precision, model.device)).removeprefix("torch."),
+              "negative": sc.negative, "seed": sc.seed, "seconds": round(seconds, 2),
               "seconds_per_image": round(seconds / max(1, args.n), 3), "model": str(args.model or cfg.train.out)}
-    with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    append_whole(out / "samples.jsonl", (json.dumps(record) + "\n").encode("utf-8"))
     print(f"{args.n} images in {seconds:.1f} s ({seconds / max(1, args.n):.2f} s/image) -> {out}")
     return 0
