@@ -28,8 +28,21 @@ seed, at most ``synthesize.max_tries`` draws in all. Image ``i`` of ``N`` draws 
 
 Resume: ``checks.jsonl`` is the progress record (a torn last line is dropped); images are written
 whole (temporary file, fsync, rename) before their line, so an image without a line is drawn again
-into the same name and nothing is doubled. :func:`draw_slots` takes the list of slots and a shard
-``(rank, world)``: one process per shard, each with its own checks file (not wired to accelerate yet).
+into the same name and nothing is doubled.
+
+Several processes (``accelerate launch --multi_gpu --num_processes N -m pipelines.cli synthesize ...``;
+on a machine without GPUs the ranks meet over gloo): rank ``r`` of ``N`` draws every ``N``-th slot
+from ``r`` (:func:`shard_slots`) into its own ``checks.rank<r>.jsonl``, and seeds stay those of one
+process. Rank 0 claims the folder and repairs what a kill left while the others wait (a collective
+over the process group: every rank is at the same point, so the wait is short). Each rank leaves a
+``.done.rank<r>.json`` marker when its shard is drawn; rank 0 waits for the markers, not for a
+barrier, since one rank may finish hours before another (a resume after one rank was killed) and the
+process group's collectives time out after 30 minutes, and because a marker says which rank is
+missing: one whose lock nobody holds and that left no marker stopped, and rank 0 says to resume
+instead of waiting for it. Rank 0 then folds every shard file into one ``checks.jsonl`` in slot
+order (written whole, then the shard files removed: a merge cut short leaves duplicates that the
+next merge drops) and writes ``manifest.csv`` and ``summary.json``. While shards draw, nothing but
+their own checks file is written, so ``manifest.csv`` stays what the last complete run left.
 """
 
 from __future__ import annotations
@@ -46,16 +59,17 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from agents.requests import PromptSampler
-from generator.errors import UserError
+from generator.errors import SynthmedError, UserError
 from generator.fileio import atomic_open, atomic_write, json_default, write_json_atomic, write_text_atomic
-from generator.runlock import LOCK_NAME, RunLock
+from generator.runlock import LOCK_NAME, RunFolderInUseError, RunLock
 
 log = logging.getLogger("synthmed.synthesize")
 
@@ -500,13 +514,24 @@ class OutputFolder:
 
     def __init__(self, root: str | os.PathLike, rank: int = 0, world: int = 1):
         self.root = Path(root)
+        self.rank, self.world = rank, world
+        self.shard = world > 1  # one of several processes: writes only its own checks file while drawing
         self.images = self.root / "images"
         self.identity_path = self.root / "synthesize.json"
         self.requests_path = self.root / "requests.jsonl"
-        self.checks_path = self.root / ("checks.jsonl" if world == 1 else f"checks.rank{rank}.jsonl")
+        self.merged_checks_path = self.root / "checks.jsonl"
+        self.checks_path = self.merged_checks_path if not self.shard else self.root / f"checks.rank{rank}.jsonl"  # where this process appends
         self.manifest_path = self.root / "manifest.csv"
         self.summary_path = self.root / "summary.json"
-        self.lock_name = LOCK_NAME if world == 1 else f"{LOCK_NAME}.rank{rank}"  # held while this run (shard) writes here
+        self.lock_name = self.rank_lock(rank)  # held while this process writes here; rank 0's is a single run's
+
+    @staticmethod
+    def rank_lock(rank: int) -> str:
+        return LOCK_NAME if rank == 0 else f"{LOCK_NAME}.rank{rank}"
+
+    def done_path(self, rank: int) -> Path:
+        """The marker rank ``rank`` leaves when its shard is drawn (its :class:`DrawSummary`)."""
+        return self.root / f".done.rank{rank}.json"
 
     def image_path(self, slot: Slot, fmt: str) -> Path:
         return self.images / f"{slot.index:06d}_{slot.request.modality}.{'dcm' if fmt == 'dicom' else 'png'}"
@@ -538,18 +563,29 @@ class OutputFolder:
         return False
 
     # -- progress -------------------------------------------------------------------------------
-    def read_checks(self, fmt: str, slots: Sequence[Slot]) -> Progress:
-        """Progress from every checks file; a torn last line (a kill mid-write) is cut off."""
+    def checks_files(self) -> list[Path]:
+        """``checks.jsonl`` first, then the shards' ``checks.rank<r>.jsonl``."""
+        return sorted(self.root.glob("checks*.jsonl"))
+
+    @staticmethod
+    def _whole_lines(path: Path, repair: bool) -> bytes:
+        """The file's whole lines; with ``repair`` a torn last line (a kill mid-write) is cut off the file too, without it
+        is only skipped (another process may be writing that line now)."""
+        data = path.read_bytes()
+        keep = data.rfind(b"\n") + 1
+        if repair and keep < len(data):
+            log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - keep)
+            with open(path, "r+b") as f:
+                f.truncate(keep)
+        return data[:keep]
+
+    def read_checks(self, fmt: str, slots: Sequence[Slot], repair: bool = True) -> Progress:
+        """Progress from every checks file. ``repair`` (only while no other process writes here): torn last lines are
+        cut off, temporaries of interrupted writes removed."""
         progress = Progress()
         by_index = {s.index: s for s in slots}
-        for path in sorted(self.root.glob("checks*.jsonl")):
-            data = path.read_bytes()
-            keep = data.rfind(b"\n") + 1
-            if keep < len(data):
-                log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - keep)
-                with open(path, "r+b") as f:
-                    f.truncate(keep)
-            for line in data[:keep].decode("utf-8").splitlines():
+        for path in self.checks_files():
+            for line in self._whole_lines(path, repair).decode("utf-8").splitlines():
                 if not line.strip():
                     continue
                 rec = json.loads(line)
@@ -564,6 +600,8 @@ class OutputFolder:
                         progress.tries[i] = int(rec["attempt"])
                 else:
                     progress.rejected += 1
+        if not repair:
+            return progress
         for stale in self.images.glob(".*.tmp*"):  # temporary files of an interrupted write
             stale.unlink(missing_ok=True)
         for scratch in self.root.glob(".graph-*"):  # --through-graph's scratch folders
@@ -587,6 +625,77 @@ class OutputFolder:
             if _is_full(exc):
                 raise _disk_error(exc, self.checks_path) from exc
             raise
+
+    def merge_checks(self) -> bool:
+        """Fold the shards' checks files (and ``checks.jsonl``) into ``checks.jsonl``: one line per draw, by slot, then try,
+        written whole; then the shard files are removed. A draw found twice (a merge stopped before its clean-up, an image
+        drawn again) is kept once, the later line. Lines are copied, not held: memory grows by 40 bytes a draw. False when
+        there are no shard files. Only while no other process writes here."""
+        files = self.checks_files()
+        shards = [f for f in files if f != self.merged_checks_path]
+        if not shards:
+            return False
+        keys, spans = [], []  # (index, attempt, read order), (file, offset, length) per line
+        for f, path in enumerate(files):
+            offset = 0
+            for line in self._whole_lines(path, repair=True).splitlines(keepends=True):
+                if line.strip():
+                    rec = json.loads(line)
+                    keys.append((int(rec["index"]), int(rec["attempt"]), len(keys)))
+                    spans.append((f, offset, len(line)))
+                offset += len(line)
+        keys_a, spans_a = np.array(keys, dtype=np.int64).reshape(-1, 3), np.array(spans, dtype=np.int64).reshape(-1, 3)
+        order = np.lexsort((keys_a[:, 2], keys_a[:, 1], keys_a[:, 0]))
+        ordered = keys_a[order]
+        last = np.ones(len(order), dtype=bool)  # the last line read of each (index, attempt)
+        last[:-1] = (ordered[1:, 0] != ordered[:-1, 0]) | (ordered[1:, 1] != ordered[:-1, 1])
+        try:
+            with ExitStack() as stack, atomic_open(self.merged_checks_path, "wb") as out:
+                handles = [stack.enter_context(open(path, "rb")) for path in files]
+                for f, offset, length in spans_a[order[last]]:
+                    handles[f].seek(offset)
+                    out.write(handles[f].read(length))
+        except OSError as exc:
+            if _is_full(exc):
+                raise _disk_error(exc, self.merged_checks_path) from exc
+            raise
+        for path in shards:
+            path.unlink(missing_ok=True)
+        return True
+
+    def mark_done(self, summary: DrawSummary) -> None:
+        """This rank's shard is drawn (every line of it on disk): its marker, with its summary."""
+        write_json_atomic(self.done_path(self.rank), asdict(summary))
+
+    def clear_done(self) -> None:
+        """Remove every rank's marker: rank 0, before the ranks start, so that only this run's markers count."""
+        for marker in self.root.glob(".done.rank*.json"):
+            marker.unlink(missing_ok=True)
+
+    def wait_for_ranks(self, poll_s: float = 1.0) -> list[DrawSummary]:
+        """Rank 0: the other ranks' summaries, once every marker is there. A rank whose lock nobody holds and that left
+        no marker has stopped before the end of its shard: a :class:`UserError` that says to resume."""
+        waiting = set(range(1, self.world))
+        said = False
+        while waiting:
+            for rank in sorted(waiting):
+                if self.done_path(rank).is_file():
+                    waiting.discard(rank)
+                    continue
+                try:
+                    with RunLock(self.root, self.rank_lock(rank)):  # taken: its holder is gone
+                        pass
+                except RunFolderInUseError:
+                    continue
+                if not self.done_path(rank).is_file():  # it may have finished between the two looks
+                    raise UserError(f"rank {rank} of {self.world} stopped before drawing its shard; run the same command "
+                                    "with --resume to finish it (what it drew is kept)")
+            if waiting:
+                if not said:
+                    log.info("rank 0 done; waiting for rank(s) %s", ", ".join(map(str, sorted(waiting))))
+                    said = True
+                time.sleep(poll_s)
+        return [DrawSummary(**json.loads(self.done_path(r).read_text(encoding="utf-8"))) for r in range(1, self.world)]
 
     def write_manifest(self, slots: Sequence[Slot], accepted: Mapping[int, dict]) -> int:
         """The accepted images in the project's manifest format, whole or not at all."""
@@ -821,7 +930,7 @@ class SamplerDrawer:
             with torch.inference_mode():
                 out = sample(self.model, [s.request.prompt for s in chunk], [s.request.modality for s in chunk], negative=negatives,
                              guidance=sc.guidance, steps=sc.steps, seed=int(seeds[start]), sampler=sc.sampler, eta=sc.eta,
-                             guidance_schedule=sc.guidance_schedule)
+                             guidance_schedule=sc.guidance_schedule, precision=sc.precision)
             parts.append(out.images.float().cpu())
             start = end
         return torch.cat(parts)
@@ -892,14 +1001,15 @@ def draw_slots(
     on_batch: Callable[[int], None] | None = None,
 ) -> DrawSummary:
     """Draw ``slots`` (a shard of ``all_slots``) into ``folder``, in batches, redrawing rejected draws with new
-    seeds; what ``checks.jsonl`` already holds is not drawn again."""
+    seeds; what the checks files already hold is not drawn again. A shard of several processes leaves
+    ``manifest.csv`` to rank 0's merge."""
     from tqdm import tqdm
 
     sc = cfg.synthesize
     fmt = sc.format
     batch_size = sc.batch_size or cfg.sample.batch_size
     total = len(all_slots)
-    done = folder.read_checks(fmt, all_slots)
+    done = folder.read_checks(fmt, all_slots, repair=not folder.shard)
     accepted = dict(done.accepted)
     tries = dict(done.tries)
     summary = DrawSummary(requested=len(slots), resumed_from=sum(1 for s in slots if s.index in accepted))
@@ -963,7 +1073,7 @@ def draw_slots(
         folder.append_checks(records)
         queue = redraw + queue  # redraws go first: a stopped run leaves few half-finished slots
         now = time.perf_counter()
-        if now - last_manifest > 10 or not queue:
+        if not folder.shard and (now - last_manifest > 10 or not queue):
             folder.write_manifest(all_slots, accepted)
             last_manifest = now
         elapsed = now - started
@@ -972,7 +1082,8 @@ def draw_slots(
         if on_batch is not None:
             on_batch(summary.drawn)
     bar.close()
-    folder.write_manifest(all_slots, accepted)
+    if not folder.shard:
+        folder.write_manifest(all_slots, accepted)
     summary.accepted = sum(1 for s in slots if s.index in accepted)
     summary.seconds = time.perf_counter() - started
     return summary
@@ -1005,12 +1116,28 @@ def run_identity(spec_path: Path, slots: Sequence[Slot], cfg, model_info: dict, 
         "requests_sha256": requests, "images": len(slots), "seed": seed, "format": sc.format, "through_graph": through_graph,
         "model_sha256": model_info["sha256"], "adapters_sha256": [a["sha256"] for a in model_info["adapters"]],
         "sampler": {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance, "guidance_schedule": s.guidance_schedule, "eta": s.eta,
-                    "negative": s.negative},
+                    "negative": s.negative, "precision": s.precision},
         "gate": {"max_tries": sc.max_tries, "threshold": sc.memorisation_threshold if sc.memorisation_threshold is not None
                  else cfg.judges.eval.memorisation_pixel_threshold, "require_verifier_pass": sc.require_verifier_pass},
         "spec": str(spec_path), "model": model_info["path"], "adapters": [a["path"] for a in model_info["adapters"]],
         "version": synthmed_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def launched_processes(cpu: bool) -> tuple[int, int]:
+    """(rank, number of processes) of this process: under ``accelerate launch`` (torchrun's ``WORLD_SIZE``) from accelerate's
+    ``PartialState``, which joins the process group (gloo with ``cpu``: accelerate sees no group of CPU processes
+    otherwise); (0, 1) when run alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        return 0, 1
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cpu)
+    if state.num_processes != world:
+        raise UserError(f"WORLD_SIZE is {world} but accelerate joined {state.num_processes} process(es) "
+                        f"(distributed type {state.distributed_type}); launch with `accelerate launch --multi_gpu`")
+    return state.process_index, state.num_processes
 
 
 def synthesize(
@@ -1022,29 +1149,35 @@ def synthesize(
     through_graph: bool = False,
     resume: bool = False,
     progress: bool = True,
-    rank: int = 0,
-    world: int = 1,
 ) -> dict:
-    """Expand the spec, claim (or resume) ``out``, draw every image of this shard through the gate; the summary."""
+    """Expand the spec, claim (or resume) ``out``, draw every image through the gate; the summary.
+
+    Under ``accelerate launch`` each process draws its shard and rank 0 merges them (see the module docstring): rank 0
+    returns the run's summary, the other ranks their shard's :class:`DrawSummary` with ``rank`` and ``processes``."""
     from generator.paths import shipped
 
     sc = cfg.synthesize
-    seed = sc.seed
     spec_path = Path(spec_path)
-    slots = read_spec(spec_path, cfg, seed)  # bad input fails here, before anything heavy is loaded
+    slots = read_spec(spec_path, cfg, sc.seed)  # bad input fails here, before anything heavy is loaded
     model_dir = str(shipped(model_dir or cfg.train.out))  # the shipped model is found from any working folder
     model_info = model_identity(model_dir, list(cfg.sample.lora))
+    identity = run_identity(spec_path, slots, cfg, model_info, sc.seed, through_graph)
+    from generator.devices import device_name
+
+    rank, world = launched_processes(cpu=device_name(cfg.run.device) == "cpu")
     folder = OutputFolder(out, rank, world)
-    with RunLock(folder.root, folder.lock_name):  # one run at a time in ``out`` (in each shard)
-        return _fill(folder, cfg, spec_path, slots, model_dir, model_info, train_data, through_graph, resume, progress, rank, world)
+    if world > 1:
+        return _fill_shard(folder, cfg, spec_path, slots, identity, model_dir, model_info, train_data, through_graph, resume, progress)
+    with RunLock(folder.root, folder.lock_name):  # one run at a time in ``out``
+        resumed = _claim(folder, cfg, identity, slots, resume)
+        started = time.perf_counter()
+        summary = _draw_shard(folder, cfg, slots, model_dir, model_info, train_data, through_graph, progress)
+        return _finish(folder, cfg, spec_path, slots, model_info, through_graph, resumed, [summary], started)
 
 
-def _fill(folder: OutputFolder, cfg, spec_path: Path, slots: list[Slot], model_dir: str, model_info: dict,
-          train_data: Sequence[str] | None, through_graph: bool, resume: bool, progress: bool, rank: int, world: int) -> dict:
-    """Claim (or resume) the locked ``folder`` and draw this shard's open slots; the summary."""
-    sc = cfg.synthesize
-    seed = sc.seed
-    resumed = folder.prepare(run_identity(spec_path, slots, cfg, model_info, seed, through_graph), slots, resume)
+def _claim(folder: OutputFolder, cfg, identity: dict, slots: Sequence[Slot], resume: bool) -> bool:
+    """Make the locked ``folder`` this run's, or resume it (temporaries of killed writers swept); True when resumed."""
+    resumed = folder.prepare(identity, slots, resume)
     if resumed:
         from generator.fileio import sweep_temporaries
 
@@ -1053,28 +1186,76 @@ def _fill(folder: OutputFolder, cfg, spec_path: Path, slots: list[Slot], model_d
         from .config import save_config
 
         save_config(cfg, folder.root / "config.yaml")
-    mine = shard_slots(slots, rank, world)
-    before = folder.read_checks(sc.format, slots)
-    open_slots = [s for s in mine if s.index not in before.accepted and before.tries.get(s.index, 0) < sc.max_tries]
+    return resumed
+
+
+def _fill_shard(folder: OutputFolder, cfg, spec_path: Path, slots: list[Slot], identity: dict, model_dir: str, model_info: dict,
+                train_data: Sequence[str] | None, through_graph: bool, resume: bool, progress: bool) -> dict:
+    """One of several processes: rank 0 claims and repairs the folder while the others wait, each draws its shard and
+    leaves its marker, rank 0 waits for the markers and merges."""
+    from accelerate.utils import gather_object
+
     started = time.perf_counter()
-    summary = DrawSummary(requested=len(mine), resumed_from=len(mine) - len(open_slots))
+    lock = RunLock(folder.root, folder.lock_name)
+    resumed, error = False, None
+    try:
+        lock.acquire()
+        if folder.rank == 0:
+            resumed = _claim(folder, cfg, identity, slots, resume)
+            folder.read_checks(cfg.synthesize.format, slots)  # cut torn lines, remove temporaries: no rank draws yet
+            folder.clear_done()
+    except SynthmedError as exc:
+        error = str(exc)
+    try:
+        errors = [e for e in gather_object([error]) if e]  # every rank waits here for rank 0's claim
+        if errors:
+            raise UserError(errors[0])
+        summary = _draw_shard(folder, cfg, slots, model_dir, model_info, train_data, through_graph, progress and folder.rank == 0)
+        if folder.rank:
+            folder.mark_done(summary)
+            return {"rank": folder.rank, "processes": folder.world, **asdict(summary)}
+        summaries = [summary, *folder.wait_for_ranks()]
+        return _finish(folder, cfg, spec_path, slots, model_info, through_graph, resumed, summaries, started)
+    finally:
+        lock.release()
+
+
+def _draw_shard(folder: OutputFolder, cfg, slots: list[Slot], model_dir: str, model_info: dict, train_data: Sequence[str] | None,
+                through_graph: bool, progress: bool) -> DrawSummary:
+    """Draw this process's open slots (the generator is opened only when there are some)."""
+    sc = cfg.synthesize
+    mine = shard_slots(slots, folder.rank, folder.world)
+    before = folder.read_checks(sc.format, slots, repair=not folder.shard)
+    open_slots = [s for s in mine if s.index not in before.accepted and before.tries.get(s.index, 0) < sc.max_tries]
     if open_slots:
-        summary = _draw(cfg, slots, mine, folder, model_dir, model_info, train_data, through_graph, progress)
-    else:
+        return _draw(cfg, slots, mine, folder, model_dir, model_info, train_data, through_graph, progress)
+    if not folder.shard:
         folder.write_manifest(slots, before.accepted)
+    return DrawSummary(requested=len(mine), resumed_from=len(mine) - len(open_slots))
+
+
+def _finish(folder: OutputFolder, cfg, spec_path: Path, slots: list[Slot], model_info: dict, through_graph: bool, resumed: bool,
+            summaries: Sequence[DrawSummary], started: float) -> dict:
+    """Merge the shards' checks (when there are any), write the manifest and ``summary.json``; the summary."""
+    sc = cfg.synthesize
+    if folder.merge_checks() or folder.shard:
+        folder.write_manifest(slots, folder.read_checks(sc.format, slots).accepted)
+        folder.clear_done()
     seconds = time.perf_counter() - started
     done = folder.read_checks(sc.format, slots)
-    unfilled = [s.index for s in mine if s.index not in done.accepted and done.tries.get(s.index, 0) >= sc.max_tries]
+    drawn = sum(s.drawn for s in summaries)
+    draw_seconds = max(s.seconds for s in summaries)  # the ranks draw side by side
+    unfilled = [s.index for s in slots if s.index not in done.accepted and done.tries.get(s.index, 0) >= sc.max_tries]
     modalities = sorted({s.request.modality for s in slots})
     result = {
         "out": str(folder.root), "spec": str(spec_path), "images": len(slots), "accepted": len(done.accepted), "unfilled": unfilled,
         "draws": done.records, "rejected": done.rejected, "acceptance_rate": round(len(done.accepted) / max(done.records, 1), 4),
-        "drawn_this_call": summary.drawn, "rejected_memorised_this_call": summary.rejected_memorised,
-        "rejected_verifier_this_call": summary.rejected_verifier, "seconds": round(seconds, 2), "draw_seconds": round(summary.seconds, 2),
-        "images_per_s": round(summary.drawn / summary.seconds, 3) if summary.seconds else None,
-        "resumed": resumed, "resumed_from": summary.resumed_from, "format": sc.format, "seed": seed, "model": model_info["path"],
-        "model_sha256": model_info["sha256"], "adapters": model_info["adapters"], "through_graph": through_graph,
-        "manifest": str(folder.manifest_path), "checks": str(folder.checks_path),
+        "drawn_this_call": drawn, "rejected_memorised_this_call": sum(s.rejected_memorised for s in summaries),
+        "rejected_verifier_this_call": sum(s.rejected_verifier for s in summaries), "seconds": round(seconds, 2),
+        "draw_seconds": round(draw_seconds, 2), "images_per_s": round(drawn / draw_seconds, 3) if draw_seconds else None,
+        "resumed": resumed, "resumed_from": sum(s.resumed_from for s in summaries), "processes": folder.world, "format": sc.format,
+        "seed": sc.seed, "model": model_info["path"], "model_sha256": model_info["sha256"], "adapters": model_info["adapters"],
+        "through_graph": through_graph, "manifest": str(folder.manifest_path), "checks": str(folder.merged_checks_path),
         "by_modality": {m: sum(1 for s in slots if s.request.modality == m and s.index in done.accepted) for m in modalities},
     }
     try:
@@ -1091,10 +1272,8 @@ def _draw(cfg, slots: Sequence[Slot], mine: Sequence[Slot], folder: OutputFolder
     """Open the generator (or the agent graph) and the judges, then draw."""
     from generator.models import LatentDiffusion
 
-    from generator.devices import device_name
-
     sc = cfg.synthesize
-    device = device_name(cfg.run.device)
+    device = _device(cfg, folder.world)
     modalities = sorted({s.request.modality for s in slots})
     agent = None
     try:
@@ -1122,6 +1301,23 @@ def _draw(cfg, slots: Sequence[Slot], mine: Sequence[Slot], folder: OutputFolder
     finally:
         if agent is not None:
             agent.close()
+
+
+def _device(cfg, world: int) -> str:
+    """``run.device``; with several processes on GPUs this process's own (accelerate's), and on the CPU the threads shared."""
+    import torch
+
+    from generator.devices import device_name
+
+    device = device_name(cfg.run.device)
+    if world == 1:
+        return device
+    if device == "cpu":
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // world)))
+        return device
+    from accelerate import PartialState
+
+    return str(PartialState().device)
 
 
 def training_images(cfg, model_dir: Path, size: int, modalities: list[str], manifests: Sequence[str] | None,
@@ -1168,5 +1364,5 @@ def load_evaluators(cfg, modalities: Sequence[str], device: str) -> dict:
 
 
 __all__ = ["DrawSummary", "GraphDrawer", "Judge", "MixSampler", "OutputFolder", "SamplerDrawer", "Slot", "SpecError", "dicom_dataset",
-           "draw_slots", "file_digest", "read_csv_spec", "read_mix_spec", "read_spec", "shard_slots", "synthesize", "text_request",
+           "draw_slots", "file_digest", "launched_processes", "read_csv_spec", "read_mix_spec", "read_spec", "shard_slots", "synthesize", "text_request",
            "write_dicom", "write_png"]

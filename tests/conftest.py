@@ -37,6 +37,30 @@ def embedder():
     return Embedder()
 
 
+@pytest.fixture(scope="module")
+def train_manifest(tmp_path_factory) -> Path:
+    """A stand-in for the generator's training set (`synthmed synthesize --train-data`): two smooth random images per
+    modality, far from anything drawn."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("train")
+    rng = np.random.default_rng(0)
+    rows = []
+    for modality, channels in (("cxr", 1), ("chest_ct", 1), ("fundus", 3), ("oct", 1)):
+        for i in range(2):
+            small = rng.integers(0, 255, (8, 8, channels), dtype=np.uint8)
+            image = Image.fromarray(small.squeeze()).resize((64, 64), Image.BILINEAR)
+            path = folder / f"{modality}_{i}.png"
+            image.save(path)
+            rows.append([path.name, "training image", modality])
+    with open(folder / "manifest.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "text", "modality"], *rows])
+    return folder / "manifest.csv"
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests that read the real images carry the ``meddata`` marker (``-m "not meddata"`` leaves them out)."""
     for item in items:

@@ -33,25 +33,6 @@ def work(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def train_manifest(work) -> Path:
-    """A stand-in for the generator's training set: two smooth random images per modality, far from anything drawn."""
-    folder = work / "train"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for modality, channels in (("cxr", 1), ("chest_ct", 1), ("fundus", 3), ("oct", 1)):
-        for i in range(2):
-            small = rng.integers(0, 255, (8, 8, channels), dtype=np.uint8)
-            image = Image.fromarray(small.squeeze()).resize((64, 64), Image.BILINEAR)
-            path = folder / f"{modality}_{i}.png"
-            image.save(path)
-            rows.append([path.name, "training image", modality])
-    with open(folder / "manifest.csv", "w", newline="") as f:
-        csv.writer(f).writerows([["path", "text", "modality"], *rows])
-    return folder / "manifest.csv"
-
-
-@pytest.fixture(scope="module")
 def spec(work) -> Path:
     return write(work / "spec.csv", "text,modality,n\n"
                  "Large left pleural effusion. No pneumothorax.,cxr,2\n"

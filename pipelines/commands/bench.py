@@ -27,7 +27,7 @@ import psutil
 from tqdm import tqdm
 
 from generator.data import iter_manifest
-from generator.phantoms import make_phantom
+from generator.phantoms import make_phantom, phantom_modalities
 from generator.phantoms.dataset import study_seed
 from PIL import Image
 
@@ -106,6 +106,26 @@ def register(groups, formatter) -> None:
     f.add_argument("--keep", action="store_true", help="keep the folders of rounds that passed (failed ones are always kept)")
     f.add_argument("--json", action="store_true", help="print one JSON object")
     f.set_defaults(handler=_faults_bench)
+    d = sub.add_parser("downstream", help="AUROC per modality of the finding classifier trained on real, real + synthetic and "
+                       "synthetic images, with bootstrap 95%% intervals (see pipelines/downstream.py)", formatter_class=formatter)
+    add_config_argument(d)
+    d.add_argument("--test", required=True, help="held-out test manifest (e.g. `synthmed data phantoms` at another seed)")
+    d.add_argument("--train", nargs="+", default=None, help="training manifests (default: judges.classifier.data, else the "
+                   "classifiers' own phantom set)")
+    d.add_argument("--synthetic-per-label", type=int, default=20, help="synthetic images per label and normal studies, per modality")
+    d.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the test images")
+    d.add_argument("--out", default=None, help="spec, synthetic set, table.md, metadata.json (default: runs/bench-downstream-<time>)")
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+    d.set_defaults(handler=_downstream_bench)
+
+
+def _downstream_bench(args, extra) -> int:
+    from ..downstream import markdown_table, run_downstream
+
+    cfg = resolve_config(args, extra)
+    result = run_downstream(cfg, args.test, args.train, args.synthetic_per_label, args.out, args.bootstrap, progress=not args.json)
+    print(json.dumps(result, indent=2, default=str) if args.json else f"{markdown_table(result)}\n-> {result['out']}/metadata.json")
+    return 0
 
 
 def _rss_mb() -> float:
@@ -113,7 +133,7 @@ def _rss_mb() -> float:
 
 
 def _write_bench_manifest(folder: Path, rows: int, pool: int) -> Path:
-    modalities = ["cxr", "chest_ct", "brain_mri", "fundus", "oct"]
+    modalities = phantom_modalities()
     images = []
     for i in range(pool):
         modality = modalities[i % len(modalities)]
@@ -185,7 +205,7 @@ def _generate_bench(args, extra) -> int:
     model = LatentDiffusion.load(args.model or cfg.train.out, device=device)
     result = bench_generate(model, n=args.n, batch_size=args.batch or sc.batch_size, steps=args.steps or sc.steps,
                             guidance=sc.guidance if args.guidance is None else args.guidance, repeats=args.repeats,
-                            seed=sc.seed, progress=not args.json)
+                            seed=sc.seed, progress=not args.json, modalities=cfg.data.modalities, precision=sc.precision)
     result["model"] = str(args.model or cfg.train.out)
     if args.json:
         print(json.dumps(result))
@@ -195,7 +215,8 @@ def _generate_bench(args, extra) -> int:
     print(table(rows, ["sampler", "s/image", "images/s", "peak memory MiB"]))
     print(f"speedup_vs_diffusers {result['speedup_vs_diffusers']:.3f} (stock s/image / synthmed s/image); "
           f"{result['n']} images, batch {result['batch_size']}, {result['steps']} steps, guidance {result['guidance']}, "
-          f"{result['device']}, {result['torch_threads']} threads; max |difference| between their images {result['max_abs_diff']:.2e}")
+          f"{result['device']}, {result['torch_threads']} threads, synthmed in {result['precision']}; |difference| between their "
+          f"images (in [-1, 1]) max {result['max_abs_diff']:.2e}, mean {result['mean_abs_diff']:.2e}; in fp32 max {result['fp32_max_abs_diff']:.2e}")
     return 0
 
 

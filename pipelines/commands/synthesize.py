@@ -17,7 +17,9 @@ def register(groups, formatter) -> None:
                     "new seed, synthesize.max_tries in all), judged by the verifier and the evaluator (reported in\n"
                     "checks.jsonl), and marked as synthetic (PNG text chunks; DICOM Secondary Capture, synthetic patient).\n"
                     "Writes images/, manifest.csv (path,text,modality,findings,source), checks.jsonl, summary.json.\n"
-                    "An interrupted run finishes with --resume.",
+                    "An interrupted run finishes with --resume.\n"
+                    "Several processes: accelerate launch --multi_gpu --num_processes N -m pipelines.cli synthesize ... (on a\n"
+                    "machine without GPUs the ranks meet over gloo); each draws every N-th image, rank 0 merges checks and manifest.",
     )
     p.add_argument("spec", metavar="SPEC", help="spec file: .csv (text,modality,n) or .yaml (a mix)")
     p.add_argument("--out", required=True, help="output folder (new or empty; or this spec's folder with --resume)")
@@ -45,6 +47,8 @@ def _synthesize(args, extra) -> int:
                                        "synthesize.batch_size": args.batch_size, "sample.lora": args.lora})
     result = synthesize(cfg, args.spec, args.out, model_dir=args.model, train_data=args.train_data, through_graph=args.through_graph,
                         resume=args.resume, progress=not (args.no_progress or args.json))
+    if result.get("rank"):  # another process's shard: rank 0 reports the run
+        return 0
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
