@@ -138,6 +138,39 @@ def test_samples_table_by_epoch(tmp_path):
     assert data.samples_table(tmp_path / "none")[1:] == ([], [])
 
 
+def test_the_samples_index_follows_appends_cuts_and_damage(tmp_path):
+    """The samples log is indexed by epoch and read again only where it grew: the line being written joins once
+    complete, a log a resume cut back is indexed anew, a line whose key order differs is still placed by its
+    epoch, and a damaged line of the epoch shown is one clear error naming its line."""
+    run = tmp_path / "r"
+    run.mkdir()
+    log = run / "samples.jsonl"
+
+    def line(epoch, index):
+        return json.dumps({"epoch": epoch, "index": index, "reward": 0.5}) + "\n"
+
+    log.write_text(line(1, 0) + line(1, 1) + '{"epoch": 2, "ind')
+    assert data.samples_table(run)[2] == [1]
+    with open(log, "a") as f:
+        f.write('ex": 0, "reward": 0.5}\n' + json.dumps({"index": 1, "epoch": 2}) + "\n")
+    assert data.samples_table(run)[2] == [1, 2] and [r[1] for r in data.samples_table(run)[1]] == [0, 1]
+    with open(log, "r+") as f:  # a resume cuts the log back to its checkpoint, then appends again
+        f.truncate(len(line(1, 0)) + len(line(1, 1)))
+    with open(log, "a") as f:
+        f.write(line(3, 0))
+    assert data.samples_table(run)[2] == [1, 3]
+    with open(log, "r+") as f:  # cut back again, and written past the indexed end before the page looks
+        f.truncate(len(line(1, 0)))
+    with open(log, "a") as f:
+        f.write(line(5, 0) + line(5, 1) + line(5, 2))
+    assert data.samples_table(run)[2] == [1, 5] and len(data.samples_table(run)[1]) == 3
+    with open(log, "a") as f:
+        f.write('{"epoch": 6, "index": 0, "reward": \n')
+    with pytest.raises(ValueError, match=r"samples\.jsonl:5: not valid JSON"):
+        data.samples_table(run)
+    assert [r[1] for r in data.samples_table(run, epoch=5)[1]] == [0, 1, 2]  # the other epochs still read
+
+
 def test_compare_runs_side_by_side(runs_dir):  # noqa: F811
     both = data.compare_runs(CRASHED, FINISHED, runs_dir)
     assert [r["id"] for r in both["runs"]] == [CRASHED, FINISHED]
@@ -388,3 +421,16 @@ def test_the_command_without_gradio_says_how_to_install_it(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "gradio", None)  # as if not installed: `import gradio` raises ImportError
     assert main(["dashboard", "--runs", str(tmp_path / "runs"), f"--agents.out={tmp_path / 'gen'}"]) == 2
     assert 'pip install -e ".[dashboard]"' in capsys.readouterr().err
+
+
+def test_long_lines_are_thinned_for_the_browser_and_keep_their_shape():
+    """A 200-epoch curve is drawn from 100 points: the ends, a one-epoch spike and a dip survive, x stays in order;
+    a short curve is drawn whole."""
+    import math
+
+    points = [(e, math.sin(e / 15) - (3.0 if e == 61 else 0.0) + (4.0 if e == 137 else 0.0)) for e in range(1, 201)]
+    thin = data.thin_points(points, 100)
+    assert len(thin) == 100 and thin[0] == points[0] and thin[-1] == points[-1]
+    assert points[60] in thin and points[136] in thin
+    assert all(a[0] < b[0] for a, b in zip(thin, thin[1:])) and set(thin) <= set(points)
+    assert data.thin_points(points[:40], 100) == points[:40]

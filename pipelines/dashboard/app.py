@@ -29,6 +29,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from generator.config import default_modalities
+
 from . import data
 from .data import FileGuard, PathRefused
 from .enhance import PRESETS, enhance
@@ -50,7 +52,7 @@ class DashboardSettings:
     data_dirs: list[Path] = field(default_factory=list)
     outputs: Path | None = None
     profile: str | None = None
-    modalities: list[str] = field(default_factory=lambda: ["cxr", "chest_ct", "brain_mri", "fundus", "oct"])
+    modalities: list[str] = field(default_factory=lambda: list(default_modalities()))  # the dashboard command passes data.modalities
     expert_levels: list[str] = field(default_factory=lambda: ["junior", "senior", "expert"])
     refresh_s: float = 5.0  # how often the Runs page re-reads a running run when asked to
 
@@ -98,9 +100,14 @@ def default_agent_factory(traces: Path, overrides: dict[str, Any] | None = None)
 SERIES_COLUMNS = ["x", "value", "series"]
 
 
+PLOT_POINTS = 100  # a line of more points is drawn thinned to this many (data.thin_points): a browser draws 200-epoch runs fast
+
+
 def series_frame(series: dict[str, list], skip: Sequence[str] = (), only: Sequence[str] | None = None) -> pd.DataFrame:
-    """Series ``{name: [(x, y), ...]}`` as the long table a ``gr.LinePlot`` draws, one line per name."""
-    rows = [(x, y, name) for name, points in series.items() if name not in skip and (not only or name in only) for x, y in points]
+    """Series ``{name: [(x, y), ...]}`` as the long table a ``gr.LinePlot`` draws, one line per name, each of at
+    most :data:`PLOT_POINTS` points (the run's logs and tables keep every value)."""
+    rows = [(x, y, name) for name, points in series.items() if name not in skip and (not only or name in only)
+            for x, y in data.thin_points(points, PLOT_POINTS)]
     return pd.DataFrame(rows, columns=SERIES_COLUMNS)
 
 
@@ -144,7 +151,9 @@ def build_app(settings: DashboardSettings, agent_factory: Callable[[str | None, 
             with gr.Tab("Enhance", id="enhance"):
                 _enhance_page(guard)
         for tab, page in ((traces_tab, traces_open), (runs_tab, runs_open), (data_tab, data_open), (rate_tab, rate_open)):
-            tab.select(page["open"], page.get("inputs"), page["outputs"], api_visibility="private")
+            opened = tab.select(page["open"], page.get("inputs"), page["outputs"], api_visibility="private")
+            if "then" in page:  # what the page asks for once its top is drawn
+                page["then"](opened)
     # what opening each page runs, for `synthmed dashboard --bench` (the Generate page does its work while the app is built)
     app.synthmed_page_openers = {"Generate": lambda: _lora_choices(settings.runs_dir),
                                  **{name: fn for page in (traces_open, runs_open, data_open, rate_open) for name, fn in page["bench"].items()}}
@@ -344,35 +353,44 @@ def _runs_page(settings: DashboardSettings, guard: FileGuard):
                 gr.Dropdown(choices=choices, value=choices[1][1] if len(choices) > 1 else first_id))
 
     def show(run_id):
-        blank = (None, None, None, None, gr.Slider(), None, None, gr.Dropdown(), _table([], data.SAMPLE_COLUMNS), {})
+        blank = (None, None, gr.Slider(), None, None, gr.Dropdown(), {})
         if not run_id:
             return ("choose a run", *blank)
         try:
             r = data.open_run(run_id, settings.runs_dir)
-            header, rows, epochs = data.samples_table(r["path"]) if r["kind"] == "improve" else (data.SAMPLE_COLUMNS, [], [])
+            epochs = data.samples_table(r["path"], limit=0)[2] if r["kind"] == "improve" else []
         except EXPECTED as exc:
             return (_error(exc), *blank)
         text = _run_summary(r)
         if r["kind"] == "improve":
             s = r["series"]
-            figs = (series_frame(s["reward"]), series_frame(s["heldout"], skip=("fd",)), series_frame(s["heldout"], only=("fd",)),
-                    series_frame(s["per_modality"]))
+            figs = (series_frame(s["reward"]), series_frame(s["heldout"], skip=("fd",)))
         else:  # a train or eval run: every logged number against its step
-            figs = (series_frame(r["series"]["metrics"]), None, None, None)
+            figs = (series_frame(r["series"]["metrics"]), None)
         grids = {"rollouts": r["grids"], "heldout": r.get("heldout_grids") or []}
         epochs_with_grids = [e for e, _ in r["grids"]]
         slider = gr.Slider(minimum=min(epochs_with_grids, default=0), maximum=max(epochs_with_grids, default=1), step=1,
                            value=max(epochs_with_grids, default=0))
         last = max(epochs_with_grids, default=None)
         grid_img, held_img = _grid_for(grids, last, guard)
-        return (text, *figs, slider, grid_img, held_img, gr.Dropdown(choices=epochs, value=epochs[-1] if epochs else None),
-                _table(rows, header), grids)
+        return (text, *figs, slider, grid_img, held_img, gr.Dropdown(choices=epochs, value=epochs[-1] if epochs else None), grids)
+
+    def more_plots(run_id):
+        """The second row of plots (FD, reward per modality) of a loop run."""
+        try:
+            r = data.open_run(run_id, settings.runs_dir)
+        except (*EXPECTED, ValueError):
+            return None, None
+        if r["kind"] != "improve":
+            return None, None
+        return series_frame(r["series"]["heldout"], only=("fd",)), series_frame(r["series"]["per_modality"])
 
     def samples_of(run_id, epoch):
+        """The samples table of the run's epoch (its last when none is chosen)."""
         try:
-            header, rows, _ = data.samples_table(Path(settings.runs_dir) / run_id, int(epoch) if epoch is not None else None)
-        except (*EXPECTED, TypeError) as exc:
-            return gr.skip() if isinstance(exc, TypeError) else _table([], data.SAMPLE_COLUMNS)
+            header, rows, _ = data.samples_table(data.run_folder(run_id, settings.runs_dir), int(epoch) if epoch is not None else None)
+        except (*EXPECTED, TypeError, ValueError):
+            return _table([], data.SAMPLE_COLUMNS)
         return _table(rows, header)
 
     def grid_of(grids, epoch):
@@ -401,15 +419,21 @@ def _runs_page(settings: DashboardSettings, guard: FileGuard):
             return (gr.skip(),) * len(outputs)
         return show(run_id)
 
-    outputs = [summary, reward_plot, heldout_plot, fd_plot, modality_plot, grid_epoch, grid, heldout_grid, samples_epoch, samples, grids_state]
+    outputs = [summary, reward_plot, heldout_plot, grid_epoch, grid, heldout_grid, samples_epoch, grids_state]
+    # the page fills from the top: the summary, first row of plots and grids, then the second row of plots, then the
+    # samples table, each drawn before the next is asked for (the top of a 200-epoch run's page is up in under 2 s)
+    def fill_rest(event):
+        event.then(more_plots, [run], [fd_plot, modality_plot], api_visibility="private").then(
+            samples_of, [run, samples_epoch], [samples], api_visibility="private")
+
     # .input, not .change: a value set by the app itself (opening the page) must not ask the server a second time
-    run.input(show, [run], outputs, api_name="run")
-    reload_button.click(show, [run], outputs, api_visibility="private")
+    fill_rest(run.input(show, [run], outputs, api_name="run"))
+    fill_rest(reload_button.click(show, [run], outputs, api_visibility="private"))
     samples_epoch.input(samples_of, [run, samples_epoch], [samples], api_visibility="private")
     grid_epoch.release(grid_of, [grids_state, grid_epoch], [grid, heldout_grid], api_visibility="private")
     compare_button.click(compare, [first, second], [message, compare_table, reward_a, heldout_a, reward_b, heldout_b], api_name="compare")
     auto.change(lambda on: gr.Timer(active=bool(on)), [auto], [timer], api_visibility="private")
-    timer.tick(tick, [run], outputs, api_visibility="private")
+    fill_rest(timer.tick(tick, [run], outputs, api_visibility="private"))
 
     def open_page(current=None):
         """Selecting the tab: the pickers filled and the chosen run (else the newest) shown, in one round trip."""
@@ -419,8 +443,12 @@ def _runs_page(settings: DashboardSettings, guard: FileGuard):
         shown = show(chosen) if chosen else ("", *[gr.skip()] * (len(outputs) - 1))
         return (note, gr.Dropdown(choices=run_dd.choices, value=chosen) if ids else run_dd, a_dd, b_dd, *shown)
 
-    return {"open": open_page, "inputs": [run], "outputs": [message, run, first, second, *outputs],
-            "bench": {"Runs (the newest run opened)": open_page}}
+    def open_for_bench():
+        shown = open_page()
+        return shown, more_plots(shown[1].value), samples_of(shown[1].value, None)
+
+    return {"open": open_page, "inputs": [run], "outputs": [message, run, first, second, *outputs], "then": fill_rest,
+            "bench": {"Runs (the newest run opened)": open_for_bench}}
 
 
 def _grid_for(grids: dict, epoch: int | None, guard: FileGuard) -> tuple[str | None, str | None]:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import re
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from generator.fileio import write_bytes_atomic
-from pipelines.runs import RUN_KIND, complete_lines, is_run_dir, lines_by_epoch, list_runs, read_metrics, resolve_run, show_run
+from pipelines.runs import RUN_KIND, is_run_dir, lines_by_epoch, list_runs, read_metrics, resolve_run, show_run
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")  # what the pages show (DICOM is read, not served)
 RATINGS_COLUMNS = ("image_path", "rating", "modality", "expert_level", "prompt")  # MINIM's format, rlhf.selector reads it
@@ -153,10 +154,9 @@ def run_choices(runs_dir: str | Path) -> list[tuple[str, str]]:
     return [(f"{r['id']}  [{r['kind']}, {r['status']}]", r["id"]) for r in list_all_runs(runs_dir)]
 
 
-def open_run(run_id: str, runs_dir: str | Path) -> dict[str, Any]:
-    """One run for the Runs page. A loop run: ``pipelines.runs.show_run`` plus the plot series.
-    Another run: its metadata and every numeric series of its metrics.jsonl against step or epoch.
-    A missing or damaged run raises FileNotFoundError / ValueError with one clear message."""
+def run_folder(run_id: str, runs_dir: str | Path) -> Path:
+    """The folder of run ``run_id`` under ``runs_dir``: an id only, never a path out of it (PathRefused);
+    ValueError / FileNotFoundError when there is none."""
     if not run_id:
         raise ValueError("choose a run")
     if "/" in run_id or "\\" in run_id or run_id in (".", ".."):
@@ -164,6 +164,14 @@ def open_run(run_id: str, runs_dir: str | Path) -> dict[str, Any]:
     folder = Path(runs_dir) / run_id
     if not folder.is_dir():
         raise FileNotFoundError(f"no run {run_id!r} in {runs_dir}")
+    return folder
+
+
+def open_run(run_id: str, runs_dir: str | Path) -> dict[str, Any]:
+    """One run for the Runs page. A loop run: ``pipelines.runs.show_run`` plus the plot series.
+    Another run: its metadata and every numeric series of its metrics.jsonl against step or epoch.
+    A missing or damaged run raises FileNotFoundError / ValueError with one clear message."""
+    folder = run_folder(run_id, runs_dir)
     if is_run_dir(folder):
         run = show_run(run_id, runs_dir)
         run["kind"] = "improve"
@@ -233,30 +241,87 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
-_SAMPLES_CACHE: dict[str, tuple[tuple[int, float], list[dict]]] = {}
+@dataclass
+class _SamplesIndex:
+    """Where each epoch's lines of one samples.jsonl are: the log is append-only, so a later look reads only
+    what was appended since; a log that shrank (a resume cut it back) or was replaced is indexed anew."""
+
+    identity: tuple[int, int]  # (device, inode)
+    end: int = 0  # bytes indexed: whole lines up to here
+    last: bytes = b""  # the last line indexed, ending at ``end``: still there, the log was only appended to
+    lines: int = 0  # lines indexed
+    epochs: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)  # epoch -> (offset, length, line number)
 
 
-def read_samples(run_dir: str | Path) -> list[dict]:
-    """Every line of a loop run's samples.jsonl (cached until the file changes; a cut-off last line of a
-    running run is skipped)."""
-    path = Path(run_dir) / "samples.jsonl"
-    if not path.is_file():
-        return []
+_SAMPLES_INDEX: dict[str, _SamplesIndex] = {}
+_EPOCH_FIRST = re.compile(rb'\{"epoch": (\d+)[,}]')  # how the loop writes a line: its epoch first
+
+
+def _samples_index(path: Path) -> _SamplesIndex:
     stat = path.stat()
-    key = (stat.st_size, stat.st_mtime)
-    cached = _SAMPLES_CACHE.get(str(path))
-    if cached and cached[0] == key:
-        return cached[1]
-    rows = []
-    for number, line in enumerate(complete_lines(path), 1):  # a last line without its newline is being written now
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}:{number}: not valid JSON; the samples log is damaged") from None
-    _SAMPLES_CACHE[str(path)] = (key, rows)
-    return rows
+    identity = (stat.st_dev, stat.st_ino)
+    index = _SAMPLES_INDEX.get(str(path))
+    with open(path, "rb") as f:
+        if index is not None and index.identity == identity and stat.st_size >= index.end:
+            f.seek(index.end - len(index.last))
+            if f.read(len(index.last)) == index.last:
+                if stat.st_size == index.end:
+                    return index
+            else:
+                index = None  # cut back and written again past where it was (a resume)
+        else:
+            index = None
+        if index is None:
+            index = _SAMPLES_INDEX[str(path)] = _SamplesIndex(identity)
+        f.seek(index.end)
+        data = f.read(stat.st_size - index.end)
+    whole = data.rfind(b"\n") + 1  # a last line without its newline is being written now
+    pos = 0
+    while pos < whole:
+        stop = data.index(b"\n", pos)
+        line, index.lines = data[pos:stop], index.lines + 1
+        if line.strip():
+            match = _EPOCH_FIRST.match(line)
+            epoch = int(match[1]) if match else _parse_sample(line, path, index.lines).get("epoch")
+            if isinstance(epoch, int) and not isinstance(epoch, bool):
+                index.epochs.setdefault(epoch, []).append((index.end + pos, stop - pos, index.lines))
+        pos = stop + 1
+    if whole:
+        index.last = data[data.rfind(b"\n", 0, whole - 1) + 1 : whole]
+    index.end += whole
+    return index
+
+
+def _parse_sample(line: bytes, path: Path, number: int) -> dict:
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{path}:{number}: not valid JSON; the samples log is damaged") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}:{number}: not a JSON object; the samples log is damaged")
+    return record
+
+
+def thin_points(points: Sequence[tuple[float, float]], limit: int) -> list[tuple[float, float]]:
+    """At most ``limit`` of a line's points, chosen so the line looks the same: largest-triangle-three-buckets
+    (Steinarsson 2013). The first and last points stay; of each bucket between, the point that makes the largest
+    triangle with the point kept before it and the mean of the next bucket (peaks and dips survive)."""
+    points = list(points)
+    n = len(points)
+    if n <= limit or limit < 3:
+        return points
+    every = (n - 2) / (limit - 2)
+    kept, a = [points[0]], 0
+    for i in range(limit - 2):
+        start, end = int(i * every) + 1, int((i + 1) * every) + 1
+        following = points[end : min(int((i + 2) * every) + 1, n)] or points[-1:]
+        mx = sum(p[0] for p in following) / len(following)
+        my = sum(p[1] for p in following) / len(following)
+        ax, ay = points[a]
+        a = max(range(start, end), key=lambda j: abs((ax - mx) * (points[j][1] - ay) - (ax - points[j][0]) * (my - ay)))
+        kept.append(points[a])
+    kept.append(points[-1])
+    return kept
 
 
 SAMPLE_COLUMNS = ["epoch", "index", "modality", "reward", "findings", "alignment", "selector", "quality", "advantage",
@@ -266,21 +331,22 @@ SAMPLE_COLUMNS = ["epoch", "index", "modality", "reward", "findings", "alignment
 def samples_table(run_dir: str | Path, epoch: int | None = None, limit: int = 500) -> tuple[list[str], list[list[Any]], list[int]]:
     """(header, rows, epochs) of the samples log: prompt, reward and each component, advantage, selected;
     of ``epoch`` (default: the last), at most ``limit`` rows; ``epochs`` lists the epochs present."""
-    samples = read_samples(run_dir)
-    epochs = sorted({s.get("epoch") for s in samples if isinstance(s.get("epoch"), int)})
+    path = Path(run_dir) / "samples.jsonl"
+    index = _samples_index(path) if path.is_file() else None
+    epochs = sorted(index.epochs) if index else []
     if not epochs:
         return SAMPLE_COLUMNS, [], []
     chosen = epochs[-1] if epoch is None or epoch not in epochs else epoch
-    rows = []
+    samples, rows = [], []
+    with open(path, "rb") as f:  # only the chosen epoch's lines are read and parsed
+        for offset, length, number in index.epochs[chosen][:limit]:
+            f.seek(offset)
+            samples.append(_parse_sample(f.read(length), path, number))
     for s in samples:
-        if s.get("epoch") != chosen:
-            continue
         comps = s.get("components") or {}
         rows.append([s.get("epoch"), s.get("index"), s.get("modality"), _round(s.get("reward")),
                      *(_round(comps.get(c)) for c in ("findings", "alignment", "selector", "quality")),
                      _round(s.get("advantage")), bool(s.get("selected")), s.get("request", ""), s.get("prompt", "")])
-        if len(rows) >= limit:
-            break
     return SAMPLE_COLUMNS, rows, epochs
 
 
@@ -644,9 +710,10 @@ __all__ = [
     "rating_items",
     "read_manifest",
     "read_ratings_rows",
-    "read_samples",
     "resolve_run",
+    "run_folder",
     "retrieval_rows",
     "run_choices",
     "samples_table",
+    "thin_points",
 ]

@@ -93,6 +93,8 @@ def click_through(url: str, out: Path, chromium: str = "/usr/bin/chromium", requ
                 _pick(page, "#runs-run", run)
                 _wait_text(page, "#runs-summary", run, t_ms)
             seen["run_summary"] = page.locator("#runs-summary").inner_text()
+            # the page fills from the top; the samples table comes last (after the second row of plots)
+            page.wait_for_function("() => document.querySelectorAll('#runs-samples [role=row]').length > 1", timeout=t_ms)
             page.get_by_text("Compare two runs").click()  # open the accordion
             if compare:
                 _pick(page, "#runs-a", compare[0])
@@ -152,7 +154,8 @@ def click_through(url: str, out: Path, chromium: str = "/usr/bin/chromium", requ
 
 def page_open_times(url: str, chromium: str = "/usr/bin/chromium", timeout_s: float = 60) -> dict[str, float]:
     """Seconds from clicking each page's tab until what it opens with is on screen (the list of traces, the
-    newest run's reward plot, the first manifest's name, the rating form), in a fresh headless Chromium."""
+    newest run's reward plot, and then its samples table too, the first manifest's name, the rating form), in a fresh
+    headless Chromium."""
     from playwright.sync_api import sync_playwright
 
     t_ms = int(timeout_s * 1000)
@@ -177,6 +180,9 @@ def page_open_times(url: str, chromium: str = "/usr/bin/chromium", timeout_s: fl
                 page.get_by_role("tab", name=name, exact=True).click()
                 wait(page)
                 times[name] = time.perf_counter() - started
+                if name == "Runs":  # the samples table follows the plots in a second event: when it is there too
+                    page.wait_for_function("() => document.querySelectorAll('#runs-samples [role=row]').length > 1", timeout=t_ms)
+                    times["Runs (and its samples table)"] = time.perf_counter() - started
         finally:
             browser.close()
     return times
