@@ -29,6 +29,7 @@ class ModalityConfig(Section):
     # what "left" / "right" name: sides of the body, or (eye) the one eye a study shows, which the technique line then names
     laterality: Literal["body", "eye"] = "body"
     example_prompt: str = ""  # a typical report: the prompt of validation grids and `bench generate`; empty: the display name
+    dicom_modality: str = Field("OT", pattern=r"^[A-Z]{2,16}$")  # DICOM Modality (0008,0060) of its synthetic DICOM files
 
     def example(self) -> str:
         """The example report, or the display name when there is none."""
@@ -43,6 +44,7 @@ def default_modalities() -> dict[str, ModalityConfig]:
             aliases=["chest x-ray", "chest xray", "chest radiograph", "x-ray", "xray", "cxr", "radiograph", "dx"],
             region="chest",
             example_prompt="Chest radiograph, PA view. Findings: large left pleural effusion.",
+            dicom_modality="DX",
         ),
         "chest_ct": ModalityConfig(
             channels=1,
@@ -51,6 +53,7 @@ def default_modalities() -> dict[str, ModalityConfig]:
             window=(-600.0, 1500.0),  # lung window
             region="chest",
             example_prompt="Axial CT thorax, lung window. Findings: right upper lobe mass.",
+            dicom_modality="CT",
         ),
         "brain_mri": ModalityConfig(
             channels=1,
@@ -58,6 +61,7 @@ def default_modalities() -> dict[str, ModalityConfig]:
             aliases=["brain mri", "mri brain", "mri", "head mri", "brain mr", "mr"],
             region="brain",
             example_prompt="Axial FLAIR MRI of the brain. Findings: left frontal tumour with surrounding oedema.",
+            dicom_modality="MR",
         ),
         "fundus": ModalityConfig(
             channels=3,
@@ -66,6 +70,7 @@ def default_modalities() -> dict[str, ModalityConfig]:
             region="retina",
             laterality="eye",
             example_prompt="Colour fundus photograph. Findings: numerous hard exudates at the macula.",
+            dicom_modality="OP",
         ),
         "oct": ModalityConfig(
             channels=1,
@@ -74,6 +79,7 @@ def default_modalities() -> dict[str, ModalityConfig]:
             region="retina",
             laterality="eye",
             example_prompt="Macular OCT. Findings: large subretinal fluid.",
+            dicom_modality="OPT",
         ),
     }
 

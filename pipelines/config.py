@@ -54,7 +54,6 @@ class SynthesizeConfig(Section):
     require_training_images: bool = True  # no training images to compare with is an error (False: draws pass the gate unchecked, reported)
     verifier: bool = True  # run the verifier (reward-side classifier, alignment, quality) on every draw and report its verdict
     require_verifier_pass: bool = False  # a draw the verifier fails is redrawn like a memorised one; False: the verdict is reported only
-    dicom_modality: dict[str, str] = {"cxr": "DX", "chest_ct": "CT", "brain_mri": "MR", "fundus": "OP", "oct": "OPT"}  # DICOM Modality (0008,0060) per modality id; others: OT
 
 
 class SynthmedConfig(Section):

@@ -1016,6 +1016,7 @@ def draw_slots(
     queue = [s for s in slots if s.index not in accepted and tries.get(s.index, 0) < sc.max_tries]
     summary.unfilled = [s.index for s in slots if s.index not in accepted and tries.get(s.index, 0) >= sc.max_tries]
     windows = {m: spec.window for m, spec in cfg.data.modalities.items()}
+    dicom_codes = {m: spec.dicom_modality for m, spec in cfg.data.modalities.items()}
     started = time.perf_counter()
     last_manifest = started
     bar = tqdm(total=len(slots), initial=summary.resumed_from, unit="img", desc="synthesize", disable=not progress, mininterval=1.0)
@@ -1036,7 +1037,7 @@ def draw_slots(
                 fields = synthetic_fields(slot, s_seed, model_info)
                 try:
                     if fmt == "dicom":
-                        write_dicom(path, array, fields, sc.dicom_modality.get(slot.request.modality, "OT"), windows.get(slot.request.modality))
+                        write_dicom(path, array, fields, dicom_codes.get(slot.request.modality, "OT"), windows.get(slot.request.modality))
                     else:
                         write_png(path, array, fields)
                 except OSError as exc:

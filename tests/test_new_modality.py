@@ -31,6 +31,7 @@ data:
       aliases: [dermatoscopy, dermoscopic image, epiluminescence microscopy]
       region: skin
       example_prompt: "Dermoscopy of a pigmented skin lesion. Findings: blue-white veil."
+      dicom_modality: XC
 knowledge:
   lexicon_files: [{lexicon}]
   case_manifests: []
@@ -134,7 +135,7 @@ def test_the_profile_adds_a_sixth_modality(workdir):
     cfg = load_config(workdir / "profile.yaml")
     assert list(cfg.data.modalities)[-1] == "dermoscopy" and len(cfg.data.modalities) == 6
     derm = cfg.data.modalities["dermoscopy"]
-    assert (derm.region, derm.laterality, derm.example()) == ("skin", "body", derm.example_prompt)
+    assert (derm.region, derm.laterality, derm.example(), derm.dicom_modality) == ("skin", "body", derm.example_prompt, "XC")
     assert cfg.data.modalities["oct"].laterality == "eye"  # the built-in ones keep their entries
 
 
