@@ -292,6 +292,22 @@ def _samples_index(path: Path) -> _SamplesIndex:
     return index
 
 
+def read_samples(run_dir: str | Path, epoch: int | None = None, limit: int | None = None) -> list[dict]:
+    """The records of a loop run's samples.jsonl, of ``epoch`` (else of every epoch), in the file's order, at most
+    ``limit``: whole lines only (a line being written is left out), only those lines read and parsed."""
+    path = Path(run_dir) / "samples.jsonl"
+    if not path.is_file():
+        return []
+    index = _samples_index(path)
+    spans = sorted(s for e in ([epoch] if epoch is not None else index.epochs) for s in index.epochs.get(e, []))[:limit]
+    records = []
+    with open(path, "rb") as f:
+        for offset, length, number in spans:
+            f.seek(offset)
+            records.append(_parse_sample(f.read(length), path, number))
+    return records
+
+
 def _parse_sample(line: bytes, path: Path, number: int) -> dict:
     try:
         record = json.loads(line)
@@ -332,17 +348,12 @@ def samples_table(run_dir: str | Path, epoch: int | None = None, limit: int = 50
     """(header, rows, epochs) of the samples log: prompt, reward and each component, advantage, selected;
     of ``epoch`` (default: the last), at most ``limit`` rows; ``epochs`` lists the epochs present."""
     path = Path(run_dir) / "samples.jsonl"
-    index = _samples_index(path) if path.is_file() else None
-    epochs = sorted(index.epochs) if index else []
+    epochs = sorted(_samples_index(path).epochs) if path.is_file() else []
     if not epochs:
         return SAMPLE_COLUMNS, [], []
     chosen = epochs[-1] if epoch is None or epoch not in epochs else epoch
-    samples, rows = [], []
-    with open(path, "rb") as f:  # only the chosen epoch's lines are read and parsed
-        for offset, length, number in index.epochs[chosen][:limit]:
-            f.seek(offset)
-            samples.append(_parse_sample(f.read(length), path, number))
-    for s in samples:
+    rows = []
+    for s in read_samples(run_dir, chosen, limit):  # only the chosen epoch's lines are read and parsed
         comps = s.get("components") or {}
         rows.append([s.get("epoch"), s.get("index"), s.get("modality"), _round(s.get("reward")),
                      *(_round(comps.get(c)) for c in ("findings", "alignment", "selector", "quality")),
@@ -714,6 +725,7 @@ __all__ = [
     "run_folder",
     "retrieval_rows",
     "run_choices",
+    "read_samples",
     "samples_table",
     "thin_points",
 ]
