@@ -30,6 +30,7 @@ from pipelines.dashboard.app import DashboardSettings, build_app, launch
 from pipelines.dashboard.screenshots import PAGES, click_through
 
 
+@pytest.mark.slow
 def test_click_through_every_page(tiny_agent, runs_dir, tmp_path):  # noqa: F811
     from rlhf.config import SelectorConfig
     from rlhf.selector import read_ratings

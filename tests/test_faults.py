@@ -170,6 +170,7 @@ def _bench(tmp_path, slug: str, rounds: int = 1) -> dict:
     return tally
 
 
+@pytest.mark.slow
 def test_train_vae_survives_kills_through_the_cli(tmp_path, capsys):
     assert main(["bench", "faults", "--kill", "--rounds", "1", "--commands", "train-vae", "--out", str(tmp_path / "cli"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -153,6 +153,7 @@ def test_kl_to_the_base_is_zero_while_the_lora_weights_are_zero(base_model):
     assert (kl() > 0).all()
 
 
+@pytest.mark.slow
 def test_kill_then_resume_gives_the_metrics_of_an_uninterrupted_run(base_model, tmp_path):
     from pipelines.improve import run_improve
 

@@ -22,7 +22,8 @@ def vectors():
     return synthetic_vectors(4000, 64, seed=0, clusters=50), synthetic_vectors(50, 64, seed=1, clusters=50)
 
 
-@pytest.mark.parametrize("factory, min_recall", [("Flat", 1.0), ("HNSW32", 0.95), ("IVF64,Flat", 0.9), ("IVF64,PQ16", 0.5)])
+@pytest.mark.parametrize("factory, min_recall", [("Flat", 1.0), ("HNSW32", 0.95), ("IVF64,Flat", 0.9),
+                                                 pytest.param("IVF64,PQ16", 0.5, marks=pytest.mark.slow)])  # PQ training: 28 s
 def test_recall_against_exact_search(vectors, factory, min_recall):
     data, queries = vectors
     index = VectorIndex(64, factory, nprobe=16)
