@@ -230,18 +230,19 @@ class Outcome:
 
 
 def count_events(root: Path) -> int:
-    """Files under ``root`` plus lines of its JSON-lines logs: what a command's progress looks like from outside."""
-    if not root.exists():
-        return 0
+    """Files and folders under ``root`` plus lines of its JSON-lines logs: what a command's progress looks like from
+    outside. The command writes while this walks: a folder renamed or removed meanwhile is skipped (``os.walk``
+    ignores it; ``Path.rglob`` would raise)."""
     n = 0
-    for path in root.rglob("*"):
-        n += 1
-        if path.suffix == ".jsonl":
-            try:
-                with open(path, "rb") as f:
-                    n += f.read().count(b"\n")
-            except OSError:  # moved or replaced while counting
-                pass
+    for folder, dirs, files in os.walk(root):
+        n += len(dirs) + len(files)
+        for name in files:
+            if name.endswith(".jsonl"):
+                try:
+                    with open(os.path.join(folder, name), "rb") as f:
+                        n += f.read().count(b"\n")
+                except OSError:  # moved or replaced while counting
+                    pass
     return n
 
 
