@@ -7,7 +7,7 @@ call uses seed ``seed + i`` for its noise, so it is the same whatever the batch 
 
 ``precision`` (``sample.precision``): ``fp32``; ``bf16`` (autocast: the text encoder, UNet and VAE compute in
 bfloat16); ``auto``: bf16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16
-or AMX: on this project's 2-core CPU it drew 1.3x faster, pixels within 0.02 of fp32's) and fp32 elsewhere. A
+or AMX: on this project's 2-core CPU it drew 1.3x faster than fp32, pixels within 0.02 of fp32's on a 0-1 scale) and fp32 elsewhere. A
 trajectory (DDPO's rollouts) is always drawn in fp32: the loop re-scores its steps in fp32, and its clipped
 probability ratio must start at exactly 1.
 """
