@@ -108,6 +108,7 @@ class EvalConfig(Section):
     n_per_prompt: int = Field(4, ge=1)  # generated images per prompt (MS-SSIM diversity needs 2 or more)
     prompts_per_modality: int = Field(16, ge=1)  # prompts drawn from the held-back real (or phantom) reports
     steps: int = Field(25, ge=1)  # denoising steps of the generator under evaluation
+    sampler: Literal["ddim", "dpmpp"] = "ddim"  # DDIM, or DPM-Solver++ (2M): to judge whether fewer steps draw as well
     guidance: float = Field(4.0, ge=0)
     seed: int = Field(1234, ge=0)  # evaluation seed, distinct from the training seeds
     inception_weights: str | None = None  # a local torchvision inception_v3 state dict; None: FID/KID (Inception) reported unavailable
