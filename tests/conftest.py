@@ -23,6 +23,18 @@ def meddata() -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for a test of small tensors: fastest, and spares the cores of other jobs. A module asks for it
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_config():
     from pipelines.config import load_config
 

@@ -6,7 +6,6 @@ import json
 import sys
 
 import pytest
-import torch
 
 from generator.phantoms import get_spec
 from pipelines.cli import main
@@ -18,12 +17,7 @@ TINY = ["--judges.classifier.image_size=32", "--judges.classifier.epochs=2", "--
         "--judges.classifier.val_fraction=0.4", "--judges.classifier.benchmark_per_finding=1", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors (tests/conftest.py)
 
 
 def draw(tmp_path, modality: str, per_finding: int = 8, size: int = 32) -> str:

@@ -23,13 +23,7 @@ from rlhf.scorers import as_image_batch
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are small: one thread is fastest, and spares the cores of other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors (tests/conftest.py)
 
 
 def phantom_batch(modality: str, seeds, size: int = 64) -> torch.Tensor:
