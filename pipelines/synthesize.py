@@ -1239,11 +1239,12 @@ def _finish(folder: OutputFolder, cfg, spec_path: Path, slots: list[Slot], model
             summaries: Sequence[DrawSummary], started: float) -> dict:
     """Merge the shards' checks (when there are any), write the manifest and ``summary.json``; the summary."""
     sc = cfg.synthesize
-    if folder.merge_checks() or folder.shard:
-        folder.write_manifest(slots, folder.read_checks(sc.format, slots).accepted)
+    merged = folder.merge_checks()
+    done = folder.read_checks(sc.format, slots)
+    if merged or folder.shard:
+        folder.write_manifest(slots, done.accepted)
         folder.clear_done()
     seconds = time.perf_counter() - started
-    done = folder.read_checks(sc.format, slots)
     drawn = sum(s.drawn for s in summaries)
     draw_seconds = max(s.seconds for s in summaries)  # the ranks draw side by side
     unfilled = [s.index for s in slots if s.index not in done.accepted and done.tries.get(s.index, 0) >= sc.max_tries]
