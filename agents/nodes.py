@@ -139,7 +139,8 @@ class Nodes:
         images = read_images([c["path"] for c in drawn])
         composition = state["composition"]
         verdict = self.verifier.verify(images, composition["prompt"], state["request"]["modality"], composition["findings"],
-                                       paths=[c["path"] for c in drawn], seeds=[c["seed"] for c in drawn])
+                                       paths=[c["path"] for c in drawn], seeds=[c["seed"] for c in drawn],
+                                       normal=bool(state["pathology"].get("normal")))
         verdict["round"] = r
         for c in verdict["candidates"]:
             c["round"] = r

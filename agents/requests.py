@@ -170,6 +170,8 @@ class PromptSampler:
         # pertinent negatives; one may name a finding a present one excludes ("no pneumothorax" beside an effusion), never
         # one the present findings' own phrases state ("choroidal neovascularisation with surrounding subretinal fluid")
         implied = self._implied(modality, findings)
+        for name in sorted(implied - set(present)):  # asked for by the phrase that names it, so expected: never stated apart
+            findings.append({"name": name, "present": True, "severity": None, "laterality": None, "location": None, "stated": False})
         candidates = [n for n in self.findings[modality] if n not in present and n not in implied]
         n_neg = min(self.cfg.negatives if negatives is None else negatives, len(candidates))
         negated = [candidates[i] for i in sorted(rng.permutation(len(candidates))[:n_neg])]
@@ -189,13 +191,10 @@ class PromptSampler:
 
     @staticmethod
     def _implied(modality: str, findings: list[dict]) -> set[str]:
-        """Findings the composed phrases of ``findings`` state as present (their templates may name others)."""
-        from rlhf.text_labels import expected_findings
-
-        from .prompts import finding_phrase
-
-        text = " ".join(finding_phrase(f, modality) + "." for f in findings)
-        return {name for name, present in expected_findings(text, modality).items() if present} if text else set()
+        """Findings the present ones are drawn with and their phrases name (``FindingSpec.implies``): never stated absent
+        beside them. Structured, not read from the phrases; tests/test_parse.py checks the graph's reader agrees."""
+        spec = get_spec(modality)
+        return {name for f in findings if f["present"] and f["name"] in spec.findings for name in spec.findings[f["name"]].implies}
 
     def _clinician_text(self, modality: str, findings: list[dict], rng: np.random.Generator, normal: bool = False) -> str:
         """How a clinician might write the request: synonyms, the spec's severity words, negatives last."""

@@ -36,6 +36,7 @@ from knowledge.lexicon import load_lexicon
 from knowledge.retriever import Hit
 from knowledge.schema import Concept
 
+from .reader import lexicon_lineage
 from .reading import (
     CLAUSE_WORDS, Token, tokenize, words_of, Span, TermIndex, longest_first, Clause, split_statements, truncate,
 )
@@ -87,6 +88,14 @@ STUDY_WORDS = {
     "an", "the", "of", "for", "with", "is", "are", "appears", "looks", "completely", "entirely", "totally", "patient",
     "pt", "control", "subject", "findings", "impression", "conclusion", "chest", "lungs", "lung", "thorax", "brain",
     "head", "retina", "retinal", "fundus", "fundi", "eye", "eyes", "macula", "macular", "x", "ray", "mri", "ct", "oct",
+    "in", "on", "at", "this", "these", "level",
+}
+# How the image was made ("axial T2-weighted FLAIR", "lung window"): never a finding's word, even where a finding's
+# name holds one ("intra-axial glial tumour" must not make "axial FLAIR" a glioma).
+TECHNIQUE_WORDS = {
+    "axial", "coronal", "sagittal", "oblique", "plane", "planes", "slice", "slices", "section", "sections", "weighted",
+    "flair", "sequence", "sequences", "t1", "t2", "dwi", "adc", "contrast", "enhanced", "window", "windows", "settings",
+    "level", "pa", "ap", "lateral", "portable", "supine", "erect", "b", "scan", "line", "horizontal", "vertical", "mm",
 }
 # Words of finding names too common to stand for one finding when no name matched ("no fluid" names no
 # finding, "loss of the foveal depression" is not ellipsoid zone loss).
@@ -130,10 +139,13 @@ class RuleReasoner:
     ):
         self.retriever = retriever
         self.modalities = dict(default_modalities() if modalities is None else modalities)
-        self.drawable = {m: set(names) for m, names in (catalogue() if drawable is None else drawable).items()}
+        drawable = catalogue() if drawable is None else drawable
+        self.drawable = {m: set(names) for m, names in drawable.items()}
+        self.labels = {m: list(dict.fromkeys(names)) for m, names in drawable.items()}  # the same, in catalogue order
         self.max_chars, self.k = max_chars, k
         concepts = list(load_lexicon() if lexicon is None else lexicon)
         self.concepts = {c.id: c for c in concepts}
+        self._lineage = lexicon_lineage(concepts)
         matcher = getattr(retriever, "matcher", None)
         self.terms = TermIndex([c for c in concepts if c.kind != "appearance"], getattr(matcher, "fuzzy_cutoff", 0.85))
         self.specs = {m: get_spec(m) for m in PHANTOM_MODULES if m in self.modalities}
@@ -496,7 +508,7 @@ class RuleReasoner:
         named = {i for s in clause.normals if a <= s.first and s.stop <= b for i in range(s.first, s.stop)}
         words = [t.norm for i, t in enumerate(clause.tokens[a:b], a) if i not in named]
         return (bool(named) or any(w in NORMAL_WORDS for w in words)) and \
-            all(w in NORMAL_WORDS or w in self._study_words or w in self._alias_words for w in words)
+            all(w in NORMAL_WORDS or w in self._study_words or w in self._alias_words or w in TECHNIQUE_WORDS for w in words)
 
     def _foreign(self, clause: Clause, span: Span, modality: str, text: str, records,
                  warnings) -> tuple[Span, Hit | None] | str | None:
@@ -550,7 +562,7 @@ class RuleReasoner:
         words with no finding name, a word of a finding name of this modality asks the retriever, and the best
         hit whose names hold that word is taken."""
         excluded = self._vocabulary(modality, "anatomy") | self._vocabulary(modality, "modifier") | \
-            self._vocabulary(modality, "cue") | GENERIC_WORDS | NORMAL_WORDS | self._study_words | self._alias_words
+            self._vocabulary(modality, "cue") | GENERIC_WORDS | NORMAL_WORDS | TECHNIQUE_WORDS | self._study_words | self._alias_words
         found = []
         covered = clause.findings + clause.normals + clause.anatomy + clause.modifiers + clause.cues
         for a, b in clause.chunks():
@@ -606,18 +618,12 @@ class RuleReasoner:
                         holders.setdefault(w, set()).add(c.id)
             self._anchors[modality] = {
                 w: ids for w, ids in holders.items()
-                if len(ids) <= 2 or any(all(root in self._lineage(i) for i in ids) for root in ids)}
+                if len(ids) <= 2 or any(all(root in self.lineage(i) for i in ids) for root in ids)}
         return self._anchors[modality]
 
-    def _lineage(self, cid: str) -> set[str]:
-        """A concept and its is-a ancestors."""
-        out, todo = set(), [cid]
-        while todo:
-            c = todo.pop()
-            if c not in out and c in self.concepts:
-                out.add(c)
-                todo += self.concepts[c].parents
-        return out
+    def lineage(self, cid: str) -> set[str]:
+        """A concept and its is-a ancestors (a name the lexicon lacks: itself)."""
+        return self._lineage(cid)
 
     # -- one finding's attributes ------------------------------------------------------------
     def _windows(self, clause: Clause, span: Span) -> tuple[list[int], list[int]]:

@@ -11,7 +11,7 @@ that fails, :func:`agents.refinement.suggest_actions` turns the verdict into the
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ from rlhf.config import EvalConfig
 from rlhf.metrics import pixel_memorisation, quality_checks
 
 from .config import VerifierConfig
+from .reader import project
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class Verifier:
         quality: EvalConfig | None = None,
         training_images: Mapping[str, torch.Tensor] | None = None,  # modality -> (N, 3, H, W) in [-1, 1]
         training_note: str = "",
+        lineage: Callable[[str], set[str]] | None = None,  # a finding and its is-a ancestors (agents.reader.lexicon_lineage)
     ):
         role = getattr(finding_scorer, "role", None)
         if role != "reward":
@@ -47,21 +49,26 @@ class Verifier:
         self.quality = quality or EvalConfig()
         self.training_images = dict(training_images or {})
         self.training_note = training_note
+        self.lineage = lineage or (lambda name: {name})
 
     def labels(self, modality: str) -> list[str]:
         classifier = self.findings.classifiers.get(modality)
         return list(classifier.label_names) if classifier is not None else []
 
     def verify(self, images: torch.Tensor, prompt: str, modality: str, findings: Sequence[Mapping[str, Any]],
-               paths: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> dict:
+               paths: Sequence[str] | None = None, seeds: Sequence[int] | None = None, normal: bool = False) -> dict:
         """Verdict on candidates ``images`` ((B, 3, H, W) in [-1, 1]) drawn for ``prompt``.
 
-        ``findings`` are the pathology stage's records (name, present, ...). Returns
-        ``{"passed", "best", "candidates": [per-candidate verdict], "tools": {...}}``."""
+        ``findings`` are the pathology stage's records (name, present, ...), ``normal`` its whole-study normal; what they
+        ask of the classifier's labels is :func:`agents.reader.project`'s reading, the one every reader of findings
+        gives. Returns ``{"passed", "best", "candidates": [per-candidate verdict], "tools": {...}}``."""
         cfg = self.config
         n = images.shape[0]
-        labels = set(self.labels(modality))
-        expected = {f["name"]: bool(f.get("present", True)) for f in findings if f["name"] in labels}
+        label_order = self.labels(modality)
+        labels = set(label_order)
+        expected = project(findings, label_order, self.lineage, normal=normal)
+        # named findings no label stands for (not even as a kind of it): listed as not checked
+        unchecked = [f for f in findings if not f.get("uncertain") and not project([f], label_order, self.lineage)]
         probs: dict[str, np.ndarray] = {}
         if modality in self.findings.classifiers:
             _, details = self.findings.score(images, [prompt] * n, [modality] * n, expected=[expected] * n)
@@ -76,12 +83,13 @@ class Verifier:
         candidates = []
         for i in range(n):
             rows, failures, agreement = [], [], []
-            for f in findings:
+            for f in unchecked:
                 name, present = f["name"], bool(f.get("present", True))
+                rows.append({"name": name, "expected": "present" if present else "absent", "probability": None,
+                             "pass": None, "checked": False,
+                             "why": f"the {modality} reward classifier has no label {name!r}; not checked"})
+            for name, present in expected.items():
                 if name not in probs:
-                    rows.append({"name": name, "expected": "present" if present else "absent", "probability": None,
-                                 "pass": None, "checked": False,
-                                 "why": f"the {modality} reward classifier has no label {name!r}; not checked"})
                     continue
                 p = float(probs[name][i])
                 ok = p >= cfg.present_threshold if present else p < cfg.absent_threshold
@@ -91,7 +99,7 @@ class Verifier:
                 if not ok:
                     failures.append(f"{name}: expected {'present' if present else 'absent'}, observed p={p:.2f}")
             # labels the request does not mention: reported, never failed (the request leaves them open)
-            others = {name: round(float(probs[name][i]), 4) for name in sorted(labels - {f['name'] for f in findings})}
+            others = {name: round(float(probs[name][i]), 4) for name in sorted(labels - set(expected)) if name in probs}
             q = quality[i]
             if not q["ok"]:
                 failures += q["reasons"]

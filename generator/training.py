@@ -96,9 +96,10 @@ def process_slot() -> tuple[int, int]:
 
 
 def split_rows(rows: list[ManifestRow], val_fraction: float, seed: int) -> tuple[list[ManifestRow], list[ManifestRow]]:
-    """A seeded hold-out split; rows tagged ':val' by an adapter always go to validation."""
-    tagged_val = [r for r in rows if r.source.endswith(":val")]
-    rest = [r for r in rows if not r.source.endswith(":val")]
+    """A seeded hold-out split; rows tagged ':val' or ':test' by their dataset always go to validation."""
+    held = (":val", ":test")
+    tagged_val = [r for r in rows if r.source.endswith(held)]
+    rest = [r for r in rows if not r.source.endswith(held)]
     order = np.random.default_rng(seed).permutation(len(rest))
     n_val = int(round(len(rest) * val_fraction))
     val = tagged_val + [rest[i] for i in order[:n_val]]

@@ -24,7 +24,15 @@ class Embedder:
 
         self.name = name
         self.batch_size = batch_size
-        self.model = SentenceTransformer(resolve_model(name), device=device)
+        from transformers.utils import logging as hf_logging
+
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar: an instant load, and noise in a one-line error
+        try:
+            self.model = SentenceTransformer(resolve_model(name), device=device)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
         getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(getter())
 

@@ -45,6 +45,18 @@ def build_reasoner(cfg, retriever, drawable: dict[str, set[str]] | None = None, 
     return LLMReasoner(chat_model or make_chat_model(a.llm), rules, a.llm.stages, known)
 
 
+def finding_reader(cfg, retriever=None, progress: bool = True):
+    """The one reader of findings in text (:class:`agents.reader.FindingReader`): the graph's rule reasoner on the
+    configured knowledge base (built first when absent), whatever reasoning backend the graph runs."""
+    from agents.reader import FindingReader
+    from agents.rules import RuleReasoner
+    from knowledge.open import lexicon_for
+
+    a = cfg.agents
+    retriever = retriever if retriever is not None else knowledge_retriever(cfg, progress=progress)
+    return FindingReader(RuleReasoner(retriever, cfg.data.modalities, max_chars=a.max_chars, k=a.retrieval_k, lexicon=lexicon_for(cfg)))
+
+
 def build_verifier(cfg, device: str = "cpu"):
     from agents.verifier import Verifier
     from rlhf.classifiers import load_finding_scorer
@@ -67,7 +79,10 @@ def build_verifier(cfg, device: str = "cpu"):
         else:
             note = (f"not checked: the generator's training images ({', '.join(v.training_data)}) are not on disk; "
                     "`synthmed train default` draws them")
-    return Verifier(scorer, alignment, v, cfg.judges.eval, training, note)
+    from agents.reader import lexicon_lineage
+    from knowledge.open import lexicon_for
+
+    return Verifier(scorer, alignment, v, cfg.judges.eval, training, note, lineage=lexicon_lineage(lexicon_for(cfg)))
 
 
 def build_generator(cfg, model_path: str | None = None, device: str = "cpu"):

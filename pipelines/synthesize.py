@@ -1,7 +1,7 @@
 """`synthmed synthesize`: a spec of requests drawn into a synthetic data set that any trainer reads.
 
-A spec is a CSV (``text,modality,n``: free text, read for its findings by the project's reader,
-:func:`rlhf.text_labels.finding_mentions`) or a YAML mix (per modality: findings or finding pairs
+A spec is a CSV (``text,modality,n``: free text, read for its findings by the graph's own reader,
+:class:`agents.reader.FindingReader`) or a YAML mix (per modality: findings or finding pairs
 with counts or shares, the normal share, severity and side weights; see ``docs/specs/``). Both are
 expanded into one :class:`Slot` per image, each an :class:`agents.requests.ImagePrompt` carrying its
 structured expectation, composed into the generator's words by the graph's own
@@ -156,6 +156,7 @@ def _csv_spec_rows(path: Path, reader, cfg) -> list[tuple[Any, str]]:
     from generator.modalities import resolve_modality
 
     out: list[tuple[Any, str]] = []
+    findings_reader = None
     header = next(reader, None)
     if header is None:
         raise SpecError(path, 1, "header", f"empty file; the first line names the columns {','.join(CSV_COLUMNS)}")
@@ -185,7 +186,11 @@ def _csv_spec_rows(path: Path, reader, cfg) -> list[tuple[Any, str]]:
         if not cells["text"]:
             raise SpecError(path, line, "text", "empty; describe the image, e.g. \"Small left pleural effusion.\"")
         try:
-            request = text_request(cells["text"], modality, cfg.agents.default_severity, label_names(modality, cfg))
+            if findings_reader is None:  # the knowledge base is opened once, at the first text to read
+                from .agent import finding_reader
+
+                findings_reader = finding_reader(cfg, progress=False)
+            request = text_request(cells["text"], modality, cfg.agents.default_severity, findings_reader, label_names(modality, cfg))
         except UserError as exc:
             raise SpecError(path, line, "text", str(exc)) from None
         out += [(request, f"{path.name}:{line}")] * n
@@ -204,67 +209,43 @@ def label_names(modality: str, cfg) -> list[str] | None:
     return json.loads(meta.read_text()).get("label_names", []) if meta.is_file() else []
 
 
-def _attribute(clause: str, words: Mapping[str, Sequence[str]]) -> str | None:
-    """The first attribute value whose words occur in ``clause`` (longest words first)."""
-    from rlhf.text_labels import normalise
-
-    low = f" {normalise(clause).lower()} "
-    pairs = sorted(((normalise(w).lower(), value) for value, ws in words.items() for w in ws if w), key=lambda p: -len(p[0]))
-    for word, value in pairs:
-        if f" {word} " in low or f" {word}," in low or f" {word}." in low or f" {word};" in low:
-            return value
-    return None
-
-
-def text_request(text: str, modality: str, default_severity: str | None, labels: Sequence[str] | None = None):
-    """A free-text request as an ImagePrompt: findings read by :func:`rlhf.text_labels.finding_mentions`,
-    severity / side / location of each present finding from its clause in the finding's own words,
-    composed by the graph's :func:`agents.prompts.compose_prompt`."""
-    from agents.prompts import SIDE_WORDS, compose_prompt, phantom_spec
+def text_request(text: str, modality: str, default_severity: str | None, reader, labels: Sequence[str] | None = None):
+    """A free-text request as an ImagePrompt, read by the graph's reader (:class:`agents.reader.FindingReader`):
+    the findings it states present, with the severity, side and location the graph reads for them, and those it
+    states absent; composed by the graph's :func:`agents.prompts.compose_prompt`. ``labels``: the findings that
+    count (default: those the modality's generator was trained on)."""
+    from agents.prompts import compose_prompt
+    from agents.reader import project
     from agents.requests import ImagePrompt, combination_key
-    from rlhf.text_labels import finding_mentions, vocabulary
+    from agents.schema import StageError
 
-    vocab = vocabulary(modality, labels)
-    mentions = finding_mentions(text, modality, labels)
-    study_normal: set[str] = set()
-    by_clause: dict[str, set[str]] = {}
-    for m in mentions:
-        if m.status == "absent" and m.span == m.clause:
-            by_clause.setdefault(m.clause, set()).add(m.name)
-    for clause, names in by_clause.items():
-        if len(vocab) > 1 and names >= set(vocab):
-            study_normal.add(clause)
-    present = list(dict.fromkeys(m.name for m in mentions if m.status == "present"))
-    if study_normal and present:
-        raise UserError(f"a normal study with a finding ({', '.join(present)}): {_quote(next(iter(study_normal)))} says the study "
-                        "is normal; drop it or the finding")
-    if not mentions:
-        raise UserError(f"no {modality} finding recognised in {_quote(text)} and it does not say the study is normal; "
-                        f"name findings ({', '.join(list(vocab)[:8])}{', ...' if len(vocab) > 8 else ''}) or write \"Normal study.\"")
-    spec = phantom_spec(modality)
+    try:
+        pathology = reader.read(text, modality)
+    except StageError as exc:
+        raise UserError(str(exc)) from None
+    labels = reader.labels(modality) if labels is None else list(labels)
+    read = [f for f in pathology.findings if not f.uncertain]
+    expected = reader.expected_from(pathology, labels)
+    stated = project([f.model_dump() for f in read], labels, reader.lineage)  # without the whole-study normal
+    present = [name for name, p in expected.items() if p]
+    if pathology.normal and present:
+        raise UserError(f"a normal study with a finding ({', '.join(present)}): {_quote(text)} says the study is normal "
+                        "and names a finding; drop one of them")
+    if not expected:
+        named = sorted({f.name for f in read})
+        why = f" (it names {', '.join(named)}, which no {modality} label is)" if named else ""
+        raise UserError(f"no {modality} finding recognised in {_quote(text)}{why} and it does not say the study is normal; "
+                        f"name findings ({', '.join(labels[:8])}{', ...' if len(labels) > 8 else ''}) or write \"Normal study.\"")
     findings = []
-    for name in present:
-        clause = next(m.clause for m in mentions if m.name == name and m.status == "present")
-        fspec = spec.findings.get(name) if spec else None
-        severity = side = location = None
-        if fspec is not None:
-            if fspec.severities:
-                severity = _attribute(clause, {g: fspec.severity_words.get(g, (g,)) + (g,) for g in fspec.severities})
-            if fspec.sides:
-                side_words = {s: tuple(fspec.side_words.get(s, ())) + (SIDE_WORDS.get(s, s),) for s in fspec.sides}
-                side = _attribute(clause, side_words)
-                if side is None and "bilateral" in fspec.sides and fspec.bilateral_terms and _attribute(clause, {"b": fspec.bilateral_terms}):
-                    side = "bilateral"
-            if fspec.locations:
-                location = _attribute(clause, {loc: tuple(fspec.location_words.get(loc, ())) + (loc.replace("_", " "),)
-                                               for loc in fspec.locations})
-        findings.append({"name": name, "present": True, "severity": severity, "laterality": side, "location": location, "stated": True})
-    absent = [n for n in dict.fromkeys(m.name for m in mentions if m.status == "absent") if n not in present]
-    for name in absent:
-        stated = any(m.name == name and m.status == "absent" and m.clause not in study_normal for m in mentions)
-        findings.append({"name": name, "present": False, "severity": None, "laterality": None, "location": None, "stated": stated})
-    stated = [{k: v for k, v in f.items() if k != "stated"} for f in findings if f["stated"]]
-    composed = compose_prompt({"text": text}, {"findings": stated}, modality, default_severity=default_severity)
+    for name in present:  # the attributes of the finding the graph read for this label (itself, or a kind of it)
+        mention = next(f for f in read if f.present and name in reader.lineage(f.name) | {f.name})
+        findings.append({"name": name, "present": True, "severity": mention.severity, "laterality": mention.laterality,
+                         "location": mention.location, "stated": True})
+    for name in (n for n, p in expected.items() if not p):
+        findings.append({"name": name, "present": False, "severity": None, "laterality": None, "location": None,
+                         "stated": name in stated})
+    composed = compose_prompt({"text": text}, {"findings": [{k: v for k, v in f.items() if k != "stated"} for f in findings
+                                                            if f["stated"]]}, modality, default_severity=default_severity)
     # the severity the composition assumed is part of what was asked for
     chosen = {f["name"]: f.get("severity") for f in composed["findings"]}
     findings = [{**f, "severity": chosen.get(f["name"], f["severity"]) if f["present"] else None} for f in findings]

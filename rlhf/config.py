@@ -38,6 +38,7 @@ class ClassifierConfig(Section):
     resnet_blocks: int = Field(1, ge=1)  # residual blocks per stage
     resnet_pool: Literal["avg", "avgmax"] = "avgmax"  # global pooling of the residual net's features: average, or average and max side by side (the convnet always pools both); avgmax keeps small lesions (docs/judges/settings.md)
     labels: Literal["auto", "phantom", "manifest"] = "auto"  # label space: the phantom catalogue, or names seen present in the rows; auto: phantom when every row is a phantom
+    min_positives: int = Field(0, ge=0)  # labels=manifest: a name stated present in fewer rows is no label (too few to learn or to measure); the metadata lists the dropped ones
     augment: bool = True  # small shift, rotation, zoom, brightness and contrast jitter while training; never a flip (laterality)
     benchmark_per_finding: int = Field(40, ge=0)  # fresh phantoms per (modality, finding) drawn at benchmark_seed for an extra test (40 positives per finding: an AUROC's standard error near 0.03 instead of 0.06-0.08 at 10); 0: none
     benchmark_seed: int = Field(777, ge=0)  # distinct from the seed of the training phantoms

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from generator.data import ManifestRow
-from generator.phantoms import NORMAL, get_spec, make_phantom, phantom_modalities
+from generator.errors import UserError
+from generator.phantoms import get_spec, make_phantom, phantom_modalities
 from rlhf.classifiers import (
     DEFAULT_ROOT,
     ClassifierNotFoundError,
@@ -31,7 +32,6 @@ from rlhf.classifiers import (
 )
 from rlhf.config import ClassifierConfig
 from rlhf.scorers import CompositeScorer, build_scorer, check_result
-from rlhf.text_labels import expected_findings, finding_mentions
 
 TOY_SIZE = 16  # pixels
 
@@ -220,8 +220,11 @@ def untrained(modality: str, role: str, seed: int) -> FindingClassifier:
 
 
 def test_scorer_honours_the_contract_and_the_agreement_formula():
-    scorer = FindingScorer({"cxr": untrained("cxr", "reward", 0), "fundus": untrained("fundus", "reward", 1)}, role="reward")
     studies = [make_phantom("cxr", ["pleural_effusion"], size=64, seed=(1, 0)), make_phantom("fundus", ["drusen"], size=64, seed=(1, 1))]
+    # prompts given alone are read by the scorer's reader (the graph's in use: tests/test_parse.py); here the phantoms' truth
+    truth = {s.text: {f.name: f.present for f in s.findings} for s in studies}
+    scorer = FindingScorer({"cxr": untrained("cxr", "reward", 0), "fundus": untrained("fundus", "reward", 1)}, role="reward",
+                           reader=lambda text, modality, labels: {k: v for k, v in truth.get(text, {}).items() if k in labels})
     images = [s.image for s in studies] + [studies[0].image]
     prompts = [studies[0].text, studies[1].text, "a chest radiograph"]
     modalities = ["cxr", "fundus", "cxr"]
@@ -260,7 +263,8 @@ def test_registered_factories_load_each_role_from_a_folder(tmp_path):
     assert (reward.name, reward.role, sorted(reward.classifiers)) == ("finding_reward", "reward", ["cxr", "oct"])
     assert evaluator.role == "evaluator" and all(c.role == "evaluator" for c in evaluator.classifiers.values())
     batch = torch.rand(2, 3, 40, 40) * 2 - 1
-    check_result(evaluator.score(batch, ["No pneumothorax.", "Normal macular OCT."], ["cxr", "oct"]), 2)
+    check_result(evaluator.score(batch, ["No pneumothorax.", "Normal macular OCT."], ["cxr", "oct"],
+                                 expected=[{"pneumothorax": False}, {"drusen": False}]), 2)
 
 
 SHIPPED_MISSING = [f"{r}/{m}" for r in ("reward", "evaluator") for m in phantom_modalities() if not (DEFAULT_ROOT / r / m / "config.json").is_file()]
@@ -272,49 +276,30 @@ def test_shipped_classifiers_load_for_every_phantom_modality():
         scorer = build_scorer(f"finding_{role}")
         assert set(scorer.classifiers) == set(phantom_modalities())
         studies = [make_phantom(m, [list(get_spec(m).findings)[0]], size=64, seed=(9, i)) for i, m in enumerate(phantom_modalities())]
-        check_result(scorer.score([s.image for s in studies], [s.text for s in studies], [s.modality for s in studies]), len(studies))
+        expected = [{f.name: f.present for f in s.findings} for s in studies]
+        check_result(scorer.score([s.image for s in studies], [s.text for s in studies], [s.modality for s in studies], expected=expected),
+                     len(studies))
 
 
-# --- the prompt matcher ----------------------------------------------------------------------
+# (what a prompt states is read by the graph's one reader of findings: tests/test_parse.py)
 
 
-@pytest.mark.parametrize("modality", phantom_modalities())
-def test_matcher_reads_present_and_negated_findings_in_phantom_reports(modality):
-    names = [NORMAL, *get_spec(modality).findings]
-    for i, finding in enumerate(names):
-        study = make_phantom(modality, [finding], size=32, seed=(21, i), negatives=2)
-        stated = expected_findings(study.text, modality)
-        present = {f.name for f in study.findings if f.present}
-        negated = {f.name for f in study.findings if not f.present}
-        assert {f for f, p in stated.items() if p} == present, study.text
-        assert negated <= {f for f, p in stated.items() if not p}, study.text
+def test_a_datasets_own_split_is_kept_and_labels_with_too_few_positives_are_dropped():
+    """Rows a dataset tags :val / :test (meddata: by patient) are held out from training for both roles, the two roles
+    halving them differently into calibration and test; rows tagged :train are trained on; untagged ones keep the
+    salted hash. A manifest label stated present in fewer than min_positives rows is no label."""
+    from rlhf.classifiers import split_of_row
 
-
-@pytest.mark.parametrize(
-    "text, modality, expected",
-    [
-        ("Small left pleural effusion. No pneumothorax.", "cxr", {"pleural_effusion": True, "pneumothorax": False}),
-        ("No focal airspace opacity, effusion or pneumothorax.", "cxr", {"consolidation": False, "pleural_effusion": False, "pneumothorax": False}),
-        ("No pneumothorax, large left effusion.", "cxr", {"pneumothorax": False, "pleural_effusion": True}),
-        ("Effusion and PTX are not seen.", "cxr", {"pleural_effusion": False, "pneumothorax": False}),
-        ("Cardiomegaly without pulmonary edema.", "cxr", {"cardiomegaly": True, "pulmonary_edema": False}),
-        ("Possible consolidation; nodule cannot be excluded.", "cxr", {}),
-        ("Intracerebral hemorrhage, no ischemic infarct or tumour.", "brain_mri", {"hemorrhage": True, "infarct": False, "tumor": False}),
-        ("Papilledema. No retinal hemorrhages.", "fundus", {"papilledema": True, "retinal_hemorrhage": False}),
-        ("CNV with subretinal fluid; no IRF.", "oct", {"choroidal_neovascularization": True, "subretinal_fluid": True, "intraretinal_fluid": False}),
-        ("Bilateral ground glass opacities.", "chest_ct", {"ground_glass_opacity": True}),
-    ],
-)
-def test_matcher_handles_spelling_abbreviations_lists_and_hedges(text, modality, expected):
-    assert expected_findings(text, modality) == expected
-
-
-def test_matcher_whole_study_normal_and_label_names_from_a_manifest():
-    stated = expected_findings("CXR PA. The lungs are clear. Impression: Normal chest radiograph.", "cxr")
-    assert stated == {name: False for name in get_spec("cxr").findings}
-    # labels of the real data adapters are read by their own names and spellings
-    labels = ["diabetic_macular_edema", "diabetic_retinopathy"]
-    assert expected_findings("Findings: no diabetic macular oedema; non-proliferative diabetic retinopathy.", "fundus", labels) == {
-        "diabetic_macular_edema": False, "diabetic_retinopathy": True,
-    }
-    assert all(m.status in ("present", "absent", "uncertain") for m in finding_mentions("Possible small effusion.", "cxr"))
+    rows = [ManifestRow(f"/data/p{i}/img{i}.png", "Chest radiograph.", "cxr",
+                        [{"name": "pneumonia", "present": i % 2 == 0}] + ([{"name": "hernia", "present": True}] if i == 3 else []),
+                        f"nih:{'val' if i < 40 else 'train'}") for i in range(120)]
+    for role, seed in (("reward", 0), ("evaluator", 1)):
+        splits = [split_of_row(r, role, seed, 0.15) for r in rows]
+        assert all(s == "train" for s in splits[40:]) and set(splits[:40]) == {"calibration", "test"}
+    assert [split_of_row(r, "reward", 0, 0.15) for r in rows[:40]] != [split_of_row(r, "evaluator", 1, 0.15) for r in rows[:40]]
+    untagged = [ManifestRow(r.path, r.text, r.modality, r.findings, "folder") for r in rows]
+    assert {split_of_row(r, "reward", 0, 0.5) for r in untagged} == {"train", "calibration", "test"}
+    assert label_space("cxr", rows, "manifest") == ["hernia", "pneumonia"]
+    assert label_space("cxr", rows, "manifest", min_positives=5) == ["pneumonia"]
+    with pytest.raises(UserError, match="at least 100 times"):
+        label_space("cxr", rows, "manifest", min_positives=100)

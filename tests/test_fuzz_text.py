@@ -1,5 +1,5 @@
 """Property-based fuzzing of the text inputs (Hypothesis): config profiles and dotted overrides, free-text requests
-(the agent graph's rule reader and rlhf.text_labels) and knowledge-base queries.
+(the agent graph's rule reader, and the one reader of findings built on it) and knowledge-base queries.
 
 The property: a result or one error of the project's class (``SynthmedError``), never another exception, a hang or
 unbounded work; long inputs (1 MB) answer in bounded time. Examples are derandomised and budgeted as in
@@ -16,7 +16,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from generator.errors import SynthmedError
-from test_fuzz_files import MB, bounded, fuzz, outcome
+from test_fuzz_files import MB, bounded, fuzz
 
 unicode_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=200)
 # control characters, NUL, BOM, right-to-left marks, combining marks, non-BMP, full-width and Turkish dotted I
@@ -151,21 +151,22 @@ def test_request_reader_long_text_is_bounded(reasoner, text):
 @fuzz(150)
 @given(text=request_text, modality=MODALITY_NAMES, labels=st.sampled_from([None, (), ("glioma", "meningioma"),
                                                                          ("", "x\x00"), ("no_tumor",)]))
-def test_text_labels(text, modality, labels):
-    from rlhf.text_labels import expected_findings, finding_mentions
+def test_finding_reader(reasoner, text, modality, labels):
+    """The one reader of findings (what synthesize, the scorers and the verifier read) on any text: a label -> bool
+    dict over the given labels, or one clear error."""
+    from agents.reader import FindingReader
 
-    result = bounded(expected_findings, text, modality, labels, seconds=10)
+    result = bounded(FindingReader(reasoner).expected, text, modality, labels, seconds=10)
     if not isinstance(result, SynthmedError):
-        assert all(isinstance(v, bool) for v in result.values())
-        outcome(finding_mentions, text, modality, labels)
+        assert all(isinstance(v, bool) for v in result.values()) and (labels is None or set(result) <= set(labels))
 
 
 @pytest.mark.parametrize("text", LONG, ids=range(len(LONG)))
-def test_text_labels_long_text_is_bounded(text):
-    from rlhf.text_labels import expected_findings
+def test_finding_reader_long_text_is_bounded(reasoner, text):
+    from agents.reader import FindingReader
 
     start = time.perf_counter()
-    result = bounded(expected_findings, text, "cxr", seconds=10)
+    result = bounded(FindingReader(reasoner).expected, text, "cxr", seconds=10)
     assert isinstance(result, (dict, SynthmedError)), (result, time.perf_counter() - start)
 
 

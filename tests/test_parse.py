@@ -13,6 +13,7 @@ from agents.parse_eval import evaluate_corpus, finding_f1, finding_matches
 from agents.reading import tokenize
 from agents.rules import RuleReasoner
 from agents.schema import ParsedRequest, StageError
+from generator.errors import UserError
 from generator.modalities import resolve_modality
 from knowledge.build import build_knowledge_base, load_retriever
 from knowledge.cases import Case
@@ -361,14 +362,15 @@ def test_visual_features_without_a_case_library(retriever):
 
 # ---------------------------------------------------------------- one reader of findings
 def test_the_loops_requests_read_the_same_by_every_reader(reasoner):
-    """The self-improvement loop's requests carry a structured expectation; the graph's reasoner reading the
-    clinician's words and the report matcher (rlhf.text_labels) reading the composed prompt agree with it,
-    so the reward, the verifier and `synthmed eval` all check what the request asks for."""
+    """The self-improvement loop's requests carry a structured expectation; the graph's reader of findings, reading the
+    clinician's words and reading the composed prompt, agrees with it, so the reward, the verifier and `synthmed eval`
+    all check what the request asks for."""
+    from agents.reader import FindingReader
     from agents.requests import PromptSampler
     from generator.phantoms import catalogue
     from pipelines.config import load_config
-    from rlhf.text_labels import expected_findings
 
+    reader = FindingReader(reasoner)
     sampler = PromptSampler(load_config("tiny").improve.prompts, catalogue())
     items = sampler.draw(60, epoch=1, seed=0) + sampler.heldout()
     disagreements = []
@@ -384,8 +386,116 @@ def test_the_loops_requests_read_the_same_by_every_reader(reasoner):
             if want and want["laterality"] and f.laterality and f.laterality != want["laterality"]:
                 disagreements.append(("laterality", item.request, f.laterality, want["laterality"]))
         labels = catalogue()[item.modality]
-        matched = expected_findings(item.prompt, item.modality, labels)
-        expected = item.expected if not item.present else stated  # a normal report denies every finding
-        if {k: v for k, v in matched.items() if k in expected} != expected or set(matched) - set(expected) - set(labels):
-            disagreements.append(("text_labels", item.prompt, matched, expected))
+        # the request states what the clinician wrote (a normal study: every finding absent); the composed prompt also
+        # names what its phrases imply ("CNV ... with surrounding subretinal fluid")
+        for text, want in ((item.request, stated if item.present else item.expected), (item.prompt, item.expected)):
+            got = reader.expected(text, item.modality, labels)
+            if got != want:
+                disagreements.append(("reader", text, got, want))
     assert not disagreements, disagreements[:5]
+
+
+def test_every_caller_reads_the_parse_corpus_the_same(reasoner, corpus):
+    """One reader of findings: for every request of the parse corpus, the graph (its pathology stage, then what the
+    verifier checks), a finding scorer given prompts alone, and `synthmed synthesize` reading a CSV spec state the
+    same findings, or all refuse the request."""
+    from agents.reader import FindingReader, project
+    from pipelines.synthesize import text_request
+    from rlhf.scorers import build_scorer
+
+    reader = FindingReader(reasoner)
+    scorer = build_scorer("finding_reward", reader=reader)
+    checked = refused = 0
+    for item in corpus["requests"]:
+        modality = resolve_modality(item["modality"], reasoner.modalities)
+        labels = scorer.classifiers[modality].label_names
+        try:
+            request, pathology = read(reasoner, item["text"], item["modality"])
+        except StageError:
+            with pytest.raises(UserError):
+                text_request(item["text"], item["modality"], None, reader, labels)
+            refused += 1
+            continue
+        graph = project([f.model_dump() for f in pathology.findings], labels, reasoner.lineage, normal=pathology.normal)
+        callers = {"reader": reader.expected(item["text"], item["modality"], labels),
+                   "scorer": scorer.expected_for(item["text"], modality)}
+        if graph and pathology.normal and any(graph.values()):  # the graph flags the contradiction, synthesize refuses it
+            assert any(c.kind == "normal_with_findings" for c in pathology.contradictions)
+            with pytest.raises(UserError, match="normal study with a finding"):
+                text_request(item["text"], item["modality"], None, reader, labels)
+        elif graph:  # synthesize refuses a text that states nothing it can draw
+            callers["synthesize"] = text_request(item["text"], item["modality"], None, reader, labels).expected
+        for name, got in callers.items():
+            assert got == graph, (name, item["text"], got, graph)
+        checked += 1
+    assert checked >= 150 and refused == len(corpus["requests"]) - checked
+
+
+def test_a_scorer_without_expected_findings_or_a_reader_says_what_to_give():
+    import torch
+
+    from rlhf.scorers import build_scorer
+
+    scorer = build_scorer("finding_reward")
+    with pytest.raises(UserError, match="expected=.*reader="):
+        scorer.score(torch.zeros(1, 3, 64, 64), ["Left pleural effusion."], ["cxr"])
+
+
+@pytest.mark.parametrize(
+    "text, modality, expected",
+    [
+        ("Small left pleural effusion. No pneumothorax.", "cxr", {"pleural_effusion": True, "pneumothorax": False}),
+        ("No focal airspace opacity, effusion or pneumothorax.", "cxr", {"consolidation": False, "pleural_effusion": False, "pneumothorax": False}),
+        ("No pneumothorax, large left effusion.", "cxr", {"pneumothorax": False, "pleural_effusion": True}),
+        ("Effusion and PTX are not seen.", "cxr", {"pleural_effusion": False, "pneumothorax": False}),
+        ("Cardiomegaly without pulmonary edema.", "cxr", {"cardiomegaly": True, "pulmonary_edema": False}),
+        ("Possible consolidation; nodule cannot be excluded.", "cxr", {}),
+        ("Intracerebral hemorrhage, no ischemic infarct or tumour.", "brain_mri", {"hemorrhage": True, "infarct": False, "tumor": False}),
+        ("Papilledema. No retinal hemorrhages.", "fundus", {"papilledema": True, "retinal_hemorrhage": False}),
+        ("CNV with subretinal fluid; no IRF.", "oct", {"choroidal_neovascularization": True, "subretinal_fluid": True, "intraretinal_fluid": False}),
+        ("Bilateral ground glass opacities.", "chest_ct", {"ground_glass_opacity": True}),
+    ],
+)
+def test_reader_handles_spelling_abbreviations_lists_and_hedges(reasoner, text, modality, expected):
+    from agents.reader import FindingReader
+
+    got = FindingReader(reasoner).expected(text, modality)
+    assert got == expected and list(got) == [n for n in FindingReader(reasoner).labels(modality) if n in expected]
+
+
+def test_reader_whole_study_normal_and_the_real_datasets_labels(reasoner):
+    from agents.reader import FindingReader
+    from generator.phantoms import get_spec
+
+    reader = FindingReader(reasoner)
+    assert reader.expected("CXR PA. The lungs are clear. Impression: Normal chest radiograph.", "cxr") == \
+        {name: False for name in get_spec("cxr").findings}
+    # the real data adapters' labels: a kind of a label states its label present, the absence of a kind says nothing of it
+    labels = ["diabetic_macular_edema", "diabetic_retinopathy"]
+    assert reader.expected("Findings: no diabetic macular oedema; non-proliferative diabetic retinopathy.", "fundus", labels) == {
+        "diabetic_macular_edema": False, "diabetic_retinopathy": True}
+    assert reader.expected("No proliferative diabetic retinopathy.", "fundus", labels) == {}
+    brain = ["glioma", "meningioma", "pituitary_tumor"]
+    assert reader.expected("Brain MRI. Findings: intra-axial mass consistent with glioma.", "brain_mri", brain) == {"glioma": True}
+    assert reader.expected("Brain MRI. Findings: no intracranial tumour.", "brain_mri", brain) == dict.fromkeys(brain, False)
+    assert reader.expected("Axial T2-weighted FLAIR MRI of the brain. No haemorrhage.", "brain_mri") == {"hemorrhage": False}
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_reader_reads_present_and_negated_findings_in_phantom_reports(reasoner, modality):
+    """The phantom reports (the generator's captions) read back as the findings they were drawn with."""
+    from agents.reader import FindingReader
+    from generator.phantoms import NORMAL, get_spec, make_phantom
+
+    reader = FindingReader(reasoner)
+    names = [NORMAL, *get_spec(modality).findings]
+    for i, finding in enumerate(names):
+        for negatives in (0, 2):
+            study = make_phantom(modality, [finding], size=32, seed=(21, i, negatives), negatives=negatives)
+            stated = reader.expected(study.text, modality)
+            present = {f.name for f in study.findings if f.present}
+            negated = {f.name for f in study.findings if not f.present}
+            assert {f for f, p in stated.items() if p} == present, study.text
+            assert negated <= {f for f, p in stated.items() if not p}, study.text
+            if finding == NORMAL:
+                assert stated == dict.fromkeys(get_spec(modality).findings, False), study.text

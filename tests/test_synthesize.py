@@ -41,8 +41,20 @@ def spec(work) -> Path:
                  "Several hard exudates.,fundus,1\n")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def knowledge_base(work):
+    """CSV specs are read by the graph's reader on a knowledge base: one for the module, of the lexicon alone."""
+    KB[:] = [f"--knowledge.index_dir={work / 'kb'}", "--knowledge.case_manifests=[]"]
+    yield
+    KB.clear()
+
+
+KB: list[str] = []
+
+
 def run(capsys, *args) -> tuple[int, str, str]:
-    code = main(["synthesize", *map(str, args)])
+    args = [*map(str, args)]
+    code = main(["synthesize", *args, *[k for k in KB if k.split("=")[0] not in {a.split("=")[0] for a in args}]])
     out = capsys.readouterr()
     return code, out.out, out.err
 

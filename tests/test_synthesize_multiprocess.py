@@ -35,7 +35,8 @@ def command(spec: Path, out: Path, train: Path, processes: int, *extra: str) -> 
     """One process, or ``accelerate launch`` of ``processes`` (its --multi_gpu launcher is torchrun: on a CPU the ranks
     meet over gloo; ``--cpu`` would start one process)."""
     args = ["synthesize", str(spec), "--out", str(out), "--train-data", str(train), "--batch-size", "1", "--sample.steps=3",
-            "--synthesize.verifier=false", "--no-progress", *extra]
+            "--synthesize.verifier=false", "--no-progress", f"--knowledge.index_dir={spec.parent / 'kb'}",
+            "--knowledge.case_manifests=[]", *extra]
     if processes == 1:
         return [sys.executable, "-m", "pipelines.cli", *args]
     accelerate = Path(sys.executable).with_name("accelerate")

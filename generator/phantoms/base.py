@@ -48,6 +48,9 @@ class FindingSpec:
     bilateral_terms: tuple[str, ...] = ()  # plural terms used for a bilateral finding ("pleural effusions")
     side_words: dict[str, tuple[str, ...]] = field(default_factory=dict)  # overrides reports.SIDE_WORDS, e.g. {"left": ("to the left",)}
     excludes: tuple[str, ...] = ()  # findings that cannot be drawn together with this one
+    # findings drawn with this one that its templates name ("CNV ... with surrounding subretinal fluid"): a request
+    # for it never states them absent (tests/test_parse.py checks the graph's reader finds no others in its phrases)
+    implies: tuple[str, ...] = ()
 
 
 @dataclass

@@ -628,7 +628,7 @@ FINDINGS = {
         locations=FOVEAL_LOCATIONS, severities=("mild", "moderate", "severe"),
         severity_words={"mild": ("small",), "moderate": ("moderate", "medium-sized"), "severe": ("large", "extensive")},
         location_words=_LOC_BENEATH,
-        excludes=("macular_hole",)),
+        excludes=("macular_hole",), implies=("subretinal_fluid",)),
     "macular_hole": FindingSpec(
         name="macular_hole",
         terms=("full-thickness macular hole", "FTMH", "macular hole"),

@@ -24,7 +24,7 @@ Layout of a trained classifier, ``<out>/<role>/<modality>/``::
 
     summaries = train_all(ClassifierConfig(), load_rows(["data/phantoms_64px_seed4242_300pf"]), out="rlhf/weights/classifiers")
     scorer = build_scorer("finding_reward")     # the shipped reward classifiers, every modality
-    scores, details = scorer.score(images, prompts, modalities)
+    scores, details = scorer.score(images, prompts, modalities, expected=[{"pleural_effusion": True}, ...])
 
 Training: AdamW with linear warm-up then cosine decay, BCE with logits (masked where a dataset
 does not annotate a label), light augmentation without flips. Of the rows, ``val_fraction`` is

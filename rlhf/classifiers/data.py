@@ -27,22 +27,34 @@ def is_phantom_row(row: ManifestRow) -> bool:
     return _dataset_of(row) == "phantom"
 
 
-def label_space(modality: str, rows: Sequence[ManifestRow], mode: str = "auto") -> list[str]:
+def label_counts(modality: str, rows: Sequence[ManifestRow]) -> dict[str, int]:
+    """finding name -> rows of ``modality`` that state it present (the normal study left out), by name."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        if r.modality == modality:
+            for name in {f["name"] for f in r.findings if f.get("present", True) and f["name"] != NORMAL}:
+                counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def label_space(modality: str, rows: Sequence[ManifestRow], mode: str = "auto", min_positives: int = 0) -> list[str]:
     """The labels a classifier of ``modality`` predicts.
 
     ``phantom``: the phantom catalogue's findings (every finding the phantoms can draw, in their
-    order); ``manifest``: the finding names stated present in the rows, sorted; ``auto``: phantom
-    when every row of the modality is a phantom."""
+    order); ``manifest``: the finding names stated present in at least ``min_positives`` rows (and
+    in one at least), sorted; ``auto``: phantom when every row of the modality is a phantom."""
     own = [r for r in rows if r.modality == modality]
     phantom = modality in PHANTOM_MODULES and bool(own) and all(is_phantom_row(r) for r in own)
     if mode == "phantom" or (mode == "auto" and phantom):
         if modality not in PHANTOM_MODULES:
             raise UserError(f"labels=phantom but there is no phantom catalogue for modality {modality!r}; use labels=manifest")
         return list(get_spec(modality).findings)
-    names = sorted({f["name"] for r in own for f in r.findings if f.get("present", True) and f["name"] != NORMAL})
+    counts = label_counts(modality, own)
+    names = [n for n, c in counts.items() if c >= max(1, min_positives)]
     if not names:
+        why = f" at least {min_positives} times (judges.classifier.min_positives; counts: {counts})" if counts else ""
         raise UserError(
-            f"no finding is stated present in the {len(own)} {modality} rows, so there is nothing to learn; "
+            f"no finding is stated present{why} in the {len(own)} {modality} rows, so there is nothing to learn; "
             "give rows with a findings column (or phantoms)"
         )
     return names
@@ -53,11 +65,22 @@ def split_key(row: ManifestRow) -> str:
     return "/".join(Path(row.path).as_posix().split("/")[-4:])
 
 
+HELD_OUT_TAGS = ("val", "test")  # a dataset's own held-out split (generator.data.meddata: by patient where it knows them)
+
+
 def split_of_row(row: ManifestRow, role: str, seed: int, val_fraction: float) -> str:
     """``train``, ``calibration`` or ``test``, from a hash of the path salted with role and seed:
-    the reward and the evaluator of a modality hold back different images."""
+    the reward and the evaluator of a modality hold back different images. A row its dataset tags
+    ``:train`` is trained on and one tagged ``:val`` or ``:test`` is held back (half for calibration,
+    half for the test, again by the salted hash), so the held-out figures are on the dataset's
+    validation patients, never on a patient seen in training."""
     digest = hashlib.sha256(f"{role}/{seed}/{split_key(row)}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
+    tag = row.source.rsplit(":", 1)[-1] if ":" in row.source else ""
+    if tag == "train":
+        return "train"
+    if tag in HELD_OUT_TAGS:
+        return "calibration" if u < 0.5 else "test"
     if u < val_fraction / 2:
         return "calibration"
     return "test" if u < val_fraction else "train"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -12,7 +12,6 @@ import torch
 from generator.errors import UserError
 
 from ..scorers import ScoreResult, as_image_batch, check_inputs, register_scorer
-from ..text_labels import expected_findings
 from .layout import DEFAULT_ROOT, NEUTRAL_AGREEMENT, ROLES
 from .model import ClassifierNotFoundError, FindingClassifier, load_classifier, train_command
 
@@ -20,8 +19,9 @@ from .model import ClassifierNotFoundError, FindingClassifier, load_classifier, 
 class FindingScorer:
     """Agreement between the findings a prompt asks for and what the ``role`` classifiers see.
 
-    For image ``i`` with stated findings ``S_i`` (``expected[i]``, or read from the prompt by
-    :func:`rlhf.text_labels.expected_findings`) and calibrated probabilities ``p``::
+    For image ``i`` with stated findings ``S_i`` (``expected[i]``, the request's structured expectation, or
+    read from the prompt by ``reader``: the graph's one reader of findings, :class:`agents.reader.FindingReader`)
+    and calibrated probabilities ``p``::
 
         agreement_i = mean over f in S_i of ( p_f if f is stated present else 1 - p_f )
 
@@ -31,7 +31,8 @@ class FindingScorer:
     for every label of every loaded modality (NaN where the finding is not the image's modality's).
     """
 
-    def __init__(self, classifiers: Mapping[str, FindingClassifier], role: str, name: str | None = None):
+    def __init__(self, classifiers: Mapping[str, FindingClassifier], role: str, name: str | None = None,
+                 reader: Callable[[str, str, Sequence[str]], Mapping[str, bool]] | None = None):
         if role not in ROLES:
             raise UserError(f"unknown classifier role {role!r}; choose one of {', '.join(ROLES)}")
         if not classifiers:
@@ -48,10 +49,16 @@ class FindingScorer:
         self.role = role
         self.name = name or f"finding_{role}"
         self.label_names = list(dict.fromkeys(n for c in self.classifiers.values() for n in c.label_names))
+        self.reader = reader
 
     def expected_for(self, prompt: str, modality: str) -> dict[str, bool]:
-        """What the prompt states about each of the modality's labels (see rlhf/text_labels.py)."""
-        return expected_findings(prompt, modality, self.classifiers[modality].label_names)
+        """What the prompt states about each of the modality's labels, read by the scorer's ``reader``."""
+        if self.reader is None:
+            raise UserError(
+                "this finding scorer was given prompts without their expected findings and has no reader: pass "
+                "expected=[{finding: present}, ...] (the request's structured expectation), or build the scorer with "
+                "reader=agents.reader.FindingReader(...) (the graph's reader of findings)")
+        return dict(self.reader(prompt, modality, self.classifiers[modality].label_names))
 
     def score(
         self,
@@ -89,9 +96,11 @@ class FindingScorer:
 
 
 def load_finding_scorer(
-    role: str, root: str | os.PathLike | None = None, modalities: Sequence[str] | None = None, device: str = "cpu"
+    role: str, root: str | os.PathLike | None = None, modalities: Sequence[str] | None = None, device: str = "cpu",
+    reader: Callable[[str, str, Sequence[str]], Mapping[str, bool]] | None = None,
 ) -> FindingScorer:
-    """The ``role`` scorer over the classifiers in ``<root>/<role>/`` (every modality there, or ``modalities``)."""
+    """The ``role`` scorer over the classifiers in ``<root>/<role>/`` (every modality there, or ``modalities``);
+    ``reader`` reads prompts given without their expected findings (see :class:`FindingScorer`)."""
     if role not in ROLES:
         raise UserError(f"unknown classifier role {role!r}; choose one of {', '.join(ROLES)}")
     from generator.paths import shipped
@@ -104,16 +113,18 @@ def load_finding_scorer(
                 f"no {role} finding classifiers in {folder / role}; train them with: " + train_command(role, "all", folder)
             )
     classifiers = {m: load_classifier(folder / role / m, role=role, device=device) for m in modalities}
-    return FindingScorer(classifiers, role)
+    return FindingScorer(classifiers, role, reader=reader)
 
 
 @register_scorer("finding_reward")
-def finding_reward_scorer(root: str | os.PathLike | None = None, modalities: Sequence[str] | None = None, device: str = "cpu") -> FindingScorer:
+def finding_reward_scorer(root: str | os.PathLike | None = None, modalities: Sequence[str] | None = None, device: str = "cpu",
+                          reader=None) -> FindingScorer:
     """The reward's finding scorer, from the shipped ``reward`` classifiers by default."""
-    return load_finding_scorer("reward", root, modalities, device)
+    return load_finding_scorer("reward", root, modalities, device, reader)
 
 
 @register_scorer("finding_evaluator")
-def finding_evaluator_scorer(root: str | os.PathLike | None = None, modalities: Sequence[str] | None = None, device: str = "cpu") -> FindingScorer:
+def finding_evaluator_scorer(root: str | os.PathLike | None = None, modalities: Sequence[str] | None = None, device: str = "cpu",
+                             reader=None) -> FindingScorer:
     """The held-out evaluator's finding scorer; never part of a reward."""
-    return load_finding_scorer("evaluator", root, modalities, device)
+    return load_finding_scorer("evaluator", root, modalities, device, reader)

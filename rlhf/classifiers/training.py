@@ -26,7 +26,7 @@ from generator.phantoms.dataset import study_seed
 
 from ..config import ClassifierConfig
 from .calibration import classification_metrics, fit_temperature, masked_nll
-from .data import LabelledImages, annotated_labels, augment_batch, encode_rows, is_phantom_row, label_space, split_rows
+from .data import LabelledImages, annotated_labels, augment_batch, encode_rows, is_phantom_row, label_counts, label_space, split_rows
 from .layout import ROLES, VERSION
 from .model import FindingClassifier, save_classifier, train_command
 from .networks import build_network, role_settings
@@ -78,7 +78,7 @@ def fit_classifier(
     if not own:
         present = sorted({r.modality for r in rows})
         raise UserError(f"no {modality} rows to train on; the rows hold: {', '.join(present) or 'nothing'}")
-    label_names = label_space(modality, own, cfg.labels)
+    label_names = label_space(modality, own, cfg.labels, cfg.min_positives)
     closed_world = all(is_phantom_row(r) for r in own)
     splits = split_rows(own, role, settings["seed"], cfg.val_fraction)
     sizes = {k: len(v) for k, v in splits.items()}
@@ -163,9 +163,12 @@ def fit_classifier(
         "seed": settings["seed"],
         "label_names": label_names,
         "label_space": "phantom" if closed_world and cfg.labels != "manifest" else cfg.labels,
+        "labels_dropped": {n: c for n, c in label_counts(modality, own).items() if n not in label_names},  # too few positives
+        "min_positives": cfg.min_positives,
         "data": data_description if data_description is not None else (list(cfg.data) or "rows given in-process"),
         "datasets": sorted(annotated),
-        "split": {"sizes": sizes, "val_fraction": cfg.val_fraction, "salt": f"{role}/{settings['seed']}", "key": "last four path components"},
+        "split": {"sizes": sizes, "val_fraction": cfg.val_fraction, "salt": f"{role}/{settings['seed']}", "key": "last four path components",
+                  "held_out": "rows tagged :val or :test by their dataset (by patient where it knows them); untagged rows by the salted hash"},
         "epochs": cfg.epochs,
         "steps": total,
         "batch_size": cfg.batch_size,
