@@ -192,7 +192,8 @@ class LatentDiffusion(torch.nn.Module):
 
         folder = shipped(folder)
         if not (folder / "model.json").is_file():
-            raise FileNotFoundError(f"no synthmed model in {folder} (model.json missing); train one with `synthmed train unet`")
+            raise FileNotFoundError(f"no synthmed model in {folder} (model.json missing); train it with `synthmed train default --config PROFILE` (the VAE, then the UNet, on the profile's data; "
+                                    "`--config real` for the real profile), or `synthmed train unet` on a trained VAE")
         meta = json.loads((folder / "model.json").read_text())
         cfg = ModelConfig.model_validate(meta["model"])
         saved = list(meta["modalities"])

@@ -17,14 +17,16 @@ def register(groups, formatter) -> None:
     e = groups.add_parser(
         "eval", help="generated vs real images per modality: FD, diversity, CLIP score, held-out finding accuracy, memorisation",
         formatter_class=formatter,
-        description="Without --model and --data: the shipped model against fresh phantoms drawn with judges.eval.seed.\n"
+        description="Without --model and --data: the profile's shipped model against its data's validation split (--config real),\n"
+                    "or against fresh phantoms drawn with judges.eval.seed (the default profile).\n"
         "Writes runs/<name>-eval-<time>/ with eval.md, eval.json, config.yaml, metadata.json and samples/.",
     )
     add_config_argument(e)
     e.add_argument("--model", help="generator folder (default: train.out, the shipped model)")
     e.add_argument("--lora", nargs="+", help="LoRA adapters on the generator: files, a run's final/ or best/, or a "
                    "`synthmed improve` run folder (default: sample.lora)")
-    e.add_argument("--data", nargs="+", help="manifests of real images to compare with (default: fresh phantoms)")
+    e.add_argument("--data", nargs="+", help="manifests of real images to compare with (default: the profile's data.manifests, "
+                   "their validation split where they tag one; else fresh phantoms)")
     e.add_argument("--modalities", nargs="+", help="default: every modality of the data that the model knows")
     e.add_argument("--n-per-prompt", type=int, help="generated images per prompt (config: judges.eval.n_per_prompt)")
     e.add_argument("--prompts", type=int, help="prompts per modality (config: judges.eval.prompts_per_modality)")
@@ -66,8 +68,9 @@ def _eval(args, extra) -> int:
     apply_adapters(model.unet, adapters)
     size = model.cfg.image_size
     wanted = [resolve_modality(m, cfg.data.modalities) for m in args.modalities] if args.modalities else None
-    if args.data:
-        cases = manifest_cases(args.data, cfg.data, size, wanted, 8 * args.reference_per_finding, ec.seed)
+    data = args.data or list(cfg.data.manifests)  # a profile of real images (--config real) compares with its own
+    if data:
+        cases = manifest_cases(data, cfg.data, size, wanted, 8 * args.reference_per_finding, ec.seed)
     else:
         from generator.phantoms import phantom_modalities
 
@@ -84,7 +87,7 @@ def _eval(args, extra) -> int:
                                                                                   args.train_data),
                       channels={m: s.channels for m, s in cfg.data.modalities.items()}, sample_dir=run.samples,
                       progress=not (args.no_progress or args.json), batch_size=cfg.sample.batch_size)
-    result |= {"model": str(model_dir), "lora": adapters, "data": args.data or f"phantoms (seed {ec.seed}, {args.reference_per_finding} per finding)",
+    result |= {"model": str(model_dir), "lora": adapters, "data": data or f"phantoms (seed {ec.seed}, {args.reference_per_finding} per finding)",
                "run": str(run.root)}
     table = markdown_table(result)
     write_text_atomic(run.root / "eval.md", f"# synthmed eval\n\nmodel: `{model_dir}`{' + LoRA ' + ', '.join(adapters) if adapters else ''}; data: {result['data']}\n\n" + table)

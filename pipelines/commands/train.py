@@ -23,7 +23,7 @@ def register(groups, formatter) -> None:
         ("vae", "train the autoencoder (reconstruction + KL) on a manifest"),
         ("unet", "train the UNet and conditioning on VAE latents"),
         ("lora", "train a LoRA adapter on a base model (only adapter weights are saved)"),
-        ("default", "reproduce the shipped model: phantoms, then VAE, then UNet"),
+        ("default", "reproduce a profile's shipped model: the VAE, then the UNet, on its data (phantoms for the default profile)"),
     ):
         p = sub.add_parser(name, help=text, formatter_class=formatter)
         add_config_argument(p)
@@ -74,7 +74,8 @@ def _rows(cfg, data: list[str] | None):
     rows = []
     for manifest in manifests:
         if not Path(manifest).is_file():
-            raise FileNotFoundError(f"training manifest {manifest} not found; make phantoms with `synthmed data phantoms` or pass --data")
+            raise FileNotFoundError(f"training manifest {manifest} not found; build it with `synthmed data meddata` (the real profile's "
+                                    "manifests, from ../shared/meddata), make phantoms with `synthmed data phantoms`, or pass --data")
         rows += list(iter_manifest(manifest, cfg.data.modalities))
     return rows
 
@@ -186,11 +187,14 @@ def _train_lora(cfg, args, train_rows, run, progress):
 
 
 def _train_default(cfg, args, progress) -> int:
-    """Phantoms at the model's image size, then the VAE, then the UNet: the shipped model."""
+    """The profile's shipped model: the VAE, then the UNet, on the profile's manifests (``data.manifests``, e.g.
+    ``--config real``), else on phantoms drawn at the model's image size (the default profile)."""
     from generator.training import split_rows
 
-    # drawn at the model's size, beside the 128 px set
-    rows = _rows(cfg, [phantom_manifest(cfg.phantoms, cfg.model.image_size, progress)])
+    if args.data or cfg.data.manifests:
+        rows = _rows(cfg, args.data)
+    else:  # drawn at the model's size, beside the 128 px set
+        rows = _rows(cfg, [phantom_manifest(cfg.phantoms, cfg.model.image_size, progress)])
     train_rows, val_rows = split_rows(rows, cfg.train.val_fraction, cfg.train.seed)
     from generator.trainers import train_vae
 
