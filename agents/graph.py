@@ -60,14 +60,15 @@ def traced(name: str, fn: Callable[[Mapping], Step]) -> Callable[[Mapping], dict
 
 
 def build_graph(reasoner, generator, verifier, checkpointer=None, config: AgentsConfig | None = None,
-                modalities: Mapping[str, ModalityConfig] | None = None):
+                modalities: Mapping[str, ModalityConfig] | None = None, wording: dict | None = None):
     """The compiled graph. Parts: ``reasoner`` (agents.rules.RuleReasoner or agents.llm.LLMReasoner, each
     holding its retriever), ``generator`` (agents.drawing.ImageGenerator; may be None for a graph
     that only reasons and composes), ``verifier`` (agents.verifier.Verifier), ``checkpointer`` (a
     LangGraph checkpointer, e.g. SqliteSaver; None keeps no trace), ``modalities`` (the configured
-    modalities, ``data.modalities``; None: the built-in ones)."""
+    modalities, ``data.modalities``; None: the built-in ones), ``wording`` (the generator's caption words, its
+    ``wording.json``: prompts are written in them; None: the phantom report templates)."""
     config = config or AgentsConfig()
-    nodes = Nodes(reasoner, generator, verifier, config, modalities)
+    nodes = Nodes(reasoner, generator, verifier, config, modalities, wording)
     graph = StateGraph(GraphState)
     for name in NODES:
         graph.add_node(name, traced(name, getattr(nodes, name)))

@@ -72,10 +72,11 @@ class Step:
 
 class Nodes:
     def __init__(self, reasoner, generator, verifier, config: AgentsConfig | None = None,
-                 modalities: Mapping[str, ModalityConfig] | None = None):
+                 modalities: Mapping[str, ModalityConfig] | None = None, wording: dict | None = None):
         self.reasoner, self.generator, self.verifier = reasoner, generator, verifier
         self.config = config or AgentsConfig()
         self.modalities = dict(modalities or {})  # the configured modalities; one absent here is composed as built in
+        self.wording = wording  # the generator's caption words (its wording.json), or None: the phantom templates
 
     # -- reasoning -------------------------------------------------------------------------
     def parse_request(self, state: Mapping) -> Step:
@@ -116,7 +117,7 @@ class Nodes:
         settings = state["settings"]
         modality = state["request"]["modality"]
         composition = compose_prompt(state["request"], state["pathology"], modality, Emphasis(), settings["default_severity"],
-                                     settings["base_negative"], self.modalities.get(modality))
+                                     settings["base_negative"], self.modalities.get(modality), self.wording)
         composition["visual"] = [d["description"] for d in (state.get("visual") or {}).get("descriptors", []) if d.get("description")]
         return Step({"composition": composition, "round": 0, "guidance": float(settings["guidance"]), "status": "running"},
                     composition["prompt"])
@@ -158,7 +159,7 @@ class Nodes:
         applied = apply_actions(actions, refine)
         modality = state["request"]["modality"]
         new = compose_prompt(state["request"], state["pathology"], modality, refine.emphasis, settings["default_severity"],
-                             settings["base_negative"], self.modalities.get(modality))
+                             settings["base_negative"], self.modalities.get(modality), self.wording)
         new["visual"] = composition.get("visual", [])
         return Step({"composition": new, "guidance": refine.guidance, "refinements": [{"round": int(state["round"]), "actions": applied}]},
                     "; ".join(a["applied"] for a in applied))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 
 from generator.config import ModalityConfig, default_modalities
+from generator.data.wording import caption
 from generator.phantoms import PHANTOM_MODULES, get_spec
 from generator.phantoms.base import FindingSpec, PhantomSpec
 
@@ -127,12 +128,16 @@ def compose_prompt(
     default_severity: str | None = "moderate",
     base_negative: str = "",
     modality_config: ModalityConfig | None = None,
+    wording: dict | None = None,
 ) -> dict:
     """The structured report and what the generator is given.
 
     ``request`` is the parse stage's record, ``pathology`` the pathology stage's (as dicts).
     ``modality_config`` (default: the built-in entry of ``modality``) says whether one side names the eye
     studied, and gives the technique line of a modality without a phantom specification its display name.
+    ``wording`` (a model's ``wording.json``, :mod:`generator.data.wording`): the prompt and the negative prompt are
+    written in the words of the model's training captions wherever they have words for every present finding
+    (the real profile's reports), the report stays in the structured form.
     Returns ``{"report": {history, technique, findings, impression, text}, "prompt", "negative",
     "assumed", "emphasis"}``.
     """
@@ -171,6 +176,14 @@ def compose_prompt(
         negative_parts.append(f"{technique} Findings: {normal_findings} Impression: {normal_impression}")
 
     prompt = f"{technique} Findings: {findings_text} Impression: {impression}"
+    learned = caption(wording, modality, present, absent) if wording else None
+    if learned is not None:  # the model's own caption words
+        said = wording[modality]["present"]
+        prompt = learned
+        negative_parts = [p for p in [base_negative.strip()] if p]
+        negative_parts += [said[n] + "." for n in dict.fromkeys([f["name"] for f in absent] + list(emphasis.negative_findings)) if n in said]
+        normal = caption(wording, modality, [], []) if emphasis.normal_negative and present else None
+        negative_parts += [normal] if normal else []
     history = request.get("text", "").strip()
     report = {
         "history": history,

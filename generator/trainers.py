@@ -226,6 +226,10 @@ def train_unet(
                 model.unet.unload_lora()
                 summary["unet_lora"] = {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "merged": True, "file": "unet_lora.safetensors"}
             model.save(tmp, dtype=ship_dtype)
+            if not all(r.source.startswith("phantom") for r in train_rows):  # the phantom model composes from its own templates
+                from .data.wording import FILE, learn_wording, write_wording
+
+                write_wording(learn_wording(train_rows), tmp / FILE)  # how its captions word each finding, for the graph's prompts
             write_json_atomic(tmp / "metadata.json", summary, indent=2)
     return summary
 

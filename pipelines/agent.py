@@ -100,12 +100,15 @@ def build_generator(cfg, model_path: str | None = None, device: str = "cpu"):
     return ImageGenerator(model, channels, s.sampler, s.eta, s.batch_size, s.guidance_schedule, source=str(path), precision=s.precision)
 
 
-def drawable_findings(cfg) -> dict[str, set[str]]:
-    """Findings the generator of this profile learnt: the phantom catalogue, or the reward classifier's labels."""
+def drawable_findings(cfg, wording: dict | None = None) -> dict[str, set[str]]:
+    """Findings the generator of this profile learnt: those its training captions word (``wording``, a model's
+    wording.json), else the phantom catalogue; with the reward classifier's labels."""
+    from generator.paths import shipped
     from generator.phantoms import catalogue
 
     found = {m: set(names) for m, names in catalogue().items()}
-    root = Path(cfg.judges.classifier.out) / "reward"
+    found |= {m: set(w["present"]) for m, w in (wording or {}).items()}
+    root = shipped(Path(cfg.judges.classifier.out) / "reward")
     for folder in root.glob("*") if root.is_dir() else []:
         meta = folder / "metadata.json"
         if meta.is_file():
@@ -153,7 +156,11 @@ def build_agent(cfg, model_path: str | None = None, draw: bool = True, traces: s
     started = time.perf_counter()
     retriever = knowledge_retriever(cfg, progress)
     timings["retriever"] = time.perf_counter() - started
-    reasoner = build_reasoner(cfg, retriever, drawable_findings(cfg), chat_model)
+    from generator.data.wording import read_wording
+    from generator.paths import shipped
+
+    wording = read_wording(shipped(model_path or cfg.train.out))  # a model trained on reports words prompts as they do
+    reasoner = build_reasoner(cfg, retriever, drawable_findings(cfg, wording), chat_model)
     generator = verifier = None
     if draw:
         started = time.perf_counter()
@@ -163,7 +170,7 @@ def build_agent(cfg, model_path: str | None = None, draw: bool = True, traces: s
         verifier = build_verifier(cfg, device)
         timings["verifier"] = time.perf_counter() - started
     saver = open_checkpointer(traces or cfg.agents.traces) if traces != "" else None
-    graph = build_graph(reasoner, generator, verifier, saver, cfg.agents, cfg.data.modalities)
+    graph = build_graph(reasoner, generator, verifier, saver, cfg.agents, cfg.data.modalities, wording)
     return Agent(cfg, graph, reasoner, generator, verifier, saver, timings)
 
 

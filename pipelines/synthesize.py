@@ -123,14 +123,15 @@ class Slot:
         return {"index": self.index, "origin": self.origin, **self.request.to_dict()}
 
 
-def read_spec(path: str | os.PathLike, cfg, seed: int) -> list[Slot]:
-    """The spec at ``path`` (``.csv``, or ``.yaml``/``.yml``) expanded into slots; the first bad line is a :class:`SpecError`."""
+def read_spec(path: str | os.PathLike, cfg, seed: int, wording: dict | None = None) -> list[Slot]:
+    """The spec at ``path`` (``.csv``, or ``.yaml``/``.yml``) expanded into slots; the first bad line is a :class:`SpecError`.
+    ``wording``: the model's caption words (its wording.json), in which CSV requests are composed."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"spec {path} not found: give a CSV (text,modality,n) or a YAML mix")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        requests = read_csv_spec(path, cfg)
+        requests = read_csv_spec(path, cfg, wording)
     elif suffix in (".yaml", ".yml"):
         requests = read_mix_spec(path, cfg, seed)
     else:
@@ -141,18 +142,18 @@ def read_spec(path: str | os.PathLike, cfg, seed: int) -> list[Slot]:
 
 
 # -------------------------------------------------------------------------------- CSV rows
-def read_csv_spec(path: Path, cfg) -> list[tuple[Any, str]]:
+def read_csv_spec(path: Path, cfg, wording: dict | None = None) -> list[tuple[Any, str]]:
     """Rows ``text,modality,n``: each row's text read once, repeated ``n`` times in file order."""
     from generator.data.sources import csv_encoding, csv_read_error
 
     try:
         with open(path, newline="", encoding=csv_encoding(path)) as f:
-            return _csv_spec_rows(path, csv.reader(f), cfg)
+            return _csv_spec_rows(path, csv.reader(f), cfg, wording)
     except (UnicodeError, csv.Error) as exc:
         raise UserError(csv_read_error(path, exc, "spec")) from None
 
 
-def _csv_spec_rows(path: Path, reader, cfg) -> list[tuple[Any, str]]:
+def _csv_spec_rows(path: Path, reader, cfg, wording: dict | None = None) -> list[tuple[Any, str]]:
     from generator.modalities import resolve_modality
 
     out: list[tuple[Any, str]] = []
@@ -190,7 +191,8 @@ def _csv_spec_rows(path: Path, reader, cfg) -> list[tuple[Any, str]]:
                 from .agent import finding_reader
 
                 findings_reader = finding_reader(cfg, progress=False)
-            request = text_request(cells["text"], modality, cfg.agents.default_severity, findings_reader, label_names(modality, cfg))
+            request = text_request(cells["text"], modality, cfg.agents.default_severity, findings_reader, label_names(modality, cfg),
+                                   wording)
         except UserError as exc:
             raise SpecError(path, line, "text", str(exc)) from None
         out += [(request, f"{path.name}:{line}")] * n
@@ -198,18 +200,19 @@ def _csv_spec_rows(path: Path, reader, cfg) -> list[tuple[Any, str]]:
 
 
 def label_names(modality: str, cfg) -> list[str] | None:
-    """The reader's vocabulary: None (the phantom catalogue), else the reward classifier's labels (real-data modalities)."""
+    """What a request may ask for: the profile's reward classifier's labels (the phantom catalogue for the default
+    profile, the datasets' labels for the real one); None (the phantom catalogue) where it has no classifier."""
+    from generator.paths import shipped
     from generator.phantoms import PHANTOM_MODULES
 
-    if modality in PHANTOM_MODULES:
-        return None
-    from generator.paths import shipped
-
     meta = shipped(Path(cfg.judges.classifier.out) / "reward" / modality / "metadata.json")
-    return json.loads(meta.read_text()).get("label_names", []) if meta.is_file() else []
+    if meta.is_file():
+        return json.loads(meta.read_text()).get("label_names", [])
+    return None if modality in PHANTOM_MODULES else []
 
 
-def text_request(text: str, modality: str, default_severity: str | None, reader, labels: Sequence[str] | None = None):
+def text_request(text: str, modality: str, default_severity: str | None, reader, labels: Sequence[str] | None = None,
+                 wording: dict | None = None):
     """A free-text request as an ImagePrompt, read by the graph's reader (:class:`agents.reader.FindingReader`):
     the findings it states present, with the severity, side and location the graph reads for them, and those it
     states absent; composed by the graph's :func:`agents.prompts.compose_prompt`. ``labels``: the findings that
@@ -245,7 +248,8 @@ def text_request(text: str, modality: str, default_severity: str | None, reader,
         findings.append({"name": name, "present": False, "severity": None, "laterality": None, "location": None,
                          "stated": name in stated})
     composed = compose_prompt({"text": text}, {"findings": [{k: v for k, v in f.items() if k != "stated"} for f in findings
-                                                            if f["stated"]]}, modality, default_severity=default_severity)
+                                                            if f["stated"]]}, modality, default_severity=default_severity,
+                              wording=wording)
     # the severity the composition assumed is part of what was asked for
     chosen = {f["name"]: f.get("severity") for f in composed["findings"]}
     findings = [{**f, "severity": chosen.get(f["name"], f["severity"]) if f["present"] else None} for f in findings]
@@ -1136,12 +1140,13 @@ def synthesize(
 
     Under ``accelerate launch`` each process draws its shard and rank 0 merges them (see the module docstring): rank 0
     returns the run's summary, the other ranks their shard's :class:`DrawSummary` with ``rank`` and ``processes``."""
+    from generator.data.wording import read_wording
     from generator.paths import shipped
 
     sc = cfg.synthesize
     spec_path = Path(spec_path)
-    slots = read_spec(spec_path, cfg, sc.seed)  # bad input fails here, before anything heavy is loaded
     model_dir = str(shipped(model_dir or cfg.train.out))  # the shipped model is found from any working folder
+    slots = read_spec(spec_path, cfg, sc.seed, read_wording(model_dir))  # bad input fails here, before anything heavy is loaded
     model_info = model_identity(model_dir, list(cfg.sample.lora))
     identity = run_identity(spec_path, slots, cfg, model_info, sc.seed, through_graph)
     from generator.devices import device_name
