@@ -38,10 +38,37 @@ def sheet_prompts(modality: str, size: int, seed: int) -> list[tuple[str, str, n
     return out
 
 
+def manifest_sheet_prompts(rows, modality: str, data_cfg, size: int) -> list[tuple[str, str, np.ndarray]]:
+    """(label, caption, real image) for the normal study and each label stated alone present: the first such image of
+    the validation split (``:val`` / ``:test`` rows; all rows where there are none), so the sheet puts a real image
+    above what the model draws from its caption."""
+    from .data import load_row
+    from .data.transforms import RecordTransform
+
+    own = [r for r in rows if r.modality == modality]
+    held = [r for r in own if r.source.endswith((":val", ":test"))] or own
+    picks: dict[str, object] = {}
+    for r in held:
+        present = [f["name"] for f in r.findings if f.get("present", True)]
+        key = NORMAL if not present else present[0] if len(present) == 1 else None
+        if key is not None and key not in picks:
+            picks[key] = r
+    transform = RecordTransform(data_cfg.model_copy(update={"image_size": size}), as_tensor=False)
+    out = []
+    for name in sorted(picks, key=lambda n: (n != NORMAL, n)):
+        r = picks[name]
+        image = transform.image(load_row(r, transform.modalities)["image"], modality)
+        out.append((name, r.text, np.asarray(image).squeeze()))
+    return out
+
+
 def generated_contact_sheet(
     model: LatentDiffusion, out: str | os.PathLike, modalities: list[str], channels: dict[str, int],
     per_cell: int = 2, steps: int = 25, guidance: float = 4.0, seed: int = 0, sampler: str = "ddim", progress: bool = True,
+    rows=None, data_cfg=None,
 ) -> Path:
+    """``rows`` (manifest rows, with ``data_cfg``): each label's real validation image and caption head its column;
+    else each finding's phantom and report."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,7 +78,11 @@ def generated_contact_sheet(
     unknown = [m for m in modalities if m not in model.modalities]
     if unknown:
         raise UserError(f"the model has no embedding for {', '.join(unknown)}; it knows {', '.join(model.modalities)}")
-    rows = {m: sheet_prompts(m, max(size, 64), seed) for m in modalities}  # phantoms need 32 px or more
+    source = "real image" if rows is not None else "phantom"
+    if rows is not None:
+        rows = {m: manifest_sheet_prompts(rows, m, data_cfg, size) for m in modalities}
+    else:
+        rows = {m: sheet_prompts(m, max(size, 64), seed) for m in modalities}  # phantoms need 32 px or more
     columns = max(len(r) for r in rows.values())
     cell = 1.3
     n_rows = len(modalities) * (1 + per_cell)
@@ -82,11 +113,11 @@ def generated_contact_sheet(
                 if r == 0:
                     ax.set_title(cells[c][0].replace("_", " "), fontsize=7)
                 if c == 0:
-                    ax.set_ylabel(f"{modality}\nphantom" if r == 0 else f"seed {seed + 1000 * (r - 1)}",
+                    ax.set_ylabel(f"{modality}\n{source}" if r == 0 else f"seed {seed + 1000 * (r - 1)}",
                                   fontsize=7, fontweight="bold" if r == 0 else "normal")
     bar.close()
     fig.suptitle(f"synthmed generator: every modality x finding ({size} px, {sampler} {steps} steps, guidance {guidance}); "
-                 "first row of each modality: the phantom whose report is the prompt", fontsize=8)
+                 f"first row of each modality: the {source} whose report is the prompt", fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.985))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -97,4 +128,4 @@ def generated_contact_sheet(
     return out
 
 
-__all__ = ["generated_contact_sheet", "sheet_prompts"]
+__all__ = ["generated_contact_sheet", "manifest_sheet_prompts", "sheet_prompts"]

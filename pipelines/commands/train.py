@@ -63,6 +63,8 @@ def register(groups, formatter) -> None:
     c.add_argument("--steps", type=int, help="denoising steps (config: sample.steps)")
     c.add_argument("--guidance", type=float, help="classifier-free guidance scale (config: sample.guidance)")
     c.add_argument("--seed", type=int, help="config: sample.seed")
+    c.add_argument("--data", nargs="+", help="manifests whose validation images and captions head the columns (default: "
+                   "data.manifests, e.g. --config real; none: phantoms)")
     c.add_argument("--out", default="docs/generated_contact_sheet.png", help="PNG to write")
     c.set_defaults(handler=_sample_sheet)
 
@@ -222,8 +224,11 @@ def _sample_sheet(args, extra) -> int:
                   else [m for m in model.modalities if m in PHANTOM_MODULES])
     channels = {m: spec.channels for m, spec in cfg.data.modalities.items()}
     sc = cfg.sample
+    rows = _rows(cfg, args.data) if (args.data or cfg.data.manifests) else None  # real images head the columns
+    if rows is not None and not args.modalities:
+        modalities = [m for m in model.modalities if any(r.modality == m for r in rows)]
     path = generated_contact_sheet(model, args.out, modalities, channels, per_cell=args.per_cell, steps=sc.steps,
-                                   guidance=sc.guidance, seed=sc.seed, sampler=sc.sampler)
+                                   guidance=sc.guidance, seed=sc.seed, sampler=sc.sampler, rows=rows, data_cfg=cfg.data)
     print(f"contact sheet -> {path}")
     return 0
 
