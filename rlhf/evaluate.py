@@ -378,6 +378,10 @@ def model_training_images(model_dir: Path, size: int, cfg, progress: bool = True
     elif meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         manifests = [m for m in meta.get("manifests", []) if Path(m).is_file()]
+        trained = [m for m in (meta.get("config") or {}).get("data", {}).get("manifests", []) if Path(m).is_file()]
+        if not manifests and trained and meta.get("data"):
+            # trained on a profile's manifests (--config real): the rows of the splits it trained on, by their source tags
+            return read_training_images(trained, cfg, size, sources=set(meta["data"]))
         if not manifests and meta.get("data") and all(str(d).startswith("phantom") for d in meta["data"]):
             # trained on phantoms: draw the same set again (seeded, so identical) where it is not on disk
             from generator.config import PhantomConfig
@@ -390,10 +394,11 @@ def model_training_images(model_dir: Path, size: int, cfg, progress: bool = True
 
 
 def read_training_images(manifests: list[str], cfg, size: int, modalities: list[str] | None = None, limit: int | None = None,
-                         first_wins: bool = False) -> dict:
+                         first_wins: bool = False, sources: set[str] | None = None) -> dict:
     """Images of ``manifests`` per modality at ``size`` pixels, (N, 3, size, size) in [-1, 1], for the
     memorisation check: every modality (or ``modalities``), at most ``limit`` images each; with
-    ``first_wins`` a modality is taken from the first manifest that has it, else from all of them."""
+    ``first_wins`` a modality is taken from the first manifest that has it, else from all of them; with
+    ``sources`` only rows of those source tags (a model's training splits, e.g. ``brain_tumor_mri:train``)."""
     from generator.data import iter_manifest
     from generator.data.sources import load_row
     from generator.data.transforms import RecordTransform
@@ -404,7 +409,8 @@ def read_training_images(manifests: list[str], cfg, size: int, modalities: list[
     for manifest in manifests:
         done = set(by_modality) if first_wins else set()
         for row in iter_manifest(manifest, cfg.data.modalities):
-            if row.modality in done or (modalities is not None and row.modality not in modalities):
+            if row.modality in done or (modalities is not None and row.modality not in modalities) or \
+                    (sources is not None and row.source not in sources):
                 continue
             images = by_modality.setdefault(row.modality, [])
             if limit is None or len(images) < limit:
