@@ -180,6 +180,7 @@ def compose_prompt(
     if learned is not None:  # the model's own caption words
         said = wording[modality]["present"]
         prompt = learned
+        technique = learned.split(" Findings: ")[0] if " Findings: " in learned else technique
         negative_parts = [p for p in [base_negative.strip()] if p]
         negative_parts += [said[n] + "." for n in dict.fromkeys([f["name"] for f in absent] + list(emphasis.negative_findings)) if n in said]
         normal = caption(wording, modality, [], []) if emphasis.normal_negative and present else None
