@@ -63,6 +63,10 @@ def test_the_wheel_ships_profiles_and_weights_and_imports_from_site_packages(ins
     assert "configs/tiny.yaml" in names
     assert any(n.startswith("generator/weights/default/unet/") and n.endswith(".safetensors") for n in names)
     assert any(n.startswith("rlhf/weights/") and n.endswith(".safetensors") for n in names)
+    # the real profile: generator, its caption wording and model card, and every judge
+    assert {"generator/weights/real/model.json", "generator/weights/real/wording.json", "generator/weights/real/MODEL_CARD.md",
+            "rlhf/weights/real/classifiers/evaluator/cxr/model.safetensors", "rlhf/weights/real/selector/metadata.json"} <= names
+    assert any(n.startswith("rlhf/weights/real/clip/") and n.endswith(".safetensors") for n in names)
     out = _run([str(installed["python"]), "-c", "import generator, pipelines, configs; print(generator.__file__); print(configs.__file__)"],
                cwd=installed["work"]).stdout.split()
     for path in out:
@@ -74,6 +78,9 @@ def test_sample_generate_and_eval_run_from_another_folder_and_write_only_there(i
     before = {p: _files(site / p) for p in PACKAGES}
     _run([synthmed, "sample", "left pleural effusion", "--modality", "cxr", "--n", "1", "--steps", "3", "--out", "samples"], cwd=work)
     assert len(list((work / "samples").glob("*.png"))) == 1
+    _run([synthmed, "sample", "Brain MRI. Findings: intra-axial mass consistent with glioma.", "--config", "real", "--modality",
+          "brain_mri", "--n", "1", "--steps", "3", "--out", "real"], cwd=work)
+    assert len(list((work / "real").glob("*.png"))) == 1
     generated = _run([synthmed, "generate", "left pleural effusion, no pneumothorax", "--modality", "cxr", "--dry-run"], cwd=work)
     assert "pleural_effusion" in generated.stdout and "synthmed trace show" in generated.stdout
     assert (work / "data" / "kb").is_dir(), "the knowledge base is built in the workspace"
