@@ -391,10 +391,15 @@ def test_ratings_paths_are_checked(tmp_path):
 
 # ====================================================================================== 7. synthesize specs
 @pytest.fixture(scope="module")
-def synth_cfg():
+def synth_cfg(tmp_path_factory):
+    """CSV specs are read by the graph's reader on a knowledge base: one of the lexicon alone, built here once, so no
+    example pays for the build (and nothing is written into the working folder)."""
+    from knowledge.open import open_knowledge_base
     from pipelines.config import load_config
 
-    return load_config("tiny")
+    cfg = load_config("tiny", {"knowledge.index_dir": str(tmp_path_factory.mktemp("kb") / "kb"), "knowledge.case_manifests": []})
+    open_knowledge_base(cfg, progress=False)
+    return cfg
 
 
 spec_text = st.sampled_from(["Small left pleural effusion.", "Normal chest radiograph.", "No pneumothorax.",

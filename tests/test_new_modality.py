@@ -167,7 +167,9 @@ def test_train_sample_evaluate_and_generate_with_no_code_change(workdir, capsys)
     record = json.loads(capsys.readouterr().out)
     found = {f["name"]: f["present"] for f in record["findings"]}
     assert found == {"blue_white_veil": True, "milia_like_cysts": False}
-    assert "blue-white veil" in record["prompt"].lower() and record["report"]["technique"] == "dermoscopy image."
+    # the model trained on the manifest keeps its captions' wording (wording.json): the prompt and technique speak it
+    assert record["prompt"] == "Dermoscopy of a pigmented skin lesion. Findings: blue-white veil."
+    assert record["report"]["technique"] == "Dermoscopy of a pigmented skin lesion."
     assert record["images"] and all(Path(p).is_file() for p in record["images"])
     trace = main(["trace", "show", record["trace_id"], "--json", "--config", str(workdir / "profile.yaml")])
     assert trace == 0 and json.loads(capsys.readouterr().out)["stages"]["localize_anatomy"]["region"] == "skin"
