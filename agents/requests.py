@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -84,26 +85,36 @@ class PromptSampler:
     """Draws training requests per epoch and holds the fixed held-out requests of a run.
 
     ``labels``: per modality, the findings the reward classifier knows (a request asks only for what
-    a judge can check). ``cfg`` is the ``improve.prompts`` section.
+    a judge can check). ``cfg`` is the ``improve.prompts`` section. ``catalogue`` and ``wording``: for a
+    generator trained on reports, what each finding is (:func:`wording_catalogue`) and the words its captions
+    use, in which the prompts are composed; elsewhere the phantom specifications and templates.
     """
 
-    def __init__(self, cfg, labels: Mapping[str, Sequence[str]]):
+    def __init__(self, cfg, labels: Mapping[str, Sequence[str]], catalogue: Mapping[str, Mapping[str, FindingSpec]] | None = None,
+                 wording: Mapping | None = None):
         self.cfg = cfg
-        unknown = [m for m in cfg.modalities if phantom_spec(m) is None]
+        self.wording = wording  # the generator's caption words (its wording.json): the prompts are composed in them
+        # per modality, what each finding is and how a clinician words it: the model's own catalogue (a profile trained
+        # on reports, :func:`wording_catalogue`) where given, else the phantom specification
+        self.catalogue: dict[str, Mapping[str, FindingSpec]] = {m: dict(c) for m, c in (catalogue or {}).items()}
+        for m in cfg.modalities:
+            if m not in self.catalogue and phantom_spec(m) is not None:
+                self.catalogue[m] = get_spec(m).findings
+        unknown = [m for m in cfg.modalities if m not in self.catalogue]
         if unknown:
             raise UserError(f"improve.prompts.modalities: no finding catalogue for {', '.join(unknown)}; "
-                            f"known: {', '.join(sorted(m for m in labels if phantom_spec(m) is not None))}")
+                            f"known: {', '.join(sorted(m for m in labels if m in self.catalogue or phantom_spec(m) is not None))}")
         missing = [m for m in cfg.modalities if m not in labels]
         if missing:
             raise UserError(f"improve.prompts.modalities: no reward classifier for {', '.join(missing)}; "
                             "train one with `synthmed judges train classifier`")
-        for m in cfg.findings:
-            if m not in cfg.modalities:
-                raise UserError(f"improve.prompts.findings.{m}: {m!r} is not in improve.prompts.modalities ({', '.join(cfg.modalities)})")
+        for section in ("findings", "heldout"):
+            for m in getattr(cfg, section):
+                if m not in cfg.modalities:
+                    raise UserError(f"improve.prompts.{section}.{m}: {m!r} is not in improve.prompts.modalities ({', '.join(cfg.modalities)})")
         self.findings: dict[str, list[str]] = {}
         for m in cfg.modalities:
-            spec = get_spec(m)
-            known = [f for f in spec.findings if f in set(labels[m])]
+            known = [f for f in self.catalogue[m] if f in set(labels[m])]
             chosen = list(cfg.findings.get(m, known))
             bad = [f for f in chosen if f not in known]
             if bad:
@@ -119,23 +130,31 @@ class PromptSampler:
         for m in cfg.modalities:
             singles = [(f,) for f in self.findings[m]]
             pairs = [tuple(sorted(p)) for p in combinations(self.findings[m], 2) if self._compatible(m, p)] if cfg.max_findings >= 2 else []
-            held: list[tuple[str, ...]] = []
-            rng = _rng(cfg.seed, "heldout-combinations", m)
-            for group in (singles, pairs):
-                n = int(round(len(group) * cfg.heldout_fraction))
-                if group is singles and len(singles) > 1:
-                    n = max(1, min(n, len(singles) - 1))  # every modality keeps a single held out and one to train on
-                held += [group[i] for i in sorted(rng.permutation(len(group))[:n])]
+            if m in cfg.heldout:
+                held = [self._named_combination(m, c, singles + pairs) for c in cfg.heldout[m]]
+            else:
+                held = []
+                rng = _rng(cfg.seed, "heldout-combinations", m)
+                for group in (singles, pairs):
+                    n = int(round(len(group) * cfg.heldout_fraction))
+                    if group is singles and len(singles) > 1:
+                        n = max(1, min(n, len(singles) - 1))  # every modality keeps a single held out and one to train on
+                    held += [group[i] for i in sorted(rng.permutation(len(group))[:n])]
             self.heldout_combos[m] = held
             self.train_combos[m] = [c for c in singles + pairs if c not in held]
             if cfg.max_findings == 0:
                 self.train_combos[m] = []
 
+    def _named_combination(self, modality: str, name: str, allowed: list[tuple[str, ...]]) -> tuple[str, ...]:
+        combo = tuple(sorted(n.strip() for n in str(name).split("+")))
+        if combo not in allowed:
+            raise UserError(f"improve.prompts.heldout.{modality}: {name!r} is not a combination requests may ask for; "
+                            f"choose from {', '.join('+'.join(c) for c in allowed)}")
+        return combo
+
     # -- combinations -----------------------------------------------------------------------
-    @staticmethod
-    def _compatible(modality: str, pair: Sequence[str]) -> bool:
-        spec = get_spec(modality)
-        a, b = (spec.findings[n] for n in pair)
+    def _compatible(self, modality: str, pair: Sequence[str]) -> bool:
+        a, b = (self.catalogue[modality][n] for n in pair)
         return b.name not in a.excludes and a.name not in b.excludes
 
     def combination_keys(self, split: str) -> set[str]:
@@ -149,13 +168,13 @@ class PromptSampler:
         """A request for ``present`` findings of ``modality`` with attributes and negatives drawn by ``rng``: severity
         grades weighted by ``severities`` (default: the config's), sides uniformly or weighted by ``sides`` (a side of
         weight 0 is not drawn where the finding has another), ``negatives`` pertinent negatives (default: the config's)."""
-        spec = get_spec(modality)
+        specs = self.catalogue[modality]
         severities = self.cfg.severities if severities is None else severities
         grades = list(severities)
         weights = np.array([severities[g] for g in grades], dtype=float)
         findings = []
         for name in present:
-            fspec = spec.findings[name]
+            fspec = specs[name]
             severity = _grade(fspec, grades[rng.choice(len(grades), p=weights / weights.sum())])
             side = None
             if fspec.sides and sides is None:
@@ -185,23 +204,22 @@ class PromptSampler:
         stated = [f for f in findings if f["stated"]]
         request = self._clinician_text(modality, stated, rng, normal=not present)
         composed = compose_prompt({"text": request}, {"findings": [{k: v for k, v in f.items() if k != "stated"} for f in stated]},
-                                  modality, default_severity=None)
+                                  modality, default_severity=None, wording=self.wording)
         return ImagePrompt(modality, request, composed["prompt"], composed["negative"], tuple(findings),
                            combination_key(modality, present))
 
-    @staticmethod
-    def _implied(modality: str, findings: list[dict]) -> set[str]:
+    def _implied(self, modality: str, findings: list[dict]) -> set[str]:
         """Findings the present ones are drawn with and their phrases name (``FindingSpec.implies``): never stated absent
         beside them. Structured, not read from the phrases; tests/test_parse.py checks the graph's reader agrees."""
-        spec = get_spec(modality)
-        return {name for f in findings if f["present"] and f["name"] in spec.findings for name in spec.findings[f["name"]].implies}
+        specs = self.catalogue[modality]
+        return {name for f in findings if f["present"] and f["name"] in specs for name in specs[f["name"]].implies}
 
     def _clinician_text(self, modality: str, findings: list[dict], rng: np.random.Generator, normal: bool = False) -> str:
         """How a clinician might write the request: synonyms, the spec's severity words, negatives last."""
-        spec = get_spec(modality)
+        specs = self.catalogue[modality]
         parts = ["Normal study."] if normal else []
         for f in findings:
-            fspec = spec.findings[f["name"]]
+            fspec = specs[f["name"]]
             terms = [t for t in fspec.terms if not t.isupper()] or list(fspec.terms)
             if not f["present"]:
                 parts.append(f"No {terms[int(rng.integers(len(terms)))]}.")
@@ -259,6 +277,32 @@ class PromptSampler:
         return out
 
 
+def wording_catalogue(wording: Mapping, modality: str, concepts: Iterable[Any] = ()) -> dict[str, FindingSpec]:
+    """What requests of ``modality`` may ask for when its generator was trained on reports (the real profile): the
+    labels its ``wording.json`` words, each worded by the lexicon's term and synonyms (``concepts``, the knowledge
+    base's; else the label's own name), graded by the grades the captions word (``label|grade``, mildest first
+    alphabetically: mild < moderate < severe, non_proliferative < proliferative), and drawn together only with the
+    labels its training images show with it (``together``).
+
+    The graph composes the generator's prompt from these requests in the captions' own words
+    (:func:`agents.prompts.compose_prompt` with the wording)."""
+    w = wording[modality]
+    names = [k for k in w["present"] if "|" not in k]
+    together = {tuple(sorted(p.split("+"))) for p in w.get("together", [])}
+    by_id = {c.id: c for c in concepts if getattr(c, "kind", "") == "finding" and (not c.modalities or modality in c.modalities)}
+    out = {}
+    for name in names:
+        concept = by_id.get(name)
+        terms = [concept.term, *concept.synonyms] if concept else [name.replace("_", " ")]
+        grades = sorted(k.split("|", 1)[1] for k in w["present"] if k.startswith(name + "|"))
+        out[name] = FindingSpec(
+            name=name, terms=tuple(dict.fromkeys(t for t in terms if t and not t.isupper())),
+            templates=("{severity} {term}",), severities=tuple(grades),
+            severity_words={g: (g.replace("_", "-"),) for g in grades},
+            excludes=tuple(o for o in names if o != name and tuple(sorted((name, o))) not in together))
+    return out
+
+
 def _pick(options: Sequence[str], rng: np.random.Generator) -> str:
     return options[int(rng.integers(len(options)))] if options else ""
 
@@ -275,4 +319,4 @@ def load_prompts(path: str | Path) -> list[ImagePrompt]:
     return prompts
 
 
-__all__ = ["ImagePrompt", "NORMAL", "PromptSampler", "combination_key", "load_prompts", "save_prompts"]
+__all__ = ["ImagePrompt", "NORMAL", "PromptSampler", "combination_key", "load_prompts", "save_prompts", "wording_catalogue"]

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from generator.errors import UserError
+from generator.paths import shipped
 from generator.fileio import append_whole, atomic_folder, json_default, write_json_atomic
 from generator.runlock import RunFolderInUseError, RunLock
 from rlhf.trainer import NonFiniteError, sample_seed
@@ -219,7 +220,7 @@ def build_parts(cfg: SynthmedConfig, device: str = "cpu", progress: bool = True,
         add_lora(model.unet, lora_spec(cfg.lora), "default")
     reward = build_reward(ic.reward, cfg.judges, ic.prompts.modalities, device=device)
     labels = {m: c.label_names for m, c in reward.finding_scorer.classifiers.items()}
-    sampler = PromptSampler(ic.prompts, labels)
+    sampler = PromptSampler(ic.prompts, labels, *request_catalogue(cfg, base, ic.prompts.modalities))
     unknown = [m for m in ic.prompts.modalities if m not in model.modalities]
     if unknown:
         raise UserError(f"improve.prompts.modalities: the generator at {base} has no embedding for {', '.join(unknown)}; it knows "
@@ -230,17 +231,41 @@ def build_parts(cfg: SynthmedConfig, device: str = "cpu", progress: bool = True,
     judges = reference = None
     train_images: dict = {}
     if load_eval:
-        from rlhf.evaluate import load_judges
+        from rlhf.evaluate import load_judges, manifest_cases, model_training_images, read_training_images
         from rlhf.heldout import ReferenceSet
 
-        judges = load_judges(cfg.judges, ic.prompts.modalities, device=device)
-        reference = ReferenceSet(judges, ic.prompts.modalities, model.cfg.image_size, ic.eval.reference_per_finding, cfg.judges.eval.seed)
-        present = [m for m in cfg.agents.verifier.training_data if Path(m).is_file()]
-        if present:
-            from rlhf.evaluate import read_training_images
-
-            train_images = read_training_images(present, cfg, model.cfg.image_size, list(ic.prompts.modalities), limit=300, first_wins=True)
+        mods, size = list(ic.prompts.modalities), model.cfg.image_size
+        judges = load_judges(cfg.judges, mods, device=device)
+        if cfg.data.manifests:  # a profile of real images: its validation rows are the real side, its training splits memorised against
+            missing = [m for m in cfg.data.manifests if not Path(m).is_file()]
+            if missing:
+                raise UserError(f"{missing[0]} not found: the held-out evaluation compares with the profile's real images; "
+                                "build its manifests with `synthmed data meddata`")
+            cases = manifest_cases(list(cfg.data.manifests), cfg.data, size, mods, 8 * ic.eval.reference_per_finding, cfg.judges.eval.seed)
+            reference = ReferenceSet(judges, mods, size, ic.eval.reference_per_finding, cfg.judges.eval.seed, cases=cases)
+            train_images = model_training_images(shipped(base), size, cfg, progress=progress)  # all of them: ~10 s
+        else:
+            reference = ReferenceSet(judges, mods, size, ic.eval.reference_per_finding, cfg.judges.eval.seed)
+            present = [m for m in cfg.agents.verifier.training_data if Path(m).is_file()]
+            if present:
+                train_images = read_training_images(present, cfg, size, mods, limit=300, first_wins=True)
     return Parts(model, sampler, reward, judges, reference, train_images, threshold)
+
+
+def request_catalogue(cfg: SynthmedConfig, base: str | Path, modalities: Sequence[str]) -> tuple[dict, dict | None]:
+    """(catalogue, wording): per modality, what the loop's requests may ask for and the words prompts are composed in.
+    For a generator trained on reports (its ``wording.json``, the real profile): the labels its captions word, in the
+    lexicon's terms, and that wording; elsewhere ({}, None): the phantom catalogue and templates."""
+    from agents.requests import wording_catalogue
+    from generator.data.wording import read_wording
+
+    wording = read_wording(shipped(base))
+    if not wording:
+        return {}, None
+    from knowledge.open import lexicon_for
+
+    concepts = lexicon_for(cfg)
+    return {m: wording_catalogue(wording, m, concepts) for m in modalities if m in wording}, wording
 
 
 # -- reward-hacking guard -------------------------------------------------------------------------

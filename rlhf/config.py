@@ -157,6 +157,7 @@ class PromptsConfig(Section):
     severities: dict[str, float] = {"mild": 0.2, "moderate": 0.4, "severe": 0.4}  # relative frequency of each grade asked for
     negatives: int = Field(1, ge=0, le=3)  # pertinent negatives ("no pneumothorax") stated per request
     heldout_fraction: float = Field(0.3, gt=0, lt=1)  # share of each modality's finding combinations (singles and pairs) kept for the held-out set
+    heldout: dict[str, list[str]] = {}  # per modality, the held-out combinations named ("glioma", "a+b"); absent modality: drawn with heldout_fraction
     heldout_per_modality: int = Field(8, ge=1)  # held-out prompts per modality (fixed per run)
     seed: int = Field(0, ge=0)  # which combinations are held out, and the held-out prompts' wording
 
@@ -233,7 +234,7 @@ class HeldoutConfig(Section):
     images_per_prompt: int = Field(2, ge=1)  # images per held-out prompt (MS-SSIM within a prompt needs 2)
     steps: int = Field(10, ge=1)  # DDIM steps (eta 0)
     seed: int = Field(1234, ge=0)  # image i of prompt p uses seed + 1000 p + i, every evaluation alike
-    reference_per_finding: int = Field(6, ge=2)  # fresh phantoms per (modality, finding) as the real side of the FD, at judges.eval.seed
+    reference_per_finding: int = Field(6, ge=2)  # fresh phantoms per (modality, finding) as the real side of the FD, at judges.eval.seed (a profile of real images: 8x this validation images per modality)
 
 
 class GuardConfig(Section):

@@ -4,7 +4,8 @@ evaluator classifier (which never enters a reward) and the measures of ``synthme
 Image ``i`` of held-out prompt ``p`` starts from seed ``seed + p * images_per_prompt + i`` and DDIM
 runs with eta 0, so every evaluation of a run (and of the base model) sees the same noise: differences
 between evaluations are the adapter's doing. The real side of the Fréchet distance is a fresh phantom
-set drawn with the evaluation seed (never trained on).
+set drawn with the evaluation seed (never trained on), or, for a profile of real images (``--config real``),
+its data's validation rows (:func:`rlhf.evaluate.manifest_cases`).
 """
 
 from __future__ import annotations
@@ -29,12 +30,18 @@ HEADLINE = ("all_requested_shown", "requested_shown", "finding_accuracy", "all_f
 
 
 class ReferenceSet:
-    """Per modality the real side: evaluator features of a fresh phantom set (and its images)."""
+    """Per modality the real side: evaluator features of a fresh phantom set (and its images), or of ``cases``
+    (real images, :func:`rlhf.evaluate.manifest_cases`)."""
 
-    def __init__(self, judges: Judges, modalities: Sequence[str], size: int, per_finding: int, seed: int):
+    def __init__(self, judges: Judges, modalities: Sequence[str], size: int, per_finding: int, seed: int,
+                 cases: Sequence[Any] | None = None):
         self.images: dict[str, torch.Tensor] = {}
         self.features: dict[str, np.ndarray] = {}
-        cases = phantom_cases(list(modalities), size, per_finding, seed)
+        cases = list(cases) if cases is not None else phantom_cases(list(modalities), size, per_finding, seed)
+        missing = sorted(set(modalities) - {c.modality for c in cases})
+        if missing:
+            raise UserError(f"the reference images hold no {', '.join(missing)} image: add its manifest to data.manifests "
+                            "or leave it out of improve.prompts.modalities")
         by_modality = defaultdict(list)
         for c in cases:
             by_modality[c.modality].append(c.image)

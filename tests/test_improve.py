@@ -198,6 +198,8 @@ def test_bad_input_gives_one_clear_error_and_exit_code_2(base_model, tmp_path, c
     assert "unknown modality 'petct'" in run(settings(base_model, **{"improve.prompts.modalities": ["cxr", "petct"]}))
     assert "unknown finding(s) fracture" in run(settings(base_model, **{"improve.prompts.findings": {"cxr": ["fracture"]}}))
     assert "no held-out finding combination for oct" in run(settings(base_model, **{"improve.prompts.findings": {"oct": ["drusen"]}}))
+    assert "improve.prompts.heldout.oct: 'fracture' is not a combination" in run(settings(base_model, **{"improve.prompts.heldout": {"oct": ["fracture"]}}))
+    assert "improve.prompts.heldout.petct: 'petct' is not in improve.prompts.modalities" in run(settings(base_model, **{"improve.prompts.heldout": {"petct": ["x"]}}))
     assert "the wandb package is not installed" in run(base, "--report-to", "wandb")
     # resume with another config, another LoRA rank
     profile = write_profile(tmp_path, base, "ok.yaml")

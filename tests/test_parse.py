@@ -395,6 +395,44 @@ def test_the_loops_requests_read_the_same_by_every_reader(reasoner):
     assert not disagreements, disagreements[:5]
 
 
+def test_the_real_profiles_requests_read_the_same(reasoner):
+    """The loop's requests for the real generator (its wording.json's labels, worded by the lexicon's terms, composed in
+    the captions' words): the graph reads the clinician's words as the expectation, and the composed prompt never
+    contradicts it (a model's normal caption may deny fewer findings than the request: "no radiographic evidence of
+    pneumonia")."""
+    import json
+
+    from agents.reader import FindingReader
+    from agents.requests import PromptSampler, wording_catalogue
+    from generator.paths import shipped
+    from knowledge.lexicon import load_lexicon
+    from pipelines.config import load_config
+
+    wording = json.loads((shipped("generator/weights/real") / "wording.json").read_text(encoding="utf-8"))
+    concepts = load_lexicon()
+    catalogue = {m: wording_catalogue(wording, m, concepts) for m in wording}
+    labels = {m: list(c) for m, c in catalogue.items()}
+    cfg = load_config("real").improve.prompts.model_copy(update={"modalities": sorted(wording), "heldout": {}})
+    sampler = PromptSampler(cfg, labels, catalogue, wording)
+    assert sampler.train_combos["fundus"] and ("diabetic_macular_edema", "diabetic_retinopathy") in \
+        sampler.train_combos["fundus"] + sampler.heldout_combos["fundus"]  # seen together in its training images
+    assert not any(len(c) == 2 for c in sampler.train_combos["brain_mri"] + sampler.heldout_combos["brain_mri"])  # never together
+    reader = FindingReader(reasoner)
+    items = sampler.draw(120, epoch=1, seed=0) + sampler.heldout()
+    disagreements = []
+    for item in items:
+        assert " Findings: " in item.prompt and item.prompt.startswith(tuple(wording[item.modality]["technique"].values()))
+        want = {f["name"]: f["present"] for f in item.findings if f["stated"]} if item.present else item.expected
+        got = reader.expected(item.request, item.modality, labels[item.modality])
+        if got != want:
+            disagreements.append(("request", item.request, got, want))
+        got = reader.expected(item.prompt, item.modality, labels[item.modality])
+        if any(got.get(name, present) != present for name, present in item.expected.items()) or \
+                not all(got.get(name) for name in item.present):
+            disagreements.append(("prompt", item.prompt, got, item.expected))
+    assert not disagreements, disagreements[:5]
+
+
 def test_every_caller_reads_the_parse_corpus_the_same(reasoner, corpus):
     """One reader of findings: for every request of the parse corpus, the graph (its pathology stage, then what the
     verifier checks), a finding scorer given prompts alone, and `synthmed synthesize` reading a CSV spec state the

@@ -10,7 +10,9 @@ glioma.") keeps in ``wording.json`` beside its weights how its captions say each
 - per label (and per label and severity), the statement that says it present ("intra-axial mass
   consistent with glioma") and, where the reports have one, the statement that says it absent ("no
   intracranial tumour");
-- per modality, the statements of a normal study ("no diabetic macular oedema; no diabetic retinopathy").
+- per modality, the statements of a normal study ("no diabetic macular oedema; no diabetic retinopathy");
+- per modality, the pairs of labels its images show together (``together``: "diabetic_macular_edema+diabetic_retinopathy"),
+  so that requests ask only for combinations the model has seen.
 
 Learned from the rows' structured findings, never from reading the text for findings: a statement is
 taken only from rows whose findings pair one to one with the statements (present findings with the
@@ -45,14 +47,16 @@ def _split(text: str) -> tuple[str, list[str]] | None:
     return technique.strip(), statements
 
 
-def learn_wording(rows: Iterable[ManifestRow]) -> dict:
+def learn_wording(rows: Iterable[ManifestRow], min_together: int = 5) -> dict:
     """``{modality: {"technique": {key: sentence}, "present": {label: statement}, "absent": {label: statement},
-    "normal": statement}}``, the most frequent of each; technique keys are ``label``, ``label|side``, ``normal``
-    and ``*`` (any)."""
+    "normal": statement, "together": ["a+b", ...]}}``, the most frequent of each; technique keys are ``label``,
+    ``label|side``, ``normal`` and ``*`` (any); ``together`` holds the label pairs present in at least
+    ``min_together`` rows."""
     techniques: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
     present: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
     absent: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
     normal: dict[str, Counter] = defaultdict(Counter)
+    together: dict[str, Counter] = defaultdict(Counter)
     for row in rows:
         parts = _split(row.text)
         if parts is None:
@@ -64,6 +68,8 @@ def learn_wording(rows: Iterable[ManifestRow]) -> dict:
         affirm = [s for s in statements if not s.lower().startswith("no ")]
         deny = [s for s in statements if s.lower().startswith("no ")]
         techniques[m]["*"][technique] += 1
+        names = sorted({f["name"] for f in yes})
+        together[m].update(f"{a}+{b}" for i, a in enumerate(names) for b in names[i + 1:])
         for f in yes:
             techniques[m][f["name"]][technique] += 1
             if f.get("side"):
@@ -91,6 +97,7 @@ def learn_wording(rows: Iterable[ManifestRow]) -> dict:
                   "absent": {k: top(c) for k, c in sorted(absent[m].items())}}
         if normal[m]:
             out[m]["normal"] = top(normal[m])
+        out[m]["together"] = sorted(pair for pair, n in together[m].items() if n >= min_together)
     return out
 
 
