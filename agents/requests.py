@@ -6,9 +6,14 @@ severity, side and location): the one reader of what a prompt asks for. The rewa
 the held-out evaluation all take it from here and never parse the text again.
 
 Finding combinations (the normal study, each finding alone, each compatible pair) are split per
-modality into training and held-out sets with a seed: the held-out prompts differ from the training
-prompts by *combination*, not only by wording. The normal study always trains (it requests nothing,
-so it cannot measure "shows every requested finding").
+modality into training and held-out sets with a seed, or as ``improve.prompts.heldout`` names them: the
+held-out prompts differ from the training prompts by *combination*, not only by wording. The normal
+study always trains (it requests nothing, so it cannot measure "shows every requested finding").
+
+What a modality's findings are comes from the phantom specifications, or, for a generator trained on
+reports (the real profile), from its ``wording.json`` (:func:`wording_catalogue`): the labels its
+captions word, in the lexicon's terms, paired only where its training images show them together; the
+prompts are then composed in the captions' own words.
 """
 
 from __future__ import annotations

@@ -378,7 +378,9 @@ def model_training_images(model_dir: Path, size: int, cfg, progress: bool = True
     elif meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         manifests = [m for m in meta.get("manifests", []) if Path(m).is_file()]
-        trained = [m for m in (meta.get("config") or {}).get("data", {}).get("manifests", []) if Path(m).is_file()]
+        # where its training rows are: the manifests it was trained from, else (another folder, a fresh clone) the profile's
+        trained = [m for m in (meta.get("config") or {}).get("data", {}).get("manifests", []) if Path(m).is_file()] or \
+            [m for m in cfg.data.manifests if Path(m).is_file()]
         if not manifests and trained and meta.get("data"):
             # trained on a profile's manifests (--config real): the rows of the splits it trained on, by their source tags
             return read_training_images(trained, cfg, size, sources=set(meta["data"]))

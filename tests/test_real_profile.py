@@ -66,3 +66,60 @@ def test_config_real_without_its_model_names_the_command_that_makes_it(tmp_path,
                  "--model", str(tmp_path / "absent"), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "synthmed train default --config" in err and len(err.strip().splitlines()) == 1
+
+
+def _real_profile(meddata: Path, tmp_path: Path, **tree) -> Path:
+    """The real profile on manifests built here from ../shared/meddata (a fresh clone has none under data/)."""
+    import yaml
+
+    out = tmp_path / "manifests"
+    assert main(["data", "meddata", "--root", str(meddata), "--out", str(out)]) == 0
+    names = ["nih_cxr14_64", "kermany_pediatric_cxr", "chest_ct_iqothnccd", "brain_tumor_mri", "oct_fundus_dme_dr"]
+    profile = tmp_path / "real_here.yaml"
+    profile.write_text(yaml.safe_dump({"extends": "real", "data": {"manifests": [str(out / f"{n}.csv") for n in names]}, **tree}))
+    return profile
+
+
+@pytest.mark.slow
+def test_the_loop_runs_on_the_real_profile_in_its_words_against_real_images(meddata, tmp_path, capsys):
+    """`synthmed improve --config real`: requests over the real reward classifier's labels, prompts in the real captions'
+    words, the named held-out combinations, and held-out measures against the real validation images and training splits."""
+    profile = _real_profile(meddata, tmp_path, improve={
+        "prompts": {"heldout_per_modality": 1},
+        "ddpo": {"epochs": 1, "prompts_per_epoch": 5, "images_per_prompt": 2, "steps": 2, "sample_batch_size": 10,
+                 "train_batch_size": 10, "grad_accum_steps": 1, "timestep_fraction": 0.5},
+        "selection": {"enabled": False},
+        "eval": {"every": 1, "images_per_prompt": 2, "steps": 2, "reference_per_finding": 2},
+        "report_to": "none"})
+    run = tmp_path / "run"
+    assert main(["improve", "--config", str(profile), "--run-dir", str(run), "--no-progress", "--improve.num_threads=1"]) == 0
+    capsys.readouterr()
+    wording = json.loads((GENERATOR / "wording.json").read_text())
+    held = [json.loads(line) for line in (run / "heldout_prompts.jsonl").read_text().splitlines()]
+    named = load_config("real").improve.prompts.heldout
+    assert {p["modality"]: p["key"].split(":")[1] for p in held} == {m: c[0] for m, c in named.items()}
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    for item in held + samples:
+        techniques = tuple(wording[item["modality"]]["technique"].values())
+        assert item["prompt"].startswith(techniques), item["prompt"]  # the real captions' words, not the phantom templates
+        assert item["key"] not in {p["key"] for p in held} or item in held  # held-out combinations never train
+    evals = [r for r in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()) if r.get("kind") == "eval"]
+    assert [e["epoch"] for e in evals] == [0, 1]
+    for row in evals[0]["per_modality"].values():
+        assert np.isfinite(row["fd"]) and row["memorised_share"] is not None  # against real validation and training images
+
+
+@pytest.mark.slow
+def test_eval_config_real_takes_any_manifest_of_real_images(meddata, tmp_path, capsys):
+    """`synthmed eval --config real --data MANIFEST`: a user's own held-out set, here one dataset's manifest."""
+    profile = _real_profile(meddata, tmp_path)
+    capsys.readouterr()
+    manifest = tmp_path / "manifests" / "chest_ct_iqothnccd.csv"
+    out = tmp_path / "runs"
+    assert main(["eval", "--config", str(profile), "--data", str(manifest), "--prompts", "2", "--n-per-prompt", "2",
+                 "--steps", "2", "--run.runs_dir", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result["modalities"]) == ["chest_ct"] and result["data"] == [str(manifest)]
+    generated = result["modalities"]["chest_ct"]["generated"]
+    assert np.isfinite(generated["fd"]) and generated["memorised_share"] is not None
+    assert (Path(result["run"]) / "eval.md").is_file()
