@@ -149,6 +149,11 @@ class PromptSampler:
             self.train_combos[m] = [c for c in singles + pairs if c not in held]
             if cfg.max_findings == 0:
                 self.train_combos[m] = []
+        # findings only the held-out combinations ask for (a modality with few labels: chest CT's one, the brain's three
+        # exclusive tumours): training requests neither ask for them nor deny them, else the reward would teach the
+        # model not to draw what the held-out prompts ask for ("No lung cancer" in every training request)
+        self.heldout_only: dict[str, set[str]] = {
+            m: {f for c in self.heldout_combos[m] for f in c} - {f for c in self.train_combos[m] for f in c} for m in cfg.modalities}
 
     def _named_combination(self, modality: str, name: str, allowed: list[tuple[str, ...]]) -> tuple[str, ...]:
         combo = tuple(sorted(n.strip() for n in str(name).split("+")))
@@ -169,10 +174,12 @@ class PromptSampler:
 
     # -- one request ------------------------------------------------------------------------
     def make(self, modality: str, present: Sequence[str], rng: np.random.Generator, severities: Mapping[str, float] | None = None,
-             sides: Mapping[str, float] | None = None, negatives: int | None = None) -> ImagePrompt:
+             sides: Mapping[str, float] | None = None, negatives: int | None = None, unasked: Iterable[str] = ()) -> ImagePrompt:
         """A request for ``present`` findings of ``modality`` with attributes and negatives drawn by ``rng``: severity
         grades weighted by ``severities`` (default: the config's), sides uniformly or weighted by ``sides`` (a side of
-        weight 0 is not drawn where the finding has another), ``negatives`` pertinent negatives (default: the config's)."""
+        weight 0 is not drawn where the finding has another), ``negatives`` pertinent negatives (default: the config's);
+        the ``unasked`` findings are neither denied nor expected absent (a normal study says nothing of them)."""
+        unasked = set(unasked)
         specs = self.catalogue[modality]
         severities = self.cfg.severities if severities is None else severities
         grades = list(severities)
@@ -196,18 +203,22 @@ class PromptSampler:
         implied = self._implied(modality, findings)
         for name in sorted(implied - set(present)):  # asked for by the phrase that names it, so expected: never stated apart
             findings.append({"name": name, "present": True, "severity": None, "laterality": None, "location": None, "stated": False})
-        candidates = [n for n in self.findings[modality] if n not in present and n not in implied]
+        candidates = [n for n in self.findings[modality] if n not in present and n not in implied and n not in unasked]
         n_neg = min(self.cfg.negatives if negatives is None else negatives, len(candidates))
         negated = [candidates[i] for i in sorted(rng.permutation(len(candidates))[:n_neg])]
+        if not present and unasked:  # "Normal study." would deny the unasked findings too: name each absent one instead
+            negated = candidates
         for name in negated:
             findings.append({"name": name, "present": False, "severity": None, "laterality": None, "location": None, "stated": True})
         if not present:  # a normal study asks for every finding to be absent, stated or not
             for name in self.findings[modality]:
-                if name not in negated:
+                if name not in negated and name not in unasked:
                     findings.append({"name": name, "present": False, "severity": None, "laterality": None, "location": None,
                                      "stated": False})
         stated = [f for f in findings if f["stated"]]
-        request = self._clinician_text(modality, stated, rng, normal=not present)
+        # a normal study with nothing left to name (every finding unasked) still reads "Normal study.": the unasked findings
+        # are not judged, whatever the text implies of them
+        request = self._clinician_text(modality, stated, rng, normal=not present and (not unasked or not stated))
         composed = compose_prompt({"text": request}, {"findings": [{k: v for k, v in f.items() if k != "stated"} for f in stated]},
                                   modality, default_severity=None, wording=self.wording)
         return ImagePrompt(modality, request, composed["prompt"], composed["negative"], tuple(findings),
@@ -264,7 +275,7 @@ class PromptSampler:
                 present = pairs[int(rng.integers(len(pairs)))]
             else:
                 present = singles[int(rng.integers(len(singles)))]
-            out.append(self.make(m, present, rng))
+            out.append(self.make(m, present, rng, unasked=self.heldout_only[m]))
         return out
 
     def heldout(self) -> list[ImagePrompt]:

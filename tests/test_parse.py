@@ -418,12 +418,19 @@ def test_the_real_profiles_requests_read_the_same(reasoner):
         sampler.train_combos["fundus"] + sampler.heldout_combos["fundus"]  # seen together in its training images
     assert not any(len(c) == 2 for c in sampler.train_combos["brain_mri"] + sampler.heldout_combos["brain_mri"])  # never together
     reader = FindingReader(reasoner)
-    items = sampler.draw(120, epoch=1, seed=0) + sampler.heldout()
+    training = sampler.draw(120, epoch=1, seed=0)
+    assert not any(set(item.expected) & sampler.heldout_only[item.modality] for item in training)
+    named = PromptSampler(cfg.model_copy(update={"heldout": {"chest_ct": ["lung_cancer"]}}), labels, catalogue, wording)
+    assert named.heldout_only["chest_ct"] == {"lung_cancer"} and named.train_combos["chest_ct"] == [("nodule",)]
+    assert all("lung_cancer" not in item.expected for item in named.draw(40, epoch=0, seed=0) if item.modality == "chest_ct")
+    held = sampler.heldout()
+    items = training + held
     disagreements = []
     for item in items:
         assert " Findings: " in item.prompt and item.prompt.startswith(tuple(wording[item.modality]["technique"].values()))
         want = {f["name"]: f["present"] for f in item.findings if f["stated"]} if item.present else item.expected
-        got = reader.expected(item.request, item.modality, labels[item.modality])
+        judged = [name for name in labels[item.modality] if item in held or name not in sampler.heldout_only[item.modality]]
+        got = reader.expected(item.request, item.modality, judged)  # a training request's unasked findings are not judged
         if got != want:
             disagreements.append(("request", item.request, got, want))
         got = reader.expected(item.prompt, item.modality, labels[item.modality])
