@@ -154,6 +154,13 @@ class PromptSampler:
         # model not to draw what the held-out prompts ask for ("No lung cancer" in every training request)
         self.heldout_only: dict[str, set[str]] = {
             m: {f for c in self.heldout_combos[m] for f in c} - {f for c in self.train_combos[m] for f in c} for m in cfg.modalities}
+        # a modality left with no finding to ask for or deny (chest CT when its one label is held out) draws no training
+        # requests: a request the finding reward cannot judge only pulls its images towards the other judges (the first
+        # real run's chest CT: lung cancer shown 0.72 -> 0.19 and FD 186 -> 447 in 20 epochs of normal-study requests)
+        self.train_modalities = [m for m in cfg.modalities if self.train_combos[m] or set(self.findings[m]) - self.heldout_only[m]]
+        if not self.train_modalities:
+            raise UserError("improve.prompts: every finding of every modality is held out, so no training request can be judged; "
+                            "hold out fewer combinations (improve.prompts.heldout or heldout_fraction)")
 
     def _named_combination(self, modality: str, name: str, allowed: list[tuple[str, ...]]) -> tuple[str, ...]:
         combo = tuple(sorted(n.strip() for n in str(name).split("+")))
@@ -259,10 +266,11 @@ class PromptSampler:
 
     # -- batches ----------------------------------------------------------------------------
     def draw(self, n: int, epoch: int, seed: int) -> list[ImagePrompt]:
-        """``n`` training requests for ``epoch``: modalities in turn, a pure function of (seed, epoch, n)."""
+        """``n`` training requests for ``epoch``: modalities in turn (those with a finding to train on), a pure function of
+        (seed, epoch, n)."""
         rng = _rng(seed, "train", epoch)
         out = []
-        mods = self.cfg.modalities
+        mods = self.train_modalities
         start = int(rng.integers(len(mods)))
         for i in range(n):
             m = mods[(start + i) % len(mods)]

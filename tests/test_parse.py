@@ -423,6 +423,10 @@ def test_the_real_profiles_requests_read_the_same(reasoner):
     named = PromptSampler(cfg.model_copy(update={"heldout": {"chest_ct": ["lung_cancer"]}}), labels, catalogue, wording)
     assert named.heldout_only["chest_ct"] == {"lung_cancer"} and named.train_combos["chest_ct"] == [("nodule",)]
     assert all("lung_cancer" not in item.expected for item in named.draw(40, epoch=0, seed=0) if item.modality == "chest_ct")
+    alone = PromptSampler(cfg.model_copy(update={"findings": {"chest_ct": ["lung_cancer"]}, "heldout": {"chest_ct": ["lung_cancer"]}}),
+                          labels, catalogue, wording)
+    assert "chest_ct" not in alone.train_modalities and "chest_ct" in {item.modality for item in alone.heldout()}
+    assert "chest_ct" not in {item.modality for item in alone.draw(40, epoch=0, seed=0)}
     held = sampler.heldout()
     items = training + held
     disagreements = []
