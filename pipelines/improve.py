@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from generator.errors import UserError
-from generator.paths import shipped
 from generator.fileio import append_whole, atomic_folder, json_default, write_json_atomic
+from generator.paths import shipped
 from generator.runlock import RunFolderInUseError, RunLock
 from rlhf.trainer import NonFiniteError, sample_seed
 

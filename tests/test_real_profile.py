@@ -68,6 +68,14 @@ def test_config_real_without_its_model_names_the_command_that_makes_it(tmp_path,
     assert code == 2 and "synthmed train default --config" in err and len(err.strip().splitlines()) == 1
 
 
+def test_improve_config_real_without_its_manifests_names_the_command_that_makes_them(tmp_path, capsys):
+    code = main(["improve", "--config", "real", "--run-dir", str(tmp_path / "run"), "--no-progress",
+                 f"--data.manifests=[{tmp_path / 'absent.csv'}]"])
+    err = capsys.readouterr().err
+    assert code == 2 and "synthmed data meddata" in err and "absent.csv" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def _real_profile(meddata: Path, tmp_path: Path, **tree) -> Path:
     """The real profile on manifests built here from ../shared/meddata (a fresh clone has none under data/)."""
     import yaml
