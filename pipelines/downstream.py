@@ -74,7 +74,7 @@ def encode_test(train_rows: Sequence, test_rows: Sequence, cc, modalities) -> di
                         f"({', '.join(sorted(test_modalities))}) share no modality")
     encoded = {}
     for modality in shared:
-        labels = label_space(modality, train_rows, cc.labels)
+        labels = label_space(modality, train_rows, cc.labels, cc.min_positives)  # what the real arm's classifier learns
         own = [r for r in test_rows if r.modality == modality]
         data = encode_rows(own, labels, cc.image_size, annotated_labels(own), modalities, closed_world=all(is_phantom_row(r) for r in own))
         known, positive = data.known.numpy(), data.targets.numpy() > 0.5
@@ -86,13 +86,15 @@ def encode_test(train_rows: Sequence, test_rows: Sequence, cc, modalities) -> di
     return encoded
 
 
-def write_spec(folder: Path, labels: Mapping[str, Sequence[str]], per_label: int) -> Path:
-    """A spec of ``per_label`` images per label and ``per_label`` normal studies per modality: a YAML mix when every modality
-    has a phantom catalogue, else a CSV with one sentence per label."""
-    from generator.phantoms import PHANTOM_MODULES
+def write_spec(folder: Path, labels: Mapping[str, Sequence[str]], per_label: int, mix: bool = True) -> Path:
+    """A spec of ``per_label`` images per label and ``per_label`` normal studies per modality: a YAML mix when ``mix`` and
+    every label is a finding of its modality's phantom catalogue, else a CSV with one sentence per label (a generator
+    trained on reports, e.g. the real profile, whose labels the phantoms do not have: synthesize words them as its
+    captions do)."""
+    from generator.phantoms import PHANTOM_MODULES, get_spec
 
     folder.mkdir(parents=True, exist_ok=True)
-    if all(m in PHANTOM_MODULES for m in labels):
+    if mix and all(m in PHANTOM_MODULES and set(names) <= set(get_spec(m).findings) for m, names in labels.items()):
         import yaml
 
         mix = {"modalities": {m: {"findings": {n: per_label for n in names}, "normal": per_label} for m, names in labels.items()}}
@@ -166,7 +168,10 @@ def run_downstream(
     encoded = encode_test(train_rows, test_rows, cc, modalities)
     plan = {m: labels for m, (_, labels) in encoded.items()}
     out = Path(out) if out is not None else Path("runs") / f"bench-downstream-{time.strftime('%Y%m%d-%H%M%S')}"
-    spec = write_spec(out, plan, synthetic_per_label)
+    from generator.data.wording import read_wording
+    from generator.paths import shipped
+
+    spec = write_spec(out, plan, synthetic_per_label, mix=read_wording(shipped(cfg.train.out)) is None)
     synthetic_dir = out / "synthetic"
     drawn = synthesize(cfg, spec, synthetic_dir, train_data=train, resume=(synthetic_dir / "synthesize.json").is_file(),
                        progress=progress)

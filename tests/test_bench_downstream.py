@@ -94,3 +94,12 @@ def test_bad_input_is_one_clear_error(sets, capsys):
         assert code == 2 and needle in err, (needle, err)
         assert len(err.strip().splitlines()) == 1, err
     assert not (root / "never").exists()
+
+
+def test_the_spec_is_a_mix_only_where_the_phantoms_have_every_label(tmp_path):
+    from pipelines.downstream import write_spec
+
+    assert write_spec(tmp_path / "a", {"cxr": ["pleural_effusion", "pneumothorax"]}, 3).name == "spec.yaml"
+    real = write_spec(tmp_path / "b", {"cxr": ["pleural_effusion", "emphysema"]}, 3)  # NIH's emphysema: no phantom draws it
+    assert real.name == "spec.csv" and "Emphysema.,cxr,3" in real.read_text()
+    assert write_spec(tmp_path / "c", {"cxr": ["pleural_effusion"]}, 3, mix=False).name == "spec.csv"  # a model with its own wording
