@@ -225,8 +225,12 @@ def measure(images: torch.Tensor, texts: list[str], modality: str, groups: list[
         mem = metrics.pixel_memorisation(images, train_images, cfg.memorisation_pixel_threshold, cfg.memorisation_pixel_size)
         row["nearest_train_ssim"] = mem["mean_max_ssim"]
         row["memorised_share"] = mem["share_memorised"]
+        # the distribution, not only its mean: these may be patients, and a tail near the threshold matters
+        row["nearest_train_ssim_quantiles"] = {q: float(np.quantile(mem["max_ssim"], v)) for q, v in
+                                               (("p5", 0.05), ("p50", 0.5), ("p95", 0.95), ("max", 1.0))}
+        row["memorisation_threshold"] = float(mem["threshold"])
     else:
-        row["nearest_train_ssim"] = row["memorised_share"] = None
+        row["nearest_train_ssim"] = row["memorised_share"] = row["nearest_train_ssim_quantiles"] = None
     if train_feats is not None and len(train_feats):
         row["nearest_train_feature_cosine"] = metrics.memorisation(feats, train_feats, cfg.memorisation_threshold)["mean_max_similarity"]
     else:
@@ -340,6 +344,12 @@ def markdown_table(result: dict[str, Any]) -> str:
         notes.append(f"{judge}: not available ({why})")
     notes.append("memorised: share of images whose nearest training image (SSIM on 32 px luminance) is above "
                  "judges.eval.memorisation_pixel_threshold; the real row shows what new images, never trained on, score")
+    spread = [f"{m} {side} {' / '.join(f'{v:.3f}' for v in q.values())}" for m, sides in result["modalities"].items()
+              for side in ("real", "generated") if (q := sides[side].get("nearest_train_ssim_quantiles"))]
+    if spread:
+        threshold = next(sides[side]["memorisation_threshold"] for sides in result["modalities"].values() for side in ("real", "generated")
+                         if sides[side].get("nearest_train_ssim_quantiles"))
+        notes.append(f"nearest-train SSIM, p5 / p50 / p95 / max (memorised above {threshold:.2f}): " + "; ".join(spread))
     notes.append("FD/KID: synthmed features = the held-out evaluator classifier's penultimate layer; the real row's FD is "
                  "between two halves of the reference set (the floor at this sample size)")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"

@@ -58,10 +58,13 @@ def test_evaluate_gives_real_and_generated_rows_with_a_baseline(tiny_setup, tmp_
         for key in ("fd", "kid", "finding_accuracy", "ms_ssim", "nearest_train_ssim", "nearest_train_feature_cosine", "contrast", "quality_ok"):
             assert row[key] is not None and np.isfinite(row[key]), (side, key)
         assert row["clip_score"] is None and row["selector_quality"] is None  # not loaded: n/a, not invented
+        q = row["nearest_train_ssim_quantiles"]
+        assert q["p5"] <= q["p50"] <= q["p95"] <= q["max"] and q["p5"] <= row["nearest_train_ssim"] <= q["max"]
     assert len(rows["prompts"]) == 3 and (tmp_path / "cxr.png").is_file()
     table = markdown_table(result)
     assert "| cxr | real |" in table and "| cxr | generated |" in table
     assert "alignment: not available" in table and "FD (synthmed features)" in table
+    assert "nearest-train SSIM, p5 / p50 / p95 / max" in table and "cxr generated" in table
     json.loads(json.dumps(result, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
