@@ -299,6 +299,11 @@ def test_a_datasets_own_split_is_kept_and_labels_with_too_few_positives_are_drop
     assert [split_of_row(r, "reward", 0, 0.15) for r in rows[:40]] != [split_of_row(r, "evaluator", 1, 0.15) for r in rows[:40]]
     untagged = [ManifestRow(r.path, r.text, r.modality, r.findings, "folder") for r in rows]
     assert {split_of_row(r, "reward", 0, 0.5) for r in untagged} == {"train", "calibration", "test"}
+    from rlhf.classifiers import split_rows
+
+    assert {k: len(v) for k, v in split_rows(rows, "reward", 0, 0.15).items()}["train"] == 80  # the dataset's own split
+    training_only = split_rows(rows[40:], "reward", 0, 0.5)  # its training split alone: held back by the hash
+    assert all(training_only.values()) and sum(map(len, training_only.values())) == 80
     assert label_space("cxr", rows, "manifest") == ["hernia", "pneumonia"]
     assert label_space("cxr", rows, "manifest", min_positives=5) == ["pneumonia"]
     with pytest.raises(UserError, match="at least 100 times"):

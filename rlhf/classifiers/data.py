@@ -68,16 +68,18 @@ def split_key(row: ManifestRow) -> str:
 HELD_OUT_TAGS = ("val", "test")  # a dataset's own held-out split (generator.data.meddata: by patient where it knows them)
 
 
-def split_of_row(row: ManifestRow, role: str, seed: int, val_fraction: float) -> str:
+def split_of_row(row: ManifestRow, role: str, seed: int, val_fraction: float, held_out_given: bool = True) -> str:
     """``train``, ``calibration`` or ``test``, from a hash of the path salted with role and seed:
     the reward and the evaluator of a modality hold back different images. A row its dataset tags
     ``:train`` is trained on and one tagged ``:val`` or ``:test`` is held back (half for calibration,
     half for the test, again by the salted hash), so the held-out figures are on the dataset's
-    validation patients, never on a patient seen in training."""
+    validation patients, never on a patient seen in training. ``held_out_given`` False (the rows of a
+    dataset hold no held-out row, e.g. a manifest of its training split alone): ``:train`` rows are
+    split by the hash as untagged ones are."""
     digest = hashlib.sha256(f"{role}/{seed}/{split_key(row)}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
     tag = row.source.rsplit(":", 1)[-1] if ":" in row.source else ""
-    if tag == "train":
+    if tag == "train" and held_out_given:
         return "train"
     if tag in HELD_OUT_TAGS:
         return "calibration" if u < 0.5 else "test"
@@ -87,9 +89,12 @@ def split_of_row(row: ManifestRow, role: str, seed: int, val_fraction: float) ->
 
 
 def split_rows(rows: Sequence[ManifestRow], role: str, seed: int, val_fraction: float) -> dict[str, list[ManifestRow]]:
+    """:func:`split_of_row` for each row; a dataset none of whose rows is tagged held out (its training split alone)
+    holds back by the hash."""
+    given = {_dataset_of(r) for r in rows if ":" in r.source and r.source.rsplit(":", 1)[-1] in HELD_OUT_TAGS}
     out: dict[str, list[ManifestRow]] = {s: [] for s in SPLITS}
     for row in rows:
-        out[split_of_row(row, role, seed, val_fraction)].append(row)
+        out[split_of_row(row, role, seed, val_fraction, _dataset_of(row) in given)].append(row)
     return out
 
 
