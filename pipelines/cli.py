@@ -7,13 +7,16 @@ such as ``--train.lr=1e-4``; explicit flags of a command win over both.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import shlex
 import sys
 import traceback
 from importlib import metadata
+from pathlib import Path
 
-from generator.errors import SynthmedError
+from generator.errors import SynthmedError, UserError
 
 from . import commands
 from .config import ConfigError
@@ -21,6 +24,7 @@ from .config import ConfigError
 # Exceptions that report bad input, config, files or arguments: printed as one line, exit code 2.
 # Any other OSError (a full disk, a vanished mount) is the machine's, not a bug of synthmed: one line too.
 USER_ERRORS = (SynthmedError, ConfigError, OSError)
+WORKSPACE_ENV = "SYNTHMED_HOME"
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -41,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--workspace", metavar="DIR", default=None,
+                        help="the folder for writable state (data/, runs/, the knowledge base, traces), and the one relative "
+                        "paths are read from, as if synthmed were started there (like git -C); created when missing "
+                        f"(default: ${WORKSPACE_ENV}, else the current folder)")
     groups = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in commands.ALL:
         module.register(groups, _Formatter)
@@ -58,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     try:
-        return int(args.handler(args, extra) or 0)
+        with workspace(args.workspace or os.environ.get(WORKSPACE_ENV) or None):
+            return int(args.handler(args, extra) or 0)
     except USER_ERRORS as exc:
         # Something the person can fix: one line, no traceback.
         print(f"synthmed {args.command}: error: {exc}", file=sys.stderr)
@@ -71,6 +80,26 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc(file=sys.stderr)
         print(internal_error_message(args.command, argv), file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def workspace(folder: str | None):
+    """Run inside ``folder`` (made when missing), as if synthmed were started there, and come back after: the
+    shipped profiles and weights are found from the installed packages wherever this is, and everything a command
+    writes under a relative path (data/, runs/, the knowledge base, traces) lands in it."""
+    if not folder:
+        yield
+        return
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"workspace {path} is a file, not a folder: give --workspace (or ${WORKSPACE_ENV}) a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 def _version() -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.pop("SYNTHMED_HOME", None)  # a workspace of the person running the tests would move every relative path
 
 import pytest  # noqa: E402
 

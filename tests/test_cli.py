@@ -108,3 +108,31 @@ def test_manifest_from_a_medmnist_npz(tmp_path, capsys):
     assert rows[3]["path"].endswith("p.npz#val/0")
     assert main(["data", "manifest", str(tmp_path / "p.npz"), "--out", str(out)]) == 2
     assert "needs --modality" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_workspace_takes_the_writable_state_and_the_current_folder_is_kept(how, tmp_path, monkeypatch):
+    """`synthmed --workspace DIR` (or SYNTHMED_HOME) runs the command as if started in DIR, made when missing:
+    relative outputs land there, the shipped profile is still found, and the caller's folder is back after."""
+    import os
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ws = tmp_path / "ws" / "nested"
+    argv = ["data", "phantoms", "--per-finding", "1", "--size", "32", "--modalities", "cxr", "--no-progress"]
+    if how == "flag":
+        argv = ["--workspace", str(ws), *argv]
+    else:
+        monkeypatch.setenv("SYNTHMED_HOME", str(ws))
+    assert main(argv) == 0
+    assert os.getcwd() == str(elsewhere)
+    assert (ws / "data" / "phantoms" / "manifest.csv").is_file()
+    assert not any(elsewhere.iterdir()), "nothing is written in the folder synthmed was started from"
+
+
+def test_workspace_that_is_a_file_is_one_clear_error(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(["--workspace", str(tmp_path / "f"), "config", "show"]) == 2
+    err = capsys.readouterr().err
+    assert "workspace" in err and "is a file" in err and "Traceback" not in err

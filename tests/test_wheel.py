@@ -25,9 +25,9 @@ PACKAGES = ("generator", "knowledge", "rlhf", "agents", "pipelines", "configs")
 pytestmark = pytest.mark.slow
 
 
-def _run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def _run(args: list[str], cwd: Path, timeout: int = 600, **extra_env: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SYNTHMED_HOME")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"))
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"), **extra_env)
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
@@ -81,6 +81,10 @@ def test_sample_generate_and_eval_run_from_another_folder_and_write_only_there(i
     _run([synthmed, "sample", "Brain MRI. Findings: intra-axial mass consistent with glioma.", "--config", "real", "--modality",
           "brain_mri", "--n", "1", "--steps", "3", "--out", "real"], cwd=work)
     assert len(list((work / "real").glob("*.png"))) == 1
+    # SYNTHMED_HOME names the workspace wherever the command starts
+    _run([synthmed, "sample", "left pleural effusion", "--modality", "cxr", "--n", "1", "--steps", "3", "--out", "samples"],
+         cwd=installed["wheel"].parent, SYNTHMED_HOME=str(work / "home"))
+    assert len(list((work / "home" / "samples").glob("*.png"))) == 1
     generated = _run([synthmed, "generate", "left pleural effusion, no pneumothorax", "--modality", "cxr", "--dry-run"], cwd=work)
     assert "pleural_effusion" in generated.stdout and "synthmed trace show" in generated.stdout
     assert (work / "data" / "kb").is_dir(), "the knowledge base is built in the workspace"
