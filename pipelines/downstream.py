@@ -150,9 +150,9 @@ def run_downstream(
     """Train the three arms per modality and judge them on ``test``; the result (also ``<out>/metadata.json``)."""
     from tqdm import tqdm
 
-    from rlhf.classifiers import fit_classifier
+    from rlhf.classifiers import LabelledImages, fit_classifier
 
-    from .synthesize import synthesize
+    from .synthesize import label_names, synthesize
 
     if synthetic_per_label < 1:
         raise UserError(f"--synthetic-per-label must be at least 1, got {synthetic_per_label}")
@@ -166,6 +166,20 @@ def run_downstream(
         raise UserError(f"the test manifest shares {len(shared)} image(s) with the training rows (e.g. {min(shared)}); "
                         "give a held-out test manifest (or --train without those images)")
     encoded = encode_test(train_rows, test_rows, cc, modalities)
+    # the synthetic set asks only for what a request may name (the profile's reward classifier's labels): a label the
+    # real arm learns beyond those is judged in no arm (the synthetic ones cannot learn it), and said so
+    not_drawn = {}
+    for modality, (data, labels) in list(encoded.items()):
+        askable = label_names(modality, cfg)
+        if askable is not None and any(n not in askable for n in labels):
+            not_drawn[modality] = [n for n in labels if n not in askable]
+            keep = [j for j, n in enumerate(labels) if n in askable]
+            if keep:
+                encoded[modality] = (LabelledImages(data.images, data.targets[:, keep], data.known[:, keep], data.keys), [labels[j] for j in keep])
+            else:
+                del encoded[modality]
+    if not encoded:
+        raise UserError(f"no label of the training rows can be asked of the generator ({not_drawn}): nothing to compare")
     plan = {m: labels for m, (_, labels) in encoded.items()}
     out = Path(out) if out is not None else Path("runs") / f"bench-downstream-{time.strftime('%Y%m%d-%H%M%S')}"
     from generator.data.wording import read_wording
@@ -198,7 +212,7 @@ def run_downstream(
             result[arm][modality] |= _judge(trained[modality, arm], data, labels, common, bootstrap, cc.evaluator_seed)
 
     metadata = {
-        "kind": "synthmed bench downstream", "arms": result, "labels": plan, "test": str(test), "train": [str(t) for t in train],
+        "kind": "synthmed bench downstream", "arms": result, "labels": plan, "not_drawn": not_drawn, "test": str(test), "train": [str(t) for t in train],
         "synthetic": {"spec": str(spec), "per_label": synthetic_per_label, "folder": str(synthetic_dir), "images": drawn["accepted"],
                       "acceptance_rate": drawn["acceptance_rate"]},
         "classifier": {"role": ROLE, "epochs": cc.epochs, "image_size": cc.image_size, "batch_size": cc.batch_size, "lr": cc.lr},
@@ -221,6 +235,9 @@ def markdown_table(result: Mapping[str, Any]) -> str:
             r = arms[arm][modality]
             cells.append(f"{r['auroc']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] (n={r['train_images']})")
         lines.append(f"| {modality} | " + " | ".join(cells) + " |")
+    for modality, names in (result.get("not_drawn") or {}).items():
+        lines.append(f"\n{modality}: not judged ({', '.join(names)}): the real arm learns them, but no request may ask the generator "
+                     "for them (the profile's reward classifier does not know them)")
     return "\n".join(lines)
 
 
