@@ -50,13 +50,24 @@ def default_train(cfg, progress: bool = True) -> list[str]:
                              suffix=f"_seed{cc.phantoms_seed}_{cc.phantoms_per_finding}pf")]
 
 
-def _rows(sources: Sequence[str], what: str, modalities) -> list:
+def split_of(row) -> str:
+    """The split a manifest row's ``source`` names (``nih_cxr14_64:train`` -> ``train``; "" when it names none)."""
+    return row.source.rsplit(":", 1)[-1] if row.source and ":" in row.source else ""
+
+
+def _rows(sources: Sequence[str], what: str, modalities, split: str | None = None) -> list:
     from rlhf.classifiers import load_rows
 
     for source in sources:
         if not Path(source).is_file():
             raise UserError(f"{what} manifest {source} not found; give a manifest CSV (path,text,modality,findings)")
     rows = load_rows(sources, modalities)
+    if split:
+        found = sorted({split_of(r) for r in rows})
+        rows = [r for r in rows if split_of(r) == split]
+        if not rows:
+            raise UserError(f"{what} manifest {', '.join(sources)} holds no rows of split '{split}' (their sources name: "
+                            f"{', '.join(f or '(none)' for f in found)}); give a split they have, or none")
     if not rows:
         raise UserError(f"{what} manifest {', '.join(sources)} holds no rows")
     return rows
@@ -140,14 +151,18 @@ def _judge(classifier, data, labels: Sequence[str], common: Sequence[str], round
 
 def run_downstream(
     cfg,
-    test: str,
+    test: str | Sequence[str],
     train: Sequence[str] | None = None,
     synthetic_per_label: int = 20,
     out: str | os.PathLike | None = None,
     bootstrap: int = 1000,
     progress: bool = True,
+    train_split: str | None = None,
+    test_split: str | None = None,
 ) -> dict[str, Any]:
-    """Train the three arms per modality and judge them on ``test``; the result (also ``<out>/metadata.json``)."""
+    """Train the three arms per modality and judge them on ``test`` (one or more manifests); the result (also
+    ``<out>/metadata.json``). ``train_split`` / ``test_split`` keep only the rows whose source names that split (e.g.
+    the ``train`` and ``val`` rows of the same `synthmed data meddata` manifests)."""
     from tqdm import tqdm
 
     from rlhf.classifiers import LabelledImages, fit_classifier
@@ -158,9 +173,10 @@ def run_downstream(
         raise UserError(f"--synthetic-per-label must be at least 1, got {synthetic_per_label}")
     started = time.perf_counter()
     cc, modalities = cfg.judges.classifier, cfg.data.modalities
-    test_rows = _rows([test], "test", modalities)
+    test = [test] if isinstance(test, (str, os.PathLike)) else list(test)
+    test_rows = _rows(test, "test", modalities, test_split)
     train = list(train) if train else default_train(cfg, progress)
-    train_rows = _rows(train, "training", modalities)
+    train_rows = _rows(train, "training", modalities, train_split)
     shared = {r.path for r in train_rows} & {r.path for r in test_rows}
     if shared:
         raise UserError(f"the test manifest shares {len(shared)} image(s) with the training rows (e.g. {min(shared)}); "
@@ -212,7 +228,8 @@ def run_downstream(
             result[arm][modality] |= _judge(trained[modality, arm], data, labels, common, bootstrap, cc.evaluator_seed)
 
     metadata = {
-        "kind": "synthmed bench downstream", "arms": result, "labels": plan, "not_drawn": not_drawn, "test": str(test), "train": [str(t) for t in train],
+        "kind": "synthmed bench downstream", "arms": result, "labels": plan, "not_drawn": not_drawn, "test": [str(t) for t in test], "train": [str(t) for t in train],
+        "splits": {"train": train_split, "test": test_split},
         "synthetic": {"spec": str(spec), "per_label": synthetic_per_label, "folder": str(synthetic_dir), "images": drawn["accepted"],
                       "acceptance_rate": drawn["acceptance_rate"]},
         "classifier": {"role": ROLE, "epochs": cc.epochs, "image_size": cc.image_size, "batch_size": cc.batch_size, "lr": cc.lr},

@@ -109,9 +109,13 @@ def register(groups, formatter) -> None:
     d = sub.add_parser("downstream", help="AUROC per modality of the finding classifier trained on real, real + synthetic and "
                        "synthetic images, with bootstrap 95%% intervals (see pipelines/downstream.py)", formatter_class=formatter)
     add_config_argument(d)
-    d.add_argument("--test", required=True, help="held-out test manifest (e.g. `synthmed data phantoms` at another seed)")
+    d.add_argument("--test", nargs="+", required=True, help="held-out test manifests (e.g. `synthmed data phantoms` at another "
+                   "seed, or the validation rows of `synthmed data meddata`'s with --test-split val)")
     d.add_argument("--train", nargs="+", default=None, help="training manifests (default: judges.classifier.data, else the "
                    "classifiers' own phantom set)")
+    d.add_argument("--train-split", default=None, metavar="NAME", help="keep only the training rows whose source names this split "
+                   "(e.g. train)")
+    d.add_argument("--test-split", default=None, metavar="NAME", help="keep only the test rows whose source names this split (e.g. val)")
     d.add_argument("--synthetic-per-label", type=int, default=20, help="synthetic images per label and normal studies, per modality")
     d.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the test images")
     d.add_argument("--out", default=None, help="spec, synthetic set, table.md, metadata.json (default: runs/bench-downstream-<time>)")
@@ -123,7 +127,8 @@ def _downstream_bench(args, extra) -> int:
     from ..downstream import markdown_table, run_downstream
 
     cfg = resolve_config(args, extra)
-    result = run_downstream(cfg, args.test, args.train, args.synthetic_per_label, args.out, args.bootstrap, progress=not args.json)
+    result = run_downstream(cfg, args.test, args.train, args.synthetic_per_label, args.out, args.bootstrap, progress=not args.json,
+                            train_split=args.train_split, test_split=args.test_split)
     print(json.dumps(result, indent=2, default=str) if args.json else f"{markdown_table(result)}\n-> {result['out']}/metadata.json")
     return 0
 
