@@ -6,6 +6,7 @@ Skips, with the reason, where gradio or gradio_client is not installed (pip inst
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import urllib.parse
@@ -245,3 +246,31 @@ def test_bench_times_every_page(tmp_path):
     from pipelines.dashboard import data
 
     assert data.open_run("r", tmp_path / "runs")["epochs_done"] == 12 and len(data.samples_table(tmp_path / "runs" / "r")[1]) == 4
+
+
+def test_the_runs_page_fills_from_the_top_in_one_event(tmp_path):
+    """Opening Runs is one event whose updates come top first: the pickers, summary, reward and held-out plots and grids;
+    then the FD and per-modality plots; then the last epoch's samples table."""
+    import pandas as pd
+
+    from pipelines.dashboard.bench import _write_run
+
+    _write_run(tmp_path / "runs" / "r", epochs=12, per_epoch=4)
+    settings = DashboardSettings(runs_dir=tmp_path / "runs", traces=tmp_path / "runs" / "traces.sqlite",
+                                 ratings=tmp_path / "ratings.csv", data_dirs=[tmp_path])
+    app = build_app(settings)
+    top, plots, table = app.synthmed_page_openers["Runs (the newest run opened)"]()
+    n = len(top)
+    assert "1 run(s)" in top[0] and "status" in top[4] and isinstance(top[5], pd.DataFrame) and len(top[5])
+    skipped = [i for i, v in enumerate(top) if isinstance(v, dict) and v.get("__type__") == "update" and len(v) == 1]
+    assert skipped == [n - 3, n - 2, n - 1]  # the second row of plots and the table come later
+    assert isinstance(plots[n - 3], pd.DataFrame) and set(plots[n - 3]["series"]) == {"fd"} and len(plots[n - 2])
+    assert isinstance(table[n - 1], pd.DataFrame) and len(table[n - 1]) == 4  # the last epoch's four samples
+
+
+def test_the_plotting_library_is_warmed_on_load():
+    from pipelines.dashboard.app import plot_library_warmup
+
+    script = plot_library_warmup()  # None would mean this Gradio build no longer ships one plotting bundle: look again
+    assert script is not None and "import(url)" in script and "requestIdleCallback" in script
+    assert (Path(gr.__file__).parent / "templates" / "frontend" / "assets" / json.loads(script.split("new URL(", 1)[1].split(",")[0])).is_file()

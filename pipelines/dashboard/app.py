@@ -151,9 +151,7 @@ def build_app(settings: DashboardSettings, agent_factory: Callable[[str | None, 
             with gr.Tab("Enhance", id="enhance"):
                 _enhance_page(guard)
         for tab, page in ((traces_tab, traces_open), (runs_tab, runs_open), (data_tab, data_open), (rate_tab, rate_open)):
-            opened = tab.select(page["open"], page.get("inputs"), page["outputs"], api_visibility="private")
-            if "then" in page:  # what the page asks for once its top is drawn
-                page["then"](opened)
+            tab.select(page["open"], page.get("inputs"), page["outputs"], api_visibility="private")
     # what opening each page runs, for `synthmed dashboard --bench` (the Generate page does its work while the app is built)
     app.synthmed_page_openers = {"Generate": lambda: _lora_choices(settings.runs_dir),
                                  **{name: fn for page in (traces_open, runs_open, data_open, rate_open) for name, fn in page["bench"].items()}}
@@ -353,14 +351,16 @@ def _runs_page(settings: DashboardSettings, guard: FileGuard):
                 gr.Dropdown(choices=choices, value=choices[1][1] if len(choices) > 1 else first_id))
 
     def show(run_id):
+        """The top of a run's page (summary, first row of plots, grids, the samples' epochs) and the opened run
+        (None when there is none to show)."""
         blank = (None, None, gr.Slider(), None, None, gr.Dropdown(), {})
         if not run_id:
-            return ("choose a run", *blank)
+            return ("choose a run", *blank), None
         try:
             r = data.open_run(run_id, settings.runs_dir)
             epochs = data.samples_table(r["path"], limit=0)[2] if r["kind"] == "improve" else []
         except EXPECTED as exc:
-            return (_error(exc), *blank)
+            return (_error(exc), *blank), None
         text = _run_summary(r)
         if r["kind"] == "improve":
             s = r["series"]
@@ -373,17 +373,23 @@ def _runs_page(settings: DashboardSettings, guard: FileGuard):
                            value=max(epochs_with_grids, default=0))
         last = max(epochs_with_grids, default=None)
         grid_img, held_img = _grid_for(grids, last, guard)
-        return (text, *figs, slider, grid_img, held_img, gr.Dropdown(choices=epochs, value=epochs[-1] if epochs else None), grids)
+        return (text, *figs, slider, grid_img, held_img, gr.Dropdown(choices=epochs, value=epochs[-1] if epochs else None), grids), r
 
-    def more_plots(run_id):
+    def more_plots(r):
         """The second row of plots (FD, reward per modality) of a loop run."""
-        try:
-            r = data.open_run(run_id, settings.runs_dir)
-        except (*EXPECTED, ValueError):
-            return None, None
         if r["kind"] != "improve":
             return None, None
         return series_frame(r["series"]["heldout"], only=("fd",)), series_frame(r["series"]["per_modality"])
+
+    def show_all(run_id):
+        """A run's page, from the top, in one event: the top first, then the FD and per-modality plots, then the
+        samples table of the last epoch, each sent as soon as it is ready (the browser draws the top meanwhile)."""
+        top, r = show(run_id)
+        yield (*top, *[gr.skip()] * len(rest))
+        if r is None:
+            return
+        yield (*[gr.skip()] * len(outputs), *more_plots(r), gr.skip())
+        yield (*[gr.skip()] * (len(outputs) + 2), samples_of(run_id, getattr(top[6], "value", None)))  # the epoch it shows
 
     def samples_of(run_id, epoch):
         """The samples table of the run's epoch (its last when none is chosen)."""
@@ -416,39 +422,36 @@ def _runs_page(settings: DashboardSettings, guard: FileGuard):
         except EXPECTED:
             status = None
         if status not in ("running", "unknown"):
-            return (gr.skip(),) * len(outputs)
-        return show(run_id)
+            yield (gr.skip(),) * (len(outputs) + len(rest))
+            return
+        yield from show_all(run_id)
 
     outputs = [summary, reward_plot, heldout_plot, grid_epoch, grid, heldout_grid, samples_epoch, grids_state]
-    # the page fills from the top: the summary, first row of plots and grids, then the second row of plots, then the
-    # samples table, each drawn before the next is asked for (the top of a 200-epoch run's page is up in under 2 s)
-    def fill_rest(event):
-        event.then(more_plots, [run], [fd_plot, modality_plot], api_visibility="private").then(
-            samples_of, [run, samples_epoch], [samples], api_visibility="private")
-
+    rest = [fd_plot, modality_plot, samples]  # what show_all sends after the top, in this order
     # .input, not .change: a value set by the app itself (opening the page) must not ask the server a second time
-    fill_rest(run.input(show, [run], outputs, api_name="run"))
-    fill_rest(reload_button.click(show, [run], outputs, api_visibility="private"))
+    run.input(show_all, [run], outputs + rest, api_name="run")
+    reload_button.click(show_all, [run], outputs + rest, api_visibility="private")
     samples_epoch.input(samples_of, [run, samples_epoch], [samples], api_visibility="private")
     grid_epoch.release(grid_of, [grids_state, grid_epoch], [grid, heldout_grid], api_visibility="private")
     compare_button.click(compare, [first, second], [message, compare_table, reward_a, heldout_a, reward_b, heldout_b], api_name="compare")
     auto.change(lambda on: gr.Timer(active=bool(on)), [auto], [timer], api_visibility="private")
-    fill_rest(timer.tick(tick, [run], outputs, api_visibility="private"))
+    timer.tick(tick, [run], outputs + rest, api_visibility="private")
 
     def open_page(current=None):
-        """Selecting the tab: the pickers filled and the chosen run (else the newest) shown, in one round trip."""
+        """Selecting the tab: the pickers filled and the chosen run (else the newest) shown, in one event that
+        fills the page from the top (see show_all)."""
         note, run_dd, a_dd, b_dd = pages()
         ids = [value for _, value in (run_dd.choices or [])] if isinstance(run_dd, gr.Dropdown) else []
         chosen = current if current in ids else (ids[0] if ids else None)
-        shown = show(chosen) if chosen else ("", *[gr.skip()] * (len(outputs) - 1))
-        return (note, gr.Dropdown(choices=run_dd.choices, value=chosen) if ids else run_dd, a_dd, b_dd, *shown)
+        head = (note, gr.Dropdown(choices=run_dd.choices, value=chosen) if ids else run_dd, a_dd, b_dd)
+        if not chosen:
+            yield (*head, "", *[gr.skip()] * (len(outputs) + len(rest) - 1))
+            return
+        for i, part in enumerate(show_all(chosen)):
+            yield (*(head if i == 0 else [gr.skip()] * len(head)), *part)
 
-    def open_for_bench():
-        shown = open_page()
-        return shown, more_plots(shown[1].value), samples_of(shown[1].value, None)
-
-    return {"open": open_page, "inputs": [run], "outputs": [message, run, first, second, *outputs], "then": fill_rest,
-            "bench": {"Runs (the newest run opened)": open_for_bench}}
+    return {"open": open_page, "inputs": [run], "outputs": [message, run, first, second, *outputs, *rest],
+            "bench": {"Runs (the newest run opened)": lambda: list(open_page())}}
 
 
 def _grid_for(grids: dict, epoch: int | None, guard: FileGuard) -> tuple[str | None, str | None]:
@@ -715,6 +718,21 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
+def plot_library_warmup() -> str | None:
+    """JavaScript, run once the app has loaded, that imports Gradio's plotting bundle (vega-embed, ~650 kB, which
+    its plots otherwise import the first time one is drawn) when the browser is idle: the first page with plots
+    then opens without waiting for it. None when this Gradio build has no single such bundle (nothing is warmed)."""
+    assets = Path(gr.__file__).parent / "templates" / "frontend" / "assets"
+    bundles = sorted(assets.glob("embed-*.js"))
+    if len(bundles) != 1:
+        return None
+    name = json.dumps(bundles[0].name)
+    return ("() => { const main = document.querySelector('script[type=module][src*=\"/assets/index-\"]');"
+            f" const url = main ? new URL({name}, main.src).href : new URL('assets/' + {name}, document.baseURI).href;"
+            " const warm = () => import(url).catch(() => {});"
+            " if ('requestIdleCallback' in window) { requestIdleCallback(warm, {timeout: 2000}); } else { setTimeout(warm, 200); } }")
+
+
 def launch(app: gr.Blocks, settings: DashboardSettings, host: str = "127.0.0.1", port: int = 7860,
            auth: tuple[str, str] | None = None, block: bool = True, quiet: bool = False):
     """Serve ``app`` on host:port (no share link, analytics off). A taken port is a ValueError."""
@@ -731,7 +749,7 @@ def launch(app: gr.Blocks, settings: DashboardSettings, host: str = "127.0.0.1",
     return app.queue(default_concurrency_limit=4).launch(
         server_name=host, server_port=port, share=False, auth=auth, prevent_thread_lock=not block, quiet=quiet,
         allowed_paths=[str(r) for r in guard.real_roots], blocked_paths=blocked, ssr_mode=False, mcp_server=False,
-        show_error=False, footer_links=[], app_kwargs={"middleware": [Middleware(FileRouteGuard, guard=guard, cache=cache)]})
+        show_error=False, footer_links=[], js=plot_library_warmup(), app_kwargs={"middleware": [Middleware(FileRouteGuard, guard=guard, cache=cache)]})
 
 
 __all__ = ["DashboardSettings", "FileRouteGuard", "build_app", "default_agent_factory", "launch", "line_plot", "port_free", "series_frame"]
