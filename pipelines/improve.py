@@ -271,7 +271,8 @@ def request_catalogue(cfg: SynthmedConfig, base: str | Path, modalities: Sequenc
 # -- reward-hacking guard -------------------------------------------------------------------------
 class RewardHackingGuard:
     """Stops the loop when, for ``patience`` evaluations in a row, the training reward rose while the
-    held-out evaluator's share fell, or the FD is worse than the base's by more than ``fd_tolerance``."""
+    held-out evaluator's share fell, or the FD is worse than the base's by more than ``fd_tolerance``, or (with
+    ``modality_fd_tolerance``) one modality's FD is worse than its base's by more than that."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -290,7 +291,8 @@ class RewardHackingGuard:
         """One epoch's mean training reward; an evaluation compares the mean since the previous one."""
         self.pending.append(float(reward))
 
-    def observe(self, epoch: int, reward: float | None, share: float | None, fd: float | None) -> str | None:
+    def observe(self, epoch: int, reward: float | None, share: float | None, fd: float | None,
+                fd_by_modality: dict[str, float | None] | None = None) -> str | None:
         """Record one evaluation (``reward``: None to use the mean of the epochs added since the last one);
         the message when the loop must stop, else None."""
         if reward is None and self.pending:
@@ -298,7 +300,7 @@ class RewardHackingGuard:
         self.pending = []
         previous = self.history[-1] if self.history else None
         base = self.history[0] if self.history else None
-        self.history.append({"epoch": epoch, "reward": reward, "share": share, "fd": fd})
+        self.history.append({"epoch": epoch, "reward": reward, "share": share, "fd": fd, "fd_by_modality": dict(fd_by_modality or {})})
         if not self.cfg.enabled or previous is None:
             return None
         signs = []
@@ -308,6 +310,11 @@ class RewardHackingGuard:
                              f"{self.cfg.metric} fell {previous['share']:.3f} -> {share:.3f}")
         if fd is not None and base is not None and base["fd"] is not None and fd > base["fd"] * (1 + self.cfg.fd_tolerance):
             signs.append(f"FD {fd:.2f} is more than {self.cfg.fd_tolerance:.0%} worse than the base model's {base['fd']:.2f}")
+        tolerance = self.cfg.modality_fd_tolerance
+        for modality, value in (fd_by_modality or {}).items() if tolerance is not None and base is not None else ():
+            first = (base.get("fd_by_modality") or {}).get(modality)
+            if value is not None and first is not None and value > first * (1 + tolerance):
+                signs.append(f"{modality} FD {value:.2f} is more than {tolerance:.0%} worse than the base model's {first:.2f}")
         self.strikes = self.strikes + 1 if signs else 0
         if self.strikes >= self.cfg.patience:
             return (f"reward hacking suspected at epoch {epoch} ({self.strikes} evaluations in a row): " + "; ".join(signs)
@@ -539,7 +546,8 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
             save_adapter(model.unet, root / "best", {"run": str(root), "epoch": epoch, "heldout": result["overall"],
                                                      "base_model": base_model, "kind": "synthmed LoRA adapter (best held-out)"})
         lines.append({"kind": "eval", "epoch": epoch, **result, "best": is_best})
-        message = guard.observe(epoch, None, result["overall"][ic.guard.metric], result["overall"]["fd"])
+        message = guard.observe(epoch, None, result["overall"][ic.guard.metric], result["overall"]["fd"],
+                                {m: row.get("fd") for m, row in (result.get("per_modality") or {}).items()})
         if message:
             lines.append({"kind": "guard", "epoch": epoch, "message": message})
         return message

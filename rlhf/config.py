@@ -243,6 +243,9 @@ class GuardConfig(Section):
     enabled: bool = True
     patience: int = Field(2, ge=1)  # evaluations in a row that must show the pattern before the loop stops
     fd_tolerance: float = Field(0.10, ge=0)  # relative FD worsening against the base model that counts as a warning sign
+    # the same for any one modality's FD against its base (None: only the mean is watched); the mean can fall while one
+    # modality's images drift away from the real ones (docs/improve/real_loop.md, run 2: chest CT 186 -> 447)
+    modality_fd_tolerance: float | None = Field(None, ge=0)
     min_drop: float = Field(0.0, ge=0)  # a fall of the evaluator's metric larger than this counts
     metric: Literal["all_requested_shown", "requested_shown", "finding_accuracy"] = "all_requested_shown"  # the held-out evaluator's figure watched
 

@@ -105,6 +105,17 @@ def test_guard_stops_a_run_whose_reward_rises_while_the_evaluator_falls():
     fd = RewardHackingGuard(GuardConfig(patience=1, fd_tolerance=0.1))
     fd.observe(0, None, 0.1, 100.0)
     assert "FD 120.00 is more than 10% worse" in fd.observe(1, 1.0, 0.3, 120.0)
+    # one modality drifting away while the mean improves (the real profile's run 2: chest CT 186 -> 447, mean 469 -> 410)
+    run2 = {"base": {"cxr": 585.0, "chest_ct": 186.0, "brain_mri": 833.0}, "later": {"cxr": 300.0, "chest_ct": 447.0, "brain_mri": 480.0}}
+    mean_only = RewardHackingGuard(GuardConfig(patience=1))
+    mean_only.observe(0, None, 0.3, 535.0, run2["base"])
+    assert mean_only.observe(5, 1.0, 0.3, 409.0, run2["later"]) is None  # the mean alone hides it
+    each = RewardHackingGuard(GuardConfig(patience=1, modality_fd_tolerance=0.5))
+    each.observe(0, None, 0.3, 535.0, run2["base"])
+    assert "chest_ct FD 447.00 is more than 50% worse than the base model's 186.00" in each.observe(5, 1.0, 0.3, 409.0, run2["later"])
+    resumed = RewardHackingGuard(GuardConfig(patience=1, modality_fd_tolerance=0.5))
+    resumed.load_state_dict({"history": [{"epoch": 0, "reward": None, "share": 0.3, "fd": 535.0}], "strikes": 0})  # an older run's state
+    assert resumed.observe(5, 1.0, 0.3, 409.0, run2["later"]) is None  # no base per modality: nothing to compare
     off = RewardHackingGuard(GuardConfig(enabled=False, patience=1))
     off.observe(0, None, 0.5, 1.0)
     assert off.observe(1, 9.0, 0.0, 99.0) is None
