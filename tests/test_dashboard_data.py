@@ -424,13 +424,14 @@ def test_the_command_without_gradio_says_how_to_install_it(tmp_path, monkeypatch
 
 
 def test_long_lines_are_thinned_for_the_browser_and_keep_their_shape():
-    """A 200-epoch curve is drawn from 100 points: the ends, a one-epoch spike and a dip survive, x stays in order;
-    a short curve is drawn whole."""
+    """A 200-epoch curve is drawn from 60 points (the Runs page's) or 100: the ends, a one-epoch spike and a dip
+    survive, x stays in order; a short curve is drawn whole."""
     import math
 
     points = [(e, math.sin(e / 15) - (3.0 if e == 61 else 0.0) + (4.0 if e == 137 else 0.0)) for e in range(1, 201)]
-    thin = data.thin_points(points, 100)
-    assert len(thin) == 100 and thin[0] == points[0] and thin[-1] == points[-1]
-    assert points[60] in thin and points[136] in thin
-    assert all(a[0] < b[0] for a, b in zip(thin, thin[1:])) and set(thin) <= set(points)
-    assert data.thin_points(points[:40], 100) == points[:40]
+    for n in (60, 100):
+        thin = data.thin_points(points, n)
+        assert len(thin) == n and thin[0] == points[0] and thin[-1] == points[-1]
+        assert points[60] in thin and points[136] in thin
+        assert all(a[0] < b[0] for a, b in zip(thin, thin[1:])) and set(thin) <= set(points)
+    assert data.thin_points(points[:40], 60) == points[:40]
