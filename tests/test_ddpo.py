@@ -105,7 +105,7 @@ def test_guard_stops_a_run_whose_reward_rises_while_the_evaluator_falls():
     fd = RewardHackingGuard(GuardConfig(patience=1, fd_tolerance=0.1))
     fd.observe(0, None, 0.1, 100.0)
     assert "FD 120.00 is more than 10% worse" in fd.observe(1, 1.0, 0.3, 120.0)
-    # one modality drifting away while the mean improves (the real profile's run 2: chest CT 186 -> 447, mean 469 -> 410)
+    # one modality drifting away while the mean improves, shaped like the real profile's run 2 (its chest CT 186 -> 447 while the mean fell)
     run2 = {"base": {"cxr": 585.0, "chest_ct": 186.0, "brain_mri": 833.0}, "later": {"cxr": 300.0, "chest_ct": 447.0, "brain_mri": 480.0}}
     mean_only = RewardHackingGuard(GuardConfig(patience=1))
     mean_only.observe(0, None, 0.3, 535.0, run2["base"])
