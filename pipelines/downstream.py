@@ -50,12 +50,8 @@ def default_train(cfg, progress: bool = True) -> list[str]:
                              suffix=f"_seed{cc.phantoms_seed}_{cc.phantoms_per_finding}pf")]
 
 
-def split_of(row) -> str:
-    """The split a manifest row's ``source`` names (``nih_cxr14_64:train`` -> ``train``; "" when it names none)."""
-    return row.source.rsplit(":", 1)[-1] if row.source and ":" in row.source else ""
-
-
 def _rows(sources: Sequence[str], what: str, modalities, split: str | None = None) -> list:
+    from generator.data import split_of
     from rlhf.classifiers import load_rows
 
     for source in sources:

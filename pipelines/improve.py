@@ -311,10 +311,12 @@ class RewardHackingGuard:
         if fd is not None and base is not None and base["fd"] is not None and fd > base["fd"] * (1 + self.cfg.fd_tolerance):
             signs.append(f"FD {fd:.2f} is more than {self.cfg.fd_tolerance:.0%} worse than the base model's {base['fd']:.2f}")
         tolerance = self.cfg.modality_fd_tolerance
-        for modality, value in (fd_by_modality or {}).items() if tolerance is not None and base is not None else ():
-            first = (base.get("fd_by_modality") or {}).get(modality)
-            if value is not None and first is not None and value > first * (1 + tolerance):
-                signs.append(f"{modality} FD {value:.2f} is more than {tolerance:.0%} worse than the base model's {first:.2f}")
+        if tolerance is not None:
+            base_fd = base.get("fd_by_modality") or {}  # absent in the guard state of a run from before this field
+            for modality, value in (fd_by_modality or {}).items():
+                first = base_fd.get(modality)
+                if value is not None and first is not None and value > first * (1 + tolerance):
+                    signs.append(f"{modality} FD {value:.2f} is more than {tolerance:.0%} worse than the base model's {first:.2f}")
         self.strikes = self.strikes + 1 if signs else 0
         if self.strikes >= self.cfg.patience:
             return (f"reward hacking suspected at epoch {epoch} ({self.strikes} evaluations in a row): " + "; ".join(signs)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from generator.config import ModalityConfig, default_modalities
-from generator.data import ManifestRow, load_row, resize_pad, to_channels
+from generator.data import ManifestRow, load_row, resize_pad, split_of, to_channels
 from generator.errors import UserError
 from generator.phantoms import NORMAL, PHANTOM_MODULES, get_spec
 
@@ -78,7 +78,7 @@ def split_of_row(row: ManifestRow, role: str, seed: int, val_fraction: float, he
     split by the hash as untagged ones are."""
     digest = hashlib.sha256(f"{role}/{seed}/{split_key(row)}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
-    tag = row.source.rsplit(":", 1)[-1] if ":" in row.source else ""
+    tag = split_of(row)
     if tag == "train" and held_out_given:
         return "train"
     if tag in HELD_OUT_TAGS:
@@ -91,7 +91,7 @@ def split_of_row(row: ManifestRow, role: str, seed: int, val_fraction: float, he
 def split_rows(rows: Sequence[ManifestRow], role: str, seed: int, val_fraction: float) -> dict[str, list[ManifestRow]]:
     """:func:`split_of_row` for each row; a dataset none of whose rows is tagged held out (its training split alone)
     holds back by the hash."""
-    given = {_dataset_of(r) for r in rows if ":" in r.source and r.source.rsplit(":", 1)[-1] in HELD_OUT_TAGS}
+    given = {_dataset_of(r) for r in rows if split_of(r) in HELD_OUT_TAGS}
     out: dict[str, list[ManifestRow]] = {s: [] for s in SPLITS}
     for row in rows:
         out[split_of_row(row, role, seed, val_fraction, _dataset_of(row) in given)].append(row)
