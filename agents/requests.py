@@ -210,7 +210,10 @@ class PromptSampler:
         implied = self._implied(modality, findings)
         for name in sorted(implied - set(present)):  # asked for by the phrase that names it, so expected: never stated apart
             findings.append({"name": name, "present": True, "severity": None, "laterality": None, "location": None, "stated": False})
-        candidates = [n for n in self.findings[modality] if n not in present and n not in implied and n not in unasked]
+        # nor one a present finding may be drawn with (FindingSpec.accompanies: a mass's midline shift): no image could deny it
+        accompanying = {name for n in present for name in specs[n].accompanies}
+        candidates = [n for n in self.findings[modality] if n not in present and n not in implied and n not in unasked
+                      and n not in accompanying]
         n_neg = min(self.cfg.negatives if negatives is None else negatives, len(candidates))
         negated = [candidates[i] for i in sorted(rng.permutation(len(candidates))[:n_neg])]
         if not present and unasked:  # "Normal study." would deny the unasked findings too: name each absent one instead

@@ -567,7 +567,8 @@ class RuleReasoner:
         covered = clause.findings + clause.normals + clause.anatomy + clause.modifiers + clause.cues
         for a, b in clause.chunks():
             named = any(s.first < b and a < s.stop for s in clause.findings + clause.normals)
-            if named or self._normal_words(clause, a, b):
+            # a part called normal ("a healthy neuroretinal rim", "normal heart size") names no finding by its words
+            if named or any(t.norm in NORMAL_WORDS for t in clause.tokens[a:b]):
                 continue
             anchors = [(j, word) for j in range(a, b) for word in [self._anchor(clause.tokens[j].norm, modality)]
                        if word and clause.tokens[j].norm not in excluded

@@ -575,6 +575,11 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
         lines: list[dict] = []
         if main:
             stopped = evaluate(0, lines)
+            if ic.eval.reference_per_request:
+                from rlhf.heldout import reference_evaluation
+
+                lines.append({"kind": "reference", "epoch": 0, **reference_evaluation(
+                    heldout, parts.judges, parts.reference, cfg.judges.eval, ic.eval.reference_per_request, ic.eval.reference_seed)})
         finish_epoch(0, lines, [])
         start_epoch = 1
     for epoch in range(start_epoch, ic.ddpo.epochs + 1):

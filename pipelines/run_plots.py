@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from generator.fileio import atomic_write
 
-from .runs import best_epoch, keys_in_order, lines_by_epoch, read_metrics
+from .runs import best_epoch, keys_in_order, lines_by_epoch, read_metrics, reference_line
 
 # (key, title): held-out metrics in the order drawn; the arrow says which way is better
 HELDOUT = [
@@ -111,7 +112,9 @@ def plot_reward(epochs: list[dict], title: str) -> Any:
 
 
 # -- held-out ---------------------------------------------------------------------------------
-def plot_heldout(evals: list[dict], title: str) -> Any:
+def plot_heldout(evals: list[dict], title: str, reference: dict | None = None) -> Any:
+    """Held-out metrics against epoch; ``reference`` (the run's reference line): a dotted line at what images that
+    truly show each request score."""
     fig, axes = _figure(len(HELDOUT))
     xs = [e["epoch"] for e in evals]
     best = best_epoch(evals)
@@ -127,6 +130,9 @@ def plot_heldout(evals: list[dict], title: str) -> Any:
             base = y[x.index(0)]
             ax.axhline(base, color="0.4", ls="--", lw=1, label="base (epoch 0)")
             ax.plot([0], [base], marker="s", ms=7, mfc="none", color="0.2", ls="none")
+        ref = _number(((reference or {}).get("overall") or {}).get(key))
+        if ref is not None:
+            ax.axhline(ref, color="C3", ls=":", lw=1.5, label="images that show the request")
         if best is not None:
             ax.axvline(best, color="C1", ls=":", lw=1.5, label=f"best (epoch {best})")
         if not x:
@@ -181,7 +187,8 @@ def draw_plots(run_dir: str | Path) -> list[Path]:
     epochs, evals = lines_by_epoch(records, "epoch"), lines_by_epoch(records, "eval")
     steps = [r for r in records if r.get("kind") == "step"]
     jobs: list[tuple[str, Callable[[list[dict], str], Any], list[dict]]] = [
-        ("reward.png", plot_reward, epochs), ("heldout.png", plot_heldout, evals), ("training.png", plot_training, steps)]
+        ("reward.png", plot_reward, epochs), ("heldout.png", partial(plot_heldout, reference=reference_line(records)), evals),
+        ("training.png", plot_training, steps)]
     written = []
     for name, plot, data in jobs:
         if data:

@@ -5,7 +5,9 @@ A run directory (``runs/<id>/``) is written by the loop and only read here:
 - ``metadata.json``: ``{"kind": "synthmed improve run", "status", "started", "epochs_planned", ...}``;
 - ``metrics.jsonl``: append-only, one object per line, each with a ``kind``: ``step`` (one optimiser
   step), ``epoch`` (reward statistics and timing), ``eval`` (held-out metrics; epoch 0 is the base
-  model), ``guard`` (reward hacking suspected) and ``end``;
+  model), ``reference`` (once, at epoch 0: the same metrics for images that truly show each held-out
+  request, phantoms drawn to it or real images with its labels: how far the held-out share can rise),
+  ``guard`` (reward hacking suspected) and ``end``;
 - ``grids/epoch_NNNN.png``, ``plots/*.png``, ``checkpoints/epoch_NNNN/``, ``final/``, ``best/``.
 
 A line counts once its newline is written: the loop appends whole lines, newline included, in one
@@ -25,7 +27,7 @@ from typing import Any
 from generator.errors import UserError
 
 RUN_KIND = "synthmed improve run"  # metadata.json "kind" of a run directory
-LINE_KINDS = ("step", "epoch", "eval", "guard", "end")  # the "kind"s of metrics.jsonl lines
+LINE_KINDS = ("step", "epoch", "eval", "reference", "guard", "end")  # the "kind"s of metrics.jsonl lines
 TIMING_PARTS = ("sampling", "reward", "update", "selection", "total")  # an epoch line's "seconds"
 
 
@@ -236,6 +238,7 @@ def show_run(run: str | Path, runs_dir: str | Path = "runs") -> dict[str, Any]:
     components = keys_in_order([e.get("reward") for e in epochs], skip=("total",))
     modalities = keys_in_order([e.get("per_modality") for e in epochs + evals])
     ends = [r for r in records if r.get("kind") == "end"]
+    reference = reference_line(records)
     steps_by_epoch: dict[int, list[dict]] = {}
     for s in steps:
         steps_by_epoch.setdefault(s.get("epoch"), []).append(s)
@@ -245,7 +248,8 @@ def show_run(run: str | Path, runs_dir: str | Path = "runs") -> dict[str, Any]:
         "metadata": meta, "components": components, "modalities": modalities,
         "epochs": [_epoch_row(e, steps_by_epoch.get(e["epoch"], []), modalities) for e in epochs],
         "evals": [_eval_row(e, modalities, summary["best_epoch"]) for e in evals],
-        "gain": gain_table(evals, summary["best_epoch"]),
+        "reference": reference,
+        "gain": gain_table(evals, summary["best_epoch"], reference),
         "guards": [{"epoch": r.get("epoch"), "message": r.get("message", "")} for r in records if r.get("kind") == "guard"],
         "end": {k: ends[-1].get(k) for k in ("epoch", "status", "message")} if ends else None,
         "steps": {"count": len(steps),
@@ -256,13 +260,25 @@ def show_run(run: str | Path, runs_dir: str | Path = "runs") -> dict[str, Any]:
     }
 
 
+SHARE_METRICS = ("all_requested_shown", "requested_shown", "finding_accuracy")  # shares with a ceiling the reference measures
 GAIN_METRICS = ("all_requested_shown", "requested_shown", "finding_accuracy", "fd", "ms_ssim", "clip_score", "selector_quality",
                 "memorised_share")
 
 
-def gain_table(evals: list[dict], best: int | None) -> dict[str, Any] | None:
+def reference_line(records: list[dict]) -> dict[str, Any] | None:
+    """The held-out metrics of images that truly show each request (the loop's ``reference`` line), or None."""
+    lines = [r for r in records if r.get("kind") == "reference"]
+    if not lines:
+        return None
+    r = lines[-1]
+    return {k: r.get(k) for k in ("source", "per_request", "overall", "per_modality", "seconds")}
+
+
+def gain_table(evals: list[dict], best: int | None, reference: dict | None = None) -> dict[str, Any] | None:
     """Base (epoch 0) against the best evaluation (else the last), per modality and averaged over them:
-    ``{"base_epoch", "epoch", "rows": {modality or "mean": {metric: {"base", "after", "change"}}}}``."""
+    ``{"base_epoch", "epoch", "rows": {modality or "mean": {metric: {"base", "after", "change", "reference",
+    "gap_closed"}}}}``. ``reference``: what images that truly show the requests score (:func:`reference_line`);
+    ``gap_closed``: the change as a share of the distance from the base to it, where the base is below it."""
     base = next((e for e in evals if e["epoch"] == 0), None)
     after = next((e for e in evals if e["epoch"] == best), None) if best not in (None, 0) else None
     after = after or (evals[-1] if evals and evals[-1]["epoch"] != 0 else None)
@@ -272,9 +288,13 @@ def gain_table(evals: list[dict], best: int | None) -> dict[str, Any] | None:
     for name in list(base.get("per_modality") or {}) + ["mean"]:
         b = base["overall"] if name == "mean" else (base.get("per_modality") or {}).get(name, {})
         a = after["overall"] if name == "mean" else (after.get("per_modality") or {}).get(name, {})
-        rows[name] = {m: {"base": b.get(m), "after": a.get(m),
-                          "change": (a[m] - b[m]) if isinstance(a.get(m), (int, float)) and isinstance(b.get(m), (int, float)) else None}
-                      for m in GAIN_METRICS}
+        ref = {} if reference is None else (reference.get("overall") if name == "mean" else (reference.get("per_modality") or {}).get(name)) or {}
+        rows[name] = {}
+        for m in GAIN_METRICS:
+            change = (a[m] - b[m]) if isinstance(a.get(m), (int, float)) and isinstance(b.get(m), (int, float)) else None
+            r = ref.get(m) if isinstance(ref.get(m), (int, float)) else None
+            gap = (change / (r - b[m])) if change is not None and r is not None and m in SHARE_METRICS and r > b[m] else None
+            rows[name][m] = {"base": b.get(m), "after": a.get(m), "change": change, "reference": r, "gap_closed": gap}
     return {"base_epoch": 0, "epoch": after["epoch"], "rows": rows}
 
 

@@ -235,6 +235,12 @@ class HeldoutConfig(Section):
     steps: int = Field(10, ge=1)  # DDIM steps (eta 0)
     seed: int = Field(1234, ge=0)  # image i of prompt p uses seed + 1000 p + i, every evaluation alike
     reference_per_finding: int = Field(6, ge=2)  # fresh phantoms per (modality, finding) as the real side of the FD, at judges.eval.seed (a profile of real images: 8x this validation images per modality)
+    # Images that truly show each held-out request, judged like the generated ones once per run (the "reference" line of
+    # metrics.jsonl): phantoms drawn to the request, or the real reference images with its labels. They say how far the
+    # evaluator's share can rise: on the default profile's held-out set, phantoms of the requests show every requested
+    # finding in 0.18 of images (docs/improve/long_runs.md). 0: not measured.
+    reference_per_request: int = Field(8, ge=0)
+    reference_seed: int = Field(4343, ge=0)  # seed of the phantoms drawn to the requests (distinct from the classifiers' 4242)
 
 
 class GuardConfig(Section):

@@ -37,7 +37,10 @@ class ReferenceSet:
                  cases: Sequence[Any] | None = None):
         self.images: dict[str, torch.Tensor] = {}
         self.features: dict[str, np.ndarray] = {}
+        self.kind = "phantoms" if cases is None else "real"
+        self.size = size
         cases = list(cases) if cases is not None else phantom_cases(list(modalities), size, per_finding, seed)
+        self.cases = cases
         missing = sorted(set(modalities) - {c.modality for c in cases})
         if missing:
             raise UserError(f"the reference images hold no {', '.join(missing)} image: add its manifest to data.manifests "
@@ -49,6 +52,85 @@ class ReferenceSet:
             batch = as_image_batch(images)
             self.images[m] = batch
             self.features[m] = _batched(judges.evaluator[m].features, batch)
+
+
+def _mean_over_modalities(per_modality: dict[str, dict]) -> dict[str, float | None]:
+    out = {}
+    for key in HEADLINE:
+        values = [r[key] for r in per_modality.values() if r.get(key) is not None and np.isfinite(r[key])]
+        out[key] = float(np.mean(values)) if values else None
+    return out
+
+
+def phantom_of_request(item: Any, size: int, seed: int | tuple[int, ...], tries: int = 50):
+    """A phantom study drawn to a request: its stated findings with their severity, side and location (a finding
+    another implies is drawn by that one, or asked for when it was not), and none the request says is absent (a
+    renderer may draw one alongside, as OCT's CNV sometimes draws intraretinal fluid: such a draw is made again
+    with the next seed)."""
+    from generator.phantoms import Finding, make_phantom
+
+    stated = [Finding(f["name"], side=f.get("laterality"), location=f.get("location"), severity=f.get("severity"))
+              for f in item.findings if f["present"] and f.get("stated", True)]
+    absent = {f["name"] for f in item.findings if not f["present"]}
+    base = list(seed) if isinstance(seed, tuple) else [int(seed)]
+    for attempt in range(tries):
+        study_seed = tuple(base + [attempt]) if attempt else seed
+        study = make_phantom(item.modality, stated, size=size, seed=study_seed)
+        missing = set(item.present) - {f.name for f in study.findings if f.present}
+        if missing:
+            study = make_phantom(item.modality, stated + [Finding(n) for n in sorted(missing)], size=size, seed=study_seed)
+        if not absent & {f.name for f in study.findings if f.present}:
+            return study
+    raise UserError(f"no phantom of {item.modality} with {', '.join(item.present) or 'no finding'} and without "
+                    f"{', '.join(sorted(absent))} in {tries} draws: its renderer always draws them together")
+
+
+def request_references(items: Sequence[Any], reference: ReferenceSet, per_request: int, seed: int) -> tuple[list[Any], list[np.ndarray]]:
+    """Images that truly show each held-out request, ``per_request`` each: ``(items, images)``, request-major.
+
+    On phantoms they are drawn to the request (its stated findings with their severity, side and location; a
+    finding another implies is drawn by it), with seeds of their own. On real images they are the reference's
+    images whose labels hold every finding the request asks for (up to ``per_request``; a request no image matches
+    has none). Judged like the generated images, they say what the evaluator gives images that show the request:
+    the share the generator can be asked to reach."""
+    out_items, out_images = [], []
+    for p, it in enumerate(items):
+        if reference.kind == "phantoms":
+            for i in range(per_request):
+                out_items.append(it)
+                out_images.append(phantom_of_request(it, reference.size, (seed, p, i)).image)
+        else:
+            wanted = set(it.present)
+            matches = [c for c in reference.cases if c.modality == it.modality
+                       and wanted <= {f["name"] for f in c.findings if f.get("present")}
+                       and (wanted or not any(f.get("present") for f in c.findings))]
+            for c in matches[:per_request]:
+                out_items.append(it)
+                out_images.append(c.image)
+    return out_items, out_images
+
+
+def reference_evaluation(items: Sequence[Any], judges: Judges, reference: ReferenceSet, eval_cfg: EvalConfig,
+                         per_request: int, seed: int) -> dict[str, Any]:
+    """The held-out table of :func:`request_references`' images: ``{"overall", "per_modality", "source", "per_request",
+    "seconds"}``, in the same metrics as :func:`heldout_evaluation` (memorisation left out: these images are no model's)."""
+    started = time.perf_counter()
+    ref_items, images = request_references(items, reference, per_request, seed)
+    index = {id(it): p for p, it in enumerate(items)}
+    per_modality: dict[str, dict] = {}
+    for m in dict.fromkeys(it.modality for it in items):
+        idx = [i for i, it in enumerate(ref_items) if it.modality == m]
+        if len(idx) < 2:  # a real reference with no (or one) image of these requests' labels: nothing to measure
+            continue
+        labels = list(judges.evaluator[m].label_names)
+        sub_items = [ref_items[i] for i in idx]
+        row = measure(as_image_batch([images[i] for i in idx]), [it.prompt for it in sub_items], m,
+                      [str(index[id(it)]) for it in sub_items], expected_rows(sub_items, labels), reference.features[m], None,
+                      judges, eval_cfg, reference.images[m], None)
+        per_modality[m] = {key: row.get(key) for key in HEADLINE if key != "memorised_share"} | {"n": row["n"]}
+    overall = _mean_over_modalities(per_modality)
+    return {"overall": overall, "per_modality": per_modality, "source": reference.kind, "per_request": per_request,
+            "seconds": round(time.perf_counter() - started, 2)}
 
 
 def expected_rows(items: Sequence[Any], labels: Sequence[str]) -> np.ndarray:
@@ -107,12 +189,10 @@ def heldout_evaluation(model, items: Sequence[Any], judges: Judges, reference: R
         row = measure(sub, [it.prompt for it in sub_items], m, [groups[i] for i in idx], expected_rows(sub_items, labels),
                       reference.features[m], None, judges, eval_cfg, reference.images[m], train_set)
         per_modality[m] = {key: row.get(key) for key in HEADLINE} | {"n": row["n"]}
-    overall = {}
-    for key in HEADLINE:
-        values = [r[key] for r in per_modality.values() if r.get(key) is not None and np.isfinite(r[key])]
-        overall[key] = float(np.mean(values)) if values else None
+    overall = _mean_over_modalities(per_modality)
     return {"overall": overall, "per_modality": per_modality, "seconds": round(time.perf_counter() - started, 2),
             "images": images}
 
 
-__all__ = ["HEADLINE", "ReferenceSet", "expected_rows", "generate_heldout", "heldout_evaluation"]
+__all__ = ["HEADLINE", "ReferenceSet", "expected_rows", "generate_heldout", "heldout_evaluation", "phantom_of_request",
+           "reference_evaluation", "request_references"]

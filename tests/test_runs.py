@@ -222,3 +222,24 @@ def test_unknown_run_is_exit_code_2_naming_the_known_runs(runs_dir, capsys):
     assert "not a synthmed improve run" in capsys.readouterr().err
     assert main(["runs", "show", "x", "--runs-dir", str(runs_dir / "absent")]) == 2
     assert "holds no runs yet" in capsys.readouterr().err
+
+
+def test_the_gain_says_how_much_of_the_gap_to_the_reference_was_closed(tmp_path, capsys):
+    reference = {"kind": "reference", "epoch": 0, "source": "phantoms", "per_request": 8, "seconds": 7.0,
+                 "overall": {"all_requested_shown": 0.60, "requested_shown": 0.8, "finding_accuracy": 0.9, "fd": 30.0},
+                 "per_modality": {"cxr": {"all_requested_shown": 0.40}, "oct": {"all_requested_shown": 0.30}}}
+    lines = [eval_line(0, 0.40, 50.0, True), reference, *step_lines(1), epoch_line(1), eval_line(1, 0.45, 48.0, True)]
+    write_run(tmp_path, "improve-20250104-090000", lines, "2025-01-04T09:00:00")
+    run = show_run("improve-20250104-090000", tmp_path)
+    assert run["reference"]["source"] == "phantoms" and run["reference"]["overall"]["all_requested_shown"] == 0.60
+    mean = run["gain"]["rows"]["mean"]["all_requested_shown"]
+    assert mean["reference"] == 0.60 and mean["gap_closed"] == pytest.approx(0.05 / 0.20)
+    assert run["gain"]["rows"]["mean"]["fd"]["gap_closed"] is None  # a distance has no ceiling
+    cxr = run["gain"]["rows"]["cxr"]["all_requested_shown"]  # the base is already at the reference: no gap to close
+    assert cxr["reference"] == 0.40 and cxr["gap_closed"] is None
+    assert main(["runs", "show", "improve-20250104-090000", "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "0.400 -> 0.450 (ref 0.600)" in out
+    assert ("reference: phantoms drawn to each held-out request (8 per request), judged alike, show every requested finding "
+            "in 0.600 of images (finding acc 0.900): as far as the share can rise; epoch 1 closed 25% of the base's gap to it") in out
+    assert [p.name for p in draw_plots(tmp_path / "improve-20250104-090000")] == ["reward.png", "heldout.png", "training.png"]

@@ -51,6 +51,10 @@ class FindingSpec:
     # findings drawn with this one that its templates name ("CNV ... with surrounding subretinal fluid"): a request
     # for it never states them absent (tests/test_parse.py checks the graph's reader finds no others in its phrases)
     implies: tuple[str, ...] = ()
+    # findings the renderer may draw with this one, and then reports present, without its phrases naming them (a mass's
+    # midline shift, a CNV's intraretinal cysts from moderate up, a macular hole's cystic edges): a request for this one
+    # never states them absent, since no phantom could show it so
+    accompanies: tuple[str, ...] = ()
 
 
 @dataclass

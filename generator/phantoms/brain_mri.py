@@ -646,6 +646,7 @@ FINDINGS = {
         severities=SEVERITIES,
         severity_words={"mild": ("small",), "moderate": ("moderate-sized", "medium-sized"), "severe": ("large",)},
         location_words={lobe: (lobe, f"{lobe} lobe") for lobe in LOBES},
+        accompanies=("midline_shift",),  # a mass that shifts the midline by 1 mm or more is drawn and reported with it
     ),
     "infarct": FindingSpec(
         name="infarct",
@@ -681,6 +682,7 @@ FINDINGS = {
         severity_words={"mild": ("small",), "moderate": ("moderate-sized", "moderate"), "severe": ("large",)},
         location_words={"basal_ganglia": ("basal ganglia", "putaminal"), "thalamus": ("thalamic",),
                         **{lobe: (f"{lobe} lobar", lobe) for lobe in LOBES}},
+        accompanies=("midline_shift",),
     ),
     "atrophy": FindingSpec(
         name="atrophy",

@@ -628,7 +628,7 @@ FINDINGS = {
         locations=FOVEAL_LOCATIONS, severities=("mild", "moderate", "severe"),
         severity_words={"mild": ("small",), "moderate": ("moderate", "medium-sized"), "severe": ("large", "extensive")},
         location_words=_LOC_BENEATH,
-        excludes=("macular_hole",), implies=("subretinal_fluid",)),
+        excludes=("macular_hole",), implies=("subretinal_fluid",), accompanies=("intraretinal_fluid",)),
     "macular_hole": FindingSpec(
         name="macular_hole",
         terms=("full-thickness macular hole", "FTMH", "macular hole"),
@@ -638,7 +638,7 @@ FINDINGS = {
                    "{severity} {term} with cystic thickening of the edges"),
         severities=("small", "medium", "large"),
         severity_words={"small": ("small",), "medium": ("medium", "medium-sized"), "large": ("large",)},
-        excludes=("choroidal_neovascularization", "pigment_epithelial_detachment")),
+        excludes=("choroidal_neovascularization", "pigment_epithelial_detachment"), accompanies=("intraretinal_fluid",)),
 }
 
 SPEC = PhantomSpec(

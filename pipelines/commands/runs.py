@@ -138,6 +138,8 @@ def format_run(run: dict) -> str:
         parts.append("held-out evaluations (epoch 0: the base model)\n" + _evals_table(run))
     if run.get("gain"):
         parts.append(_gain_table(run["gain"]))
+    if run.get("reference"):
+        parts.append(_reference_note(run))
     notes = [f"guard (epoch {g['epoch']}): {g['message']}" for g in run["guards"]]
     if run["end"]:
         end = run["end"]
@@ -160,11 +162,27 @@ def _gain_table(gain: dict) -> str:
         cells = []
         for key, _ in shown:
             m = metrics[key]
+            ref = f" (ref {_fmt(m['reference'])})" if key == "all_requested_shown" and m.get("reference") is not None else ""
             cells.append("-" if m["base"] is None and m["after"] is None else
-                         f"{_fmt(m['base'])} -> {_fmt(m['after'])}")
+                         f"{_fmt(m['base'])} -> {_fmt(m['after'])}{ref}")
         rows.append([name, *cells])
     return (f"gain on the held-out prompts, base (epoch 0) -> epoch {gain['epoch']} (judged by the evaluator classifier)\n"
             + table(rows, ["modality", *[h for _, h in shown]]))
+
+
+def _reference_note(run: dict) -> str:
+    ref = run["reference"]
+    what = ("phantoms drawn to each held-out request" if ref.get("source") == "phantoms"
+            else "real reference images with each held-out request's labels")
+    shown = (ref.get("overall") or {}).get("all_requested_shown")
+    line = (f"reference: {what} ({_fmt(ref.get('per_request'))} per request), judged alike, show every requested finding in "
+            f"{_fmt(shown)} of images (finding acc {_fmt((ref.get('overall') or {}).get('finding_accuracy'))}): "
+            "as far as the share can rise")
+    gain = run.get("gain")
+    cell = ((gain or {}).get("rows") or {}).get("mean", {}).get("all_requested_shown") or {}
+    if cell.get("gap_closed") is not None:
+        line += f"; epoch {gain['epoch']} closed {100 * cell['gap_closed']:.0f}% of the base's gap to it"
+    return line
 
 
 def _epochs_table(run: dict) -> str:
