@@ -208,6 +208,12 @@ class DDPOConfig(Section):
     objective: Literal["ppo", "draft"] = "ppo"
     draft_steps: int = Field(2, ge=1)  # K of DRaFT-K: the last K of the ``steps`` denoising steps carry the gradient
     kl_weight: float = Field(0.0, ge=0)  # beta of the KL penalty to the base model (adapter disabled); 0: no penalty (and no extra forward pass)
+    # draft: the classifier's likelihood is averaged over this many views of each decoded image, each shifted and zoomed a
+    # little (rlhf.ddpo.jittered_views; the classifiers trained with such jitter), so the gradient cannot rest on one pixel
+    # pattern only the reward classifier reads; 1: the image as decoded
+    draft_views: int = Field(1, ge=1)
+    draft_view_shift: float = Field(0.06, ge=0, lt=0.5)  # largest shift of a view, share of the side
+    draft_view_zoom: float = Field(0.08, ge=0, lt=0.5)  # largest zoom in or out of a view
     lr: float = Field(5e-4, gt=0)  # AdamW learning rate of the LoRA weights
     weight_decay: float = Field(1e-4, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)  # gradient clipping, L2 over the LoRA parameters

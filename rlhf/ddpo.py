@@ -161,6 +161,27 @@ def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, r
     return per_element.sum(dim=dims) if reduce == "sum" else per_element.mean(dim=dims)
 
 
+def jittered_views(images: torch.Tensor, views: int, generator: torch.Generator, max_shift: float = 0.06,
+                   max_zoom: float = 0.08) -> torch.Tensor:
+    """``views`` differentiable copies of each image (``(views * B, C, H, W)``, view-major), each shifted by up to
+    ``max_shift`` of the side and zoomed by up to ``max_zoom`` (uniform draws from ``generator``; borders repeat).
+    A reward-gradient objective that averages a classifier over such views must change what the classifier still
+    reads after the jitter it was trained with, not one pixel pattern only it sees. ``views == 1``: the images."""
+    if views == 1:
+        return images
+    b = images.shape[0]
+    n = views * b
+    zoom = 1 + (torch.rand(n, generator=generator) * 2 - 1) * max_zoom
+    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * (2 * max_shift)  # affine_grid's coordinates span 2 per side
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / zoom
+    theta[:, :, 2] = shift
+    theta = theta.to(images.device, images.dtype)
+    repeated = images.repeat(views, 1, 1, 1)
+    grid = F.affine_grid(theta, list(repeated.shape), align_corners=False)
+    return F.grid_sample(repeated, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def findings_log_likelihood(logits: torch.Tensor, stated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The differentiable form of the findings reward (``findings_form="log"``) for reward-gradient updates.
 

@@ -35,7 +35,7 @@ from generator.sampling import guided_conditioning, guided_prediction, initial_n
 
 from .config import DDPOConfig, SelectionConfig
 from .ddpo import (PerPromptStatTracker, batch_advantages, clip_advantages, findings_log_likelihood, gaussian_kl, group_advantages,
-                   ppo_clip_loss)
+                   jittered_views, ppo_clip_loss)
 
 log = logging.getLogger(__name__)
 
@@ -338,14 +338,17 @@ class DDPOTrainer:
                 images = model.decode(x).float()
                 ll = torch.zeros(len(batch), device=images.device)
                 has = torch.zeros(len(batch), dtype=torch.bool, device=images.device)
+                views = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, epoch, rollout.indices[batch[0]], 23])
+                                                          .integers(2**31 - 1)))
                 for modality in dict.fromkeys(it.modality for it in items):
                     index = torch.as_tensor([i for i, it in enumerate(items) if it.modality == modality], device=images.device)
                     classifier = scorer.classifiers[modality]
-                    logits = classifier.differentiable_logits(images[index])
-                    value, mask = findings_log_likelihood(logits, self._stated([items[i] for i in index.tolist()],
-                                                                               classifier.label_names).to(logits.device))
-                    ll = ll.index_put((index,), value.to(ll.dtype))
-                    has = has.index_put((index,), mask)
+                    seen = jittered_views(images[index], cfg.draft_views, views, cfg.draft_view_shift, cfg.draft_view_zoom)
+                    stated = self._stated([items[i] for i in index.tolist()], classifier.label_names)
+                    value, mask = findings_log_likelihood(classifier.differentiable_logits(seen),
+                                                          stated.repeat(cfg.draft_views, 1).to(seen.device))
+                    ll = ll.index_put((index,), value.view(cfg.draft_views, -1).mean(0).to(ll.dtype))
+                    has = has.index_put((index,), mask[:len(index)])
                 loss = (-(ll * has).sum() + cfg.kl_weight * kl.sum()) / global_count
                 if not torch.isfinite(loss):
                     bad = [rollout.indices[int(i)] for i in batch]

@@ -143,3 +143,26 @@ def test_reward_rejects_an_unknown_findings_form():
 
     with pytest.raises(ValueError, match="findings_form must be 'prob' or 'log'"):
         Reward({"quality": 1.0}, {"quality": object()}, findings_form="logit")
+
+
+def test_jittered_views_shift_and_zoom_by_the_drawn_amounts_and_pass_the_gradient():
+    from rlhf.ddpo import jittered_views
+
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    assert jittered_views(images, 1, torch.Generator()) is images
+    still = jittered_views(images, 3, torch.Generator().manual_seed(0), max_shift=0.0, max_zoom=0.0)
+    assert still.shape == (6, 3, 32, 32) and torch.allclose(still, images.repeat(3, 1, 1, 1), atol=1e-5)
+    a = jittered_views(images, 3, torch.Generator().manual_seed(1))
+    b = jittered_views(images, 3, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.allclose(a[:2], images, atol=1e-3)  # seeded, and each view moved
+    # a bright square moves by at most max_shift of the side plus the zoom's share: its centre stays within 0.06 * 32 + 0.08 * 16 px
+    square = torch.zeros(1, 1, 32, 32)
+    square[..., 12:20, 12:20] = 1.0
+    views = jittered_views(square, 16, torch.Generator().manual_seed(2))
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    mass = views.sum(dim=(1, 2, 3))
+    cy, cx = (views[:, 0] * ys).sum(dim=(1, 2)) / mass, (views[:, 0] * xs).sum(dim=(1, 2)) / mass
+    moved = torch.maximum((cy - 15.5).abs(), (cx - 15.5).abs())
+    assert moved.max() <= 0.06 * 32 + 0.08 * 16 and moved.max() > 0.5
+    a.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0

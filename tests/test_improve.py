@@ -354,16 +354,19 @@ def _draft_ll(trainer, rollout, noise=None) -> tuple[float, list, torch.Tensor]:
     return total / max(count, 1), held, x
 
 
-def test_the_draft_objective_raises_the_reward_classifiers_likelihood_on_the_same_rollouts(base_model, tmp_path):
+@pytest.mark.parametrize("views", [1, 3])
+def test_the_draft_objective_raises_the_reward_classifiers_likelihood_on_the_same_rollouts(base_model, tmp_path, views):
     """DRaFT-K: the held noise makes the differentiated image the rollout's own (value unchanged), and a few
-    reward-gradient steps raise the reward classifier's log likelihood of the expected findings."""
+    reward-gradient steps raise the reward classifier's log likelihood of the expected findings (of the image as
+    decoded, also when the gradient comes from jittered views of it)."""
     from accelerate import Accelerator
 
     from pipelines.improve import build_parts
     from rlhf.trainer import DDPOTrainer
 
     cfg = load_config(write_profile(tmp_path, settings(base_model, **{"improve.ddpo.objective": "draft", "improve.ddpo.draft_steps": 2,
-                                                                     "improve.ddpo.lr": 5e-3, "improve.ddpo.steps": 3})))
+                                                                     "improve.ddpo.lr": 5e-3, "improve.ddpo.steps": 3,
+                                                                     "improve.ddpo.draft_views": views})))
     ic = cfg.improve
     parts = build_parts(cfg, progress=False, load_eval=False)
     trainer = DDPOTrainer(parts.model, parts.reward, ic.ddpo, ic.selection, Accelerator(cpu=True), None)
