@@ -271,7 +271,7 @@ def reference_line(records: list[dict]) -> dict[str, Any] | None:
     if not lines:
         return None
     r = lines[-1]
-    return {k: r.get(k) for k in ("source", "per_request", "overall", "per_modality", "seconds")}
+    return {k: r.get(k) for k in ("source", "per_request", "overall", "per_modality", "missing", "seconds")}
 
 
 def gain_table(evals: list[dict], best: int | None, reference: dict | None = None) -> dict[str, Any] | None:

@@ -113,7 +113,9 @@ def request_references(items: Sequence[Any], reference: ReferenceSet, per_reques
 def reference_evaluation(items: Sequence[Any], judges: Judges, reference: ReferenceSet, eval_cfg: EvalConfig,
                          per_request: int, seed: int) -> dict[str, Any]:
     """The held-out table of :func:`request_references`' images: ``{"overall", "per_modality", "source", "per_request",
-    "seconds"}``, in the same metrics as :func:`heldout_evaluation` (memorisation left out: these images are no model's)."""
+    "missing", "seconds"}``, in the same metrics as :func:`heldout_evaluation` (memorisation left out: these images are
+    no model's). ``missing``: modalities with fewer than 2 such images (real images: none holds the requests' labels);
+    with any, ``overall`` is None throughout, since a mean over fewer modalities bounds nothing."""
     started = time.perf_counter()
     ref_items, images = request_references(items, reference, per_request, seed)
     index = {id(it): p for p, it in enumerate(items)}
@@ -128,9 +130,11 @@ def reference_evaluation(items: Sequence[Any], judges: Judges, reference: Refere
                       [str(index[id(it)]) for it in sub_items], expected_rows(sub_items, labels), reference.features[m], None,
                       judges, eval_cfg, reference.images[m], None)
         per_modality[m] = {key: row.get(key) for key in HEADLINE if key != "memorised_share"} | {"n": row["n"]}
-    overall = _mean_over_modalities(per_modality)
+    missing = [m for m in dict.fromkeys(it.modality for it in items) if m not in per_modality]
+    # a mean over fewer modalities than the generated images' is no ceiling of theirs: left out, the rows stand
+    overall = {key: None for key in HEADLINE} if missing else _mean_over_modalities(per_modality)
     return {"overall": overall, "per_modality": per_modality, "source": reference.kind, "per_request": per_request,
-            "seconds": round(time.perf_counter() - started, 2)}
+            "missing": missing, "seconds": round(time.perf_counter() - started, 2)}
 
 
 def expected_rows(items: Sequence[Any], labels: Sequence[str]) -> np.ndarray:

@@ -96,6 +96,20 @@ def test_open_run_gives_series_grids_and_the_same_numbers_as_runs_show(runs_dir)
     assert set(run["series"]["per_modality"]) == {"cxr", "oct"}
     assert [e for e, _ in run["grids"]] == [1, 2, 3, 4]
     assert not run.get("warnings")  # the half-written last line is left out, not reported
+    assert not any(name.endswith("(reference)") for name in heldout)  # this run logged no reference
+
+
+def test_open_run_draws_the_reference_as_a_level_line_across_the_evaluations(tmp_path):
+    from test_runs import epoch_line, eval_line, step_lines, write_run
+
+    reference = {"kind": "reference", "epoch": 0, "source": "phantoms", "per_request": 8,
+                 "overall": {"all_requested_shown": 0.6, "requested_shown": 0.8, "finding_accuracy": 0.9, "fd": 30.0}, "per_modality": {}}
+    write_run(tmp_path, "improve-20250104-090000", [eval_line(0, 0.4, 50.0, True), reference, *step_lines(1), epoch_line(1),
+                                                    eval_line(1, 0.45, 48.0, True)], "2025-01-04T09:00:00")
+    heldout = data.open_run("improve-20250104-090000", tmp_path)["series"]["heldout"]
+    assert heldout["all_requested_shown (reference)"] == [(0, 0.6), (1, 0.6)]
+    assert heldout["finding_accuracy (reference)"] == [(0, 0.9), (1, 0.9)]
+    assert "fd (reference)" not in heldout  # a distance has no ceiling; FD keeps its own plot
 
 
 def test_open_run_of_a_train_run_plots_its_numbers(runs_dir):  # noqa: F811

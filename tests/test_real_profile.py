@@ -118,6 +118,11 @@ def test_the_loop_runs_on_the_real_profile_in_its_words_against_real_images(medd
     assert [e["epoch"] for e in evals] == [0, 1]
     for row in evals[0]["per_modality"].values():
         assert np.isfinite(row["fd"]) and row["memorised_share"] is not None  # against real validation and training images
+    # the reference: real validation images whose labels hold each held-out request, where there are any
+    reference = [r for r in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()) if r.get("kind") == "reference"]
+    assert len(reference) == 1 and reference[0]["source"] == "real"
+    assert set(reference[0]["per_modality"]) | set(reference[0]["missing"]) == set(evals[0]["per_modality"])
+    assert reference[0]["per_modality"] and all(row["n"] >= 2 for row in reference[0]["per_modality"].values())
 
 
 @pytest.mark.slow

@@ -243,3 +243,17 @@ def test_the_gain_says_how_much_of_the_gap_to_the_reference_was_closed(tmp_path,
     assert ("reference: phantoms drawn to each held-out request (8 per request), judged alike, show every requested finding "
             "in 0.600 of images (finding acc 0.900): as far as the share can rise; epoch 1 closed 25% of the base's gap to it") in out
     assert [p.name for p in draw_plots(tmp_path / "improve-20250104-090000")] == ["reward.png", "heldout.png", "training.png"]
+
+
+def test_a_reference_without_every_modality_gives_per_modality_figures_only(tmp_path, capsys):
+    reference = {"kind": "reference", "epoch": 0, "source": "real", "per_request": 8, "missing": ["oct"],
+                 "overall": {"all_requested_shown": None, "finding_accuracy": None},
+                 "per_modality": {"cxr": {"all_requested_shown": 0.70}}}
+    lines = [eval_line(0, 0.40, 50.0, True), reference, *step_lines(1), epoch_line(1), eval_line(1, 0.45, 48.0, True)]
+    write_run(tmp_path, "improve-20250105-090000", lines, "2025-01-05T09:00:00")
+    run = show_run("improve-20250105-090000", tmp_path)
+    assert run["gain"]["rows"]["mean"]["all_requested_shown"]["reference"] is None
+    assert run["gain"]["rows"]["cxr"]["all_requested_shown"]["gap_closed"] == pytest.approx(0.05 / 0.30)  # cxr: 0.40 -> 0.45, ref 0.70
+    assert main(["runs", "show", "improve-20250105-090000", "--runs-dir", str(tmp_path)]) == 0
+    assert ("reference: real reference images with each held-out request's labels (8 per request), judged alike, show every "
+            "requested finding in cxr 0.700; none for oct") in capsys.readouterr().out

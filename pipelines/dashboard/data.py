@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from generator.fileio import write_bytes_atomic
-from pipelines.runs import RUN_KIND, is_run_dir, lines_by_epoch, list_runs, read_metrics, resolve_run, show_run
+from pipelines.runs import RUN_KIND, SHARE_METRICS, is_run_dir, lines_by_epoch, list_runs, read_metrics, resolve_run, show_run
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")  # what the pages show (DICOM is read, not served)
 RATINGS_COLUMNS = ("image_path", "rating", "modality", "expert_level", "prompt")  # MINIM's format, rlhf.selector reads it
@@ -210,6 +210,12 @@ def improve_series(run: dict) -> dict[str, dict[str, list]]:
         for name, value in e["overall"].items():
             if _is_number(value):
                 heldout.setdefault(name, []).append((e["epoch"], float(value)))
+    # what images that truly show each request score (the run's reference line): a level line across the evaluations
+    reference = (run.get("reference") or {}).get("overall") or {}
+    epochs = [e["epoch"] for e in run["evals"]]
+    for name in SHARE_METRICS:
+        if epochs and _is_number(reference.get(name)):
+            heldout[f"{name} (reference)"] = [(min(epochs), float(reference[name])), (max(epochs), float(reference[name]))]
     return {"reward": reward, "heldout": heldout, "per_modality": per_modality}
 
 
