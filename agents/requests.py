@@ -205,6 +205,11 @@ class PromptSampler:
             location = str(rng.choice(fspec.locations)) if fspec.locations else None
             findings.append({"name": name, "present": True, "severity": severity, "laterality": side, "location": location,
                              "stated": True})
+        sided = {f["name"]: f["laterality"] for f in findings if f["laterality"] in ("left", "right")}
+        for f in findings:  # a side another present finding sets (FindingSpec.side_away_from): the other side of its
+            pusher = next((n for n in specs[f["name"]].side_away_from if n in sided), None)
+            if pusher and f["laterality"]:
+                f["laterality"] = "right" if sided[pusher] == "left" else "left"
         # pertinent negatives; one may name a finding a present one excludes ("no pneumothorax" beside an effusion), never
         # one the present findings' own phrases state ("choroidal neovascularisation with surrounding subretinal fluid")
         implied = self._implied(modality, findings)

@@ -55,6 +55,9 @@ class FindingSpec:
     # midline shift, a CNV's intraretinal cysts from moderate up, a macular hole's cystic edges): a request for this one
     # never states them absent, since no phantom could show it so
     accompanies: tuple[str, ...] = ()
+    # findings that set this one's side when drawn with it: it lies on the other side of theirs (a mass pushes the
+    # midline away from itself), so a request never asks for "left tumour, leftward midline shift"
+    side_away_from: tuple[str, ...] = ()
 
 
 @dataclass

@@ -708,6 +708,7 @@ FINDINGS = {
         sides=("left", "right"),
         severities=SEVERITIES,
         severity_words={"mild": ("mild", "slight"), "moderate": ("moderate",), "severe": ("marked", "severe")},
+        side_away_from=("tumor", "hemorrhage"),
     ),
     "ms_lesions": FindingSpec(
         name="ms_lesions",
