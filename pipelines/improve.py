@@ -576,10 +576,16 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
         if main:
             stopped = evaluate(0, lines)
             if ic.eval.reference_per_request:
+                from rlhf.evaluate import request_cases
                 from rlhf.heldout import reference_evaluation
 
+                cases = None  # real images: every validation row whose labels hold a request, not only the FD's sample
+                if parts.reference.kind == "real":
+                    cases = request_cases(list(cfg.data.manifests), cfg.data, model.cfg.image_size, heldout,
+                                          ic.eval.reference_per_request, ic.eval.reference_seed)
                 lines.append({"kind": "reference", "epoch": 0, **reference_evaluation(
-                    heldout, parts.judges, parts.reference, cfg.judges.eval, ic.eval.reference_per_request, ic.eval.reference_seed)})
+                    heldout, parts.judges, parts.reference, cfg.judges.eval, ic.eval.reference_per_request,
+                    ic.eval.reference_seed, cases)})
         finish_epoch(0, lines, [])
         start_epoch = 1
     for epoch in range(start_epoch, ic.ddpo.epochs + 1):

@@ -25,6 +25,7 @@ import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,31 @@ def manifest_cases(manifests: list[str], data_cfg, size: int, modalities: list[s
             image = transform.image(load_row(r, transform.modalities)["image"], r.modality)
             cases.append(EvalCase(image, r.text, r.modality, r.findings, complete_truth=r.source.startswith("phantom")))
     return cases
+
+
+def request_cases(manifests: list[str], data_cfg, size: int, items: Sequence[Any], per_request: int, seed: int) -> list[EvalCase]:
+    """Real validation images that show each request (``items``: the loop's held-out requests): per request, up to
+    ``per_request`` validation rows whose present labels hold every finding it asks for (a normal request: rows with
+    none), chosen with ``seed``, each image read once. Only validation rows: the generator never trained on them."""
+    from generator.data import iter_manifest
+    from generator.data.sources import load_row
+    from generator.data.transforms import RecordTransform
+
+    modalities = {it.modality for it in items}
+    rows = [r for manifest in manifests for r in iter_manifest(manifest, data_cfg.modalities)
+            if r.modality in modalities and r.source.endswith(":val")]
+    rng = np.random.default_rng(seed)
+    chosen: dict[int, Any] = {}
+    for it in items:
+        wanted = set(it.present)
+        fits = [i for i, r in enumerate(rows) if r.modality == it.modality
+                and (wanted <= {f["name"] for f in r.findings if f.get("present")} if wanted
+                     else not any(f.get("present") for f in r.findings))]
+        for i in sorted(rng.permutation(fits)[:per_request].tolist()):
+            chosen.setdefault(i, rows[i])
+    transform = RecordTransform(data_cfg.model_copy(update={"image_size": size}), as_tensor=False)
+    return [EvalCase(transform.image(load_row(r, transform.modalities)["image"], r.modality), r.text, r.modality, r.findings,
+                     complete_truth=False) for _, r in sorted(chosen.items())]
 
 
 def choose_prompts(cases: list[EvalCase], k: int, seed: int) -> list[EvalCase]:
@@ -366,7 +392,7 @@ def to_json(result: dict[str, Any]) -> str:
     return json.dumps(result, indent=2, default=default, allow_nan=True)
 
 
-__all__ = ["EvalCase", "Judges", "choose_prompts", "evaluate", "expected_matrix", "load_judges", "manifest_cases", "model_training_images",
+__all__ = ["EvalCase", "Judges", "choose_prompts", "request_cases", "evaluate", "expected_matrix", "load_judges", "manifest_cases", "model_training_images",
            "read_training_images",
            "markdown_table", "measure", "phantom_cases"]
 

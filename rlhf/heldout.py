@@ -85,14 +85,16 @@ def phantom_of_request(item: Any, size: int, seed: int | tuple[int, ...], tries:
                     f"{', '.join(sorted(absent))} in {tries} draws: its renderer always draws them together")
 
 
-def request_references(items: Sequence[Any], reference: ReferenceSet, per_request: int, seed: int) -> tuple[list[Any], list[np.ndarray]]:
+def request_references(items: Sequence[Any], reference: ReferenceSet, per_request: int, seed: int,
+                       cases: Sequence[Any] | None = None) -> tuple[list[Any], list[np.ndarray]]:
     """Images that truly show each held-out request, ``per_request`` each: ``(items, images)``, request-major.
 
     On phantoms they are drawn to the request (its stated findings with their severity, side and location; a
     finding another implies is drawn by it), with seeds of their own. On real images they are the reference's
     images whose labels hold every finding the request asks for (up to ``per_request``; a request no image matches
-    has none). Judged like the generated images, they say what the evaluator gives images that show the request:
-    the share the generator can be asked to reach."""
+    has none; ``cases``: where to look instead of the reference's own images, e.g. :func:`rlhf.evaluate.request_cases`).
+    Judged like the generated images, they say what the evaluator gives images that show the request: the share the
+    generator can be asked to reach."""
     out_items, out_images = [], []
     for p, it in enumerate(items):
         if reference.kind == "phantoms":
@@ -101,7 +103,7 @@ def request_references(items: Sequence[Any], reference: ReferenceSet, per_reques
                 out_images.append(phantom_of_request(it, reference.size, (seed, p, i)).image)
         else:
             wanted = set(it.present)
-            matches = [c for c in reference.cases if c.modality == it.modality
+            matches = [c for c in (reference.cases if cases is None else cases) if c.modality == it.modality
                        and wanted <= {f["name"] for f in c.findings if f.get("present")}
                        and (wanted or not any(f.get("present") for f in c.findings))]
             for c in matches[:per_request]:
@@ -111,13 +113,13 @@ def request_references(items: Sequence[Any], reference: ReferenceSet, per_reques
 
 
 def reference_evaluation(items: Sequence[Any], judges: Judges, reference: ReferenceSet, eval_cfg: EvalConfig,
-                         per_request: int, seed: int) -> dict[str, Any]:
+                         per_request: int, seed: int, cases: Sequence[Any] | None = None) -> dict[str, Any]:
     """The held-out table of :func:`request_references`' images: ``{"overall", "per_modality", "source", "per_request",
     "missing", "seconds"}``, in the same metrics as :func:`heldout_evaluation` (memorisation left out: these images are
     no model's). ``missing``: modalities with fewer than 2 such images (real images: none holds the requests' labels);
     with any, ``overall`` is None throughout, since a mean over fewer modalities bounds nothing."""
     started = time.perf_counter()
-    ref_items, images = request_references(items, reference, per_request, seed)
+    ref_items, images = request_references(items, reference, per_request, seed, cases)
     index = {id(it): p for p, it in enumerate(items)}
     per_modality: dict[str, dict] = {}
     for m in dict.fromkeys(it.modality for it in items):
