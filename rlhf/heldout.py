@@ -10,6 +10,7 @@ its data's validation rows (:func:`rlhf.evaluate.manifest_cases`).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ from generator.errors import UserError
 from .config import EvalConfig, HeldoutConfig
 from .evaluate import Judges, _batched, measure, phantom_cases
 from .scorers import as_image_batch
+
+log = logging.getLogger(__name__)
 
 HEADLINE = ("all_requested_shown", "requested_shown", "finding_accuracy", "all_findings_agree", "fd", "ms_ssim", "clip_score",
             "selector_quality", "memorised_share", "quality_ok")
@@ -65,8 +68,8 @@ def _mean_over_modalities(per_modality: dict[str, dict]) -> dict[str, float | No
 def phantom_of_request(item: Any, size: int, seed: int | tuple[int, ...], tries: int = 50):
     """A phantom study drawn to a request: its stated findings with their severity, side and location (a finding
     another implies is drawn by that one, or asked for when it was not), and none the request says is absent (a
-    renderer may draw one alongside, as OCT's CNV sometimes draws intraretinal fluid: such a draw is made again
-    with the next seed)."""
+    renderer may draw one alongside: such a draw is made again with the next seed). None when ``tries`` draws all
+    hold a finding the request denies (its renderer always draws them together)."""
     from generator.phantoms import Finding, make_phantom
 
     stated = [Finding(f["name"], side=f.get("laterality"), location=f.get("location"), severity=f.get("severity"))
@@ -81,8 +84,7 @@ def phantom_of_request(item: Any, size: int, seed: int | tuple[int, ...], tries:
             study = make_phantom(item.modality, stated + [Finding(n) for n in sorted(missing)], size=size, seed=study_seed)
         if not absent & {f.name for f in study.findings if f.present}:
             return study
-    raise UserError(f"no phantom of {item.modality} with {', '.join(item.present) or 'no finding'} and without "
-                    f"{', '.join(sorted(absent))} in {tries} draws: its renderer always draws them together")
+    return None
 
 
 def request_references(items: Sequence[Any], reference: ReferenceSet, per_request: int, seed: int,
@@ -99,8 +101,14 @@ def request_references(items: Sequence[Any], reference: ReferenceSet, per_reques
     for p, it in enumerate(items):
         if reference.kind == "phantoms":
             for i in range(per_request):
+                study = phantom_of_request(it, reference.size, (seed, p, i))
+                if study is None:
+                    log.warning("no phantom shows the held-out request %s: its renderer always draws one of the findings "
+                                "it denies (%s); the reference leaves it out", it.key,
+                                ", ".join(f["name"] for f in it.findings if not f["present"]))
+                    break
                 out_items.append(it)
-                out_images.append(phantom_of_request(it, reference.size, (seed, p, i)).image)
+                out_images.append(study.image)
         else:
             wanted = set(it.present)
             matches = [c for c in (reference.cases if cases is None else cases) if c.modality == it.modality

@@ -89,3 +89,16 @@ def test_real_references_are_the_images_whose_labels_hold_the_request():
     got, _ = request_references([request("effusion")], reference, 1, 0)
     assert len(got) == 1
 
+
+
+def test_a_request_no_phantom_can_show_is_left_out_of_the_reference_with_a_warning(loop_parts, caplog):
+    cfg, parts = loop_parts
+    hole = {"name": "macular_hole", "present": True, "severity": "small", "laterality": None, "location": None, "stated": True}
+    dry = {"name": "intraretinal_fluid", "present": False, "severity": None, "laterality": None, "location": None, "stated": True}
+    impossible = ImagePrompt("oct", "q", "p", "", (hole, dry), key="oct:macular_hole")  # the renderer draws a hole's cystic edges
+    assert phantom_of_request(impossible, 64, (3, 0, 0), tries=5) is None
+    fine = ImagePrompt("oct", "q", "p", "", (hole,), key="oct:macular_hole")
+    with caplog.at_level("WARNING"):
+        got, images = request_references([impossible, fine], parts.reference, 2, 3)
+    assert [g.key for g in got] == ["oct:macular_hole"] * 2 and got[0] is fine and len(images) == 2
+    assert "no phantom shows the held-out request oct:macular_hole" in caplog.text and "intraretinal_fluid" in caplog.text
