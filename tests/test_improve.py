@@ -80,6 +80,7 @@ def test_a_run_writes_its_directory_and_logs(base_model, tmp_path, capsys):
     printed = capsys.readouterr().out
     run = tmp_path / "run"
     assert "plots:" in printed and str(run / "plots") in printed
+    assert "; images that truly show the requests: " in printed  # the reference beside the best share
     for name in ("config.yaml", "metadata.json", "metrics.jsonl", "samples.jsonl", "heldout_prompts.jsonl", "combinations.json",
                  "grids/epoch_0001.png", "grids/epoch_0002.png", "plots/reward.png", "plots/heldout.png", "plots/training.png",
                  "final/lora.safetensors", "final/pytorch_lora_weights.safetensors", "best/lora.safetensors",

@@ -48,6 +48,8 @@ def _improve(args, extra) -> int:
         cfg = resolve_config(args, extra, flags)
         end = run_improve(cfg, Path(args.run_dir) if args.run_dir else None, progress=not args.no_progress,
                           command="synthmed " + " ".join(sys.argv[1:]))
+    from pipelines.runs import read_metrics, reference_line
+
     root = Path(end["run"])
     if end["status"] != "finished":
         print(f"\n{end['message']}")
@@ -56,8 +58,9 @@ def _improve(args, extra) -> int:
     if best:
         overall = best.get("overall") or {}
         share = overall.get("all_requested_shown")
-        print(f"best held-out epoch: {best.get('epoch')} (every requested finding shown: "
-              f"{share:.3f})" if share is not None else f"best held-out epoch: {best.get('epoch')}")
+        ceiling = ((reference_line(read_metrics(root)) or {}).get("overall") or {}).get("all_requested_shown")
+        print(f"best held-out epoch: {best.get('epoch')}" + ("" if share is None else f" (every requested finding shown: {share:.3f}"
+              + ("" if ceiling is None else f"; images that truly show the requests: {ceiling:.3f}") + ")"))
     print(f"logs:     {root / 'metrics.jsonl'}, {root / 'samples.jsonl'}")
     print(f"plots:    {root / 'plots'}  (reward.png, heldout.png, training.png)")
     print(f"grids:    {root / 'grids'}, {root / 'heldout'}")
