@@ -244,7 +244,7 @@ class HeldoutConfig(Section):
     # Images that truly show each held-out request, judged like the generated ones once per run (the "reference" line of
     # metrics.jsonl): phantoms drawn to the request, or the real reference images with its labels. They say how far the
     # evaluator's share can rise: on the default profile's held-out set, phantoms of the requests show every requested
-    # finding in 0.18 of images (docs/improve/long_runs.md). 0: not measured.
+    # finding in 0.172 of images (docs/improve/long_runs.md). 0: not measured.
     reference_per_request: int = Field(8, ge=0)
     reference_seed: int = Field(4343, ge=0)  # seed of the phantoms drawn to the requests (distinct from the classifiers' 4242)
 
