@@ -103,6 +103,13 @@ def manifest_cases(manifests: list[str], data_cfg, size: int, modalities: list[s
     return cases
 
 
+def holds_request(findings: Sequence[dict], present: Sequence[str]) -> bool:
+    """Whether an image with these labelled ``findings`` shows a request for the ``present`` findings: its present labels
+    hold every one of them, or, for a normal request, it has none."""
+    labels = {f["name"] for f in findings if f.get("present")}
+    return set(present) <= labels if present else not labels
+
+
 def request_cases(manifests: list[str], data_cfg, size: int, items: Sequence[Any], per_request: int, seed: int) -> list[EvalCase]:
     """Real validation images that show each request (``items``: the loop's held-out requests): per request, up to
     ``per_request`` validation rows whose present labels hold every finding it asks for (a normal request: rows with
@@ -117,10 +124,7 @@ def request_cases(manifests: list[str], data_cfg, size: int, items: Sequence[Any
     rng = np.random.default_rng(seed)
     chosen: dict[int, Any] = {}
     for it in items:
-        wanted = set(it.present)
-        fits = [i for i, r in enumerate(rows) if r.modality == it.modality
-                and (wanted <= {f["name"] for f in r.findings if f.get("present")} if wanted
-                     else not any(f.get("present") for f in r.findings))]
+        fits = [i for i, r in enumerate(rows) if r.modality == it.modality and holds_request(r.findings, it.present)]
         for i in sorted(rng.permutation(fits)[:per_request].tolist()):
             chosen.setdefault(i, rows[i])
     transform = RecordTransform(data_cfg.model_copy(update={"image_size": size}), as_tensor=False)
@@ -392,7 +396,7 @@ def to_json(result: dict[str, Any]) -> str:
     return json.dumps(result, indent=2, default=default, allow_nan=True)
 
 
-__all__ = ["EvalCase", "Judges", "choose_prompts", "request_cases", "evaluate", "expected_matrix", "load_judges", "manifest_cases", "model_training_images",
+__all__ = ["EvalCase", "Judges", "choose_prompts", "evaluate", "holds_request", "request_cases", "expected_matrix", "load_judges", "manifest_cases", "model_training_images",
            "read_training_images",
            "markdown_table", "measure", "phantom_cases"]
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from generator.errors import UserError
 
 from .config import EvalConfig, HeldoutConfig
-from .evaluate import Judges, _batched, measure, phantom_cases
+from .evaluate import Judges, _batched, holds_request, measure, phantom_cases
 from .scorers import as_image_batch
 
 log = logging.getLogger(__name__)
@@ -110,10 +110,8 @@ def request_references(items: Sequence[Any], reference: ReferenceSet, per_reques
                 out_items.append(it)
                 out_images.append(study.image)
         else:
-            wanted = set(it.present)
-            matches = [c for c in (reference.cases if cases is None else cases) if c.modality == it.modality
-                       and wanted <= {f["name"] for f in c.findings if f.get("present")}
-                       and (wanted or not any(f.get("present") for f in c.findings))]
+            matches = [c for c in (reference.cases if cases is None else cases)
+                       if c.modality == it.modality and holds_request(c.findings, it.present)]
             for c in matches[:per_request]:
                 out_items.append(it)
                 out_images.append(c.image)

@@ -174,16 +174,14 @@ def _reference_note(run: dict) -> str:
     ref = run["reference"]
     what = ("phantoms drawn to each held-out request" if ref.get("source") == "phantoms"
             else "real reference images with each held-out request's labels")
+    line = f"reference: {what} ({_fmt(ref.get('per_request'))} per request), judged alike, show every requested finding in "
     shown = (ref.get("overall") or {}).get("all_requested_shown")
     if shown is None:  # not every modality has reference images: per modality only
         rows = ref.get("per_modality") or {}
-        line = (f"reference: {what} ({_fmt(ref.get('per_request'))} per request), judged alike, show every requested finding in "
-                + ", ".join(f"{m} {_fmt(r.get('all_requested_shown'))}" for m, r in rows.items())
+        return (line + ", ".join(f"{m} {_fmt(r.get('all_requested_shown'))}" for m, r in rows.items())
                 + (f"; none for {', '.join(ref.get('missing') or [])}" if ref.get("missing") else ""))
-        return line
-    line = (f"reference: {what} ({_fmt(ref.get('per_request'))} per request), judged alike, show every requested finding in "
-            f"{_fmt(shown)} of images (finding acc {_fmt((ref.get('overall') or {}).get('finding_accuracy'))}): "
-            "as far as the share can rise")
+    line += (f"{_fmt(shown)} of images (finding acc {_fmt((ref.get('overall') or {}).get('finding_accuracy'))}): "
+             "as far as the share can rise")
     gain = run.get("gain")
     cell = ((gain or {}).get("rows") or {}).get("mean", {}).get("all_requested_shown") or {}
     if cell.get("gap_closed") is not None:
