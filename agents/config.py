@@ -30,8 +30,10 @@ class LLMConfig(Section):
 class VerifierConfig(Section):
     """How the verifier agent turns its tools' readings into a verdict (never with the held-out evaluator)."""
 
-    present_threshold: float = Field(0.5, ge=0, le=1)  # calibrated probability from which a requested finding counts as shown
-    absent_threshold: float = Field(0.5, ge=0, le=1)  # probability below which a negated finding counts as absent
+    # calibrated probability from which a requested finding counts as shown, and below which a negated one counts as absent;
+    # null: each label's operating point, fit with the reward classifier (its config.json "thresholds"; 0.5 where it has none)
+    present_threshold: float | None = Field(None, ge=0, le=1)
+    absent_threshold: float | None = Field(None, ge=0, le=1)
     min_alignment: float | None = Field(None, ge=-1, le=1)  # CLIP cosine below which a candidate fails; None: alignment ranks, never fails
     use_alignment: bool = True  # load the alignment model (rlhf/weights/clip) as a tool
     use_memorisation: bool = True  # compare with the generator's training images when they are on disk

@@ -70,6 +70,7 @@ class Verifier:
         # named findings no label stands for (not even as a kind of it): listed as not checked
         unchecked = [f for f in findings if not f.get("uncertain") and not project([f], label_order, self.lineage)]
         probs: dict[str, np.ndarray] = {}
+        points = self.findings.operating_points(modality) if hasattr(self.findings, "operating_points") else {}
         if modality in self.findings.classifiers:
             _, details = self.findings.score(images, [prompt] * n, [modality] * n, expected=[expected] * n)
             probs = {name: np.asarray(details[f"prob/{name}"]) for name in labels}
@@ -92,10 +93,12 @@ class Verifier:
                 if name not in probs:
                     continue
                 p = float(probs[name][i])
-                ok = p >= cfg.present_threshold if present else p < cfg.absent_threshold
+                threshold = cfg.present_threshold if present else cfg.absent_threshold
+                threshold = points.get(name, 0.5) if threshold is None else threshold
+                ok = p >= threshold if present else p < threshold
                 agreement.append(p if present else 1.0 - p)
                 rows.append({"name": name, "expected": "present" if present else "absent", "probability": round(p, 4),
-                             "threshold": cfg.present_threshold if present else cfg.absent_threshold, "pass": bool(ok), "checked": True})
+                             "threshold": round(threshold, 4), "pass": bool(ok), "checked": True})
                 if not ok:
                     failures.append(f"{name}: expected {'present' if present else 'absent'}, observed p={p:.2f}")
             # labels the request does not mention: reported, never failed (the request leaves them open)

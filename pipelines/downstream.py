@@ -44,10 +44,9 @@ def default_train(cfg, progress: bool = True) -> list[str]:
     cc = cfg.judges.classifier
     if cc.data:
         return list(cc.data)
-    from generator.phantoms.dataset import phantom_manifest
+    from pipelines.commands.common import classifier_phantoms
 
-    return [phantom_manifest(cfg.phantoms, cc.image_size, progress, per_finding=cc.phantoms_per_finding, seed=cc.phantoms_seed,
-                             suffix=f"_seed{cc.phantoms_seed}_{cc.phantoms_per_finding}pf")]
+    return [classifier_phantoms(cfg, progress)]
 
 
 def _rows(sources: Sequence[str], what: str, modalities, split: str | None = None) -> list:

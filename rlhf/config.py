@@ -21,12 +21,20 @@ class ClassifierConfig(Section):
     image_size: int = Field(64, ge=16)  # pixels; images are resized to this before classification
     data: list[str] = []  # manifests to train on; empty: the classifiers' own phantom set (phantoms_per_finding, phantoms_seed), drawn at image_size into <phantoms.out>_<image_size>px_seed<phantoms_seed>_<phantoms_per_finding>pf if absent
     phantoms_per_finding: int = Field(300, ge=1)  # studies per (modality, finding) of that set, the normal study counting as a finding (300: 2,100-2,700 images per modality, 12,300 in all); why 300: docs/judges/settings.md
+    # studies per pair of findings that can be drawn together (generator.phantoms.compatible_pairs), so the classifiers learn
+    # findings side by side: trained on one finding per image they missed one of two in most two-finding phantoms (the
+    # loop's held-out requests are mostly pairs); 0: single findings only (docs/judges/settings.md)
+    phantoms_per_pair: int = Field(40, ge=0)
     phantoms_seed: int = Field(4242, ge=0)  # seed of that set; must differ from judges.eval.seed (the evaluation's reference phantoms) and benchmark_seed, and differs from phantoms.seed so no generator training image is a classifier training image
     epochs: int = Field(12, ge=1)  # passes over the training split (measured choice: docs/judges/settings.md)
     batch_size: int = Field(64, ge=1)  # images per step
     lr: float = Field(2e-3, gt=0)  # peak learning rate (AdamW, cosine decay)
     weight_decay: float = Field(1e-4, ge=0)
     val_fraction: float = Field(0.15, gt=0, lt=1)  # share held back, half for calibration, half for AUROC
+    # each label's operating point (where a finding counts as shown: the evaluation's "requested shown", the verifier) is fit
+    # on the calibration half: the best sensitivity - false-positive rate among thresholds passing at most this share of the
+    # images without the finding; null: 0.5 for every label (rlhf.classifiers.fit_operating_points)
+    operating_max_fpr: float | None = Field(0.1, gt=0, lt=1)
     # the two roles differ in seed, split and architecture so that the evaluator is independent of the reward
     reward_arch: Literal["convnet", "resnet"] = "convnet"
     reward_seed: int = Field(0, ge=0)
@@ -41,6 +49,8 @@ class ClassifierConfig(Section):
     min_positives: int = Field(0, ge=0)  # labels=manifest: a name stated present in fewer rows is no label (too few to learn or to measure); the metadata lists the dropped ones
     augment: bool = True  # small shift, rotation, zoom, brightness and contrast jitter while training; never a flip (laterality)
     benchmark_per_finding: int = Field(40, ge=0)  # fresh phantoms per (modality, finding) drawn at benchmark_seed for an extra test (40 positives per finding: an AUROC's standard error near 0.03 instead of 0.06-0.08 at 10); 0: none
+    # and per pair of findings drawn together: metadata's benchmark_pairs says in what share of them the classifier shows both
+    benchmark_per_pair: int = Field(10, ge=0)
     benchmark_seed: int = Field(777, ge=0)  # distinct from the seed of the training phantoms
     num_threads: int = Field(1, ge=1)  # CPU threads torch may use while training; on a busy shared CPU two threads wait on each other's time slices (docs/judges/settings.md)
     device: str = "auto"  # "auto", "cpu", "cuda"
@@ -226,7 +236,7 @@ class SelectionConfig(Section):
 
     enabled: bool = True
     threshold: float | None = Field(None, ge=0, le=1)  # selector quality from which a sample is kept; None: the selector's learned threshold
-    require_verifier_pass: bool = True  # also every expected finding must agree with the reward classifier (present >= 0.5, absent < 0.5)
+    require_verifier_pass: bool = True  # also every expected finding must agree with the reward classifier (present from the label's operating point, absent below it)
     max_per_epoch: int = Field(16, ge=0)  # selected samples used per epoch, highest reward first
     loss_weight: float = Field(1.0, ge=0)  # scale of the reward-weighted denoising loss
     batch_size: int = Field(8, ge=1)  # selected samples per optimiser step
@@ -244,7 +254,8 @@ class HeldoutConfig(Section):
     # Images that truly show each held-out request, judged like the generated ones once per run (the "reference" line of
     # metrics.jsonl): phantoms drawn to the request, or the real reference images with its labels. They say how far the
     # evaluator's share can rise: on the default profile's held-out set, phantoms of the requests show every requested
-    # finding in 0.172 of images (docs/improve/long_runs.md). 0: not measured.
+    # finding in 0.481 of images with the classifiers that learnt findings side by side (0.172 with those that saw one at a
+    # time; docs/improve/long_runs.md). 0: not measured.
     reference_per_request: int = Field(8, ge=0)
     reference_seed: int = Field(4343, ge=0)  # seed of the phantoms drawn to the requests (distinct from the classifiers' 4242)
 

@@ -231,13 +231,15 @@ def measure(images: torch.Tensor, texts: list[str], modality: str, groups: list[
     else:
         row["ms_ssim"] = None
     probs = _batched(evaluator.predict_proba, images)
-    accuracy = metrics.finding_accuracy(probs, expected)
+    # a finding counts as shown from its label's operating point (fit on the evaluator's calibration split; 0.5 without one)
+    accuracy = metrics.finding_accuracy(probs, expected, evaluator.thresholds)
     row["finding_accuracy"] = accuracy["accuracy"]
     row["all_findings_agree"] = accuracy["all_agree"]
     present = expected == 1
-    row["requested_shown"] = float(((probs >= 0.5) & present).sum() / present.sum()) if present.any() else None
+    shown = evaluator.shown(probs)
+    row["requested_shown"] = float((shown & present).sum() / present.sum()) if present.any() else None
     asks = present.any(axis=1)  # images whose prompt requests at least one finding
-    row["all_requested_shown"] = float(((probs >= 0.5) | ~present).all(axis=1)[asks].mean()) if asks.any() else None
+    row["all_requested_shown"] = float((shown | ~present).all(axis=1)[asks].mean()) if asks.any() else None
     if judges.alignment is not None:
         row["clip_score"] = float(np.mean(judges.alignment.clip_score(images, texts)))
     else:

@@ -125,7 +125,8 @@ class Reward:
                     scores = log_agreement(details, expected, self.findings_floor)
                 else:
                     details = {k: v for k, v in details.items() if k != "agreement"}
-                details["verifier_pass"] = verifier_pass(details, expected, modalities)
+                points = {m: scorer.operating_points(m) for m in set(modalities)} if hasattr(scorer, "operating_points") else None
+                details["verifier_pass"] = verifier_pass(details, expected, modalities, points)
             else:
                 scores, details = scorer.score(batch, prompts, modalities)
             components[name] = np.asarray(scores, dtype=np.float64)
@@ -154,15 +155,17 @@ def log_agreement(details: Mapping[str, np.ndarray], expected: Sequence[Mapping[
 
 
 def verifier_pass(details: Mapping[str, np.ndarray], expected: Sequence[Mapping[str, bool]], modalities: Sequence[str],
-                  threshold: float = 0.5) -> np.ndarray:
-    """1 where every expected finding the classifier knows is on the right side of ``threshold``."""
+                  thresholds: Mapping[str, Mapping[str, float]] | None = None) -> np.ndarray:
+    """1 where every expected finding the classifier knows is on the right side of its operating point
+    (``thresholds[modality][finding]``, the reward classifier's own; 0.5 where none is given)."""
     out = np.ones(len(expected))
     for i, stated in enumerate(expected):
+        points = (thresholds or {}).get(modalities[i], {})
         for name, present in stated.items():
             probs = details.get(f"prob/{name}")
             if probs is None or not np.isfinite(probs[i]):
                 continue
-            if (probs[i] >= threshold) != bool(present):
+            if (probs[i] >= points.get(name, 0.5)) != bool(present):
                 out[i] = 0.0
                 break
     return out

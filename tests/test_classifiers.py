@@ -22,6 +22,7 @@ from rlhf.classifiers import (
     encode_rows,
     expected_calibration_error,
     fit_classifier,
+    fit_operating_points,
     fit_temperature,
     label_space,
     load_classifier,
@@ -118,6 +119,9 @@ def test_save_load_round_trip_gives_identical_probabilities_and_features(toy_pai
     np.testing.assert_array_equal(loaded.features(images), reward.features(images))
     assert loaded.features(images).shape == (8, reward.network.feature_dim)
     assert loaded.temperature == reward.temperature and loaded.label_names == reward.label_names
+    np.testing.assert_array_equal(loaded.thresholds, reward.thresholds)
+    assert meta["thresholds"] == dict(zip(reward.label_names, reward.thresholds.tolist()))
+    assert set(meta["metrics"]["test"]["operating_points"]) == {"square", "stripe"}
     # larger inputs are resized to the classifier's size; uint8 lists are accepted
     assert loaded.predict_proba(torch.nn.functional.interpolate(images, size=32)).shape == (8, 2)
     assert loaded.predict_proba([np.zeros((TOY_SIZE, TOY_SIZE), np.uint8)]).shape == (1, 2)
@@ -153,6 +157,42 @@ def test_temperature_scaling_never_raises_the_calibration_nll(toy_pair):
     known = torch.ones_like(targets, dtype=torch.bool)
     t = fit_temperature(logits, targets, known)
     assert t > 1.5 and masked_nll(logits, targets, known, t) < masked_nll(logits, targets, known)
+
+
+def test_operating_points_by_hand():
+    # label 0: positives 0.2-0.4, negatives 0.0-0.25 -> the lowest threshold passing <= 10% of the negatives
+    pos = np.linspace(0.2, 0.4, 20)
+    neg = np.linspace(0.0, 0.25, 100)
+    probs = np.zeros((120, 3))
+    targets = np.zeros((120, 3))
+    probs[:20, 0], probs[20:, 0], targets[:20, 0] = pos, neg, 1
+    # label 1: separable above 0.5 -> the threshold stays where every positive and no negative is called (the highest such)
+    probs[:20, 1], probs[20:, 1], targets[:20, 1] = 0.9, 0.1, 1
+    # label 2: no positive among the rows -> 0.5
+    probs[:, 2] = 0.3
+    known = np.ones_like(targets, dtype=bool)
+    t = fit_operating_points(probs, targets, known, max_fpr=0.1)
+    fpr = np.mean(neg >= t[0])
+    assert fpr <= 0.1 and t[0] < 0.5 and np.mean(pos >= t[0]) > 0.5
+    # by brute force: no threshold within the false-positive limit has a better sensitivity - false-positive rate
+    best = max(np.mean(pos >= c) - np.mean(neg >= c) for c in np.r_[pos, neg] if np.mean(neg >= c) <= 0.1)
+    assert np.mean(pos >= t[0]) - fpr == pytest.approx(best)
+    assert t[1] == pytest.approx(0.9) and t[2] == 0.5
+    assert (fit_operating_points(probs, targets, known, None) == 0.5).all()
+    # a label the rows do not annotate counts as having no rows
+    known[:, 0] = False
+    assert fit_operating_points(probs, targets, known, 0.1)[0] == 0.5
+
+
+def test_a_classifier_calls_a_finding_shown_from_its_own_operating_point(toy_pair):
+    _, _, (reward, _), _ = toy_pair
+    clf = FindingClassifier(reward.network, reward.label_names, reward.image_size, reward.temperature, "reward", "cxr",
+                            reward.architecture, thresholds={"square": 0.2})
+    assert clf.thresholds.tolist() == [0.2, 0.5]  # a label without one: 0.5
+    assert clf.shown(np.array([[0.25, 0.45], [0.1, 0.6]])).tolist() == [[True, False], [False, True]]
+    with pytest.raises(UserError, match="one probability per label"):
+        FindingClassifier(reward.network, reward.label_names, reward.image_size, reward.temperature, "reward", "cxr",
+                          reward.architecture, thresholds=[0.2])
 
 
 def test_metrics_by_hand():

@@ -138,6 +138,21 @@ def test_log_findings_reward_by_hand_and_ranks_what_the_probability_form_cannot(
     assert one[1] - one[0] == pytest.approx(math.log(10))
 
 
+def test_stage_two_verifier_pass_reads_each_label_at_its_own_operating_point():
+    from rlhf.reward import verifier_pass
+
+    details = {"prob/nodule": np.array([0.3, 0.3, 0.1, 0.3]), "prob/effusion": np.array([0.9, 0.9, 0.9, np.nan])}
+    expected = [{"nodule": True}, {"nodule": True, "effusion": False}, {"nodule": True}, {"nodule": True, "effusion": True}]
+    modalities = ["cxr", "cxr", "cxr", "fundus"]
+    # a flat 0.5 fails a nodule seen at 0.3; at the nodule's own point (0.25) it passes
+    assert verifier_pass(details, expected, modalities).tolist() == [0, 0, 0, 0]
+    points = {"cxr": {"nodule": 0.25, "effusion": 0.6}, "fundus": {}}
+    assert verifier_pass(details, expected, modalities, points).tolist() == [1, 0, 0, 0]
+    # a modality without points keeps 0.5; a finding the classifier does not know (NaN) does not count
+    assert verifier_pass(details, expected, modalities, {"cxr": {"nodule": 0.25}})[3] == 0.0
+    assert verifier_pass(details, [{"effusion": True}] * 4, ["fundus"] * 4, {"fundus": {"effusion": 0.95}}).tolist() == [0, 0, 0, 1]
+
+
 def test_reward_rejects_an_unknown_findings_form():
     from rlhf.reward import Reward
 

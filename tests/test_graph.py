@@ -242,3 +242,27 @@ def test_verifier_refuses_the_held_out_evaluator_and_flags_a_copy(reward_scorer,
     assert other["memorisation"]["checked"] and other["memorisation"]["nearest_ssim"] < copy["memorisation"]["nearest_ssim"]
     assert empty["quality"]["blank"] and not empty["passed"]
     assert verdict["best"] != 2, "a blank image is never the best candidate"
+
+
+def test_the_verifier_reads_each_finding_at_the_reward_classifiers_operating_point(reward_scorer, generator, tmp_path):
+    from rlhf.classifiers import FindingClassifier
+
+    base = reward_scorer.classifiers["cxr"]
+    _, images, _ = generator.draw("Chest radiograph. Findings: left pneumothorax.", "cxr", [0], tmp_path)
+    findings = [{"name": "pneumothorax", "present": True}, {"name": "nodule", "present": False}]
+    p = reward_scorer.operating_points("cxr")
+    assert set(p) == set(base.label_names)
+    observed = {}
+    for threshold in (0.0, 1.0):  # every label's point at 0 (all shown) and at 1 (none shown)
+        clf = FindingClassifier(base.network, base.label_names, base.image_size, base.temperature, "reward", "cxr",
+                                base.architecture, thresholds=[threshold] * len(base.label_names))
+        verdict = Verifier(FindingScorer({"cxr": clf}, "reward"), None, VerifierConfig(use_alignment=False)).verify(
+            images, "left pneumothorax, no nodule", "cxr", findings)
+        rows = {r["name"]: r for r in verdict["candidates"][0]["findings"]}
+        assert rows["pneumothorax"]["threshold"] == threshold and rows["nodule"]["threshold"] == threshold
+        observed[threshold] = (rows["pneumothorax"]["pass"], rows["nodule"]["pass"])
+    assert observed == {0.0: (True, False), 1.0: (False, True)}
+    # a threshold set in the config overrides the classifier's own
+    verdict = Verifier(reward_scorer, None, VerifierConfig(present_threshold=0.0, use_alignment=False)).verify(
+        images, "left pneumothorax", "cxr", findings[:1])
+    assert verdict["candidates"][0]["findings"][0]["threshold"] == 0.0

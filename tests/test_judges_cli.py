@@ -7,14 +7,15 @@ import sys
 
 import pytest
 
-from generator.phantoms import get_spec
+from generator.phantoms import compatible_pairs, get_spec
 from pipelines.cli import main
 from rlhf.classifiers import DEFAULT_ROOT, load_classifier
 
 # a small, fast classifier: 32 px, narrow, one or two epochs
 TINY = ["--judges.classifier.image_size=32", "--judges.classifier.epochs=2", "--judges.classifier.batch_size=16",
         "--judges.classifier.convnet_widths=[8,16]", "--judges.classifier.resnet_widths=[8,16]",
-        "--judges.classifier.val_fraction=0.4", "--judges.classifier.benchmark_per_finding=1", "--no-progress"]
+        "--judges.classifier.val_fraction=0.4", "--judges.classifier.benchmark_per_finding=1",
+        "--judges.classifier.benchmark_per_pair=1", "--no-progress"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors (tests/conftest.py)
@@ -48,11 +49,17 @@ def test_train_classifier_writes_both_roles_with_the_command(tmp_path, monkeypat
 
 def test_default_data_is_the_classifiers_own_phantom_set(tmp_path, capsys):
     out = tmp_path / "cls"
-    common = [f"--phantoms.out={tmp_path / 'phantoms'}", "--phantoms.modalities=[oct]", "--judges.classifier.phantoms_per_finding=6"]
+    common = [f"--phantoms.out={tmp_path / 'phantoms'}", "--phantoms.modalities=[oct]", "--judges.classifier.phantoms_per_finding=6",
+              "--judges.classifier.phantoms_per_pair=2"]
     assert main(["judges", "train", "classifier", "--roles", "evaluator", "--out", str(out), *common, *TINY]) == 0
-    folder = tmp_path / "phantoms_32px_seed4242_6pf"  # <phantoms.out>_<image_size>px_seed<phantoms_seed>_<per_finding>pf
+    folder = tmp_path / "phantoms_32px_seed4242_6pf_2pp"  # <phantoms.out>_<image_size>px_seed<phantoms_seed>_<per_finding>pf_<per_pair>pp
     meta = json.loads((folder / "metadata.json").read_text())
-    assert (meta["seed"], meta["per_finding"], meta["size"], meta["modalities"]) == (4242, 6, 32, ["oct"])
+    assert (meta["seed"], meta["per_finding"], meta["per_pair"], meta["size"], meta["modalities"]) == (4242, 6, 2, 32, ["oct"])
+    assert meta["counts"]["oct"]["drusen+epiretinal_membrane"] == 2  # findings side by side, not only one at a time
+    saved = json.loads((out / "evaluator" / "oct" / "config.json").read_text())
+    assert set(saved["thresholds"]) == set(saved["label_names"]) and all(0 <= t <= 1 for t in saved["thresholds"].values())
+    pairs = json.loads((out / "evaluator" / "oct" / "metadata.json").read_text())["metrics"]["benchmark_pairs"]
+    assert pairs["images"] == len(compatible_pairs("oct")) and 0 <= pairs["both_shown"] <= 1
     assert json.loads((out / "evaluator" / "oct" / "metadata.json").read_text())["data"] == [str(folder / "manifest.csv")]
     assert not (out / "reward").exists()
     # a seed that would train the classifiers on the evaluation's reference phantoms is refused

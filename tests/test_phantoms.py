@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from generator.data import iter_manifest, load_row
-from generator.phantoms import NORMAL, catalogue, get_spec, make_phantom, phantom_modalities
+from generator.phantoms import NORMAL, catalogue, compatible_pairs, get_spec, make_phantom, phantom_modalities
 from generator.phantoms.base import Finding
 from generator.phantoms.dataset import contact_sheet, write_phantoms
 
@@ -40,6 +40,45 @@ def test_same_seed_gives_byte_identical_files_across_runs_and_subsets(tmp_path):
     write_phantoms(tmp_path / "d", ["oct"], per_finding=1, size=64, seed=4, progress=False)
     assert digest(tmp_path / "d") != only_oct
     assert a.images == sum(1 + len(get_spec(m).findings) for m in MODALITIES)
+
+
+def test_pairs_are_every_two_findings_that_can_be_drawn_together():
+    for modality in MODALITIES:
+        spec = get_spec(modality)
+        pairs = compatible_pairs(modality)
+        assert pairs and len(set(pairs)) == len(pairs)
+        for a, b in pairs:
+            assert b not in spec.finding(a).excludes and a not in spec.finding(b).excludes
+        n = len(spec.findings)
+        clashes = {frozenset((a, x)) for a in spec.findings for x in spec.finding(a).excludes}
+        assert len(pairs) == n * (n - 1) // 2 - len(clashes)
+    assert ("pleural_effusion", "pneumothorax") not in compatible_pairs("cxr")  # they fill the same space
+    assert ("cardiomegaly", "pleural_effusion") in compatible_pairs("cxr")
+
+
+def test_a_pair_set_draws_both_findings_of_each_pair(tmp_path):
+    summary = write_phantoms(tmp_path, ["cxr", "brain_mri"], per_finding=1, size=64, seed=2, progress=False, per_pair=2)
+    labels = [json.loads(line) for line in open(tmp_path / "labels.jsonl")]
+    pairs = [x for x in labels if "+" in x["label"]]
+    assert len(pairs) == 2 * (len(compatible_pairs("cxr")) + len(compatible_pairs("brain_mri")))
+    assert summary.images == len(labels) == len(pairs) + 2 + len(get_spec("cxr").findings) + len(get_spec("brain_mri").findings)
+    for x in pairs:
+        present = {f["name"] for f in x["findings"] if f["present"]}
+        assert set(x["label"].split("+")) <= present, x
+        assert x["path"].startswith(f"images/{x['modality']}/{x['label']}/")
+    meta = json.loads((tmp_path / "metadata.json").read_text())
+    assert meta["per_pair"] == 2 and meta["counts"]["cxr"]["cardiomegaly+pleural_effusion"] == 2
+    # the single-finding studies are the same bytes with or without pairs beside them
+    write_phantoms(tmp_path / "singles", ["cxr", "brain_mri"], per_finding=1, size=64, seed=2, progress=False)
+    singles = digest(tmp_path / "singles")
+    assert all(digest(tmp_path)[k] == v for k, v in singles.items())
+
+
+def test_a_finding_drawn_by_name_beside_a_mass_lies_on_the_side_away_from_it():
+    for i in range(12):
+        study = make_phantom("brain_mri", ["tumor", "midline_shift"], size=64, seed=(5, i))
+        side = {f.name: f.side for f in study.findings if f.present}
+        assert side["midline_shift"] != side["tumor"], (i, side)
 
 
 def test_dataset_files_agree_and_read_back_through_the_data_layer(tmp_path):

@@ -57,6 +57,15 @@ class PhantomStudy:
         return "+".join(present) if present else NORMAL
 
 
+def compatible_pairs(modality: str) -> list[tuple[str, str]]:
+    """Every unordered pair of the modality's findings that can be drawn together, in declaration order
+    (neither excludes the other: no "pneumothorax" beside a "pleural effusion" that fills the same space)."""
+    spec = get_spec(modality)
+    names = list(spec.findings)
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
+            if b not in spec.finding(a).excludes and a not in spec.finding(b).excludes]
+
+
 def rng_for(seed: int | tuple[int, ...]) -> np.random.Generator:
     """A generator keyed by a seed tuple, so each study's randomness is independent of order."""
     entropy = list(seed) if isinstance(seed, tuple) else [int(seed)]
@@ -82,12 +91,19 @@ def make_phantom(
         np.random.Generator(np.random.PCG64(child)) for child in np.random.SeedSequence(entropy).spawn(3)
     )
     requested: list[Finding] = []
+    drawn_here: list[Finding] = []  # findings given by name, whose attributes are drawn here
     for item in findings:
         if isinstance(item, Finding):
             spec.finding(item.name)  # validates the name
             requested.append(item.copy())
         elif item != NORMAL:
             requested.append(sample_attributes(spec.finding(item), attribute_rng))
+            drawn_here.append(requested[-1])
+    sided = {f.name: f.side for f in requested if f.side in ("left", "right")}
+    for f in drawn_here:  # a side another finding sets (FindingSpec.side_away_from: a mass pushes the midline away)
+        pusher = next((n for n in spec.finding(f.name).side_away_from if n in sided), None)
+        if pusher and f.side in ("left", "right"):
+            f.side = "right" if sided[pusher] == "left" else "left"
     names = [f.name for f in requested]
     for f in requested:
         clash = set(spec.finding(f.name).excludes) & set(names)
@@ -115,6 +131,7 @@ __all__ = [
     "Rendered",
     "bbox_of",
     "catalogue",
+    "compatible_pairs",
     "get_spec",
     "make_phantom",
     "phantom_modalities",

@@ -1,12 +1,15 @@
 """Writing phantom datasets and contact sheets.
 
 ``write_phantoms`` draws ``per_finding`` studies for the normal study and every finding of each
-modality. Each study's seed is ``(seed, crc32("<modality>/<finding>"), index)``, so a study is the
-same whatever other modalities or counts are asked for, and the same seed gives identical bytes.
+modality, and ``per_pair`` studies of every pair of findings that can be drawn together
+(:func:`generator.phantoms.compatible_pairs`; label ``"<a>+<b>"``), so that a classifier trained on the
+set has seen findings side by side and not only one at a time. Each study's seed is
+``(seed, crc32("<modality>/<label>"), index)``, so a study is the same whatever other modalities or counts
+are asked for, and the same seed gives identical bytes.
 
 Output folder::
 
-    images/<modality>/<finding>/<modality>_<finding>_<index>.png
+    images/<modality>/<label>/<modality>_<label>_<index>.png
     manifest.csv     path,text,modality,findings,source   (the data layer's manifest format)
     labels.jsonl     one object per image: path, modality, label, findings (with bbox and
                      measurements), study measurements, seed
@@ -28,9 +31,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from . import NORMAL, get_spec, make_phantom, rng_for
+from . import NORMAL, compatible_pairs, get_spec, make_phantom, rng_for
 from .base import sample_attributes
 from ..data.records import MANIFEST_COLUMNS, findings_to_cell
+from ..errors import UserError
 from ..fileio import atomic_open, write_text_atomic
 
 PHANTOM_VERSION = "1"  # bump when a renderer changes what a seed draws
@@ -57,10 +61,14 @@ def write_phantoms(
     negatives: int = 1,
     progress: bool = True,
     extra_metadata: dict | None = None,
+    per_pair: int = 0,
 ) -> PhantomSummary:
     out = Path(out)
     specs = [get_spec(m) for m in modalities]  # fails early on an unknown modality
+    if per_finding < 0 or per_pair < 0:
+        raise UserError(f"phantom counts must be 0 or more, got per_finding={per_finding}, per_pair={per_pair}")
     plan = [(s.name, f, i) for s in specs for f in [NORMAL, *s.findings] for i in range(per_finding)]
+    plan += [(s.name, f"{a}+{b}", i) for s in specs for a, b in compatible_pairs(s.name) for i in range(per_pair)]
     (out / "images").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     counts: dict[str, dict[str, int]] = {}
@@ -72,7 +80,7 @@ def write_phantoms(
         writer.writerow(MANIFEST_COLUMNS)
         for modality, finding, index in tqdm(plan, desc="phantoms", unit=" img", disable=not progress):
             key = study_seed(seed, modality, finding, index)
-            study = make_phantom(modality, [finding], size=size, seed=key, negatives=negatives)
+            study = make_phantom(modality, finding.split("+"), size=size, seed=key, negatives=negatives)
             rel = Path("images", modality, finding, f"{modality}_{finding}_{index:04d}.png")
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(study.image).save(out / rel, optimize=False)
@@ -98,6 +106,7 @@ def write_phantoms(
         "seed": seed,
         "size": size,
         "per_finding": per_finding,
+        "per_pair": per_pair,
         "negatives": negatives,
         "modalities": modalities,
         "images": len(plan),
@@ -171,16 +180,16 @@ def contact_sheet(
 
 
 def phantom_manifest(phantoms, size: int, progress: bool = True, per_finding: int | None = None, seed: int | None = None,
-                     suffix: str = "") -> str:
+                     suffix: str = "", per_pair: int = 0) -> str:
     """The phantom set drawn at ``size`` pixels beside ``phantoms.out`` (``<out>_<size>px<suffix>``), drawn
     first when it is not on disk (seeded: the same bytes every time); returns its manifest path.
 
-    ``per_finding`` and ``seed`` default to the ``phantoms`` section's; a set drawn with other values
-    needs its own ``suffix`` (a folder on disk is used as it is, whatever it was drawn with)."""
+    ``per_finding`` and ``seed`` default to the ``phantoms`` section's (``per_pair``: none); a set drawn with
+    other values needs its own ``suffix`` (a folder on disk is used as it is, whatever it was drawn with)."""
     per_finding = phantoms.per_finding if per_finding is None else per_finding
     seed = phantoms.seed if seed is None else seed
     folder = Path(f"{phantoms.out}_{size}px{suffix}")
     if not (folder / "manifest.csv").is_file():
-        summary = write_phantoms(folder, phantoms.modalities, per_finding, size, seed, phantoms.negatives, progress)
+        summary = write_phantoms(folder, phantoms.modalities, per_finding, size, seed, phantoms.negatives, progress, per_pair=per_pair)
         print(f"{summary.images} phantoms -> {folder} ({summary.seconds:.0f} s)")
     return str(folder / "manifest.csv")

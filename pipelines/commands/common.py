@@ -46,3 +46,12 @@ def phantom_manifest(phantoms, size: int, progress: bool = True, **kwargs) -> st
     from generator.phantoms.dataset import phantom_manifest as draw
 
     return draw(phantoms, size, progress, **kwargs)
+
+
+def classifier_phantoms(cfg, progress: bool = True) -> str:
+    """The finding classifiers' own phantom set (``judges.classifier.phantoms_per_finding`` per finding and
+    ``phantoms_per_pair`` per pair of findings drawn together, at ``phantoms_seed``), drawn when absent."""
+    cc = cfg.judges.classifier
+    suffix = f"_seed{cc.phantoms_seed}_{cc.phantoms_per_finding}pf" + (f"_{cc.phantoms_per_pair}pp" if cc.phantoms_per_pair else "")
+    return phantom_manifest(cfg.phantoms, cc.image_size, progress, per_finding=cc.phantoms_per_finding, seed=cc.phantoms_seed,
+                            suffix=suffix, per_pair=cc.phantoms_per_pair)

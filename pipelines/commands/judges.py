@@ -12,7 +12,7 @@ import sys
 
 from generator.errors import UserError
 
-from .common import add_config_argument, phantom_manifest, resolve_config, table
+from .common import add_config_argument, classifier_phantoms, phantom_manifest, resolve_config, table
 
 
 def register(groups, formatter) -> None:
@@ -71,8 +71,7 @@ def _classifier(cfg, args, progress: bool) -> None:
         if cc.phantoms_seed == cfg.phantoms.seed:
             logging.getLogger(__name__).warning(
                 "judges.classifier.phantoms_seed equals phantoms.seed: the classifiers train on the generator's training phantoms")
-        sources = [phantom_manifest(cfg.phantoms, cc.image_size, progress, per_finding=cc.phantoms_per_finding, seed=cc.phantoms_seed,
-                                    suffix=f"_seed{cc.phantoms_seed}_{cc.phantoms_per_finding}pf")]
+        sources = [classifier_phantoms(cfg, progress)]
     rows = load_rows(sources, cfg.data.modalities)
     modalities = [resolve_modality(m, cfg.data.modalities) for m in args.modalities] if getattr(args, "modalities", None) else None
     summaries = train_all(cc, rows, args.out if args.judge == "classifier" else None, roles=args.roles, modalities=modalities,

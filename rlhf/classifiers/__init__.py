@@ -28,8 +28,9 @@ Layout of a trained classifier, ``<out>/<role>/<modality>/``::
 
 Training: AdamW with linear warm-up then cosine decay, BCE with logits (masked where a dataset
 does not annotate a label), light augmentation without flips. Of the rows, ``val_fraction`` is
-held back: half to fit the temperature, half to report AUROC and calibration error, so neither
-number is measured on data that chose it. The shipped classifiers come from
+held back: half to fit the temperature and each label's operating point (the probability from which a
+finding counts as shown: :func:`fit_operating_points`), half to report AUROC, calibration error and the
+sensitivity and specificity at those points, so no number is measured on data that chose it. The shipped classifiers come from
 ``synthmed judges train classifier``: by default on their own phantom set
 (``judges.classifier.phantoms_per_finding`` at ``phantoms_seed``), whose images are neither the
 evaluation's reference phantoms, nor the benchmark's, nor the generator's training set.
@@ -38,7 +39,7 @@ evaluation's reference phantoms, nor the benchmark's, nor the generator's traini
 from __future__ import annotations
 
 from ..metrics import auroc
-from .calibration import classification_metrics, expected_calibration_error, fit_temperature, masked_nll
+from .calibration import classification_metrics, expected_calibration_error, fit_operating_points, fit_temperature, masked_nll, operating_point_metrics
 from .data import (
                    LabelledImages,
                    annotated_labels,
@@ -54,13 +55,13 @@ from .layout import DEFAULT_ROOT, ECE_BINS, NEUTRAL_AGREEMENT, ROLES, SPLITS, TR
 from .model import ClassifierNotFoundError, FindingClassifier, load_classifier, save_classifier, train_command
 from .networks import ARCHITECTURES, DEFAULT_POOL, POOLS, ConvNet, ResidualBlock, ResNet, build_network, role_settings
 from .scorer import FindingScorer, finding_evaluator_scorer, finding_reward_scorer, load_finding_scorer
-from .training import fit_classifier, format_summary, load_rows, phantom_benchmark_rows, train_all, train_classifier
+from .training import fit_classifier, format_summary, load_rows, pair_metrics, pair_of, phantom_benchmark_rows, train_all, train_classifier
 
 __all__ = [
     "ARCHITECTURES", "ClassifierNotFoundError", "ConvNet", "DEFAULT_POOL", "DEFAULT_ROOT", "ECE_BINS", "FindingClassifier", "FindingScorer",
     "LabelledImages", "NEUTRAL_AGREEMENT", "POOLS", "ROLES", "ResNet", "ResidualBlock", "SPLITS", "TRAIN_COMMAND", "VERSION",
     "annotated_labels", "augment_batch", "auroc", "build_network", "classification_metrics", "encode_rows", "expected_calibration_error",
-    "finding_evaluator_scorer", "finding_reward_scorer", "fit_classifier", "fit_temperature", "format_summary", "is_phantom_row",
-    "label_space", "load_classifier", "load_finding_scorer", "load_rows", "masked_nll", "phantom_benchmark_rows", "role_settings",
+    "finding_evaluator_scorer", "finding_reward_scorer", "fit_classifier", "fit_operating_points", "fit_temperature", "format_summary", "is_phantom_row",
+    "label_space", "load_classifier", "load_finding_scorer", "load_rows", "masked_nll", "operating_point_metrics", "pair_metrics", "pair_of", "phantom_benchmark_rows", "role_settings",
     "save_classifier", "split_key", "split_of_row", "split_rows", "train_all", "train_classifier", "train_command",
 ]

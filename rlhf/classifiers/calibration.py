@@ -56,8 +56,55 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, known: torch.Te
     return float(grid[int(torch.argmin(losses))])
 
 
-def classification_metrics(logits: torch.Tensor, data: LabelledImages, label_names: Sequence[str], temperature: float) -> dict[str, Any]:
-    """AUROC per label and macro, ECE and NLL before and after temperature scaling."""
+def fit_operating_points(probs: np.ndarray, targets: np.ndarray, known: np.ndarray, max_fpr: float | None) -> np.ndarray:
+    """One decision threshold per label (``(L,)``): where the calibrated probability counts a finding as shown.
+
+    For each label, of the thresholds at which at most ``max_fpr`` of the images without the finding are called
+    positive, the one with the highest sensitivity minus false-positive rate (Youden's J under a specificity
+    floor); ties go to the higher threshold. A fixed 0.5 fails small findings: a nodule's or a microaneurysm's
+    calibrated probability rarely reaches it even where the image shows one, because at 64 px the classifier is
+    never that sure, though it ranks them well. A label without both positives and negatives among the rows, or
+    ``max_fpr`` None, keeps 0.5."""
+    probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets, dtype=np.float64)
+    known = np.asarray(known, dtype=bool)
+    out = np.full(probs.shape[1], 0.5)
+    if max_fpr is None:
+        return out
+    for j in range(probs.shape[1]):
+        p, y = probs[known[:, j], j], targets[known[:, j], j] > 0.5
+        if not y.any() or y.all():
+            continue
+        pos, neg = np.sort(p[y]), np.sort(p[~y])
+        candidates = np.unique(np.concatenate([p, [0.5]]))
+        tpr = 1.0 - np.searchsorted(pos, candidates, side="left") / len(pos)  # share of positives >= t
+        fpr = 1.0 - np.searchsorted(neg, candidates, side="left") / len(neg)
+        allowed = fpr <= max_fpr + 1e-12
+        if not allowed.any():
+            continue
+        score = np.where(allowed, tpr - fpr, -np.inf)
+        best = np.flatnonzero(score == score.max())[-1]  # the highest threshold of the best
+        out[j] = float(candidates[best])
+    return out
+
+
+def operating_point_metrics(probs: np.ndarray, targets: np.ndarray, known: np.ndarray, thresholds: np.ndarray,
+                            label_names: Sequence[str]) -> dict[str, Any]:
+    """Sensitivity and specificity of each label at its threshold, on held-out rows (NaN where undefined)."""
+    out = {}
+    for j, name in enumerate(label_names):
+        p, y = probs[known[:, j], j], targets[known[:, j], j] > 0.5
+        shown = p >= thresholds[j]
+        out[name] = {"threshold": float(thresholds[j]),
+                     "sensitivity": float(shown[y].mean()) if y.any() else float("nan"),
+                     "specificity": float((~shown[~y]).mean()) if (~y).any() else float("nan"),
+                     "sensitivity_at_0.5": float((p[y] >= 0.5).mean()) if y.any() else float("nan")}
+    return out
+
+
+def classification_metrics(logits: torch.Tensor, data: LabelledImages, label_names: Sequence[str], temperature: float,
+                           thresholds: np.ndarray | None = None) -> dict[str, Any]:
+    """AUROC per label and macro, ECE and NLL before and after temperature scaling; with ``thresholds``, each
+    label's sensitivity and specificity at its operating point (``operating_points``)."""
     targets, known = data.targets.numpy(), data.known.numpy()
     before = torch.sigmoid(logits).numpy()
     after = torch.sigmoid(logits / temperature).numpy()
@@ -72,4 +119,5 @@ def classification_metrics(logits: torch.Tensor, data: LabelledImages, label_nam
         "ece_after": expected_calibration_error(after, targets, known),
         "nll_before": masked_nll(logits, data.targets, data.known),
         "nll_after": masked_nll(logits, data.targets, data.known, temperature),
+        **({"operating_points": operating_point_metrics(after, targets, known, thresholds, label_names)} if thresholds is not None else {}),
     }

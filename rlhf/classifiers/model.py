@@ -50,9 +50,17 @@ class FindingClassifier:
         modality: str,
         architecture: Mapping[str, Any],
         device: str | torch.device = "cpu",
+        thresholds: Sequence[float] | Mapping[str, float] | None = None,
     ):
         self.network = network.to(device).eval()
         self.label_names = list(label_names)
+        # each label's operating point: the calibrated probability from which it counts as shown (0.5 where none was fit)
+        if isinstance(thresholds, Mapping):
+            thresholds = [float(thresholds.get(n, 0.5)) for n in self.label_names]
+        self.thresholds = np.full(len(self.label_names), 0.5) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+        if self.thresholds.shape != (len(self.label_names),) or not np.all((self.thresholds >= 0) & (self.thresholds <= 1)):
+            raise UserError(f"{modality} {role} classifier: thresholds must be one probability per label ({len(self.label_names)}), "
+                            f"got {list(self.thresholds)}")
         self.image_size = int(image_size)
         self.temperature = float(temperature)
         self.role = role
@@ -77,6 +85,7 @@ class FindingClassifier:
             "label_names": self.label_names,
             "image_size": self.image_size,
             "temperature": self.temperature,
+            "thresholds": {n: float(t) for n, t in zip(self.label_names, self.thresholds)},
             "feature_dim": int(self.network.feature_dim),
             "input": "(B, 3, H, W) float in [-1, 1], resized to image_size; grey images as three equal channels",
         }
@@ -108,6 +117,10 @@ class FindingClassifier:
         """Probability of each label ``(B, L)``, temperature-scaled unless ``calibrated=False``."""
         logits = self.logits(images)
         return torch.sigmoid(logits / (self.temperature if calibrated else 1.0)).numpy()
+
+    def shown(self, probs: np.ndarray) -> np.ndarray:
+        """``(B, L)`` booleans: where each label's calibrated probability reaches its operating point."""
+        return np.asarray(probs) >= self.thresholds
 
     def features(self, images: Any) -> np.ndarray:
         """Penultimate-layer features ``(B, D)``."""
@@ -158,7 +171,8 @@ def load_classifier(folder: str | os.PathLike, role: str | None = None, device: 
     except (KeyError, RuntimeError) as exc:
         raise UserError(f"{folder}: the weights do not fit config.json ({exc}); retrain with: {_train_hint(folder)}") from None
     return FindingClassifier(
-        network, config["label_names"], config["image_size"], config["temperature"], config["role"], config["modality"], config, device
+        network, config["label_names"], config["image_size"], config["temperature"], config["role"], config["modality"], config, device,
+        thresholds=config.get("thresholds"),  # classifiers saved before operating points: 0.5 for every label
     )
 
 

@@ -51,6 +51,11 @@ class FindingScorer:
         self.label_names = list(dict.fromkeys(n for c in self.classifiers.values() for n in c.label_names))
         self.reader = reader
 
+    def operating_points(self, modality: str) -> dict[str, float]:
+        """label -> the calibrated probability from which the ``modality`` classifier counts it as shown."""
+        classifier = self.classifiers.get(modality)
+        return {} if classifier is None else dict(zip(classifier.label_names, map(float, classifier.thresholds)))
+
     def expected_for(self, prompt: str, modality: str) -> dict[str, bool]:
         """What the prompt states about each of the modality's labels, read by the scorer's ``reader``."""
         if self.reader is None:

@@ -21,11 +21,11 @@ from generator.config import ModalityConfig, default_modalities
 from generator.data import ManifestRow, source_rows
 from generator.devices import resolve_device
 from generator.errors import UserError
-from generator.phantoms import NORMAL, PHANTOM_MODULES, get_spec, make_phantom
+from generator.phantoms import NORMAL, PHANTOM_MODULES, compatible_pairs, get_spec, make_phantom
 from generator.phantoms.dataset import study_seed
 
 from ..config import ClassifierConfig
-from .calibration import classification_metrics, fit_temperature, masked_nll
+from .calibration import classification_metrics, fit_operating_points, fit_temperature, masked_nll
 from .data import LabelledImages, annotated_labels, augment_batch, encode_rows, is_phantom_row, label_counts, label_space, split_rows
 from .layout import ROLES, VERSION
 from .model import FindingClassifier, save_classifier, train_command
@@ -127,11 +127,14 @@ def fit_classifier(
                 bar.set_postfix(loss=f"{np.mean(losses[-steps_per_epoch:]):.3f}")
         bar.close()
 
-        cal_logits = _logits_of(network, data["calibration"], device)
-        temperature = fit_temperature(cal_logits, data["calibration"].targets, data["calibration"].known)
+        cal = data["calibration"]
+        cal_logits = _logits_of(network, cal, device)
+        temperature = fit_temperature(cal_logits, cal.targets, cal.known)
+        thresholds = fit_operating_points(torch.sigmoid(cal_logits / temperature).numpy(), cal.targets.numpy(), cal.known.numpy(),
+                                          cfg.operating_max_fpr)
         test_logits = _logits_of(network, data["test"], device)
         metrics: dict[str, Any] = {
-            "test": classification_metrics(test_logits, data["test"], label_names, temperature),
+            "test": classification_metrics(test_logits, data["test"], label_names, temperature, thresholds),
             "calibration": {
                 "images": sizes["calibration"],
                 "nll_before": masked_nll(cal_logits, data["calibration"].targets, data["calibration"].known),
@@ -140,14 +143,19 @@ def fit_classifier(
             "train_loss_last_epoch": float(np.mean(losses[-steps_per_epoch:])),
         }
         if benchmark_rows:
-            bench_own = [r for r in benchmark_rows if r.modality == modality]
+            bench_own = [r for r in benchmark_rows if r.modality == modality and pair_of(r) is None]
             bench = encode_rows(bench_own, label_names, cfg.image_size, annotated_labels(bench_own), modalities, closed_world=True)
-            metrics["benchmark"] = classification_metrics(_logits_of(network, bench, device), bench, label_names, temperature)
+            metrics["benchmark"] = classification_metrics(_logits_of(network, bench, device), bench, label_names, temperature, thresholds)
+            pairs = [r for r in benchmark_rows if r.modality == modality and pair_of(r) is not None]
+            if pairs:
+                encoded = encode_rows(pairs, label_names, cfg.image_size, annotated_labels(pairs), modalities, closed_world=True)
+                probs = torch.sigmoid(_logits_of(network, encoded, device) / temperature).numpy()
+                metrics["benchmark_pairs"] = pair_metrics(probs, [pair_of(r) for r in pairs], label_names, thresholds)
     finally:
         torch.set_num_threads(threads)
 
     classifier = FindingClassifier(
-        network.cpu(), label_names, cfg.image_size, temperature, role, modality, settings)
+        network.cpu(), label_names, cfg.image_size, temperature, role, modality, settings, thresholds=thresholds)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     metadata = {
         "kind": "synthmed finding classifier",
@@ -178,6 +186,8 @@ def fit_classifier(
         "image_size": cfg.image_size,
         "temperature": temperature,
         "temperature_scope": "one per model",
+        "thresholds": dict(zip(label_names, map(float, thresholds))),
+        "operating_max_fpr": cfg.operating_max_fpr,
         "metrics": metrics,
         "seconds": round(seconds, 1),
         "cpu_seconds": round(cpu_seconds, 1),  # this process's CPU time: the compute, whatever else shares the machine
@@ -215,15 +225,51 @@ def train_classifier(
     return {**metadata, "folder": str(folder)}
 
 
-def phantom_benchmark_rows(modality: str, per_finding: int, size: int, seed: int) -> list[ManifestRow]:
-    """Fresh in-memory phantoms, ``per_finding`` per finding and for the normal study, at another seed."""
+PAIRS_FOLDER = "pairs"  # benchmark rows of two findings: phantom-benchmark/<seed>/<modality>/pairs/<a>+<b>_<index>
+
+
+def pair_of(row: ManifestRow) -> tuple[str, str] | None:
+    """The two findings a pair benchmark row was drawn with; None for any other row."""
+    parts = row.path.split("/")
+    if len(parts) < 2 or parts[-2] != PAIRS_FOLDER or not row.path.startswith("phantom-benchmark/"):
+        return None
+    a, _, b = parts[-1].rsplit("_", 1)[0].partition("+")
+    return a, b
+
+
+def pair_metrics(probs: np.ndarray, pairs: Sequence[tuple[str, str]], label_names: Sequence[str], thresholds: np.ndarray) -> dict[str, Any]:
+    """On images drawn with two findings each: the share in which both are shown (each at its operating point, and at a
+    flat 0.5), and the share of the findings shown, per finding and overall."""
+    column = {n: j for j, n in enumerate(label_names)}
+    both, both_flat, shown = [], [], {}
+    for p, pair in zip(probs, pairs):
+        hits = [p[column[f]] >= thresholds[column[f]] for f in pair if f in column]
+        flat = [p[column[f]] >= 0.5 for f in pair if f in column]
+        both.append(all(hits))
+        both_flat.append(all(flat))
+        for f, hit in zip((f for f in pair if f in column), hits):
+            shown.setdefault(f, []).append(hit)
+    return {"images": len(pairs), "both_shown": float(np.mean(both)) if both else float("nan"),
+            "both_shown_at_0.5": float(np.mean(both_flat)) if both_flat else float("nan"),
+            "finding_shown": float(np.mean([h for v in shown.values() for h in v])) if shown else float("nan"),
+            "finding_shown_per_label": {f: float(np.mean(v)) for f, v in shown.items()}}
+
+
+def phantom_benchmark_rows(modality: str, per_finding: int, size: int, seed: int, per_pair: int = 0) -> list[ManifestRow]:
+    """Fresh in-memory phantoms, ``per_finding`` per finding and for the normal study, and ``per_pair`` per pair of
+    findings drawn together (:func:`generator.phantoms.compatible_pairs`; see :func:`pair_of`), at another seed."""
     spec = get_spec(modality)
+    plan = [(finding, [finding], f"{finding}_{{i:04d}}") for finding in [NORMAL, *spec.findings]]
+    counts = [per_finding] * len(plan)
+    for a, b in compatible_pairs(modality):
+        plan.append((f"{a}+{b}", [a, b], f"{PAIRS_FOLDER}/{a}+{b}_{{i:04d}}"))
+        counts.append(per_pair)
     rows = []
-    for finding in [NORMAL, *spec.findings]:
-        for i in range(per_finding):
-            study = make_phantom(modality, [finding], size=max(32, size), seed=study_seed(seed, modality, finding, i))
+    for (label, findings, name), n in zip(plan, counts):
+        for i in range(n):
+            study = make_phantom(modality, findings, size=max(32, size), seed=study_seed(seed, modality, label, i))
             rows.append(ManifestRow(
-                f"phantom-benchmark/{seed}/{modality}/{finding}_{i:04d}", study.text, modality,
+                f"phantom-benchmark/{seed}/{modality}/{name.format(i=i)}", study.text, modality,
                 [f.to_dict() for f in study.findings], f"phantom:{modality}", image=study.image,
             ))
     return rows
@@ -248,7 +294,8 @@ def train_all(
     """Train every (role, modality) classifier into ``<out>/<role>/<modality>/`` (``out`` defaults to cfg.out).
 
     ``modalities`` defaults to those in the rows. With phantom labels, a fresh phantom benchmark of
-    ``cfg.benchmark_per_finding`` studies per finding is drawn once per modality and scored by both roles."""
+    ``cfg.benchmark_per_finding`` studies per finding (and ``cfg.benchmark_per_pair`` per pair of findings) is drawn once
+    per modality and scored by both roles."""
     rows = list(rows)
     out = Path(out if out is not None else cfg.out)
     modalities = list(modalities) if modalities is not None else list(dict.fromkeys(r.modality for r in rows))
@@ -257,7 +304,7 @@ def train_all(
         own = [r for r in rows if r.modality == modality]
         bench = None
         if cfg.benchmark_per_finding and own and modality in PHANTOM_MODULES and all(is_phantom_row(r) for r in own) and cfg.labels != "manifest":
-            bench = phantom_benchmark_rows(modality, cfg.benchmark_per_finding, cfg.image_size, cfg.benchmark_seed)
+            bench = phantom_benchmark_rows(modality, cfg.benchmark_per_finding, cfg.image_size, cfg.benchmark_seed, cfg.benchmark_per_pair)
         for role in roles:
             summaries.append(train_classifier(cfg, role, modality, own, out, progress, command, bench, data_description=data_description))
     return summaries
@@ -268,11 +315,14 @@ def format_summary(summaries: Sequence[Mapping[str, Any]]) -> str:
     def num(value: Any) -> float:  # metadata read back from JSON has None for NaN
         return float("nan") if value is None else float(value)
 
-    lines = [f"{'modality':<10} {'role':<9} {'arch':<7} {'AUROC':>6} {'bench':>6} {'ECE':>6} {'ECE(T)':>6} {'T':>5} {'s':>6} {'cpu s':>6}"]
+    lines = [f"{'modality':<10} {'role':<9} {'arch':<7} {'AUROC':>6} {'bench':>6} {'pairs':>6} {'ECE':>6} {'ECE(T)':>6} {'T':>5} {'s':>6} "
+             f"{'cpu s':>6}"]
     for s in summaries:
         test, bench = s["metrics"]["test"], s["metrics"].get("benchmark", {})
+        pairs = s["metrics"].get("benchmark_pairs", {})  # share of two-finding phantoms with both findings shown
         lines.append(
             f"{s['modality']:<10} {s['role']:<9} {s['arch']:<7} {num(test['auroc_macro']):>6.3f} {num(bench.get('auroc_macro')):>6.3f} "
+            f"{num(pairs.get('both_shown')):>6.3f} "
             f"{num(test['ece_before']):>6.3f} {num(test['ece_after']):>6.3f} {num(s['temperature']):>5.2f} {num(s['seconds']):>6.0f} "
             f"{num(s.get('cpu_seconds')):>6.0f}"
         )
