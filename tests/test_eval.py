@@ -73,3 +73,27 @@ def test_evaluate_refuses_a_modality_without_an_evaluator(tiny_setup):
     cases = phantom_cases(["oct"], 32, per_finding=1, seed=1)
     with pytest.raises(ValueError, match="no evaluator classifier for oct"):
         evaluate(model, cases, judges, EvalConfig(n_per_prompt=2, prompts_per_modality=1, steps=1), progress=False)
+
+
+def test_a_finding_counts_as_shown_from_the_evaluators_operating_point(tiny_setup):
+    from rlhf.classifiers import FindingClassifier
+    from rlhf.evaluate import measure
+    from rlhf.scorers import as_image_batch
+
+    _, judges = tiny_setup
+    base = judges.evaluator["cxr"]
+    cases = phantom_cases(["cxr"], 32, per_finding=1, seed=3)
+    images = as_image_batch([c.image for c in cases])
+    expected = expected_matrix(cases, base.label_names)
+    feats = base.features(images)
+    rows = {}
+    for threshold in (0.0, 1.0):
+        clf = FindingClassifier(base.network, base.label_names, base.image_size, base.temperature, "evaluator", "cxr",
+                                base.architecture, thresholds=[threshold] * len(base.label_names))
+        j = Judges(evaluator={"cxr": clf}, inception="unavailable", missing={})
+        rows[threshold] = measure(images, [c.text for c in cases], "cxr", [c.label for c in cases], expected, feats, None, j,
+                                  EvalConfig(kid_subsets=2), images)
+    assert rows[0.0]["requested_shown"] == 1.0 and rows[0.0]["all_requested_shown"] == 1.0  # every probability reaches 0
+    assert rows[1.0]["requested_shown"] == 0.0 and rows[1.0]["all_requested_shown"] == 0.0  # none reaches 1
+    # finding accuracy reads the same points: at 0 every stated-absent finding is wrong, at 1 every present one
+    assert rows[0.0]["finding_accuracy"] != rows[1.0]["finding_accuracy"]
