@@ -542,11 +542,14 @@ def _atelectasis(f: Finding, an: Anatomy, cv: Canvas, rnd: np.ndarray) -> np.nda
     side, sev = _side_of(f.location), _severity(f)
     if sev == 0:  # plate-like: a thin band, slightly oblique, in the lobe's lower part
         v0 = PLATE_LEVEL.get(f.location, 0.8) + 0.06 * float(rnd[1])
-        x0, y0 = _lung_point(an, side, 0.3 + 0.15 * float(rnd[0]), v0)
-        x1, y1 = _lung_point(an, side, 0.75 + 0.15 * float(rnd[2]), v0 + 0.05 * (float(rnd[3]) - 0.5))
-        band = np.zeros_like(cv.fill)
-        _polylines(band, [[x0, y0], [(x0 + x1) / 2, (y0 + y1) / 2 + 0.004], [x1, y1]], 0.009, 1.0)
-        mask = (band > 0.3) & cv.lung
+        for lift in (0.0, 0.08, 0.16, 0.24, 0.32):  # an enlarged heart can cover a lower lobe's band: draw it higher
+            x0, y0 = _lung_point(an, side, 0.3 + 0.15 * float(rnd[0]), v0 - lift)
+            x1, y1 = _lung_point(an, side, 0.75 + 0.15 * float(rnd[2]), v0 - lift + 0.05 * (float(rnd[3]) - 0.5))
+            band = np.zeros_like(cv.fill)
+            _polylines(band, [[x0, y0], [(x0 + x1) / 2, (y0 + y1) / 2 + 0.004], [x1, y1]], 0.009, 1.0)
+            mask = (band > 0.3) & cv.lung
+            if mask.any():
+                break
         cv.fill[:] = np.maximum(cv.fill, 0.75 * _blur(band, 0.0015) * cv.lung)
     else:
         region = _atelectasis_shape(f.location, cv.u[side], cv.v[side], (0.7, 1.0)[sev - 1]) & cv.on_side[side]
