@@ -31,7 +31,7 @@ import numpy as np
 from generator.errors import UserError
 from generator.fileio import write_text_atomic
 from generator.phantoms import get_spec
-from generator.phantoms.base import FindingSpec
+from generator.phantoms.base import FindingSpec, side_away
 
 from .prompts import SEVERITY_ORDER, _slots, compose_prompt, phantom_spec
 
@@ -207,9 +207,9 @@ class PromptSampler:
                              "stated": True})
         sided = {f["name"]: f["laterality"] for f in findings if f["laterality"] in ("left", "right")}
         for f in findings:  # a side another present finding sets (FindingSpec.side_away_from): the other side of its
-            pusher = next((n for n in specs[f["name"]].side_away_from if n in sided), None)
-            if pusher and f["laterality"]:
-                f["laterality"] = "right" if sided[pusher] == "left" else "left"
+            away = side_away(specs[f["name"]], sided)
+            if away and f["laterality"]:
+                f["laterality"] = away
         # pertinent negatives; one may name a finding a present one excludes ("no pneumothorax" beside an effusion), never
         # one the present findings' own phrases state ("choroidal neovascularisation with surrounding subretinal fluid")
         implied = self._implied(modality, findings)

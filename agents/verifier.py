@@ -70,7 +70,7 @@ class Verifier:
         # named findings no label stands for (not even as a kind of it): listed as not checked
         unchecked = [f for f in findings if not f.get("uncertain") and not project([f], label_order, self.lineage)]
         probs: dict[str, np.ndarray] = {}
-        points = self.findings.operating_points(modality) if hasattr(self.findings, "operating_points") else {}
+        points = self.findings.operating_points(modality)
         if modality in self.findings.classifiers:
             _, details = self.findings.score(images, [prompt] * n, [modality] * n, expected=[expected] * n)
             probs = {name: np.asarray(details[f"prob/{name}"]) for name in labels}

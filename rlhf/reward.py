@@ -125,8 +125,8 @@ class Reward:
                     scores = log_agreement(details, expected, self.findings_floor)
                 else:
                     details = {k: v for k, v in details.items() if k != "agreement"}
-                points = {m: scorer.operating_points(m) for m in set(modalities)} if hasattr(scorer, "operating_points") else None
-                details["verifier_pass"] = verifier_pass(details, expected, modalities, points)
+                details["verifier_pass"] = verifier_pass(details, expected, modalities,
+                                                         {m: scorer.operating_points(m) for m in set(modalities)})
             else:
                 scores, details = scorer.score(batch, prompts, modalities)
             components[name] = np.asarray(scores, dtype=np.float64)

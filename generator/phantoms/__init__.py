@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UserError
-from .base import Finding, FindingSpec, PhantomSpec, Rendered, bbox_of, sample_attributes
+from .base import Finding, FindingSpec, PhantomSpec, Rendered, bbox_of, sample_attributes, side_away
 from .reports import compose_report
 
 # modality id -> module defining SPEC; the only place a new phantom modality is registered
@@ -101,9 +101,9 @@ def make_phantom(
             drawn_here.append(requested[-1])
     sided = {f.name: f.side for f in requested if f.side in ("left", "right")}
     for f in drawn_here:  # a side another finding sets (FindingSpec.side_away_from: a mass pushes the midline away)
-        pusher = next((n for n in spec.finding(f.name).side_away_from if n in sided), None)
-        if pusher and f.side in ("left", "right"):
-            f.side = "right" if sided[pusher] == "left" else "left"
+        away = side_away(spec.finding(f.name), sided)
+        if away and f.side in ("left", "right"):
+            f.side = away
     names = [f.name for f in requested]
     for f in requested:
         clash = set(spec.finding(f.name).excludes) & set(names)

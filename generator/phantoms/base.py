@@ -15,6 +15,7 @@ right on the viewer's left) for chest X-ray, CT and MRI. Bounding boxes are norm
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Literal
 
@@ -133,6 +134,13 @@ class PhantomSpec:
         except KeyError:
             known = ", ".join(sorted(self.findings))
             raise UserError(f"unknown finding {name!r} for modality {self.name!r}; known: {known}") from None
+
+
+def side_away(spec: FindingSpec, sided: Mapping[str, str]) -> str | None:
+    """The side ``spec``'s finding takes beside the findings in ``sided`` (name -> "left" / "right"): the other side of
+    the first one that pushes it (``FindingSpec.side_away_from``: a mass pushes the midline away); None when none does."""
+    pusher = next((n for n in spec.side_away_from if n in sided), None)
+    return None if pusher is None else ("right" if sided[pusher] == "left" else "left")
 
 
 def sample_attributes(spec: FindingSpec, rng: np.random.Generator) -> Finding:

@@ -243,12 +243,12 @@ def pair_metrics(probs: np.ndarray, pairs: Sequence[tuple[str, str]], label_name
     column = {n: j for j, n in enumerate(label_names)}
     both, both_flat, shown = [], [], {}
     for p, pair in zip(probs, pairs):
-        hits = [p[column[f]] >= thresholds[column[f]] for f in pair if f in column]
-        flat = [p[column[f]] >= 0.5 for f in pair if f in column]
+        known = [column[f] for f in pair if f in column]
+        hits = [p[j] >= thresholds[j] for j in known]
         both.append(all(hits))
-        both_flat.append(all(flat))
-        for f, hit in zip((f for f in pair if f in column), hits):
-            shown.setdefault(f, []).append(hit)
+        both_flat.append(all(p[j] >= 0.5 for j in known))
+        for j, hit in zip(known, hits):
+            shown.setdefault(label_names[j], []).append(hit)
     return {"images": len(pairs), "both_shown": float(np.mean(both)) if both else float("nan"),
             "both_shown_at_0.5": float(np.mean(both_flat)) if both_flat else float("nan"),
             "finding_shown": float(np.mean([h for v in shown.values() for h in v])) if shown else float("nan"),
