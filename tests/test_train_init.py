@@ -52,3 +52,20 @@ def test_init_from_needs_an_exported_model(tmp_path, tiny_manifest, capsys):
                  f"--run.runs_dir={tmp_path / 'runs'}", "--no-progress"])
     assert code == 2
     assert "not an exported model folder" in capsys.readouterr().err
+
+
+def test_init_from_may_attend_to_more_prompt_tokens(tmp_path, tiny_manifest, capsys):
+    """No weight depends on the prompt's token limit: a continued model may read longer captions (phantom reports
+    with two findings run past 64 tokens), and the exported model keeps the new limit."""
+    from generator.models import LatentDiffusion
+
+    out = tmp_path / "model"
+    code = main(["train", "unet", "--init-from", str(shipped("generator/weights/default")), "--data", str(tiny_manifest),
+                 f"--train.out={out}", "--model.text_max_length=160", "--train.max_steps=1", "--train.batch_size=2",
+                 "--train.warmup_steps=1", "--train.validate_every=100", f"--run.runs_dir={tmp_path / 'runs'}", "--no-progress"])
+    assert code == 0, capsys.readouterr()
+    assert json.loads((out / "model.json").read_text())["model"]["text_max_length"] == 160
+    model = LatentDiffusion.load(out)
+    long_text = "Spectral-domain OCT of the macula. " + "Findings: a small amount of intraretinal fluid at the fovea. " * 12
+    tokens = model.conditioner.text_encoder.tokenizer([long_text], truncation=True, max_length=model.conditioner.text_encoder.max_length)
+    assert model.conditioner.text_encoder.max_length == 160 and len(tokens["input_ids"][0]) == 160

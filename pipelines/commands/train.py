@@ -147,6 +147,10 @@ def _load_vae(cfg):
     return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
 
 
+# model fields a continued model may change (``--init-from``): no weight depends on them
+RETUNABLE_MODEL_FIELDS = ("text_max_length",)
+
+
 def _train_unet(cfg, train_rows, run, out, progress, init_from: str | None = None):
     from generator.models import LatentDiffusion
     from generator.trainers import train_unet
@@ -162,10 +166,14 @@ def _train_unet(cfg, train_rows, run, out, progress, init_from: str | None = Non
         vae_dir = Path(init_from) / "vae"
         model = LatentDiffusion.load(init_from, list(cfg.data.modalities))
         saved, wanted = model.cfg.model_dump(mode="json"), cfg.model.model_dump(mode="json")
-        differ = [f"model.{k}: {saved.get(k)!r} there, {wanted.get(k)!r} here" for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+        differ = [f"model.{k}: {saved.get(k)!r} there, {wanted.get(k)!r} here" for k in sorted(set(saved) | set(wanted))
+                  if saved.get(k) != wanted.get(k) and k not in RETUNABLE_MODEL_FIELDS]
         if differ:
             raise UserError(f"--init-from {init_from}: its architecture differs from this config's ({'; '.join(differ[:4])}); "
                             "use the profile it was trained with")
+        # no weight's shape depends on how many prompt tokens the UNet attends to: a longer limit continues the same weights
+        model.cfg = model.cfg.model_copy(update={"text_max_length": cfg.model.text_max_length})
+        model.conditioner.text_encoder.max_length = cfg.model.text_max_length
     else:
         vae_dir = Path(cfg.model.vae_pretrained or Path(out) / "vae")
         model = LatentDiffusion(cfg.model, list(cfg.data.modalities), vae=_load_vae(cfg))
