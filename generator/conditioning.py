@@ -97,6 +97,11 @@ class TextEncoder(nn.Module):
                 params.append(p)
         return params
 
+    def truncated(self, texts: list[str]) -> int:
+        """How many of ``texts`` run past ``max_length`` tokens: the conditioning never sees their ends."""
+        lengths = self.tokenizer(list(texts), truncation=False, return_length=True)["length"]
+        return sum(int(n) > self.max_length for n in lengths)
+
     def forward(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         device = next(self.model.parameters()).device
         batch = self.tokenizer(

@@ -27,6 +27,18 @@ def test_init_from_continues_the_shipped_model(tmp_path, tiny_manifest, capsys):
     assert code == 0, capsys.readouterr()
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["steps"] == 2 and meta["init_from"] == str(base)
+    # the captions the 64-token limit cuts are counted (and said on stderr when there are any)
+    import csv
+
+    from generator.conditioning import TextEncoder
+
+    texts = [r["text"] for r in csv.DictReader(open(tiny_manifest))]
+    encoder = TextEncoder(max_length=64)
+    expected = sum(len(encoder.tokenizer(t)["input_ids"]) > 64 for t in texts)
+    assert meta["captions_truncated"] <= expected  # the validation rows are held back from training
+    assert encoder.truncated(texts) == expected
+    short = TextEncoder(max_length=12)
+    assert short.truncated(["Chest X-ray.", texts[0] * 3]) == 1
     before = load_file(base / "unet" / "diffusion_pytorch_model.safetensors")
     after = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert before.keys() == after.keys()

@@ -178,14 +178,28 @@ def _train_unet(cfg, train_rows, run, out, progress, init_from: str | None = Non
         vae_dir = Path(cfg.model.vae_pretrained or Path(out) / "vae")
         model = LatentDiffusion(cfg.model, list(cfg.data.modalities), vae=_load_vae(cfg))
     vae_meta = json.loads((vae_dir / "metadata.json").read_text()) if (vae_dir / "metadata.json").is_file() else None
+    cut = _warn_truncated(model, train_rows)
     provenance = {
         "config": cfg.model_dump(mode="json"),
         "data": sorted({r.source for r in train_rows}),
         "seed": cfg.train.seed,
         "vae": vae_meta,
         "command": "synthmed " + " ".join(sys.argv[1:]),
+        "captions_truncated": cut,
     } | ({"init_from": init_from} if init_from else {})
     return train_unet(model, cfg.train, cfg.data, train_rows, run, out, progress, lora_cfg=cfg.lora, metadata=provenance)
+
+
+def _warn_truncated(model, rows) -> int:
+    """Counts the training captions longer than the model's token limit and says so on stderr: the UNet learns
+    nothing from their ends (a finding stated late in a long report is cut off)."""
+    encoder = model.conditioner.text_encoder
+    cut = encoder.truncated([r.text for r in rows])
+    if cut:
+        print(f"warning: {cut} of {len(rows)} training captions ({cut / len(rows):.0%}) are longer than model.text_max_length="
+              f"{encoder.max_length} tokens and are cut there; raise it (e.g. --model.text_max_length=160) to keep them whole",
+              file=sys.stderr)
+    return cut
 
 
 def _train_lora(cfg, args, train_rows, run, progress):
@@ -193,6 +207,7 @@ def _train_lora(cfg, args, train_rows, run, progress):
     from generator.models import LatentDiffusion
 
     model = LatentDiffusion.load(args.model or cfg.train.out, list(cfg.data.modalities))
+    _warn_truncated(model, train_rows)
     return train_lora_adapter(model, cfg.lora, cfg.train, cfg.data, train_rows, run, args.adapter_out, progress)
 
 
