@@ -34,6 +34,16 @@ class ImageGenerator:
     def modalities(self) -> list[str]:
         return list(self.model.modalities)
 
+    def unread_tail(self, prompt: str) -> tuple[int, int, str] | None:
+        """``(tokens, limit, tail)`` when ``prompt`` runs past the model's token limit (``model.text_max_length``):
+        the conditioning never sees ``tail``. None when the whole prompt is read."""
+        encoder = self.model.conditioner.text_encoder
+        ids = encoder.tokenizer(prompt, truncation=False)["input_ids"]
+        if len(ids) <= encoder.max_length:
+            return None
+        # kept: [CLS], max_length - 2 tokens, [SEP]; the rest of the text (before the final [SEP]) is cut
+        return len(ids), encoder.max_length, encoder.tokenizer.decode(ids[encoder.max_length - 1:-1])
+
     def draw(self, prompt: str, modality: str, seeds: Sequence[int], out: str | Path, negative: str = "",
              guidance: float = 4.0, steps: int = 25, prefix: str = "") -> tuple[list[str], torch.Tensor, float]:
         """Candidates for one prompt, one per seed (each image reproducible from its seed alone).

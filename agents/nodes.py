@@ -119,8 +119,15 @@ class Nodes:
         composition = compose_prompt(state["request"], state["pathology"], modality, Emphasis(), settings["default_severity"],
                                      settings["base_negative"], self.modalities.get(modality), self.wording)
         composition["visual"] = [d["description"] for d in (state.get("visual") or {}).get("descriptors", []) if d.get("description")]
-        return Step({"composition": composition, "round": 0, "guidance": float(settings["guidance"]), "status": "running"},
-                    composition["prompt"])
+        warnings = []
+        cut = self.generator.unread_tail(composition["prompt"]) if self.generator is not None else None
+        if cut:
+            tokens, limit, tail = cut
+            warnings.append(f"prompt truncated by the generator: it is {tokens} tokens and the model reads {limit} "
+                            f"(model.text_max_length), so it never sees \"{tail}\"; shorten the request or use a model "
+                            "trained with a longer limit")
+        return Step({"composition": composition, "round": 0, "guidance": float(settings["guidance"]), "status": "running",
+                     "warnings": warnings}, composition["prompt"])
 
     def generate(self, state: Mapping) -> Step:
         settings, composition = state["settings"], state["composition"]

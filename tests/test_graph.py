@@ -266,3 +266,25 @@ def test_the_verifier_reads_each_finding_at_the_reward_classifiers_operating_poi
     verdict = Verifier(reward_scorer, None, VerifierConfig(present_threshold=0.0, use_alignment=False)).verify(
         images, "left pneumothorax", "cxr", findings[:1])
     assert verdict["candidates"][0]["findings"][0]["threshold"] == 0.0
+
+
+def test_a_prompt_longer_than_the_generator_reads_is_warned_of(tmp_path, reasoner, generator, reward_scorer):
+    """The UNet attends to model.text_max_length tokens (16 in this tiny model): the trace names what it never sees."""
+    graph = build_graph(reasoner, generator, verifier_with(reward_scorer, 0.0, 1.0))
+    cfg = AgentsConfig(candidates=1, steps=2, out=str(tmp_path / "i"))
+    state = run(graph, "Large right pleural effusion.", "cxr", tmp_path, cfg=cfg, stop_after="compose_prompt")
+    prompt = state["composition"]["prompt"]
+    encoder = generator.model.conditioner.text_encoder
+    n = len(encoder.tokenizer(prompt)["input_ids"])
+    assert n > encoder.max_length == 16
+    cut = [w for w in state["warnings"] if w.startswith("prompt truncated by the generator")]
+    assert len(cut) == 1 and f"it is {n} tokens and the model reads 16" in cut[0]
+    tail = cut[0].split('never sees "')[1].split('";')[0]
+    assert tail and prompt.lower().replace(" ", "").endswith(tail.replace(" ", ""))
+    # a limit the prompt fits in: no such warning
+    encoder.max_length = 512
+    try:
+        state = run(graph, "Large right pleural effusion.", "cxr", tmp_path / "b", trace_id="t2", cfg=cfg, stop_after="compose_prompt")
+    finally:
+        encoder.max_length = 16
+    assert not [w for w in state["warnings"] if w.startswith("prompt truncated by the generator")]

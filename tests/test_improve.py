@@ -118,6 +118,8 @@ def test_a_run_writes_its_directory_and_logs(base_model, tmp_path, capsys):
     assert {h["key"] for h in heldout} <= set(combos["heldout"])
     meta = json.loads((run / "metadata.json").read_text())
     assert meta["status"] == "finished" and meta["epochs_done"] == 2
+    # how many held-out prompts run past the generator's token limit (16 in the tiny model: every one of them)
+    assert meta["prompt_tokens"] == {"limit": 16, "heldout_truncated": len(heldout)}
     # inspection
     assert cli(["runs", "show", str(run), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
