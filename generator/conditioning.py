@@ -99,6 +99,8 @@ class TextEncoder(nn.Module):
 
     def truncated(self, texts: list[str]) -> int:
         """How many of ``texts`` run past ``max_length`` tokens: the conditioning never sees their ends."""
+        if not texts:
+            return 0
         lengths = self.tokenizer(list(texts), truncation=False, return_length=True)["length"]
         return sum(int(n) > self.max_length for n in lengths)
 

@@ -38,7 +38,7 @@ def test_init_from_continues_the_shipped_model(tmp_path, tiny_manifest, capsys):
     assert meta["captions_truncated"] <= expected  # the validation rows are held back from training
     assert encoder.truncated(texts) == expected
     short = TextEncoder(max_length=12)
-    assert short.truncated(["Chest X-ray.", texts[0] * 3]) == 1
+    assert short.truncated(["Chest X-ray.", texts[0] * 3]) == 1 and short.truncated([]) == 0
     before = load_file(base / "unet" / "diffusion_pytorch_model.safetensors")
     after = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert before.keys() == after.keys()
