@@ -97,12 +97,13 @@ class TextEncoder(nn.Module):
                 params.append(p)
         return params
 
+    def token_lengths(self, texts: list[str]) -> list[int]:
+        """Each text's length in tokens, special tokens included, before any truncation."""
+        return [int(n) for n in self.tokenizer(list(texts), truncation=False, return_length=True)["length"]] if texts else []
+
     def truncated(self, texts: list[str]) -> int:
         """How many of ``texts`` run past ``max_length`` tokens: the conditioning never sees their ends."""
-        if not texts:
-            return 0
-        lengths = self.tokenizer(list(texts), truncation=False, return_length=True)["length"]
-        return sum(int(n) > self.max_length for n in lengths)
+        return sum(n > self.max_length for n in self.token_lengths(texts))
 
     def forward(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         device = next(self.model.parameters()).device

@@ -27,6 +27,15 @@ def test_init_from_continues_the_shipped_model(tmp_path, tiny_manifest, capsys):
     assert code == 0, capsys.readouterr()
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["steps"] == 2 and meta["init_from"] == str(base)
+    before = load_file(base / "unet" / "diffusion_pytorch_model.safetensors")
+    after = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert before.keys() == after.keys()
+    # started from the shipped weights (a fresh UNet would be far away), and trained: not identical
+    diffs = [float((after[k].float() - before[k].float()).abs().max()) for k in before]
+    assert max(diffs) > 0
+    assert max(diffs) < 0.05
+    assert torch.equal(load_file(base / "vae" / "diffusion_pytorch_model.safetensors")["decoder.conv_out.weight"].float(),
+                       load_file(out / "vae" / "diffusion_pytorch_model.safetensors")["decoder.conv_out.weight"].float())
     # the captions the 64-token limit cuts are counted (and said on stderr when there are any)
     import csv
 
@@ -39,15 +48,21 @@ def test_init_from_continues_the_shipped_model(tmp_path, tiny_manifest, capsys):
     assert encoder.truncated(texts) == expected
     short = TextEncoder(max_length=12)
     assert short.truncated(["Chest X-ray.", texts[0] * 3]) == 1 and short.truncated([]) == 0
-    before = load_file(base / "unet" / "diffusion_pytorch_model.safetensors")
-    after = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
-    assert before.keys() == after.keys()
-    # started from the shipped weights (a fresh UNet would be far away), and trained: not identical
-    diffs = [float((after[k].float() - before[k].float()).abs().max()) for k in before]
-    assert max(diffs) > 0
-    assert max(diffs) < 0.05
-    assert torch.equal(load_file(base / "vae" / "diffusion_pytorch_model.safetensors")["decoder.conv_out.weight"].float(),
-                       load_file(out / "vae" / "diffusion_pytorch_model.safetensors")["decoder.conv_out.weight"].float())
+    assert short.token_lengths(["Chest X-ray."]) == [len(short.tokenizer("Chest X-ray.")["input_ids"])]
+
+
+def test_a_caption_the_token_limit_cuts_is_warned_of_with_the_limit_that_keeps_it(tmp_path, tiny_manifest, capsys):
+    out = tmp_path / "model"
+    code = main(["train", "unet", "--init-from", str(shipped("generator/weights/default")), "--data", str(tiny_manifest),
+                 f"--train.out={out}", "--model.text_max_length=12", "--train.max_steps=1", "--train.batch_size=2",
+                 "--train.warmup_steps=1", "--train.validate_every=100", f"--run.runs_dir={tmp_path / 'runs'}", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["captions_truncated"] > 0  # every phantom report is longer than 12 tokens
+    assert f"warning: {meta['captions_truncated']} of " in err and "longer than model.text_max_length=12 tokens" in err
+    longest = int(err.split("--model.text_max_length=")[1].split()[0])
+    assert longest > 12
 
 
 def test_init_from_refuses_another_architecture(tmp_path, tiny_manifest, capsys):

@@ -194,10 +194,11 @@ def _warn_truncated(model, rows) -> int:
     """Counts the training captions longer than the model's token limit and says so on stderr: the UNet learns
     nothing from their ends (a finding stated late in a long report is cut off)."""
     encoder = model.conditioner.text_encoder
-    cut = encoder.truncated([r.text for r in rows])
+    lengths = encoder.token_lengths([r.text for r in rows])
+    cut = sum(n > encoder.max_length for n in lengths)
     if cut:
-        print(f"warning: {cut} of {len(rows)} training captions ({cut / len(rows):.0%}) are longer than model.text_max_length="
-              f"{encoder.max_length} tokens and are cut there; raise it (e.g. --model.text_max_length=160) to keep them whole",
+        print(f"warning: {cut} of {len(rows)} training captions ({cut / len(rows):.1%}) are longer than model.text_max_length="
+              f"{encoder.max_length} tokens and are cut there; --model.text_max_length={max(lengths)} keeps them whole",
               file=sys.stderr)
     return cut
 
