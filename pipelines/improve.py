@@ -514,17 +514,20 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
         raise UserError(f"held-out combinations {sorted(leaked)[:3]} are also training combinations; the held-out set must be disjoint")
 
     metadata_path = root / "metadata.json"
-    encoder = model.conditioner.text_encoder
-    cut = encoder.truncated([p.prompt for p in heldout])
-    if cut and main and not metadata_path.is_file():
-        log.warning("%d of %d held-out prompts are longer than the %d tokens the generator reads (model.text_max_length); "
-                    "their ends are never seen", cut, len(heldout), encoder.max_length)
-    metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {
-        "kind": RUN_KIND, "command": command or "synthmed " + " ".join(sys.argv[1:]), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "base_model": base_model, "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha}, "world_size": world,
-        "reward_weights": ic.reward.weights, "selection": ic.selection.enabled,
-        "prompt_tokens": {"limit": encoder.max_length, "heldout_truncated": cut},
-    }
+    if metadata_path.is_file():
+        metadata = json.loads(metadata_path.read_text())
+    else:
+        encoder = model.conditioner.text_encoder
+        cut = encoder.truncated([p.prompt for p in heldout])
+        if cut and main:
+            log.warning("%d of %d held-out prompts are longer than the %d tokens the generator reads (model.text_max_length); "
+                        "their ends are never seen", cut, len(heldout), encoder.max_length)
+        metadata = {
+            "kind": RUN_KIND, "command": command or "synthmed " + " ".join(sys.argv[1:]), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "base_model": base_model, "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha}, "world_size": world,
+            "reward_weights": ic.reward.weights, "selection": ic.selection.enabled,
+            "prompt_tokens": {"limit": encoder.max_length, "heldout_truncated": cut},
+        }
     metadata.update({"status": "running", "epochs_planned": ic.ddpo.epochs})
     if main:
         write_json_atomic(metadata_path, metadata, ensure_ascii=False)
