@@ -250,6 +250,7 @@ def show_run(run: str | Path, runs_dir: str | Path = "runs") -> dict[str, Any]:
         "evals": [_eval_row(e, modalities, summary["best_epoch"]) for e in evals],
         "reference": reference,
         "gain": gain_table(evals, summary["best_epoch"], reference),
+        "findings": finding_table(evals, summary["best_epoch"], reference),
         "guards": [{"epoch": r.get("epoch"), "message": r.get("message", "")} for r in records if r.get("kind") == "guard"],
         "end": {k: ends[-1].get(k) for k in ("epoch", "status", "message")} if ends else None,
         "steps": {"count": len(steps),
@@ -274,14 +275,50 @@ def reference_line(records: list[dict]) -> dict[str, Any] | None:
     return {k: r.get(k) for k in ("source", "per_request", "overall", "per_modality", "missing", "seconds")}
 
 
+def _base_and_after(evals: list[dict], best: int | None) -> tuple[dict | None, dict | None]:
+    """The base's evaluation (epoch 0) and the one a run is judged by: the best, else the last."""
+    base = next((e for e in evals if e["epoch"] == 0), None)
+    after = next((e for e in evals if e["epoch"] == best), None) if best not in (None, 0) else None
+    return base, after or (evals[-1] if evals and evals[-1]["epoch"] != 0 else None)
+
+
+def finding_table(evals: list[dict], best: int | None, reference: dict | None = None) -> dict[str, Any] | None:
+    """Per finding the held-out prompts request: the share of the images asking for it that show it (the evaluator, at its
+    operating point), at the base (epoch 0), at the best evaluation (else the last; None before there is one) and in the
+    reference. ``{"epoch", "rows": [{"modality", "finding", "asked", "base", "after", "reference"}], "never": {"base",
+    "after", "reference", "of"}}`` (``never``: how many of the ``of`` requested findings no image shows), or None for a run
+    logged before evaluations recorded findings one by one."""
+    base, after = _base_and_after(evals, best)
+
+    def by_finding(record: dict | None) -> dict[str, dict]:
+        return {m: row.get("requested_shown_by_finding") or {} for m, row in ((record or {}).get("per_modality") or {}).items()}
+
+    first = by_finding(base)
+    if not any(first.values()):
+        return None
+    later, ref = by_finding(after), by_finding(reference)
+    rows = []
+    for m, findings in first.items():
+        for name in sorted(findings):
+            def share(table: dict) -> float | None:
+                return ((table.get(m) or {}).get(name) or {}).get("shown")
+            rows.append({"modality": m, "finding": name, "asked": findings[name].get("asked"), "base": share(first),
+                         "after": share(later) if after is not None else None, "reference": share(ref) if reference else None})
+
+    def never(key: str) -> int | None:
+        values = [r[key] for r in rows]
+        return None if any(v is None for v in values) else sum(v == 0 for v in values)
+
+    return {"epoch": after["epoch"] if after is not None else None, "rows": rows,
+            "never": {"base": never("base"), "after": never("after"), "reference": never("reference"), "of": len(rows)}}
+
+
 def gain_table(evals: list[dict], best: int | None, reference: dict | None = None) -> dict[str, Any] | None:
     """Base (epoch 0) against the best evaluation (else the last), per modality and averaged over them:
     ``{"base_epoch", "epoch", "rows": {modality or "mean": {metric: {"base", "after", "change", "reference",
     "gap_closed"}}}}``. ``reference``: what images that truly show the requests score (:func:`reference_line`);
     ``gap_closed``: the change as a share of the distance from the base to it, where the base is below it."""
-    base = next((e for e in evals if e["epoch"] == 0), None)
-    after = next((e for e in evals if e["epoch"] == best), None) if best not in (None, 0) else None
-    after = after or (evals[-1] if evals and evals[-1]["epoch"] != 0 else None)
+    base, after = _base_and_after(evals, best)
     if base is None or after is None:
         return None
     rows: dict[str, dict] = {}

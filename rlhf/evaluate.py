@@ -198,6 +198,17 @@ def load_judges(cfg: JudgesConfig, modalities: list[str], device: str = "cpu") -
 
 
 # -- measuring one side (real or generated) ---------------------------------------------------
+def requested_shown_by_finding(shown: np.ndarray, present: np.ndarray, labels: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per finding requested at least once: ``{"asked": images asking for it, "shown": the share of them showing it}``
+    (``shown``, ``present``: (N, L) booleans). Which findings a generator draws, and which it never does."""
+    out = {}
+    for j, name in enumerate(labels):
+        asked = int(present[:, j].sum())
+        if asked:
+            out[name] = {"asked": asked, "shown": float((shown[:, j] & present[:, j]).sum() / asked)}
+    return out
+
+
 def _batched(fn, images: torch.Tensor, *args, batch: int = 128):
     parts = [fn(images[i:i + batch], *(a[i:i + batch] for a in args)) for i in range(0, images.shape[0], batch)]
     return np.concatenate([np.asarray(p) for p in parts])
@@ -240,6 +251,7 @@ def measure(images: torch.Tensor, texts: list[str], modality: str, groups: list[
     row["requested_shown"] = float((shown & present).sum() / present.sum()) if present.any() else None
     asks = present.any(axis=1)  # images whose prompt requests at least one finding
     row["all_requested_shown"] = float((shown | ~present).all(axis=1)[asks].mean()) if asks.any() else None
+    row["requested_shown_by_finding"] = requested_shown_by_finding(shown, present, evaluator.label_names)
     if judges.alignment is not None:
         row["clip_score"] = float(np.mean(judges.alignment.clip_score(images, texts)))
     else:

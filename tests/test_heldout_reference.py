@@ -65,6 +65,13 @@ def test_the_reference_shows_its_requests_far_more_than_images_of_other_requests
     # findings of two-finding phantoms: the reference is the ceiling of the loop's share, far below 1)
     assert right["requested_shown"] > 0.4 and right["requested_shown"] > row["requested_shown"] + 0.25
     assert right["finding_accuracy"] > row["finding_accuracy"] + 0.2
+    # finding by finding: the shares, weighted by how many images ask for each, make up "requested shown"
+    for m, r in matched["per_modality"].items():
+        by = r["requested_shown_by_finding"]
+        assert by and set(by) <= set(parts.judges.evaluator[m].label_names)
+        asked = sum(v["asked"] for v in by.values())
+        assert asked == sum(bool(present) for it in refs_items if it.modality == m for present in it.expected.values())
+        assert sum(v["asked"] * v["shown"] for v in by.values()) / asked == pytest.approx(r["requested_shown"])
     # no memorisation for images no model made
     assert matched["overall"]["memorised_share"] is None
 

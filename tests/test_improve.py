@@ -134,8 +134,16 @@ def test_a_run_writes_its_directory_and_logs(base_model, tmp_path, capsys):
     assert set(reference[0]["per_modality"]) == {"cxr", "oct"} and reference[0]["per_modality"]["oct"]["n"] == 8
     assert shown["reference"]["overall"] == reference[0]["overall"]
     assert gain["mean"]["all_requested_shown"]["reference"] == reference[0]["overall"]["all_requested_shown"]
+    # finding by finding, for the base, the run and the reference alike
+    for record in (evals[0], evals[-1], reference[0]):
+        assert all(row["requested_shown_by_finding"] for row in record["per_modality"].values())
+    findings = shown["findings"]
+    assert findings["epoch"] == shown["gain"]["epoch"] and findings["never"]["of"] == len(findings["rows"]) > 0
+    assert {r["modality"] for r in findings["rows"]} == {"cxr", "oct"}
     assert cli(["runs", "show", str(run)]) == 0
-    assert "reference: phantoms drawn to each held-out request (8 per request)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "reference: phantoms drawn to each held-out request (8 per request)" in out
+    assert "requested findings on the held-out prompts: share of the images asking for each that show it" in out
 
 
 def test_kl_to_the_base_is_zero_while_the_lora_weights_are_zero(base_model):

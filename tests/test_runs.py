@@ -257,3 +257,39 @@ def test_a_reference_without_every_modality_gives_per_modality_figures_only(tmp_
     assert main(["runs", "show", "improve-20250105-090000", "--runs-dir", str(tmp_path)]) == 0
     assert ("reference: real reference images with each held-out request's labels (8 per request), judged alike, show every "
             "requested finding in cxr 0.700; none for oct") in capsys.readouterr().out
+
+
+def test_findings_one_by_one_base_run_and_reference(tmp_path, capsys):
+    def by_finding(cxr_effusion: float, oct_drusen: float) -> dict:
+        return {"cxr": {"effusion": {"asked": 4, "shown": cxr_effusion}, "oedema": {"asked": 2, "shown": 0.0}},
+                "oct": {"drusen": {"asked": 6, "shown": oct_drusen}}}
+
+    def with_findings(line: dict, shares: dict) -> dict:
+        for m, row in line["per_modality"].items():
+            row["requested_shown_by_finding"] = shares[m]
+        return line
+
+    reference = {"kind": "reference", "epoch": 0, "source": "phantoms", "per_request": 8,
+                 "overall": {"all_requested_shown": 0.60},
+                 "per_modality": {m: {"all_requested_shown": 0.6, "requested_shown_by_finding": by_finding(1.0, 0.5)[m]}
+                                  for m in MODALITIES}}
+    lines = [with_findings(eval_line(0, 0.40, 50.0, True), by_finding(0.25, 0.0)), reference, *step_lines(1), epoch_line(1),
+             with_findings(eval_line(1, 0.45, 48.0, True), by_finding(0.5, 0.0)), *step_lines(2), epoch_line(2),
+             with_findings(eval_line(2, 0.42, 48.0, False), by_finding(0.75, 1 / 6))]
+    write_run(tmp_path, "improve-20250106-090000", lines, "2025-01-06T09:00:00")
+    findings = show_run("improve-20250106-090000", tmp_path)["findings"]
+    assert findings["epoch"] == 1  # the best evaluation, like the gain table
+    assert findings["rows"] == [
+        {"modality": "cxr", "finding": "effusion", "asked": 4, "base": 0.25, "after": 0.5, "reference": 1.0},
+        {"modality": "cxr", "finding": "oedema", "asked": 2, "base": 0.0, "after": 0.0, "reference": 0.0},
+        {"modality": "oct", "finding": "drusen", "asked": 6, "base": 0.0, "after": 0.0, "reference": 0.5}]
+    assert findings["never"] == {"base": 2, "after": 2, "reference": 1, "of": 3}
+    assert main(["runs", "show", "improve-20250106-090000", "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "never shown, of 3 requested findings: 2 at the base, 2 at epoch 1, 1 in the reference" in out
+
+
+def test_a_run_without_findings_one_by_one_shows_no_findings_table(runs_dir, capsys):
+    assert show_run(FINISHED, runs_dir)["findings"] is None
+    assert main(["runs", "show", FINISHED, "--runs-dir", str(runs_dir)]) == 0
+    assert "requested findings on the held-out prompts" not in capsys.readouterr().out

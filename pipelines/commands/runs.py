@@ -140,6 +140,8 @@ def format_run(run: dict) -> str:
         parts.append(_gain_table(run["gain"]))
     if run.get("reference"):
         parts.append(_reference_note(run))
+    if run.get("findings"):
+        parts.append(_findings_table(run["findings"]))
     notes = [f"guard (epoch {g['epoch']}): {g['message']}" for g in run["guards"]]
     if run["end"]:
         end = run["end"]
@@ -168,6 +170,20 @@ def _gain_table(gain: dict) -> str:
         rows.append([name, *cells])
     return (f"gain on the held-out prompts, base (epoch 0) -> epoch {gain['epoch']} (judged by the evaluator classifier)\n"
             + table(rows, ["modality", *[h for _, h in shown]]))
+
+
+def _findings_table(findings: dict) -> str:
+    """Which requested findings the generator draws: per finding, the share of the held-out images asking for it that show it."""
+    epoch = findings["epoch"]
+    rows = [[r["modality"], r["finding"], _fmt(r["asked"]), _fmt(r["base"]), *([_fmt(r["after"])] if epoch is not None else []),
+             _fmt(r["reference"])] for r in findings["rows"]]
+    head = ["modality", "finding", "images asking", "base"] + ([f"epoch {epoch}"] if epoch is not None else []) + ["reference"]
+    never = findings["never"]
+    said = [f"{never['base']} at the base"] + ([f"{never['after']} at epoch {epoch}"] if never["after"] is not None else [])
+    if never["reference"] is not None:
+        said.append(f"{never['reference']} in the reference")
+    return ("requested findings on the held-out prompts: share of the images asking for each that show it (evaluator)\n"
+            + table(rows, head) + f"\nnever shown, of {never['of']} requested findings: " + ", ".join(said))
 
 
 def _reference_note(run: dict) -> str:
