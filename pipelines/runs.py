@@ -297,13 +297,14 @@ def finding_table(evals: list[dict], best: int | None, reference: dict | None = 
     if not any(first.values()):
         return None
     later, ref = by_finding(after), by_finding(reference)
-    rows = []
-    for m, findings in first.items():
-        for name in sorted(findings):
-            def share(table: dict) -> float | None:
-                return ((table.get(m) or {}).get(name) or {}).get("shown")
-            rows.append({"modality": m, "finding": name, "asked": findings[name].get("asked"), "base": share(first),
-                         "after": share(later) if after is not None else None, "reference": share(ref) if reference else None})
+
+    def share(table: dict, m: str, name: str) -> float | None:
+        return ((table.get(m) or {}).get(name) or {}).get("shown")
+
+    rows = [{"modality": m, "finding": name, "asked": findings[name].get("asked"), "base": share(first, m, name),
+             "after": share(later, m, name) if after is not None else None,
+             "reference": share(ref, m, name) if reference else None}
+            for m, findings in first.items() for name in sorted(findings)]
 
     def never(key: str) -> int | None:
         values = [r[key] for r in rows]
