@@ -314,6 +314,15 @@ def finding_table(evals: list[dict], best: int | None, reference: dict | None = 
             "never": {"base": never("base"), "after": never("after"), "reference": never("reference"), "of": len(rows)}}
 
 
+def never_shown_text(findings: dict) -> str:
+    """How many of the requested findings no held-out image shows, at the base, the compared epoch and the reference."""
+    never, epoch = findings["never"], findings["epoch"]
+    said = [f"{never['base']} at the base"] + ([f"{never['after']} at epoch {epoch}"] if never["after"] is not None else [])
+    if never["reference"] is not None:
+        said.append(f"{never['reference']} in the reference")
+    return f"never shown, of {never['of']} requested findings: " + ", ".join(said)
+
+
 def gain_table(evals: list[dict], best: int | None, reference: dict | None = None) -> dict[str, Any] | None:
     """Base (epoch 0) against the best evaluation (else the last), per modality and averaged over them:
     ``{"base_epoch", "epoch", "rows": {modality or "mean": {metric: {"base", "after", "change", "reference",

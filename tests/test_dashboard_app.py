@@ -274,3 +274,24 @@ def test_the_plotting_library_is_warmed_on_load():
     script = plot_library_warmup()  # None would mean this Gradio build no longer ships one plotting bundle: look again
     assert script is not None and "import(url)" in script and "requestIdleCallback" in script
     assert (Path(gr.__file__).parent / "templates" / "frontend" / "assets" / json.loads(script.split("new URL(", 1)[1].split(",")[0])).is_file()
+
+
+def test_the_run_summary_says_how_many_requested_findings_no_image_shows(tmp_path):
+    from test_runs import MODALITIES as RUN_MODALITIES
+    from test_runs import epoch_line, eval_line, step_lines, write_run
+
+    from pipelines.dashboard import data
+    from pipelines.dashboard.app import _run_summary
+
+    def with_findings(line: dict, shown: float) -> dict:
+        for row in line["per_modality"].values():
+            row["requested_shown_by_finding"] = {"effusion": {"asked": 2, "shown": shown}, "oedema": {"asked": 2, "shown": 0.0}}
+        return line
+
+    lines = [with_findings(eval_line(0, 0.4, 50.0, True), 0.0), *step_lines(1), epoch_line(1),
+             with_findings(eval_line(1, 0.5, 48.0, True), 0.5)]
+    write_run(tmp_path, "improve-20250107-090000", lines, "2025-01-07T09:00:00")
+    text = _run_summary(data.open_run("improve-20250107-090000", tmp_path))
+    assert len(RUN_MODALITIES) == 2
+    assert ("- never shown, of 4 requested findings: 4 at the base, 2 at epoch 1, on the held-out prompts "
+            "(each one: `synthmed runs show improve-20250107-090000`)") in text

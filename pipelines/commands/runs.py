@@ -174,16 +174,14 @@ def _gain_table(gain: dict) -> str:
 
 def _findings_table(findings: dict) -> str:
     """Which requested findings the generator draws: per finding, the share of the held-out images asking for it that show it."""
+    from ..runs import never_shown_text
+
     epoch = findings["epoch"]
     rows = [[r["modality"], r["finding"], _fmt(r["asked"]), _fmt(r["base"]), *([_fmt(r["after"])] if epoch is not None else []),
              _fmt(r["reference"])] for r in findings["rows"]]
     head = ["modality", "finding", "images asking", "base"] + ([f"epoch {epoch}"] if epoch is not None else []) + ["reference"]
-    never = findings["never"]
-    said = [f"{never['base']} at the base"] + ([f"{never['after']} at epoch {epoch}"] if never["after"] is not None else [])
-    if never["reference"] is not None:
-        said.append(f"{never['reference']} in the reference")
     return ("requested findings on the held-out prompts: share of the images asking for each that show it (evaluator)\n"
-            + table(rows, head) + f"\nnever shown, of {never['of']} requested findings: " + ", ".join(said))
+            + table(rows, head) + "\n" + never_shown_text(findings))
 
 
 def _reference_note(run: dict) -> str:

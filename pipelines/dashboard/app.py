@@ -31,6 +31,7 @@ from PIL import Image
 
 from generator.config import default_modalities
 
+from ..runs import never_shown_text
 from . import data
 from .data import FileGuard, PathRefused
 from .enhance import PRESETS, enhance
@@ -486,6 +487,8 @@ def _run_summary(r: dict) -> str:
     if t.get("epochs"):
         parts.append("- seconds per epoch: " + ", ".join(f"{k} {t[k]:.1f}" for k in ("sampling", "reward", "update", "selection", "total")
                                                         if t.get(k) is not None))
+    if r.get("findings"):
+        parts.append(f"- {never_shown_text(r['findings'])}, on the held-out prompts (each one: `synthmed runs show {r['id']}`)")
     for w in r.get("warnings") or []:
         parts.append(f"- note: {w}")
     return "\n".join(parts)
