@@ -57,6 +57,12 @@ class ReferenceSet:
             self.features[m] = _batched(judges.evaluator[m].features, batch)
 
 
+def _logged(row: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """The part of a :func:`rlhf.evaluate.measure` row a held-out line keeps: ``keys``, the image count and each requested
+    finding's share."""
+    return {key: row.get(key) for key in keys} | {"n": row["n"], "requested_shown_by_finding": row["requested_shown_by_finding"]}
+
+
 def _mean_over_modalities(per_modality: dict[str, dict]) -> dict[str, float | None]:
     out = {}
     for key in HEADLINE:
@@ -137,8 +143,7 @@ def reference_evaluation(items: Sequence[Any], judges: Judges, reference: Refere
         row = measure(as_image_batch([images[i] for i in idx]), [it.prompt for it in sub_items], m,
                       [str(index[id(it)]) for it in sub_items], expected_rows(sub_items, labels), reference.features[m], None,
                       judges, eval_cfg, reference.images[m], None)
-        per_modality[m] = ({key: row.get(key) for key in HEADLINE if key != "memorised_share"}
-                           | {"n": row["n"], "requested_shown_by_finding": row["requested_shown_by_finding"]})
+        per_modality[m] = _logged(row, [key for key in HEADLINE if key != "memorised_share"])
     missing = [m for m in dict.fromkeys(it.modality for it in items) if m not in per_modality]
     # a mean over fewer modalities than the generated images' is no ceiling of theirs: left out, the rows stand
     overall = {key: None for key in HEADLINE} if missing else _mean_over_modalities(per_modality)
@@ -201,8 +206,7 @@ def heldout_evaluation(model, items: Sequence[Any], judges: Judges, reference: R
         train_set = (train_images or {}).get(m)
         row = measure(sub, [it.prompt for it in sub_items], m, [groups[i] for i in idx], expected_rows(sub_items, labels),
                       reference.features[m], None, judges, eval_cfg, reference.images[m], train_set)
-        per_modality[m] = ({key: row.get(key) for key in HEADLINE}
-                           | {"n": row["n"], "requested_shown_by_finding": row["requested_shown_by_finding"]})
+        per_modality[m] = _logged(row, HEADLINE)
     overall = _mean_over_modalities(per_modality)
     return {"overall": overall, "per_modality": per_modality, "seconds": round(time.perf_counter() - started, 2),
             "images": images}
