@@ -45,8 +45,10 @@ class ImageGenerator:
         return len(ids), encoder.max_length, encoder.tokenizer.decode(ids[encoder.max_length - 1:-1])
 
     def draw(self, prompt: str, modality: str, seeds: Sequence[int], out: str | Path, negative: str = "",
-             guidance: float = 4.0, steps: int = 25, prefix: str = "") -> tuple[list[str], torch.Tensor, float]:
-        """Candidates for one prompt, one per seed (each image reproducible from its seed alone).
+             guidance: float = 4.0, steps: int = 25, prefix: str = "",
+             findings: Sequence[Mapping] | None = None) -> tuple[list[str], torch.Tensor, float]:
+        """Candidates for one prompt, one per seed (each image reproducible from its seed alone). ``findings``: the
+        structured findings the prompt was composed from, for a generator with finding tokens (others read text only).
 
         Returns the PNG paths, the images as (B, 3, H, W) in [-1, 1] (as written, i.e. quantised to
         8 bits, so the verifier judges the files) and the seconds taken."""
@@ -63,7 +65,8 @@ class ImageGenerator:
             with torch.inference_mode():
                 output = sample(self.model, [prompt] * len(run), [modality] * len(run), negative=negative or None,
                                 guidance=guidance, steps=steps, seed=run[0], sampler=self.sampler, eta=self.eta,
-                                guidance_schedule=self.guidance_schedule, precision=self.precision)
+                                guidance_schedule=self.guidance_schedule, precision=self.precision,
+                                findings=[findings] * len(run) if findings is not None else None)
             for seed, image in zip(run, output.to_uint8([modality] * len(run), self.channels)):
                 path = out / f"{prefix}{modality}_seed{seed:06d}.png"
                 atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp))  # noqa: B023  (called at once)

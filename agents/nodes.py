@@ -136,7 +136,8 @@ class Nodes:
         seeds = [int(settings["seed"]) + r * k + j for j in range(k)]
         modality = state["request"]["modality"]
         paths, _, seconds = self.generator.draw(composition["prompt"], modality, seeds, Path(settings["out"]) / f"round{r}",
-                                                negative=composition["negative"], guidance=state["guidance"], steps=settings["steps"])
+                                                negative=composition["negative"], guidance=state["guidance"], steps=settings["steps"],
+                                                findings=composition["findings"])
         drawn = [{"round": r, "path": p, "seed": s, "prompt": composition["prompt"], "negative": composition["negative"],
                   "guidance": state["guidance"], "steps": settings["steps"]} for p, s in zip(paths, seeds)]
         return Step({"candidates": drawn, "round": r + 1}, f"round {r}: {k} candidate(s) in {seconds:.1f} s", generate_seconds=seconds)

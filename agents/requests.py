@@ -56,6 +56,12 @@ class ImagePrompt:
         return {f["name"]: bool(f["present"]) for f in self.findings}
 
     @property
+    def generator_findings(self) -> tuple[dict, ...]:
+        """What a generator with finding tokens is given (``generator.conditioning``): the present findings and the
+        absences the request states, as a training manifest lists them (a normal study names only its negatives)."""
+        return tuple(f for f in self.findings if f["present"] or f.get("stated", True))
+
+    @property
     def present(self) -> list[str]:
         return [f["name"] for f in self.findings if f["present"]]
 

@@ -1,8 +1,19 @@
 """Text and modality conditioning for the UNet.
 
-    tokens (B, L + 1, D)   text token embeddings (projected), then one modality token: cross-attention
-    mask   (B, L + 1)      1 for real tokens, 0 for padding
-    class_emb (B, T)       Linear(modality_embedding * pooled_text) -> added to the time embedding
+    tokens (B, L + 1 [+ F], D)   text token embeddings (projected), then one modality token, then (a model
+                                 with finding tokens) one token per finding the request states: cross-attention
+    mask   (B, L + 1 [+ F])      1 for real tokens, 0 for padding
+    class_emb (B, T)             MLP(modality_embedding * pooled_text [+ Linear(mean of finding tokens)])
+                                 -> added to the time embedding
+
+**Finding tokens** (``model.finding_tokens``): a learned vector per finding of each modality the training
+data names (``"<modality>:<finding>"``), plus one for "present" or "absent" and one for the side, built from
+the request's *structured* findings (a manifest's ``findings`` column in training; a request's expectation,
+or the graph's reading of a text, when sampling), never from a second parse of the prompt. A frozen text
+encoder has to learn that "PTX", "pneumothorax" and "collapsed lung" are one finding from a few dozen
+captions each; a finding token is that finding from the first step. Findings the table does not know
+(another profile's labels) add no token; without findings a model with the table is conditioned on text
+alone (training drops the findings of a share of captions, ``train.finding_dropout``, so it learns both).
 
 The text encoder is any BERT-like transformers model (frozen by default); the packaged MiniLM
 serves offline. The modality table is keyed by name: loading weights saved with fewer (or other)
@@ -11,6 +22,7 @@ modalities keeps the rows it knows and initialises the rest, so a new modality i
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -147,10 +159,92 @@ class ModalityTable(nn.Module):
         return [n for n in self.names if n not in names]
 
 
-class Conditioner(nn.Module):
-    """Text encoder (frozen unless trained through LoRA) + trainable projections and modality table."""
+FINDING_SIDES = ("left", "right", "bilateral")
+FINDING_SEVERITIES = {"mild": 0, "small": 0, "moderate": 1, "medium": 1, "severe": 2, "large": 2}  # by rank
 
-    def __init__(self, text_encoder: TextEncoder, modalities: list[str], cross_attention_dim: int, time_embed_dim: int):
+
+def finding_key(modality: str, name: str) -> str:
+    return f"{modality}:{name}"
+
+
+def finding_vocabulary(rows) -> tuple[list[str], list[str]]:
+    """The finding table's keys and locations for training rows (manifest rows with ``modality`` and
+    ``findings``): every finding a row states, present or absent, per modality, and every location named; sorted."""
+    keys = sorted({finding_key(r.modality, f["name"]) for r in rows for f in r.findings})
+    locations = sorted({str(f["location"]) for r in rows for f in r.findings if f.get("location")})
+    return keys, locations
+
+
+class FindingTable(nn.Module):
+    """A learned vector per ``"<modality>:<finding>"``, added to one per state (absent, present), side, severity
+    grade and location the finding states: one token per stated finding."""
+
+    def __init__(self, keys: list[str], locations: list[str], dim: int):
+        super().__init__()
+        self.keys = list(dict.fromkeys(keys))
+        self.locations = list(dict.fromkeys(locations))
+        self._index = {k: i for i, k in enumerate(self.keys)}
+        self._location = {k: i for i, k in enumerate(self.locations)}
+        self.embedding = nn.Embedding(len(self.keys), dim)
+        self.state = nn.Embedding(2, dim)
+        self.side = nn.Embedding(len(FINDING_SIDES), dim)
+        self.severity = nn.Embedding(3, dim)
+        self.location = nn.Embedding(max(len(self.locations), 1), dim)
+        for table in (self.embedding, self.state, self.side, self.severity, self.location):
+            nn.init.normal_(table.weight, std=0.2)  # about the projected text tokens' scale
+
+    def _attributes(self, f: Mapping) -> tuple[int | None, int | None, int | None]:
+        side = f.get("laterality", f.get("side"))
+        return (FINDING_SIDES.index(side) if side in FINDING_SIDES else None,
+                FINDING_SEVERITIES.get(f.get("severity")), self._location.get(f.get("location")))
+
+    def forward(self, findings: Sequence[Sequence[Mapping] | None], modalities: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, F, D) tokens and (B, F) mask for each sample's stated findings the table knows (F >= 0)."""
+        rows: list[list[tuple]] = []
+        for sample, modality in zip(findings, modalities):
+            own = []
+            for f in sample or ():
+                if f.get("uncertain"):  # hedged ("possible consolidation"): states nothing
+                    continue
+                i = self._index.get(finding_key(modality, f["name"]))
+                if i is not None:
+                    own.append((i, int(bool(f.get("present", True))), *self._attributes(f)))
+            rows.append(own)
+        weight = self.embedding.weight
+        width = max((len(r) for r in rows), default=0)
+        tokens = weight.new_zeros(len(rows), width, weight.shape[1])
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=weight.device)
+        if width == 0:
+            return tokens, mask
+        flat = [(b, j, *entry) for b, own in enumerate(rows) for j, entry in enumerate(own)]
+        device = weight.device
+        b, j, i, state = (torch.tensor([x[k] for x in flat], device=device) for k in range(4))
+        values = self.embedding(i) + self.state(state)
+        for column, table in ((4, self.side), (5, self.severity), (6, self.location)):  # attributes a finding states
+            stated = [n for n, x in enumerate(flat) if x[column] is not None]
+            if stated:
+                ids = torch.tensor([flat[n][column] for n in stated], device=device)
+                values = values.index_add(0, torch.tensor(stated, device=device), table(ids))
+        tokens = tokens.index_put((b, j), values)
+        mask[b, j] = 1
+        return tokens, mask
+
+    def load_rows(self, keys: list[str], weight: torch.Tensor, locations: list[str], location_weight: torch.Tensor) -> None:
+        """Copy saved rows by name; rows the save did not know keep their init."""
+        with torch.no_grad():
+            for names, index, table, saved in ((keys, self._index, self.embedding, weight),
+                                               (locations, self._location, self.location, location_weight)):
+                for n, name in enumerate(names):
+                    if name in index:
+                        table.weight[index[name]] = saved[n]
+
+
+class Conditioner(nn.Module):
+    """Text encoder (frozen unless trained through LoRA) + trainable projections and modality table, and
+    optionally a finding table."""
+
+    def __init__(self, text_encoder: TextEncoder, modalities: list[str], cross_attention_dim: int, time_embed_dim: int,
+                 findings: tuple[list[str], list[str]] | None = None):
         super().__init__()
         self.text_encoder = text_encoder
         self.text_encoder.requires_grad_(False)
@@ -161,6 +255,11 @@ class Conditioner(nn.Module):
         self.fuse = nn.Sequential(nn.Linear(d, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim))
         nn.init.zeros_(self.fuse[-1].weight)  # starts as "no class signal": training adds it in
         nn.init.zeros_(self.fuse[-1].bias)
+        self.findings = FindingTable(*findings, d) if findings is not None else None
+        self.finding_pool = nn.Linear(d, d) if findings is not None else None
+        if self.finding_pool is not None:
+            nn.init.zeros_(self.finding_pool.weight)
+            nn.init.zeros_(self.finding_pool.bias)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything but the text encoder's own weights (those come from its package or hub); its
@@ -170,21 +269,37 @@ class Conditioner(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if not n.startswith("text_encoder.") or _is_text_lora(n)]
 
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], modalities: list[str]) -> list[str]:
-        """Load saved projections; modality rows by name. Returns modalities that were new."""
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], modalities: list[str],
+                                  saved_findings: tuple[list[str], list[str]] | None = None) -> list[str]:
+        """Load saved projections; modality (and finding) rows by name. Returns modalities that were new. A save
+        without a finding table loads into a conditioner with one (``--init-from`` a text-only model): the table
+        starts from its init and its pooled path from zero (the class embedding is the text's until trained; the
+        new tokens do take a share of cross-attention from the first step)."""
         state = dict(state)
         weight = state.pop("modality.embedding.weight")
-        own = {k: v for k, v in self.trainable_state_dict().items() if k != "modality.embedding.weight"}
+        rows = {"modality.embedding.weight", "findings.embedding.weight", "findings.location.weight"}
+        finding_rows = state.pop("findings.embedding.weight", None)
+        location_rows = state.pop("findings.location.weight", None)
+        own = {k: v for k, v in self.trainable_state_dict().items() if k not in rows}
         missing = sorted(set(own) - set(state))
+        if self.findings is not None and finding_rows is None:
+            missing = [k for k in missing if not k.startswith(("findings.", "finding_pool."))]
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
             raise UserError(f"conditioner weights do not fit: missing {missing}, unexpected {unexpected}")
         self.load_state_dict(state, strict=False)
+        if self.findings is not None and finding_rows is not None:
+            keys, locations = saved_findings or ([], [])
+            self.findings.load_rows(keys, finding_rows, locations, location_rows)
         return self.modality.load_rows(modalities, weight)
 
-    def forward(self, texts: list[str], modalities: list[str]) -> Conditioning:
+    def forward(self, texts: list[str], modalities: list[str], findings: Sequence[Sequence[Mapping] | None] | None = None) -> Conditioning:
+        """``findings``: per sample, the structured findings it states (``{"name", "present", "laterality"?}``), or
+        None; read only by a conditioner with a finding table."""
         if len(texts) != len(modalities):
             raise ValueError(f"{len(texts)} prompts but {len(modalities)} modalities")
+        if findings is not None and len(findings) != len(texts):
+            raise ValueError(f"{len(texts)} prompts but {len(findings)} finding lists")
         grad = any(p.requires_grad for p in self.text_encoder.parameters())
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             hidden, mask, pooled = self.text_encoder(texts)
@@ -193,5 +308,13 @@ class Conditioner(nn.Module):
         modality = self.modality(modalities)  # (B, D)
         tokens = torch.cat([tokens, modality.unsqueeze(1)], dim=1)  # (B, L + 1, D)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, L + 1)
-        class_emb = self.fuse(modality * self.pooled_proj(pooled.to(dtype)))  # Hadamard fusion -> (B, T)
+        fused = modality * self.pooled_proj(pooled.to(dtype))  # Hadamard fusion
+        if self.findings is not None:
+            stated, stated_mask = self.findings(findings if findings is not None else [None] * len(texts), modalities)
+            if stated.shape[1]:
+                tokens = torch.cat([tokens, stated.to(dtype)], dim=1)  # (B, L + 1 + F, D)
+                mask = torch.cat([mask, stated_mask], dim=1)
+                weights = stated_mask.unsqueeze(-1).to(dtype)
+                fused = fused + self.finding_pool((stated * weights).sum(1) / weights.sum(1).clamp(min=1.0))
+        class_emb = self.fuse(fused)  # -> (B, T)
         return Conditioning(tokens, mask, class_emb)

@@ -141,6 +141,7 @@ class TrainConfig(Section):
     seed: int = Field(0, ge=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)  # UNet exponential moving average; 0 turns EMA off
     text_dropout: float = Field(0.1, ge=0, le=1)  # share of prompts replaced by "" (classifier-free guidance)
+    finding_dropout: float = Field(0.2, ge=0, le=1)  # share of the rest trained on their text alone (model.finding_tokens)
     prompt_augment: bool = True  # shuffle report sentences and vary case/punctuation during training
     kl_weight: float = Field(1e-6, ge=0)  # VAE: weight of the KL term against the reconstruction loss
     validate_every: int = Field(500, ge=1)  # optimiser steps between validation sample grids
@@ -169,6 +170,9 @@ class ModelConfig(Section):
     unet_layers_per_block: int = Field(1, ge=1)
     unet_attention_heads: int = Field(4, ge=1)
     cross_attention_dim: int = Field(384, ge=8)  # width of the conditioning tokens seen by cross-attention
+    # a learned token per finding the request states (and a pooled one in the class embedding), from the structured
+    # findings (a manifest's findings column; a request's expectation when sampling): generator.conditioning
+    finding_tokens: bool = False
     # v-prediction by default: with the cosine schedule the first sampling step sits at an SNR of ~1e-9,
     # where an epsilon model's x0 = (x - sqrt(1-a) eps) / sqrt(a) multiplies any error in eps by ~1e4
     # (the blotches of the first CPU model); v keeps x0 = sqrt(a) x - sqrt(1-a) v well conditioned.

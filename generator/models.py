@@ -120,7 +120,10 @@ def build_scheduler(cfg: ModelConfig) -> DDIMScheduler:
 class LatentDiffusion(torch.nn.Module):
     """VAE + UNet + conditioner + noise schedule, and the latent scaling factor."""
 
-    def __init__(self, cfg: ModelConfig, modalities: list[str], vae=None, unet=None, text_encoder: TextEncoder | None = None):
+    def __init__(self, cfg: ModelConfig, modalities: list[str], vae=None, unet=None, text_encoder: TextEncoder | None = None,
+                 findings: tuple[list[str], list[str]] | None = None):
+        """``findings``: the finding table's keys (``"<modality>:<finding>"``) and locations, for ``cfg.finding_tokens``
+        (``generator.conditioning.finding_vocabulary`` of the training rows)."""
         super().__init__()
         self.cfg = cfg
         self.vae = vae if vae is not None else build_vae(cfg)
@@ -133,13 +136,27 @@ class LatentDiffusion(torch.nn.Module):
             raise UserError(f"the UNet takes {self.unet.config.in_channels} channels but the VAE makes "
                             f"{self.vae.config.latent_channels}-channel latents; set model.latent_channels to match")
         text_encoder = text_encoder if text_encoder is not None else TextEncoder(cfg.text_encoder, cfg.text_max_length)
-        self.conditioner = Conditioner(text_encoder, list(modalities), cfg.cross_attention_dim, time_embed_dim(self.unet))
+        if cfg.finding_tokens and findings is None:
+            raise UserError("model.finding_tokens needs the findings to make tokens of; give the training manifest's")
+        self.conditioner = Conditioner(text_encoder, list(modalities), cfg.cross_attention_dim, time_embed_dim(self.unet),
+                                       findings=findings if cfg.finding_tokens else None)
         self.scheduler = build_scheduler(cfg)
         self.scaling_factor = float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
 
     @property
     def modalities(self) -> list[str]:
         return self.conditioner.modality.names
+
+    @property
+    def finding_keys(self) -> list[str] | None:
+        """The finding table's keys, or None for a model conditioned on text alone."""
+        table = self.conditioner.findings
+        return list(table.keys) if table is not None else None
+
+    @property
+    def finding_vocabulary(self) -> tuple[list[str], list[str]] | None:
+        table = self.conditioner.findings
+        return (list(table.keys), list(table.locations)) if table is not None else None
 
     @property
     def device(self) -> torch.device:
@@ -179,15 +196,19 @@ class LatentDiffusion(torch.nn.Module):
             "text_encoder": self.cfg.text_encoder,
             "text_encoder_lora": self.conditioner.text_encoder.lora,
         }
+        if self.finding_vocabulary is not None:  # the finding table's rows, by name (generator.conditioning)
+            meta["findings"], meta["finding_locations"] = self.finding_vocabulary
         write_json_atomic(folder / "model.json", meta)
         return folder
 
     @classmethod
     def load(
         cls, folder: str | os.PathLike, modalities: list[str] | None = None, text_encoder: TextEncoder | None = None,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "cpu", findings: tuple[list[str], list[str]] | None = None, finding_tokens: bool = False,
     ) -> "LatentDiffusion":
-        """Load a saved model. ``modalities`` may list more than the save knew: the table grows."""
+        """Load a saved model. ``modalities`` may list more than the save knew: the table grows; so may
+        ``findings`` a finding table's keys. ``finding_tokens`` gives a model saved without a table one
+        (``synthmed train unet --init-from`` with ``model.finding_tokens``)."""
         from .paths import shipped
 
         folder = shipped(folder)
@@ -198,9 +219,16 @@ class LatentDiffusion(torch.nn.Module):
         cfg = ModelConfig.model_validate(meta["model"])
         saved = list(meta["modalities"])
         wanted = saved + [m for m in (modalities or []) if m not in saved]
+        saved_findings = (list(meta["findings"]), list(meta.get("finding_locations", []))) if "findings" in meta else None
+        if finding_tokens or saved_findings is not None:
+            cfg = cfg.model_copy(update={"finding_tokens": True})
+            known = saved_findings or ([], [])
+            wanted_keys, wanted_locations = findings or ([], [])
+            findings = (known[0] + [k for k in wanted_keys if k not in known[0]],
+                        known[1] + [k for k in wanted_locations if k not in known[1]])
         vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32, use_safetensors=True)  # never a pickled .bin
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32, use_safetensors=True)
-        model = cls(cfg, wanted, vae=vae, unet=unet, text_encoder=text_encoder)
+        model = cls(cfg, wanted, vae=vae, unet=unet, text_encoder=text_encoder, findings=findings)
         lora = meta.get("text_encoder_lora")
         if lora:  # the saved conditioner carries the text encoder's LoRA weights
             if text_encoder is not None:
@@ -208,6 +236,6 @@ class LatentDiffusion(torch.nn.Module):
             model.conditioner.text_encoder.add_lora(lora["rank"], lora["alpha"], tuple(lora["targets"]))
             model.conditioner.text_encoder.requires_grad_(False)
         state = {k: v.float() for k, v in load_file(folder / "conditioner.safetensors").items()}
-        model.new_modalities = model.conditioner.load_trainable_state_dict(state, saved)
+        model.new_modalities = model.conditioner.load_trainable_state_dict(state, saved, saved_findings)
         model.scaling_factor = float(meta["scaling_factor"])
         return model.to(device).eval()

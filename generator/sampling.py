@@ -15,6 +15,7 @@ probability ratio must start at exactly 1.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,11 +93,12 @@ def guided_prediction(model: LatentDiffusion, latents: torch.Tensor, t: torch.Te
 
 
 def guided_conditioning(model: LatentDiffusion, prompts: list[str], modalities: list[str],
-                        negatives: list[str], guidance: float) -> Conditioning:
+                        negatives: list[str], guidance: float, findings: Sequence[Sequence[Mapping] | None] | None = None) -> Conditioning:
     """The conditioning of a guided batch: the negative (unconditional) half first, the prompts last.
-    Without guidance the conditional half is repeated, keeping the "conditional half last" layout."""
+    Without guidance the conditional half is repeated, keeping the "conditional half last" layout.
+    ``findings`` (per prompt, its structured findings) condition the prompts' half of a model with a finding table."""
     dtype = next(model.unet.parameters()).dtype
-    cond = model.conditioner(list(prompts), list(modalities))
+    cond = model.conditioner(list(prompts), list(modalities), findings)
     if guidance != 1.0:
         cond = model.conditioner(list(negatives), list(modalities)).cat(cond)
     else:
@@ -118,20 +120,24 @@ def sample(
     eta: float = 0.0,
     guidance_schedule: str = "constant",
     precision: str = "fp32",
+    findings: Sequence[Sequence[Mapping] | None] | None = None,
 ) -> SampleOutput:
     """Draw one image per prompt. With ``return_trajectory`` (DDIM, eta > 0) also the latents of
     every step and the log probability of each transition (always in fp32). ``precision``: fp32, bf16
-    or auto (see the module's docstring); images come back as float32 either way."""
+    or auto (see the module's docstring); images come back as float32 either way. ``findings``: per
+    prompt, the structured findings it states, for a model with finding tokens (others ignore them)."""
     compute = torch.float32 if return_trajectory else sampling_dtype(precision, model.device)
+    args = (model, prompts, modalities, negative, guidance, steps, seed)
     if compute == torch.float32 or next(model.unet.parameters()).dtype != torch.float32:
-        return _sample(model, prompts, modalities, negative, guidance, steps, seed, return_trajectory, sampler, eta, guidance_schedule)
+        return _sample(*args, return_trajectory, sampler, eta, guidance_schedule, findings)
     with torch.autocast(model.device.type, dtype=compute):
-        out = _sample(model, prompts, modalities, negative, guidance, steps, seed, False, sampler, eta, guidance_schedule)
+        out = _sample(*args, False, sampler, eta, guidance_schedule, findings)
     return SampleOutput(out.images.float())
 
 
 def _sample(model: LatentDiffusion, prompts: list[str], modalities: list[str], negative: str | list[str] | None, guidance: float,
-            steps: int, seed: int, return_trajectory: bool, sampler: str, eta: float, guidance_schedule: str) -> SampleOutput:
+            steps: int, seed: int, return_trajectory: bool, sampler: str, eta: float, guidance_schedule: str,
+            findings: Sequence[Sequence[Mapping] | None] | None = None) -> SampleOutput:
     n = len(prompts)
     if n == 0:
         raise UserError("no prompts")
@@ -144,7 +150,7 @@ def _sample(model: LatentDiffusion, prompts: list[str], modalities: list[str], n
     device = model.device
     dtype = next(model.unet.parameters()).dtype
 
-    cond = guided_conditioning(model, list(prompts), list(modalities), negatives, guidance)
+    cond = guided_conditioning(model, list(prompts), list(modalities), negatives, guidance, findings)
 
     size = latent_size(model.cfg)
     latents, generators = initial_noise(n, (model.cfg.latent_channels, size, size), seed)

@@ -198,7 +198,11 @@ def train_unet(
         if train_cfg.prompt_augment:
             texts = [augment_prompt(t, text_rng) for t in texts]
         texts = ["" if text_rng.random() < train_cfg.text_dropout else t for t in texts]
-        return diffusion_loss(model, latents.to(model.device), texts, [cache.modalities[i] for i in idx], generator)
+        findings = None
+        if model.finding_keys is not None:  # the unconditional prompt states nothing; a share of the rest, text alone
+            findings = [None if not t or text_rng.random() < train_cfg.finding_dropout else cache.findings[i]
+                        for t, i in zip(texts, idx)]
+        return diffusion_loss(model, latents.to(model.device), texts, [cache.modalities[i] for i in idx], generator, findings)
 
     result = run_loop(run, train_cfg, [model.unet, model.conditioner], trainable, loss_fn,
                       validate=lambda step: validation_samples(model, run, step, data_cfg), progress=progress,

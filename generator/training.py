@@ -52,6 +52,7 @@ class ImageCache:
     def __init__(self, rows: list[ManifestRow], transform: RecordTransform, progress: bool = True):
         self.texts = [r.text for r in rows]
         self.modalities = [r.modality for r in rows]
+        self.findings = [list(r.findings) for r in rows]
         self.sources = [r.path for r in rows]
         images = []
         for row in tqdm(rows, desc="loading images", unit=" img", disable=not progress):
@@ -328,13 +329,13 @@ def vae_loss(vae, images: torch.Tensor, kl_weight: float, generator: torch.Gener
 
 
 def diffusion_loss(model: LatentDiffusion, latents: torch.Tensor, texts: list[str], modalities: list[str],
-                   generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """Noise-prediction (or v-prediction) loss at uniformly drawn timesteps."""
+                   generator: torch.Generator, findings: list[list[dict] | None] | None = None) -> tuple[torch.Tensor, dict]:
+    """Noise-prediction (or v-prediction) loss at uniformly drawn timesteps; ``findings`` feed a finding table."""
     scheduler = model.scheduler
     noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
-    cond = model.conditioner(texts, modalities)
+    cond = model.conditioner(texts, modalities, findings)
     prediction = model.unet(noisy, t, encoder_hidden_states=cond.tokens, encoder_attention_mask=cond.mask,
                             class_labels=cond.class_emb).sample
     target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)

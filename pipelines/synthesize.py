@@ -915,7 +915,8 @@ class SamplerDrawer:
             with torch.inference_mode():
                 out = sample(self.model, [s.request.prompt for s in chunk], [s.request.modality for s in chunk], negative=negatives,
                              guidance=sc.guidance, steps=sc.steps, seed=int(seeds[start]), sampler=sc.sampler, eta=sc.eta,
-                             guidance_schedule=sc.guidance_schedule, precision=sc.precision)
+                             guidance_schedule=sc.guidance_schedule, precision=sc.precision,
+                             findings=[s.request.generator_findings for s in chunk])
             parts.append(out.images.float().cpu())
             start = end
         return torch.cat(parts)

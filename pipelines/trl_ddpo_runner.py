@@ -45,6 +45,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,7 +181,7 @@ class ConditioningEncoder(torch.nn.Module):
             raise ValueError("a batch mixes trl's negative prompt with requests")
         items = [self.book.items[int(i)] for i in ids]
         modalities = [it.modality for it in items]
-        cond = self.conditioner([it.prompt for it in items], modalities)
+        cond = self.conditioner([it.prompt for it in items], modalities, [it.generator_findings for it in items])
         new = sorted({int(i) for i in ids} - set(self.negatives))
         if new:
             negs = [self.book.items[i] for i in new]
@@ -273,7 +274,10 @@ class SynthmedDDPOPipeline(DDPOStableDiffusionPipeline):
         self.use_lora = True
         self.sd_pipeline = assemble_stable_diffusion(model)
         self.book = PromptBook()
-        self.layout = PackLayout(model.cfg.text_max_length + 1, model.cfg.cross_attention_dim, time_embed_dim(model.unet))
+        # a finding token per finding a request states: at most every finding its modality's table knows
+        per_modality = Counter(key.split(":", 1)[0] for key in model.finding_keys or ())
+        self.layout = PackLayout(model.cfg.text_max_length + 1 + max(per_modality.values(), default=0),
+                                 model.cfg.cross_attention_dim, time_embed_dim(model.unet))
         self.encoder = ConditioningEncoder(model.conditioner, self.book, self.layout)
         model.vae.requires_grad_(False)
         model.conditioner.requires_grad_(False)

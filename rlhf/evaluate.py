@@ -338,7 +338,8 @@ def evaluate(model, cases: list[EvalCase], judges: Judges, cfg: EvalConfig, trai
             for start in range(0, len(texts), batch_size):
                 chunk = texts[start:start + batch_size]
                 out = sample(model, chunk, [modality] * len(chunk), guidance=cfg.guidance, steps=cfg.steps,
-                             seed=cfg.seed + start, sampler=cfg.sampler)
+                             seed=cfg.seed + start, sampler=cfg.sampler,
+                             findings=[c.findings for c in gen_cases[start:start + batch_size]])
                 generated.append(out.images.float().cpu())
                 bar.update(len(chunk))
         generated = torch.cat(generated)

@@ -175,7 +175,8 @@ def generate_heldout(model, items: Sequence[Any], cfg: HeldoutConfig, guidance: 
     for start in range(0, len(expanded), batch_size):
         chunk = expanded[start:start + batch_size]
         images = sample(model, [it.prompt for it in chunk], [it.modality for it in chunk], negative=[it.negative for it in chunk],
-                        guidance=guidance, steps=cfg.steps, seed=cfg.seed + start, eta=0.0).images
+                        guidance=guidance, steps=cfg.steps, seed=cfg.seed + start, eta=0.0,
+                        findings=[it.generator_findings for it in chunk]).images
         out.append(images.float().cpu())
         bar.update(len(chunk))
     bar.close()

@@ -142,7 +142,7 @@ class DDPOTrainer:
             latents = torch.cat([x for x, _ in noise]).to(model.device) * scheduler.init_noise_sigma
             generators = [g[0] for _, g in noise]
             cond = guided_conditioning(model, [it.prompt for it in chunk], [it.modality for it in chunk],
-                                       [it.negative for it in chunk], cfg.guidance)
+                                       [it.negative for it in chunk], cfg.guidance, [it.generator_findings for it in chunk])
             trajectory, logps = [latents], []
             for t in scheduler.timesteps:
                 prediction = guided_prediction(model, latents, t.expand(len(chunk)), cond, cfg.guidance)
@@ -234,7 +234,7 @@ class DDPOTrainer:
                 items = [rollout.items[i] for i in batch]
                 with torch.no_grad():
                     cond = guided_conditioning(model, [it.prompt for it in items], [it.modality for it in items],
-                                               [it.negative for it in items], cfg.guidance)
+                                               [it.negative for it in items], cfg.guidance, [it.generator_findings for it in items])
                 n_train = len(train_steps[int(batch[0])])
                 for j in range(n_train):
                     idx = torch.as_tensor([int(train_steps[int(i)][j]) for i in batch])
@@ -320,7 +320,7 @@ class DDPOTrainer:
                 items = [rollout.items[i] for i in batch]
                 with torch.no_grad():
                     cond = guided_conditioning(model, [it.prompt for it in items], [it.modality for it in items],
-                                               [it.negative for it in items], cfg.guidance)
+                                               [it.negative for it in items], cfg.guidance, [it.generator_findings for it in items])
                 x = rollout.latents[rows, steps - k].to(model.device)
                 kl = torch.zeros(len(batch), device=model.device)
                 for j in range(steps - k, steps):
@@ -426,7 +426,8 @@ class DDPOTrainer:
             if len(mine):
                 batch_items = [items[i] for i in mine]
                 with torch.no_grad():
-                    cond = model.conditioner([it.prompt for it in batch_items], [it.modality for it in batch_items])
+                    cond = model.conditioner([it.prompt for it in batch_items], [it.modality for it in batch_items],
+                                             [it.generator_findings for it in batch_items])
                 for d in range(cfg.noise_draws):
                     x0 = final_latents[torch.as_tensor(mine)].to(model.device)
                     # timesteps and noise per sample, keyed by the global index so any split of ranks draws the same

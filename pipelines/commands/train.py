@@ -148,10 +148,11 @@ def _load_vae(cfg):
 
 
 # model fields a continued model may change (``--init-from``): no weight depends on them
-RETUNABLE_MODEL_FIELDS = ("text_max_length",)
+RETUNABLE_MODEL_FIELDS = ("text_max_length", "finding_tokens")
 
 
 def _train_unet(cfg, train_rows, run, out, progress, init_from: str | None = None):
+    from generator.conditioning import finding_vocabulary
     from generator.models import LatentDiffusion
     from generator.trainers import train_unet
     from generator.training import seed_everything
@@ -164,19 +165,22 @@ def _train_unet(cfg, train_rows, run, out, progress, init_from: str | None = Non
         if not (Path(init_from) / "model.json").is_file():
             raise FileNotFoundError(f"--init-from {init_from}: not an exported model folder (no model.json); give e.g. generator/weights/default")
         vae_dir = Path(init_from) / "vae"
-        model = LatentDiffusion.load(init_from, list(cfg.data.modalities))
+        model = LatentDiffusion.load(init_from, list(cfg.data.modalities), findings=finding_vocabulary(train_rows),
+                                     finding_tokens=cfg.model.finding_tokens)
         saved, wanted = model.cfg.model_dump(mode="json"), cfg.model.model_dump(mode="json")
         differ = [f"model.{k}: {saved.get(k)!r} there, {wanted.get(k)!r} here" for k in sorted(set(saved) | set(wanted))
                   if saved.get(k) != wanted.get(k) and k not in RETUNABLE_MODEL_FIELDS]
         if differ:
             raise UserError(f"--init-from {init_from}: its architecture differs from this config's ({'; '.join(differ[:4])}); "
                             "use the profile it was trained with")
-        # no weight's shape depends on how many prompt tokens the UNet attends to: a longer limit continues the same weights
+        # no weight's shape depends on how many prompt tokens the UNet attends to: a longer limit continues the same weights;
+        # a finding table may be added to a model conditioned on text alone (it starts where the text leaves off)
         model.cfg = model.cfg.model_copy(update={"text_max_length": cfg.model.text_max_length})
         model.conditioner.text_encoder.max_length = cfg.model.text_max_length
     else:
         vae_dir = Path(cfg.model.vae_pretrained or Path(out) / "vae")
-        model = LatentDiffusion(cfg.model, list(cfg.data.modalities), vae=_load_vae(cfg))
+        model = LatentDiffusion(cfg.model, list(cfg.data.modalities), vae=_load_vae(cfg),
+                                findings=finding_vocabulary(train_rows) if cfg.model.finding_tokens else None)
     vae_meta = json.loads((vae_dir / "metadata.json").read_text()) if (vae_dir / "metadata.json").is_file() else None
     cut = _warn_truncated(model, train_rows)
     provenance = {
