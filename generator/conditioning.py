@@ -7,7 +7,8 @@
                                  -> added to the time embedding
 
 **Finding tokens** (``model.finding_tokens``): a learned vector per finding of each modality the training
-data names (``"<modality>:<finding>"``), plus one for "present" or "absent" and one for the side, built from
+data names (``"<modality>:<finding>"``), plus one each for "present" or "absent", the side, the severity
+grade and the location the finding states, built from
 the request's *structured* findings (a manifest's ``findings`` column in training; a request's expectation,
 or the graph's reading of a text, when sampling), never from a second parse of the prompt. A frozen text
 encoder has to learn that "PTX", "pneumothorax" and "collapsed lung" are one finding from a few dozen
@@ -129,6 +130,16 @@ class TextEncoder(nn.Module):
         return hidden, mask, pooled
 
 
+def copy_rows(table: nn.Embedding, own: list[str], names: list[str], weight: torch.Tensor) -> None:
+    """Copy the saved rows ``weight`` (one per name in ``names``) into ``table``, whose rows are named ``own``; rows
+    the save did not name keep their values."""
+    index = {name: i for i, name in enumerate(own)}
+    with torch.no_grad():
+        for n, name in enumerate(names):
+            if name in index:
+                table.weight[index[name]] = weight[n]
+
+
 class ModalityTable(nn.Module):
     """One learned vector per modality name."""
 
@@ -152,10 +163,7 @@ class ModalityTable(nn.Module):
     def load_rows(self, names: list[str], weight: torch.Tensor) -> list[str]:
         """Copy saved rows by name; rows of modalities the save did not know keep their init.
         Returns the names that were newly initialised."""
-        with torch.no_grad():
-            for i, name in enumerate(names):
-                if name in self.names:
-                    self.embedding.weight[self.names.index(name)] = weight[i]
+        copy_rows(self.embedding, self.names, names, weight)
         return [n for n in self.names if n not in names]
 
 
@@ -231,12 +239,8 @@ class FindingTable(nn.Module):
 
     def load_rows(self, keys: list[str], weight: torch.Tensor, locations: list[str], location_weight: torch.Tensor) -> None:
         """Copy saved rows by name; rows the save did not know keep their init."""
-        with torch.no_grad():
-            for names, index, table, saved in ((keys, self._index, self.embedding, weight),
-                                               (locations, self._location, self.location, location_weight)):
-                for n, name in enumerate(names):
-                    if name in index:
-                        table.weight[index[name]] = saved[n]
+        copy_rows(self.embedding, self.keys, keys, weight)
+        copy_rows(self.location, self.locations, locations, location_weight)
 
 
 class Conditioner(nn.Module):

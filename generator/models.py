@@ -148,15 +148,15 @@ class LatentDiffusion(torch.nn.Module):
         return self.conditioner.modality.names
 
     @property
-    def finding_keys(self) -> list[str] | None:
-        """The finding table's keys, or None for a model conditioned on text alone."""
-        table = self.conditioner.findings
-        return list(table.keys) if table is not None else None
-
-    @property
     def finding_vocabulary(self) -> tuple[list[str], list[str]] | None:
+        """The finding table's keys and locations, or None for a model conditioned on text alone."""
         table = self.conditioner.findings
         return (list(table.keys), list(table.locations)) if table is not None else None
+
+    @property
+    def finding_keys(self) -> list[str] | None:
+        vocabulary = self.finding_vocabulary
+        return vocabulary[0] if vocabulary is not None else None
 
     @property
     def device(self) -> torch.device:
@@ -196,8 +196,9 @@ class LatentDiffusion(torch.nn.Module):
             "text_encoder": self.cfg.text_encoder,
             "text_encoder_lora": self.conditioner.text_encoder.lora,
         }
-        if self.finding_vocabulary is not None:  # the finding table's rows, by name (generator.conditioning)
-            meta["findings"], meta["finding_locations"] = self.finding_vocabulary
+        vocabulary = self.finding_vocabulary
+        if vocabulary is not None:  # the finding table's rows, by name (generator.conditioning)
+            meta["findings"], meta["finding_locations"] = vocabulary
         write_json_atomic(folder / "model.json", meta)
         return folder
 
