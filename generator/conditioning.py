@@ -273,6 +273,34 @@ class Conditioner(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if not n.startswith("text_encoder.") or _is_text_lora(n)]
 
+    # -- the finding table alone: what `synthmed improve --improve.ddpo.trainable=findings` tunes (prompt tuning)
+    def finding_parameters(self) -> list[nn.Parameter]:
+        """The finding table's parameters and its pooled path into the class embedding; [] without a table."""
+        if self.findings is None:
+            return []
+        return [*self.findings.parameters(), *self.finding_pool.parameters()]
+
+    def finding_state_dict(self) -> dict[str, torch.Tensor]:
+        """``findings.*`` and ``finding_pool.*`` tensors (rows named by ``findings.keys`` / ``findings.locations``)."""
+        if self.findings is None:
+            raise UserError("this generator has no finding table (model.finding_tokens is off)")
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k.startswith(("findings.", "finding_pool."))}
+
+    def load_finding_state_dict(self, state: Mapping[str, torch.Tensor], keys: list[str], locations: list[str]) -> None:
+        """A tuned finding table onto this model's: rows by name (rows the save did not know keep theirs), the
+        attribute vectors and the pooled path as saved."""
+        if self.findings is None:
+            raise UserError("this adapter tunes finding tokens but the generator has no finding table; use it with the base "
+                            "model it was trained on (one with model.finding_tokens)")
+        state = dict(state)
+        rows, location_rows = state.pop("findings.embedding.weight", None), state.pop("findings.location.weight", None)
+        own = {k for k in self.finding_state_dict() if k not in ("findings.embedding.weight", "findings.location.weight")}
+        if rows is None or location_rows is None or set(state) != own:
+            raise UserError(f"finding table weights do not fit: expected {sorted(own | {'findings.embedding.weight', 'findings.location.weight'})}, "
+                            f"got {sorted([*state, *(['findings.embedding.weight'] if rows is not None else [])])}")
+        self.load_state_dict(state, strict=False)
+        self.findings.load_rows(keys, rows, locations, location_rows)
+
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], modalities: list[str],
                                   saved_findings: tuple[list[str], list[str]] | None = None) -> list[str]:
         """Load saved projections; modality (and finding) rows by name. Returns modalities that were new. A save

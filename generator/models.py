@@ -240,3 +240,52 @@ class LatentDiffusion(torch.nn.Module):
         model.new_modalities = model.conditioner.load_trainable_state_dict(state, saved, saved_findings)
         model.scaling_factor = float(meta["scaling_factor"])
         return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# A tuned finding table beside a LoRA adapter (`synthmed improve --improve.ddpo.trainable=findings`)
+
+FINDING_TABLE_FILE = "findings.safetensors"
+
+
+def save_finding_table(model: LatentDiffusion, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """The model's finding table (and its pooled path) as one safetensors file; the row names in its metadata."""
+    keys, locations = model.finding_vocabulary or ([], [])
+    meta = {"findings": json.dumps(keys), "finding_locations": json.dumps(locations),
+            **{k: str(v) for k, v in (metadata or {}).items()}}
+    save_file(model.conditioner.finding_state_dict(), str(path), metadata=meta)
+    return Path(path)
+
+
+def load_finding_table(model: LatentDiffusion, path: str | os.PathLike) -> None:
+    """Load a tuned finding table saved by `save_finding_table` onto the model's, rows by name."""
+    from safetensors import safe_open
+
+    from .safeload import check_safetensors
+
+    check_safetensors(path, "tuned finding table", "use the findings.safetensors an improve run wrote beside its adapter")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    try:
+        keys, locations = json.loads(meta["findings"]), json.loads(meta["finding_locations"])
+    except (KeyError, ValueError):
+        raise UserError(f"{path} does not name its finding rows (no 'findings' metadata); it was not written by synthmed") from None
+    state = load_file(str(path), device=str(model.device))
+    model.conditioner.load_finding_state_dict(state, keys, locations)
+
+
+def apply_model_adapters(model: LatentDiffusion, paths: list[str] | tuple[str, ...]) -> list[str]:
+    """`generator.lora.apply_adapters` on the model's UNet, and for an adapter written with a tuned finding table
+    (``findings.safetensors`` beside its ``lora.safetensors``) that table too. Two tuned tables cannot be combined:
+    naming two such adapters is an error."""
+    from .lora import apply_adapters, resolve_lora_path
+
+    tables = [resolve_lora_path(p).with_name(FINDING_TABLE_FILE) for p in paths]
+    tables = [t for t in tables if t.is_file()]
+    if len(tables) > 1:
+        raise UserError(f"{len(tables)} of the adapters carry a tuned finding table ({', '.join(map(str, tables))}); "
+                        "a model holds one: name one of them")
+    names = apply_adapters(model.unet, paths)
+    for table in tables:
+        load_finding_table(model, table)
+    return names

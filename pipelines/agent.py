@@ -92,9 +92,9 @@ def build_generator(cfg, model_path: str | None = None, device: str = "cpu"):
     path = model_path or cfg.train.out
     model = LatentDiffusion.load(path, list(cfg.data.modalities), device=device)
     if cfg.sample.lora:
-        from generator.lora import apply_adapters
+        from generator.models import apply_model_adapters
 
-        apply_adapters(model.unet, list(cfg.sample.lora))
+        apply_model_adapters(model, list(cfg.sample.lora))
     channels = {m: spec.channels for m, spec in cfg.data.modalities.items()}
     s = cfg.sample
     return ImageGenerator(model, channels, s.sampler, s.eta, s.batch_size, s.guidance_schedule, source=str(path), precision=s.precision)

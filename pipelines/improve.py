@@ -169,19 +169,24 @@ def append_lines(path: Path, records: Sequence[dict]) -> None:
 
 
 # -- adapters -------------------------------------------------------------------------------
-def save_adapter(unet, folder: Path, metadata: dict) -> Path:
+def save_adapter(model, folder: Path, metadata: dict, findings: bool = False) -> Path:
     """``folder`` with the adapter as synthmed reads it (lora.safetensors), as diffusers reads it
     (pytorch_lora_weights.safetensors: ``unet.``-prefixed peft keys, ``pipe.load_lora_weights``) and
-    metadata.json; written beside and renamed into place."""
+    metadata.json, and with ``findings`` the tuned finding table (findings.safetensors, read by --lora with the
+    adapter; diffusers has no place for it); written beside and renamed into place."""
     from safetensors.torch import save_file
 
     from generator.lora import _adapter_state_dict, save_lora
+    from generator.models import FINDING_TABLE_FILE, save_finding_table
 
+    unet = model.unet
     with atomic_folder(folder, folder.with_name(folder.name + ".tmp")) as tmp:
         save_lora(unet, tmp / "lora.safetensors", metadata={"synthmed_run": metadata.get("run", "")})
         state = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in _adapter_state_dict(unet, "default").items()}
         save_file(state, str(tmp / "pytorch_lora_weights.safetensors"))
-        write_json_atomic(tmp / "metadata.json", metadata, ensure_ascii=False)
+        if findings:
+            save_finding_table(model, tmp / FINDING_TABLE_FILE, {"synthmed_run": metadata.get("run", "")})
+        write_json_atomic(tmp / "metadata.json", {**metadata, "finding_table": findings}, ensure_ascii=False)
     return folder
 
 
@@ -487,6 +492,13 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
             if state.get("base_model") != base_model:
                 raise ResumeError(f"cannot resume {root}: it improves the base model {state.get('base_model')}, this config names {base_model}")
             load_lora(model.unet, checkpoint / "lora.safetensors", "default")
+            if trainer.trains_findings:
+                from generator.models import FINDING_TABLE_FILE, load_finding_table
+
+                if not (checkpoint / FINDING_TABLE_FILE).is_file():
+                    raise ResumeError(f"{checkpoint} holds no {FINDING_TABLE_FILE} but this run tunes the finding table; "
+                                      + _checkpoint_fix(checkpoint))
+                load_finding_table(model, checkpoint / FINDING_TABLE_FILE)
             trainer_state = _load_trainer_state(checkpoint)
             trainer.load_state_dict(trainer_state["trainer"])
             _set_rng_state(trainer_state["rng"])
@@ -554,8 +566,9 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
         is_best = best is None or score > tuple(best["score"])
         if is_best:
             best = {"epoch": epoch, "score": list(score), "overall": result["overall"]}
-            save_adapter(model.unet, root / "best", {"run": str(root), "epoch": epoch, "heldout": result["overall"],
-                                                     "base_model": base_model, "kind": "synthmed LoRA adapter (best held-out)"})
+            save_adapter(model, root / "best", {"run": str(root), "epoch": epoch, "heldout": result["overall"],
+                                                     "base_model": base_model, "kind": "synthmed LoRA adapter (best held-out)"},
+                         findings=trainer.trains_findings)
         lines.append({"kind": "eval", "epoch": epoch, **result, "best": is_best})
         message = guard.observe(epoch, None, result["overall"][ic.guard.metric], result["overall"]["fd"],
                                 {m: row.get("fd") for m, row in (result.get("per_modality") or {}).items()})
@@ -674,8 +687,8 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
     end = {"kind": "end", "epoch": last_epoch, "status": status, "message": stopped or f"finished {last_epoch} epochs",
            "best": best}
     if main:
-        save_adapter(model.unet, root / "final", {"run": str(root), "epoch": last_epoch, "base_model": base_model,
-                                                  "kind": "synthmed LoRA adapter (final)"})
+        save_adapter(model, root / "final", {"run": str(root), "epoch": last_epoch, "base_model": base_model,
+                                                  "kind": "synthmed LoRA adapter (final)"}, findings=trainer.trains_findings)
         append_lines(metrics_path, [end])  # after the last checkpoint: a resumed run moves it to metrics.jsonl.orphaned
         metadata.update({"status": status, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "epochs_done": last_epoch, "best": best})
         write_json_atomic(metadata_path, metadata, ensure_ascii=False)
@@ -719,10 +732,13 @@ def _save_grid(images: torch.Tensor, modalities: list[str], cfg: SynthmedConfig,
 
 def _checkpoint(root: Path, epoch: int, model, trainer, guard: RewardHackingGuard, best: dict | None, base_model: str, keep: int) -> Path:
     from generator.lora import save_lora
+    from generator.models import FINDING_TABLE_FILE, save_finding_table
 
     folder = root / "checkpoints" / f"epoch_{epoch:04d}"
     with atomic_folder(folder, root / "checkpoints" / f".tmp_epoch_{epoch:04d}") as tmp:
         save_lora(model.unet, tmp / "lora.safetensors")
+        if trainer.trains_findings:
+            save_finding_table(model, tmp / FINDING_TABLE_FILE)
         torch.save({"trainer": trainer.state_dict(), "rng": _rng_state()}, tmp / "trainer_state.pt")
         logs = {name: (root / name).stat().st_size if (root / name).exists() else 0 for name in ("metrics.jsonl", "samples.jsonl")}
         write_json_atomic(tmp / "state.json", {"epoch": epoch, "logs": logs, "guard": guard.state_dict(), "best": best,

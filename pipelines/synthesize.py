@@ -1275,9 +1275,9 @@ def _draw(cfg, slots: Sequence[Slot], mine: Sequence[Slot], folder: OutputFolder
         else:
             model = LatentDiffusion.load(model_dir, list(cfg.data.modalities), device=device)
             if cfg.sample.lora:
-                from generator.lora import apply_adapters
+                from generator.models import apply_model_adapters
 
-                apply_adapters(model.unet, list(cfg.sample.lora))
+                apply_model_adapters(model, list(cfg.sample.lora))
             drawer = SamplerDrawer(model, cfg)
         train_images, note = training_images(cfg, Path(model_dir), model.cfg.image_size, modalities, train_data, progress)
         missing = [m for m in modalities if m not in train_images]

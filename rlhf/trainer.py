@@ -15,10 +15,12 @@ total batch.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+from contextlib import contextmanager
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,9 +79,28 @@ class DDPOTrainer:
         self.cfg = cfg
         self.selection = selection
         self.accelerator = accelerator
-        self.params = [p for p in lora_parameters(model.unet) if p.requires_grad]
-        if not self.params:
+        targets = cfg.trainable.split("+")
+        self.trains_findings = "findings" in targets
+        lora = [p for p in lora_parameters(model.unet) if p.requires_grad]
+        if not lora:
             raise ValueError("the UNet has no trainable LoRA parameters; add an adapter with generator.lora.add_lora first")
+        if "lora" not in targets:  # the adapter stays (zero: the base UNet) so every run folder has one; it is not trained
+            for p in lora:
+                p.requires_grad_(False)
+            lora = []
+        table = model.conditioner.finding_parameters() if self.trains_findings else []
+        if self.trains_findings and not table:
+            raise SynthmedError(f"improve.ddpo.trainable={cfg.trainable} tunes the finding table, but the base model has none "
+                                "(model.finding_tokens is off); improve a model trained with --model.finding_tokens=true, or "
+                                "train the LoRA only (improve.ddpo.trainable=lora)")
+        for p in table:
+            p.requires_grad_(True)
+        # the KL's reference: the base model's own finding table (frozen), swapped in with the adapter disabled
+        self._base_findings = copy.deepcopy((model.conditioner.findings, model.conditioner.finding_pool)) if self.trains_findings else None
+        if self._base_findings is not None:
+            for module in self._base_findings:
+                module.requires_grad_(False)
+        self.params = lora + table
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.tracker = PerPromptStatTracker(cfg.tracker_buffer, cfg.tracker_min_count) if cfg.advantages == "tracker" else None
         self.selector_threshold = selection.threshold if selection.threshold is not None else selector_threshold
@@ -97,6 +118,36 @@ class DDPOTrainer:
         if self.tracker is not None and state.get("tracker") is not None:
             self.tracker.load_state_dict(state["tracker"])
         self.global_step = int(state["global_step"])
+
+    # -- the policy's conditioning and its reference ---------------------------------------------
+    def _conditioning(self, items: Sequence[Any]):
+        """Guided conditioning of ``items`` (unconditional half first); with the gradient on when the finding table trains."""
+        with torch.set_grad_enabled(self.trains_findings):
+            return guided_conditioning(self.model, [it.prompt for it in items], [it.modality for it in items],
+                                       [it.negative for it in items], self.cfg.guidance, [it.generator_findings for it in items])
+
+    @contextmanager
+    def _base_policy(self) -> Iterator[None]:
+        """The base model, for the KL's reference: the adapter disabled and, when the finding table trains, the base
+        model's table in place of the tuned one."""
+        with adapters_disabled(self.model.unet):
+            if self._base_findings is None:
+                yield
+                return
+            conditioner = self.model.conditioner
+            tuned = (conditioner.findings, conditioner.finding_pool)
+            conditioner.findings, conditioner.finding_pool = self._base_findings
+            try:
+                yield
+            finally:
+                conditioner.findings, conditioner.finding_pool = tuned
+
+    def _reference_conditioning(self, items: Sequence[Any], cond):
+        """The conditioning the KL's reference sees: ``cond`` itself unless the finding table trains."""
+        if self._base_findings is None:
+            return cond
+        with torch.no_grad(), self._base_policy():
+            return self._conditioning(items)
 
     # -- sampling -----------------------------------------------------------------------------
     @property
@@ -232,9 +283,8 @@ class DDPOTrainer:
             for m in range(0, len(members), micro):
                 batch = members[m:m + micro]
                 items = [rollout.items[i] for i in batch]
-                with torch.no_grad():
-                    cond = guided_conditioning(model, [it.prompt for it in items], [it.modality for it in items],
-                                               [it.negative for it in items], cfg.guidance, [it.generator_findings for it in items])
+                cond = self._conditioning(items)
+                ref_cond = self._reference_conditioning(items, cond) if cfg.kl_weight > 0 else None
                 n_train = len(train_steps[int(batch[0])])
                 for j in range(n_train):
                     idx = torch.as_tensor([int(train_steps[int(i)][j]) for i in batch])
@@ -250,8 +300,8 @@ class DDPOTrainer:
                     loss = terms.loss
                     kl_value = torch.zeros(())
                     if cfg.kl_weight > 0:
-                        with torch.no_grad(), adapters_disabled(model.unet):
-                            ref_prediction = guided_prediction(model, x_t, t, cond, cfg.guidance)
+                        with torch.no_grad(), self._base_policy():
+                            ref_prediction = guided_prediction(model, x_t, t, ref_cond, cfg.guidance)
                             ref = ddim_step_with_logprob(scheduler, ref_prediction, t, x_t, eta=cfg.eta, prev_sample=x_prev,
                                                          reduce=cfg.logprob_reduce)
                         kl = gaussian_kl(step.mean, ref.mean, step.std, reduce=cfg.logprob_reduce)
@@ -261,7 +311,7 @@ class DDPOTrainer:
                         bad = [rollout.indices[int(i)] for i in batch]
                         raise NonFiniteError(f"non-finite DDPO loss in epoch {epoch} on samples {bad} "
                                              f"(prompts: {[it.prompt[:60] for it in items]})")
-                    (loss / global_terms).backward()
+                    (loss / global_terms).backward(retain_graph=self.trains_findings)  # the table's graph serves every timestep
                     k = len(batch)
                     acc["policy_loss"] += float(terms.loss.detach()) / local_terms
                     acc["kl"] += float(kl_value) / local_terms
@@ -318,9 +368,8 @@ class DDPOTrainer:
                 batch = members[m:m + micro]
                 rows = torch.as_tensor(batch)
                 items = [rollout.items[i] for i in batch]
-                with torch.no_grad():
-                    cond = guided_conditioning(model, [it.prompt for it in items], [it.modality for it in items],
-                                               [it.negative for it in items], cfg.guidance, [it.generator_findings for it in items])
+                cond = self._conditioning(items)
+                ref_cond = self._reference_conditioning(items, cond) if cfg.kl_weight > 0 else None
                 x = rollout.latents[rows, steps - k].to(model.device)
                 kl = torch.zeros(len(batch), device=model.device)
                 for j in range(steps - k, steps):
@@ -330,8 +379,8 @@ class DDPOTrainer:
                     step = ddim_step_with_logprob(scheduler, prediction, t, x, eta=cfg.eta, prev_sample=stored,
                                                   reduce=cfg.logprob_reduce)
                     if cfg.kl_weight > 0:  # to the base model on the same input, adapter disabled (not a second copy)
-                        with torch.no_grad(), adapters_disabled(model.unet):
-                            ref = ddim_step_with_logprob(scheduler, guided_prediction(model, x.detach(), t, cond, cfg.guidance), t,
+                        with torch.no_grad(), self._base_policy():
+                            ref = ddim_step_with_logprob(scheduler, guided_prediction(model, x.detach(), t, ref_cond, cfg.guidance), t,
                                                          x.detach(), eta=cfg.eta, prev_sample=stored, reduce=cfg.logprob_reduce)
                         kl = kl + gaussian_kl(step.mean, ref.mean, step.std, reduce=cfg.logprob_reduce)
                     x = step.mean + (stored - step.mean.detach()).to(step.mean.dtype)
@@ -425,7 +474,7 @@ class DDPOTrainer:
             loss_sum = 0.0
             if len(mine):
                 batch_items = [items[i] for i in mine]
-                with torch.no_grad():
+                with torch.set_grad_enabled(self.trains_findings):
                     cond = model.conditioner([it.prompt for it in batch_items], [it.modality for it in batch_items],
                                              [it.generator_findings for it in batch_items])
                 for d in range(cfg.noise_draws):
@@ -443,7 +492,7 @@ class DDPOTrainer:
                     loss = (weights[torch.as_tensor(mine)].to(per_sample.device) * per_sample).sum() * cfg.loss_weight
                     if not torch.isfinite(loss):
                         raise NonFiniteError(f"non-finite selection loss in epoch {epoch} on selected samples {list(map(int, mine))}")
-                    (loss / total_terms).backward()
+                    (loss / total_terms).backward(retain_graph=self.trains_findings)  # the table's graph serves every draw
                     loss_sum += float(loss.detach())
             else:  # this rank has no share of the step: still takes part in the gradient sum
                 for p in self.params:

@@ -62,10 +62,10 @@ def _eval(args, extra) -> int:
     device = resolve_device(cfg.run.device)
     model_dir = shipped(args.model or cfg.train.out)  # its metadata.json names the training images, from any folder
     model = LatentDiffusion.load(model_dir, device=device)
-    from generator.lora import apply_adapters
+    from generator.models import apply_model_adapters
 
     adapters = list(args.lora or cfg.sample.lora)
-    apply_adapters(model.unet, adapters)
+    apply_model_adapters(model, adapters)
     size = model.cfg.image_size
     wanted = [resolve_modality(m, cfg.data.modalities) for m in args.modalities] if args.modalities else None
     data = args.data or list(cfg.data.manifests)  # a profile of real images (--config real) compares with its own

@@ -276,9 +276,9 @@ def _sample(args, extra) -> int:
                                        "sample.negative": args.negative, "sample.sampler": args.sampler, "sample.seed": args.seed})
     modality = resolve_modality(args.modality, cfg.data.modalities)
     model = LatentDiffusion.load(args.model or cfg.train.out, list(cfg.data.modalities), device=resolve_device(cfg.run.device))
-    from generator.lora import apply_adapters
+    from generator.models import apply_model_adapters
 
-    apply_adapters(model.unet, list(args.lora) or list(cfg.sample.lora))
+    apply_model_adapters(model, list(args.lora) or list(cfg.sample.lora))
     sc = cfg.sample
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,112 @@
+"""`synthmed improve --improve.ddpo.trainable=findings`: the loop tunes a finding-token model's finding table (prompt
+tuning) instead of, or beside, the UNet's LoRA; the tuned table is checkpointed, resumed, saved beside the adapter and
+loaded with it by --lora; the KL's reference is the base model's own table."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from generator.errors import UserError
+from generator.models import FINDING_TABLE_FILE, LatentDiffusion, apply_model_adapters
+from pipelines.cli import main as cli
+from pipelines.config import load_config
+from test_improve import TINY, lines, settings, write_profile
+
+KEYS = ["cxr:pleural_effusion", "cxr:pneumothorax", "cxr:cardiomegaly", "cxr:consolidation", "oct:drusen", "oct:macular_hole",
+        "oct:subretinal_fluid"]
+
+
+@pytest.fixture(scope="module")
+def table_model(tmp_path_factory):
+    torch.manual_seed(0)
+    model = LatentDiffusion(TINY.model_copy(update={"finding_tokens": True}), ["cxr", "oct"], findings=(KEYS, ["foveal"]))
+    with torch.no_grad():  # a trained model's pooled path is not zero: give the class-embedding path a gradient too
+        model.conditioner.finding_pool.weight.normal_(std=0.05)
+        model.conditioner.fuse[-1].weight.normal_(std=0.05)
+    folder = tmp_path_factory.mktemp("ft") / "model"
+    model.save(folder)
+    return folder
+
+
+def tuning(base, **extra):
+    return settings(base, **{"improve.ddpo.trainable": "findings", "improve.ddpo.lr": 5e-2, **extra})
+
+
+def test_the_loop_tunes_the_finding_table_alone_and_saves_it_beside_the_adapter(table_model, tmp_path, capsys):
+    profile = write_profile(tmp_path, tuning(table_model, **{"improve.ddpo.kl_weight": 0.5, "improve.selection.noise_draws": 2}))
+    run = tmp_path / "run"
+    assert cli(["improve", "--config", str(profile), "--run-dir", str(run), "--no-progress"]) == 0, capsys.readouterr().err
+    steps = [r for r in lines(run / "metrics.jsonl") if r["kind"] == "step"]
+    ddpo = [r for r in steps if r["stage"] == "ddpo"]
+    # the reference is the base model's table: zero while the tuned one equals it, then the table moves away (the adapter
+    # cannot: it is not trained, so with the tuned table as reference the KL would stay 0)
+    assert ddpo[0]["kl"] == 0.0 and ddpo[-1]["kl"] > 0
+    assert any(r["stage"] == "selection" for r in steps)  # stage 2 trains the table too (two noise draws share its graph)
+
+    adapter = load_file(run / "final" / "lora.safetensors")
+    assert all(torch.count_nonzero(v) == 0 for k, v in adapter.items() if "lora_B" in k)  # the UNet is the base's
+    base = LatentDiffusion.load(table_model)
+    tuned = load_file(run / "final" / FINDING_TABLE_FILE)
+    original = base.conditioner.finding_state_dict()
+    assert tuned.keys() == original.keys()
+    assert not torch.equal(tuned["findings.embedding.weight"], original["findings.embedding.weight"])
+    assert (run / "best" / FINDING_TABLE_FILE).is_file()
+    assert all((c / FINDING_TABLE_FILE).is_file() for c in (run / "checkpoints").glob("epoch_*"))
+
+    # --lora loads the table with the adapter: the conditioning a request gets is the tuned one
+    stated = [{"name": "pleural_effusion", "present": True, "laterality": "left"}, {"name": "pneumothorax", "present": False}]
+    before = base.conditioner(["Left pleural effusion."], ["cxr"], [stated]).tokens
+    apply_model_adapters(base, [str(run / "final")])
+    after = base.conditioner(["Left pleural effusion."], ["cxr"], [stated]).tokens
+    assert not torch.allclose(before, after)
+    assert all(torch.equal(base.conditioner.finding_state_dict()[k], tuned[k]) for k in tuned)
+    out = tmp_path / "images"
+    assert cli(["sample", "Left pleural effusion.", "--modality", "cxr", "--n", "1", "--steps", "2", "--model", str(table_model),
+                "--lora", str(run), "--out", str(out)]) == 0
+    assert list(out.glob("*.png"))
+
+    # a model without a finding table cannot take it; two tuned tables cannot be combined
+    plain = LatentDiffusion(TINY, ["cxr", "oct"])
+    with pytest.raises(UserError, match="no finding table"):
+        apply_model_adapters(plain, [str(run / "final")])
+    with pytest.raises(UserError, match="a model holds one"):
+        apply_model_adapters(LatentDiffusion.load(table_model), [str(run / "final"), str(run / "best")])
+    with safe_open(str(run / "final" / FINDING_TABLE_FILE), framework="pt") as f:
+        assert "cxr:pleural_effusion" in f.metadata()["findings"]
+
+
+def test_a_killed_tuning_run_resumes_its_table(table_model, tmp_path):
+    from pipelines.improve import run_improve
+
+    cfg = load_config(write_profile(tmp_path, tuning(table_model, **{"improve.ddpo.kl_weight": 0.1})))
+    whole = run_improve(cfg, tmp_path / "whole", progress=False)
+    killed = tmp_path / "killed"
+    with pytest.raises(SystemExit):
+        run_improve(cfg, killed, progress=False, stop_after=lambda point, epoch: point == "update" and epoch == 2)
+    resumed = run_improve(cfg, killed, resume=True, progress=False)
+    assert whole["status"] == resumed["status"] == "finished"
+    a, b = load_file(killed / "final" / FINDING_TABLE_FILE), load_file(tmp_path / "whole" / "final" / FINDING_TABLE_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(lines(killed / "metrics.jsonl")) == strip(lines(tmp_path / "whole" / "metrics.jsonl"))
+
+
+def test_the_reward_gradient_tunes_the_table_and_a_model_without_one_is_refused(table_model, tmp_path, capsys):
+    from test_improve import TINY as tiny
+
+    profile = write_profile(tmp_path, tuning(table_model, **{"improve.ddpo.objective": "draft", "improve.ddpo.epochs": 1}))
+    run = tmp_path / "run"
+    assert cli(["improve", "--config", str(profile), "--run-dir", str(run), "--no-progress", "--no-selection"]) == 0
+    tuned = load_file(run / "final" / FINDING_TABLE_FILE)
+    assert not torch.equal(tuned["findings.embedding.weight"],
+                           LatentDiffusion.load(table_model).conditioner.finding_state_dict()["findings.embedding.weight"])
+
+    torch.manual_seed(0)
+    plain = tmp_path / "plain"
+    LatentDiffusion(tiny, ["cxr", "oct"]).save(plain)
+    profile = write_profile(tmp_path, tuning(plain), name="plain.yaml")
+    capsys.readouterr()
+    assert cli(["improve", "--config", str(profile), "--run-dir", str(tmp_path / "refused"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "has none" in err and "model.finding_tokens" in err and err.count("\n") <= 3
