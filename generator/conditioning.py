@@ -183,6 +183,28 @@ def finding_vocabulary(rows) -> tuple[list[str], list[str]]:
     return keys, locations
 
 
+FINDING_ATTRIBUTES = {"present": ("true", "false"), "laterality": FINDING_SIDES, "severity": ("mild", "moderate", "severe"),
+                      "location": None}
+
+
+def parse_finding(text: str) -> dict:
+    """A finding as a command line states it, ``NAME[:key=value,...]`` (``pleural_effusion:laterality=left,severity=mild``,
+    ``pneumothorax:present=false``), as the structured finding the table reads. Raises UserError naming what is wrong."""
+    name, _, rest = text.strip().partition(":")
+    if not name:
+        raise UserError(f"--finding {text!r} names no finding; write NAME[:key=value,...], e.g. pleural_effusion:laterality=left")
+    finding: dict = {"name": name.strip(), "present": True}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = (x.strip() for x in part.partition("="))
+        if not eq or key not in FINDING_ATTRIBUTES:
+            raise UserError(f"--finding {text!r}: {part!r} is not key=value with a key of {', '.join(FINDING_ATTRIBUTES)}")
+        allowed = FINDING_ATTRIBUTES[key]
+        if allowed is not None and value not in allowed:
+            raise UserError(f"--finding {text!r}: {key} must be one of {', '.join(allowed)}, got {value!r}")
+        finding[key] = value == "true" if key == "present" else value
+    return finding
+
+
 class FindingTable(nn.Module):
     """A learned vector per ``"<modality>:<finding>"``, added to one per state (absent, present), side, severity
     grade and location the finding states: one token per stated finding."""

@@ -63,8 +63,12 @@ def test_the_loop_tunes_the_finding_table_alone_and_saves_it_beside_the_adapter(
     assert all(torch.equal(base.conditioner.finding_state_dict()[k], tuned[k]) for k in tuned)
     out = tmp_path / "images"
     assert cli(["sample", "Left pleural effusion.", "--modality", "cxr", "--n", "1", "--steps", "2", "--model", str(table_model),
-                "--lora", str(run), "--out", str(out)]) == 0
+                "--lora", str(run), "--finding", "pleural_effusion:laterality=left", "--finding", "pneumothorax:present=false",
+                "--out", str(out)]) == 0
     assert list(out.glob("*.png"))
+    record = lines(out / "samples.jsonl")[-1]
+    assert record["findings"] == [{"name": "pleural_effusion", "present": True, "laterality": "left"},
+                                  {"name": "pneumothorax", "present": False}]
 
     # a model without a finding table cannot take it; two tuned tables cannot be combined
     plain = LatentDiffusion(TINY, ["cxr", "oct"])
@@ -110,3 +114,24 @@ def test_the_reward_gradient_tunes_the_table_and_a_model_without_one_is_refused(
     assert cli(["improve", "--config", str(profile), "--run-dir", str(tmp_path / "refused"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "has none" in err and "model.finding_tokens" in err and err.count("\n") <= 3
+
+
+@pytest.mark.parametrize("finding, message", [
+    ("drusen", "no cxr finding of that name; it knows cardiomegaly, consolidation, pleural_effusion, pneumothorax"),
+    ("pleural_effusion:side=left", "is not key=value with a key of present, laterality"),
+    ("pleural_effusion:severity=huge", "severity must be one of mild, moderate, severe"),
+    (":laterality=left", "names no finding"),
+])
+def test_sample_reads_findings_and_refuses_what_the_model_cannot_read(table_model, tmp_path, capsys, finding, message):
+    assert cli(["sample", "Effusion.", "--modality", "cxr", "--n", "1", "--steps", "2", "--model", str(table_model),
+                "--finding", finding, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("*.png")) if (tmp_path / "out").exists() else True
+
+
+def test_sample_refuses_findings_for_a_model_without_finding_tokens(tmp_path, capsys):
+    torch.manual_seed(0)
+    LatentDiffusion(TINY, ["cxr"]).save(tmp_path / "plain")
+    assert cli(["sample", "Effusion.", "--modality", "cxr", "--n", "1", "--steps", "2", "--model", str(tmp_path / "plain"),
+                "--finding", "pleural_effusion", "--out", str(tmp_path / "out")]) == 2
+    assert "--finding needs a model with finding tokens" in capsys.readouterr().err

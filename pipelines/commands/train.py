@@ -51,6 +51,10 @@ def register(groups, formatter) -> None:
     s.add_argument("--model", help="model folder (default: the shipped model, train.out)")
     s.add_argument("--lora", nargs="*", default=[], help="LoRA adapters to apply: files, a run's final/ or best/, or a "
                    "`synthmed improve` run folder (its best/); default: sample.lora")
+    s.add_argument("--finding", action="append", default=[], metavar="NAME[:key=value,...]",
+                   help="a finding the images must state, for a model with finding tokens (model.finding_tokens), which "
+                   "reads it as the graph and the loop give it: e.g. pleural_effusion:laterality=left,severity=moderate or "
+                   "pneumothorax:present=false; repeat for more (keys: present, laterality, severity, location)")
     s.add_argument("--out", default="samples", help="output folder")
     s.set_defaults(handler=_sample)
 
@@ -261,6 +265,24 @@ def _sample_sheet(args, extra) -> int:
     return 0
 
 
+def _finding_arguments(texts: list[str], model, modality: str) -> list[dict]:
+    """``--finding`` values as structured findings, each one the model's finding table knows for ``modality``."""
+    from generator.conditioning import finding_key, parse_finding
+
+    if not texts:
+        return []
+    if model.finding_keys is None:
+        raise UserError("--finding needs a model with finding tokens (trained with --model.finding_tokens=true); this model "
+                        "reads the text alone: state the findings in the text")
+    findings = [parse_finding(t) for t in texts]
+    known = sorted(k.split(":", 1)[1] for k in model.finding_keys if k.startswith(modality + ":"))
+    unknown = [f["name"] for f in findings if finding_key(modality, f["name"]) not in model.finding_keys]
+    if unknown:
+        raise UserError(f"--finding {', '.join(unknown)}: the model has no {modality} finding of that name; it knows "
+                        f"{', '.join(known) or 'none for this modality'}")
+    return findings
+
+
 def _sample(args, extra) -> int:
     import time
 
@@ -279,6 +301,7 @@ def _sample(args, extra) -> int:
     from generator.models import apply_model_adapters
 
     apply_model_adapters(model, list(args.lora) or list(cfg.sample.lora))
+    findings = _finding_arguments(args.finding, model, modality)
     sc = cfg.sample
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -290,13 +313,14 @@ def _sample(args, extra) -> int:
         with torch.inference_mode():
             output = sample(model, [args.text] * n, [modality] * n, negative=sc.negative or None, guidance=sc.guidance,
                             steps=sc.steps, seed=sc.seed + start, sampler=sc.sampler, eta=sc.eta,
-                            guidance_schedule=sc.guidance_schedule, precision=sc.precision)
+                            guidance_schedule=sc.guidance_schedule, precision=sc.precision,
+                            findings=[findings] * n if findings else None)
         for i, image in enumerate(output.to_uint8([modality] * n, channels)):
             path = out / f"{modality}_{sc.seed + start + i:05d}.png"
             Image.fromarray(image).save(path)
             paths.append(str(path))
     seconds = time.perf_counter() - started
-    record = {"text": args.text, "modality": modality, "images": paths, "steps": sc.steps, "guidance": sc.guidance,
+    record = {"text": args.text, "modality": modality, **({"findings": findings} if findings else {}), "images": paths, "steps": sc.steps, "guidance": sc.guidance,
               "sampler": sc.sampler, "precision": str(sampling_dtype(sc.precision, model.device)).removeprefix("torch."),
               "negative": sc.negative, "seed": sc.seed, "seconds": round(seconds, 2),
               "seconds_per_image": round(seconds / max(1, args.n), 3), "model": str(args.model or cfg.train.out)}
