@@ -297,10 +297,14 @@ class Conditioner(nn.Module):
 
     # -- the finding table alone: what `synthmed improve --improve.ddpo.trainable=findings` tunes (prompt tuning)
     def finding_parameters(self) -> list[nn.Parameter]:
-        """The finding table's parameters and its pooled path into the class embedding; [] without a table."""
+        """The finding table's vectors (each finding's, and those of its state, side, severity and location); [] without
+        a table. Not the pooled path's projection: a matrix shared by every finding that moves every image's class
+        embedding at once (tuned by DRaFT at lr 5e-3 it grew to 6 times its size in 8 epochs while the held-out FD rose
+        fourfold: docs/improve/long_runs.md), where a finding's vector moves only the requests that state it (and
+        reaches the class embedding through that path)."""
         if self.findings is None:
             return []
-        return [*self.findings.parameters(), *self.finding_pool.parameters()]
+        return list(self.findings.parameters())
 
     def finding_state_dict(self) -> dict[str, torch.Tensor]:
         """``findings.*`` and ``finding_pool.*`` tensors (rows named by ``findings.keys`` / ``findings.locations``)."""

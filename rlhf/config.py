@@ -225,10 +225,10 @@ class DDPOConfig(Section):
     draft_view_shift: float = Field(0.06, ge=0, lt=0.5)  # largest shift of a view, share of the side
     draft_view_zoom: float = Field(0.08, ge=0, lt=0.5)  # largest zoom in or out of a view
     # What the updates train: the UNet's LoRA (the policy), the finding table of a base model with finding tokens
-    # (model.finding_tokens: a vector per finding and its attributes, and their pooled path into the class embedding), or
-    # both. "findings" is prompt tuning: the UNet stays the base's, so the images stay on what it learned to draw and only
-    # what each finding asks of it moves; it is saved beside the adapter (findings.safetensors) and loaded with it by
-    # --lora. The KL penalty's reference is then the base model's own table (kept frozen), with the adapter disabled.
+    # (model.finding_tokens: a vector per finding and one per state, side, severity and location; not the pooled path's
+    # shared projection), or both. "findings" is prompt tuning: the UNet stays the base's and only what each finding
+    # asks of it moves; the table is saved beside the adapter (findings.safetensors) and loaded with it by --lora. The
+    # KL penalty's reference is then the base model's own table (kept frozen), with the adapter disabled.
     trainable: Literal["lora", "findings", "lora+findings"] = "lora"
     lr: float = Field(5e-4, gt=0)  # AdamW learning rate of the trained weights
     weight_decay: float = Field(1e-4, ge=0)

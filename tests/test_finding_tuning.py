@@ -21,7 +21,7 @@ KEYS = ["cxr:pleural_effusion", "cxr:pneumothorax", "cxr:cardiomegaly", "cxr:con
 def table_model(tmp_path_factory):
     torch.manual_seed(0)
     model = LatentDiffusion(TINY.model_copy(update={"finding_tokens": True}), ["cxr", "oct"], findings=(KEYS, ["foveal"]))
-    with torch.no_grad():  # a trained model's pooled path is not zero: give the class-embedding path a gradient too
+    with torch.no_grad():  # a trained model's pooled path is not zero: the table's vectors reach the class embedding too
         model.conditioner.finding_pool.weight.normal_(std=0.05)
         model.conditioner.fuse[-1].weight.normal_(std=0.05)
     folder = tmp_path_factory.mktemp("ft") / "model"
@@ -51,6 +51,7 @@ def test_the_loop_tunes_the_finding_table_alone_and_saves_it_beside_the_adapter(
     original = base.conditioner.finding_state_dict()
     assert tuned.keys() == original.keys()
     assert not torch.equal(tuned["findings.embedding.weight"], original["findings.embedding.weight"])
+    assert all(torch.equal(tuned[k], original[k]) for k in tuned if k.startswith("finding_pool."))  # shared: not tuned
     assert (run / "best" / FINDING_TABLE_FILE).is_file()
     assert all((c / FINDING_TABLE_FILE).is_file() for c in (run / "checkpoints").glob("epoch_*"))
 
