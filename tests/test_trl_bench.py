@@ -108,7 +108,7 @@ def test_trl_settings_other_advantages_and_no_guidance():
 
 
 @pytest.mark.parametrize("change, field", [({"logprob_reduce": "sum"}, "logprob_reduce"), ({"kl_weight": 0.01}, "kl_weight"),
-                                           ({"sample_batch_size": 20}, "batch sizes")])
+                                           ({"sample_batch_size": 20}, "batch sizes"), ({"trainable": "findings"}, "trainable")])
 def test_trl_settings_refuse_what_trl_cannot_run(change, field):
     settings = {"prompts_per_epoch": 4, "images_per_prompt": 4, "sample_batch_size": 8, "train_batch_size": 8, "grad_accum_steps": 1}
     ddpo = DDPOConfig(**{**settings, **change})
