@@ -1,6 +1,6 @@
 """The DDPO trainer: rollouts with log probabilities, rewards, group advantages, PPO-clip updates of the
-UNet's LoRA weights, and stage 2 (active selection: a reward-weighted denoising update on the samples
-the selector and the verifier keep).
+UNet's LoRA weights (or, ``trainable``, of a finding-token model's finding table, or both), and stage 2
+(active selection: a reward-weighted denoising update on the samples the selector and the verifier keep).
 
 It receives its parts (policy, reward, accelerator, settings) and builds none of them; the run
 directory, evaluation and resume live in :mod:`pipelines.improve`. The maths is in :mod:`rlhf.ddpo`.
@@ -18,9 +18,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from contextlib import contextmanager
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,10 +96,7 @@ class DDPOTrainer:
         for p in table:
             p.requires_grad_(True)
         # the KL's reference: the base model's own finding table (frozen), swapped in with the adapter disabled
-        self._base_findings = copy.deepcopy((model.conditioner.findings, model.conditioner.finding_pool)) if self.trains_findings else None
-        if self._base_findings is not None:
-            for module in self._base_findings:
-                module.requires_grad_(False)
+        self._base_findings = copy.deepcopy(model.conditioner.findings).requires_grad_(False) if self.trains_findings else None
         self.params = lora + table
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.tracker = PerPromptStatTracker(cfg.tracker_buffer, cfg.tracker_min_count) if cfg.advantages == "tracker" else None
@@ -135,12 +132,11 @@ class DDPOTrainer:
                 yield
                 return
             conditioner = self.model.conditioner
-            tuned = (conditioner.findings, conditioner.finding_pool)
-            conditioner.findings, conditioner.finding_pool = self._base_findings
+            tuned, conditioner.findings = conditioner.findings, self._base_findings
             try:
                 yield
             finally:
-                conditioner.findings, conditioner.finding_pool = tuned
+                conditioner.findings = tuned
 
     def _reference_conditioning(self, items: Sequence[Any], cond):
         """The conditioning the KL's reference sees: ``cond`` itself unless the finding table trains."""
