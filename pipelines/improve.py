@@ -536,7 +536,8 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
                         "their ends are never seen", cut, len(heldout), encoder.max_length)
         metadata = {
             "kind": RUN_KIND, "command": command or "synthmed " + " ".join(sys.argv[1:]), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "base_model": base_model, "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha}, "world_size": world,
+            "base_model": base_model, "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha},
+            "trainable": ic.ddpo.trainable, "world_size": world,
             "reward_weights": ic.reward.weights, "selection": ic.selection.enabled,
             "prompt_tokens": {"limit": encoder.max_length, "heldout_truncated": cut},
         }

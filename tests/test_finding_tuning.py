@@ -43,6 +43,9 @@ def test_the_loop_tunes_the_finding_table_alone_and_saves_it_beside_the_adapter(
     # cannot: it is not trained, so with the tuned table as reference the KL would stay 0)
     assert ddpo[0]["kl"] == 0.0 and ddpo[-1]["kl"] > 0
     assert any(r["stage"] == "selection" for r in steps)  # stage 2 trains the table too (two noise draws share its graph)
+    capsys.readouterr()
+    assert cli(["runs", "show", str(run)]) == 0
+    assert "trains the finding table (prompt tuning; the LoRA stays zero)" in capsys.readouterr().out
 
     adapter = load_file(run / "final" / "lora.safetensors")
     assert all(torch.count_nonzero(v) == 0 for k, v in adapter.items() if "lora_B" in k)  # the UNet is the base's

@@ -128,7 +128,10 @@ def format_run(run: dict) -> str:
     head = [f"run {run['id']}: {run['status']}, epoch {run['epochs_done']}/{_fmt(run['epochs_planned'])}, "
             f"started {run['started'] or '-'}" + (f", finished {run['finished']}" if run["finished"] else "")]
     if meta.get("base_model") or lora:
-        head.append(f"base model {meta.get('base_model', '-')}, LoRA rank {lora.get('rank', '-')} alpha {lora.get('alpha', '-')}")
+        trained = {"findings": "the finding table (prompt tuning; the LoRA stays zero)",
+                   "lora+findings": "the LoRA and the finding table"}.get(meta.get("trainable", "lora"), "the LoRA")
+        head.append(f"base model {meta.get('base_model', '-')}, LoRA rank {lora.get('rank', '-')} alpha {lora.get('alpha', '-')}; "
+                    f"trains {trained}")
     if meta.get("command"):
         head.append(f"command: {meta['command']}")
     parts = ["\n".join(head)]
