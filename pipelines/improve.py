@@ -296,8 +296,22 @@ class RewardHackingGuard:
         """One epoch's mean training reward; an evaluation compares the mean since the previous one."""
         self.pending.append(float(reward))
 
+    def acceptable(self, fd: float | None, ms_ssim: float | None) -> str | None:
+        """Why an evaluation's images may not be best/ (FD past ``fd_tolerance`` of the base's, or MS-SSIM within a prompt
+        more than ``best_ms_ssim_rise`` above it), or None when they may; call before ``observe`` records it. The base
+        (no evaluation recorded yet) always may."""
+        base = self.history[0] if self.history else None
+        if base is None or not self.cfg.best_within_tolerance:
+            return None
+        if fd is not None and base.get("fd") is not None and fd > base["fd"] * (1 + self.cfg.fd_tolerance):
+            return f"FD {fd:.2f} more than {self.cfg.fd_tolerance:.0%} worse than the base's {base['fd']:.2f}"
+        rise = self.cfg.best_ms_ssim_rise
+        if rise is not None and ms_ssim is not None and base.get("ms_ssim") is not None and ms_ssim > base["ms_ssim"] + rise:
+            return f"MS-SSIM {ms_ssim:.3f} more than {rise} above the base's {base['ms_ssim']:.3f}"
+        return None
+
     def observe(self, epoch: int, reward: float | None, share: float | None, fd: float | None,
-                fd_by_modality: dict[str, float | None] | None = None) -> str | None:
+                fd_by_modality: dict[str, float | None] | None = None, ms_ssim: float | None = None) -> str | None:
         """Record one evaluation (``reward``: None to use the mean of the epochs added since the last one);
         the message when the loop must stop, else None."""
         if reward is None and self.pending:
@@ -305,7 +319,8 @@ class RewardHackingGuard:
         self.pending = []
         previous = self.history[-1] if self.history else None
         base = self.history[0] if self.history else None
-        self.history.append({"epoch": epoch, "reward": reward, "share": share, "fd": fd, "fd_by_modality": dict(fd_by_modality or {})})
+        self.history.append({"epoch": epoch, "reward": reward, "share": share, "fd": fd, "fd_by_modality": dict(fd_by_modality or {}),
+                             "ms_ssim": ms_ssim})
         if not self.cfg.enabled or previous is None:
             return None
         signs = []
@@ -325,7 +340,7 @@ class RewardHackingGuard:
         self.strikes = self.strikes + 1 if signs else 0
         if self.strikes >= self.cfg.patience:
             return (f"reward hacking suspected at epoch {epoch} ({self.strikes} evaluations in a row): " + "; ".join(signs)
-                    + ". best/ keeps the adapter with the best held-out result.")
+                    + ". best/ keeps the adapter with the best held-out result within the FD and MS-SSIM tolerances.")
         return None
 
 
@@ -564,15 +579,17 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
                    root / "heldout" / f"epoch_{epoch:04d}.png", columns=ic.eval.images_per_prompt * 4)
         share = result["overall"]["all_requested_shown"]
         score = (share or 0.0, result["overall"]["finding_accuracy"] or 0.0)
-        is_best = best is None or score > tuple(best["score"])
+        overall = result["overall"]
+        refused = guard.acceptable(overall["fd"], overall["ms_ssim"])  # images past the gain's tolerances are never best/
+        is_best = refused is None and (best is None or score > tuple(best["score"]))
         if is_best:
             best = {"epoch": epoch, "score": list(score), "overall": result["overall"]}
             save_adapter(model, root / "best", {"run": str(root), "epoch": epoch, "heldout": result["overall"],
                                                      "base_model": base_model, "kind": "synthmed LoRA adapter (best held-out)"},
                          findings=trainer.trains_findings)
-        lines.append({"kind": "eval", "epoch": epoch, **result, "best": is_best})
-        message = guard.observe(epoch, None, result["overall"][ic.guard.metric], result["overall"]["fd"],
-                                {m: row.get("fd") for m, row in (result.get("per_modality") or {}).items()})
+        lines.append({"kind": "eval", "epoch": epoch, **result, "best": is_best, **({"not_best_because": refused} if refused else {})})
+        message = guard.observe(epoch, None, overall[ic.guard.metric], overall["fd"],
+                                {m: row.get("fd") for m, row in (result.get("per_modality") or {}).items()}, overall["ms_ssim"])
         if message:
             lines.append({"kind": "guard", "epoch": epoch, "message": message})
         return message

@@ -277,6 +277,11 @@ class GuardConfig(Section):
     modality_fd_tolerance: float | None = Field(None, ge=0)
     min_drop: float = Field(0.0, ge=0)  # a fall of the evaluator's metric larger than this counts
     metric: Literal["all_requested_shown", "requested_shown", "finding_accuracy"] = "all_requested_shown"  # the held-out evaluator's figure watched
+    # best/ is the best held-out result among evaluations whose images stayed acceptable: FD no more than fd_tolerance
+    # worse than the base's and MS-SSIM within a prompt no more than this above the base's (the gain terms); an
+    # evaluation past either is not a candidate (the base model, epoch 0, always is). None: every evaluation is a candidate
+    best_ms_ssim_rise: float | None = Field(0.05, ge=0)
+    best_within_tolerance: bool = True  # False: best/ by the held-out share alone, whatever the FD and MS-SSIM
 
 
 class ImproveConfig(Section):

@@ -181,3 +181,27 @@ def test_jittered_views_shift_and_zoom_by_the_drawn_amounts_and_pass_the_gradien
     assert moved.max() <= 0.06 * 32 + 0.08 * 16 and moved.max() > 0.5
     a.sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+def test_best_is_chosen_among_evaluations_within_the_gains_terms():
+    """An evaluation whose FD is past the guard's tolerance, or whose MS-SSIM within a prompt rose by more than
+    best_ms_ssim_rise, is no candidate for best/ (the seed-1 finding-table run of docs/improve/long_runs.md: its best
+    share came with FD 16% worse); the base always is; an older run's guard state without MS-SSIM gates on FD alone."""
+    from pipelines.improve import RewardHackingGuard
+
+    guard = RewardHackingGuard(GuardConfig(patience=5))
+    assert guard.acceptable(462.0, 0.79) is None  # the base
+    guard.observe(0, None, 0.087, 462.0, ms_ssim=0.79)
+    assert guard.acceptable(501.0, 0.71) is None  # +8%: within 10%
+    assert "FD 535.00 more than 10% worse than the base's 462.00" in guard.acceptable(535.0, 0.74)
+    assert "MS-SSIM 0.850 more than 0.05 above the base's 0.790" in guard.acceptable(470.0, 0.85)
+    assert guard.acceptable(470.0, 0.84) is None
+    loose = RewardHackingGuard(GuardConfig(best_within_tolerance=False))
+    loose.observe(0, None, 0.087, 462.0, ms_ssim=0.79)
+    assert loose.acceptable(2000.0, 0.99) is None
+    no_rise = RewardHackingGuard(GuardConfig(best_ms_ssim_rise=None))
+    no_rise.observe(0, None, 0.087, 462.0, ms_ssim=0.79)
+    assert no_rise.acceptable(470.0, 0.99) is None
+    older = RewardHackingGuard(GuardConfig())
+    older.load_state_dict({"history": [{"epoch": 0, "reward": None, "share": 0.3, "fd": 535.0}], "strikes": 0})
+    assert older.acceptable(540.0, 0.99) is None and older.acceptable(600.0, 0.5) is not None

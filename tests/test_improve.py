@@ -340,7 +340,11 @@ def test_the_guard_stops_the_loop_and_best_keeps_the_best_adapter(base_model, tm
     assert len(guard) == 1 and guard[0]["epoch"] == hacked[0] and "finding_accuracy fell" in guard[0]["message"]
     assert max(rewards) == hacked[0]  # no epoch after the stop
     best = json.loads((tmp_path / "run" / "best" / "metadata.json").read_text())
-    assert best["epoch"] == max(evals, key=lambda e: (evals[e]["all_requested_shown"] or 0, evals[e]["finding_accuracy"] or 0))
+    base = evals[0]  # candidates: images within the gain's terms (FD at most 10% worse, MS-SSIM at most 0.05 higher)
+    fits = {e for e, v in evals.items() if (v["fd"] is None or v["fd"] <= base["fd"] * 1.1)
+            and (v["ms_ssim"] is None or v["ms_ssim"] <= base["ms_ssim"] + 0.05)}
+    assert best["epoch"] == max(fits, key=lambda e: (evals[e]["all_requested_shown"] or 0, evals[e]["finding_accuracy"] or 0))
+    assert all(("not_best_because" in r) == (r["epoch"] not in fits) for r in records if r["kind"] == "eval")
     assert json.loads((tmp_path / "run" / "metadata.json").read_text())["status"] == "stopped_reward_hacking"
 
 
