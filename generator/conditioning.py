@@ -183,7 +183,7 @@ def finding_vocabulary(rows) -> tuple[list[str], list[str]]:
     return keys, locations
 
 
-FINDING_ATTRIBUTES = {"present": ("true", "false"), "laterality": FINDING_SIDES, "severity": ("mild", "moderate", "severe"),
+FINDING_ATTRIBUTES = {"present": ("true", "false"), "laterality": FINDING_SIDES, "severity": tuple(FINDING_SEVERITIES),
                       "location": None}
 
 
@@ -318,12 +318,10 @@ class Conditioner(nn.Module):
         if self.findings is None:
             raise UserError("this adapter tunes finding tokens but the generator has no finding table; use it with the base "
                             "model it was trained on (one with model.finding_tokens)")
+        if set(state) != set(self.finding_state_dict()):
+            raise UserError(f"finding table weights do not fit: expected {sorted(self.finding_state_dict())}, got {sorted(state)}")
         state = dict(state)
-        rows, location_rows = state.pop("findings.embedding.weight", None), state.pop("findings.location.weight", None)
-        own = {k for k in self.finding_state_dict() if k not in ("findings.embedding.weight", "findings.location.weight")}
-        if rows is None or location_rows is None or set(state) != own:
-            raise UserError(f"finding table weights do not fit: expected {sorted(own | {'findings.embedding.weight', 'findings.location.weight'})}, "
-                            f"got {sorted([*state, *(['findings.embedding.weight'] if rows is not None else [])])}")
+        rows, location_rows = state.pop("findings.embedding.weight"), state.pop("findings.location.weight")
         self.load_state_dict(state, strict=False)
         self.findings.load_rows(keys, rows, locations, location_rows)
 

@@ -123,7 +123,7 @@ def test_the_reward_gradient_tunes_the_table_and_a_model_without_one_is_refused(
 @pytest.mark.parametrize("finding, message", [
     ("drusen", "no cxr finding of that name; it knows cardiomegaly, consolidation, pleural_effusion, pneumothorax"),
     ("pleural_effusion:side=left", "is not key=value with a key of present, laterality"),
-    ("pleural_effusion:severity=huge", "severity must be one of mild, moderate, severe"),
+    ("pleural_effusion:severity=huge", "severity must be one of mild, small, moderate, medium, severe, large"),
     (":laterality=left", "names no finding"),
 ])
 def test_sample_reads_findings_and_refuses_what_the_model_cannot_read(table_model, tmp_path, capsys, finding, message):
@@ -161,3 +161,24 @@ def test_an_evaluation_past_the_gains_terms_is_never_best(table_model, tmp_path)
         assert ("not_best_because" in r) == worse, r
     best = json.loads((tmp_path / "run" / "best" / "metadata.json").read_text())
     assert best["epoch"] not in {r["epoch"] for r in refused}
+
+
+def test_a_finding_table_file_that_does_not_fit_is_refused(table_model, tmp_path):
+    from safetensors.torch import save_file
+
+    from generator.models import load_finding_table, save_finding_table
+
+    model = LatentDiffusion.load(table_model)
+    save_finding_table(model, tmp_path / "ok.safetensors")
+    load_finding_table(model, tmp_path / "ok.safetensors")  # its own table loads
+    state = model.conditioner.finding_state_dict()
+    state.pop("findings.state.weight")
+    save_file(state, str(tmp_path / "short.safetensors"), metadata={"findings": "[]", "finding_locations": "[]"})
+    with pytest.raises(UserError, match="do not fit: expected .*findings.state.weight"):
+        load_finding_table(model, tmp_path / "short.safetensors")
+    save_file(model.conditioner.finding_state_dict(), str(tmp_path / "anonymous.safetensors"))
+    with pytest.raises(UserError, match="does not name its finding rows"):
+        load_finding_table(model, tmp_path / "anonymous.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "ok.safetensors").read_bytes()[:100])
+    with pytest.raises(UserError, match="damaged"):
+        load_finding_table(model, tmp_path / "cut.safetensors")

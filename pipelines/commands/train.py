@@ -320,8 +320,8 @@ def _sample(args, extra) -> int:
             Image.fromarray(image).save(path)
             paths.append(str(path))
     seconds = time.perf_counter() - started
-    record = {"text": args.text, "modality": modality, **({"findings": findings} if findings else {}), "images": paths, "steps": sc.steps, "guidance": sc.guidance,
-              "sampler": sc.sampler, "precision": str(sampling_dtype(sc.precision, model.device)).removeprefix("torch."),
+    record = {"text": args.text, "modality": modality, **({"findings": findings} if findings else {}), "images": paths,
+              "steps": sc.steps, "guidance": sc.guidance, "sampler": sc.sampler, "precision": str(sampling_dtype(sc.precision, model.device)).removeprefix("torch."),
               "negative": sc.negative, "seed": sc.seed, "seconds": round(seconds, 2),
               "seconds_per_image": round(seconds / max(1, args.n), 3), "model": str(args.model or cfg.train.out)}
     append_whole(out / "samples.jsonl", (json.dumps(record) + "\n").encode("utf-8"))
