@@ -302,16 +302,32 @@ class PromptSampler:
 
     def heldout(self) -> list[ImagePrompt]:
         """The held-out requests: ``heldout_per_modality`` per modality, over its held-out combinations in turn."""
+        return self._heldout_draw("heldout-prompts", self.cfg.heldout_per_modality)
+
+    def test(self) -> list[ImagePrompt]:
+        """The untouched test requests: ``test_per_modality`` per modality over the same held-out combinations, worded
+        and drawn apart (a request whose text is a held-out request's is drawn again, up to 20 times); [] when 0."""
+        if not self.cfg.test_per_modality:
+            return []
+        return self._heldout_draw("test-prompts", self.cfg.test_per_modality, avoid={p.prompt for p in self.heldout()})
+
+    def _heldout_draw(self, stream: str, per_modality: int, avoid: set[str] = frozenset()) -> list[ImagePrompt]:
         out = []
         for m in self.cfg.modalities:
             combos = self.heldout_combos[m]
             if not combos:
                 raise UserError(f"no held-out finding combination for {m}: raise improve.prompts.heldout_fraction "
                                 f"(now {self.cfg.heldout_fraction}) or list more findings in improve.prompts.findings.{m}")
-            rng = _rng(self.cfg.seed, "heldout-prompts", m)
+            rng = _rng(self.cfg.seed, stream, m)
             order = rng.permutation(len(combos))
-            for i in range(self.cfg.heldout_per_modality):
-                out.append(self.make(m, combos[order[i % len(combos)]], rng))
+            for i in range(per_modality):
+                combo = combos[order[i % len(combos)]]
+                prompt = self.make(m, combo, rng)
+                for _ in range(20):
+                    if prompt.prompt not in avoid:
+                        break
+                    prompt = self.make(m, combo, rng)
+                out.append(prompt)
         return out
 
 

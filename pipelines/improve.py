@@ -528,15 +528,18 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
         elif main:
             for path in (metrics_path, samples_path):
                 _truncate_log(path, 0)
-    heldout_path = root / "heldout_prompts.jsonl"
+    heldout_path, test_path = root / "heldout_prompts.jsonl", root / "test_prompts.jsonl"
     if main and not heldout_path.is_file():
         save_prompts(sampler.heldout(), heldout_path)
+        if ic.prompts.test_per_modality:
+            save_prompts(sampler.test(), test_path)
         write_json_atomic(root / "combinations.json", {"train": sorted(sampler.combination_keys("train")),
                                                        "heldout": sorted(sampler.combination_keys("heldout"))}, ensure_ascii=False)
         save_config(cfg, root / "config.yaml")
     accelerator.wait_for_everyone()
     heldout = load_prompts(heldout_path)
-    leaked = {p.key for p in heldout} & sampler.combination_keys("train")
+    test = load_prompts(test_path) if test_path.is_file() else []  # a run from before the test set has none
+    leaked = {p.key for p in [*heldout, *test]} & sampler.combination_keys("train")
     if leaked:
         raise UserError(f"held-out combinations {sorted(leaked)[:3]} are also training combinations; the held-out set must be disjoint")
 
@@ -594,6 +597,17 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
             lines.append({"kind": "guard", "epoch": epoch, "message": message})
         return message
 
+    def test_evaluation(epoch: int, adapter: str) -> dict:
+        """The untouched test prompts with the model as it stands (``adapter``: base, final or best): a ``test`` line.
+        Nothing reads these figures to decide anything."""
+        from generator.lora import merged_for_sampling
+
+        with merged_for_sampling(model.unet):
+            result = heldout_evaluation(model, test, parts.judges, parts.reference, ic.eval.model_copy(update={"seed": ic.eval.test_seed}),
+                                        cfg.judges.eval, ic.ddpo.guidance, parts.train_images, ic.ddpo.sample_batch_size, progress)
+        result.pop("images")
+        return {"kind": "test", "epoch": epoch, "adapter": adapter, **result}
+
     def finish_epoch(epoch: int, lines: list[dict], samples: list[dict]) -> None:
         if stop_after and stop_after("logs", epoch):
             raise SystemExit(f"stopped before the logs of epoch {epoch}")
@@ -626,6 +640,8 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
                 lines.append({"kind": "reference", "epoch": 0, **reference_evaluation(
                     heldout, parts.judges, parts.reference, cfg.judges.eval, ic.eval.reference_per_request,
                     ic.eval.reference_seed, cases)})
+            if test:
+                lines.append(test_evaluation(0, "base"))
         finish_epoch(0, lines, [])
         start_epoch = 1
     for epoch in range(start_epoch, ic.ddpo.epochs + 1):
@@ -707,6 +723,19 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
     if main:
         save_adapter(model, root / "final", {"run": str(root), "epoch": last_epoch, "base_model": base_model,
                                                   "kind": "synthmed LoRA adapter (final)"}, findings=trainer.trains_findings)
+        if test and last_epoch > 0:  # the untouched test set, once: final/ (the model as it stands), then best/
+            tested = [test_evaluation(last_epoch, "final")]
+            best_epoch = (best or {}).get("epoch", 0)
+            if best_epoch == last_epoch:
+                tested.append({**tested[0], "epoch": best_epoch, "adapter": "best"})
+            elif best_epoch > 0:
+                load_lora(model.unet, root / "best" / "lora.safetensors", "default")
+                if trainer.trains_findings:
+                    from generator.models import FINDING_TABLE_FILE, load_finding_table
+
+                    load_finding_table(model, root / "best" / FINDING_TABLE_FILE)
+                tested.append(test_evaluation(best_epoch, "best"))
+            append_lines(metrics_path, tested)  # after the last checkpoint, like the end line: a resume redoes them
         append_lines(metrics_path, [end])  # after the last checkpoint: a resumed run moves it to metrics.jsonl.orphaned
         metadata.update({"status": status, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "epochs_done": last_epoch, "best": best})
         write_json_atomic(metadata_path, metadata, ensure_ascii=False)

@@ -251,6 +251,7 @@ def show_run(run: str | Path, runs_dir: str | Path = "runs") -> dict[str, Any]:
         "reference": reference,
         "gain": gain_table(evals, summary["best_epoch"], reference),
         "findings": finding_table(evals, summary["best_epoch"], reference),
+        "test": test_rows(records, modalities),
         "guards": [{"epoch": r.get("epoch"), "message": r.get("message", "")} for r in records if r.get("kind") == "guard"],
         "end": {k: ends[-1].get(k) for k in ("epoch", "status", "message")} if ends else None,
         "steps": {"count": len(steps),
@@ -264,6 +265,19 @@ def show_run(run: str | Path, runs_dir: str | Path = "runs") -> dict[str, Any]:
 SHARE_METRICS = ("all_requested_shown", "requested_shown", "finding_accuracy")  # shares with a ceiling the reference measures
 GAIN_METRICS = ("all_requested_shown", "requested_shown", "finding_accuracy", "fd", "ms_ssim", "clip_score", "selector_quality",
                 "memorised_share")
+
+
+def test_rows(records: list[dict], modalities: list[str]) -> list[dict[str, Any]]:
+    """The untouched test prompts' figures (``test`` lines: the base at epoch 0, final/ and best/ at the end; the last line
+    per adapter counts), base first: ``[{"adapter", "epoch", "overall", "all_requested_shown": {modality: share}}]``."""
+    last: dict[str, dict] = {}
+    for r in records:
+        if r.get("kind") == "test":
+            last[r.get("adapter", "?")] = r
+    order = {"base": 0, "best": 1, "final": 2}
+    return [{"adapter": a, "epoch": r.get("epoch"), "overall": dict(r.get("overall") or {}),
+             "all_requested_shown": {m: ((r.get("per_modality") or {}).get(m) or {}).get("all_requested_shown") for m in modalities}}
+            for a, r in sorted(last.items(), key=lambda kv: order.get(kv[0], 3))]
 
 
 def reference_line(records: list[dict]) -> dict[str, Any] | None:

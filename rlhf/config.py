@@ -169,6 +169,10 @@ class PromptsConfig(Section):
     heldout_fraction: float = Field(0.3, gt=0, lt=1)  # share of each modality's finding combinations (singles and pairs) kept for the held-out set
     heldout: dict[str, list[str]] = {}  # per modality, the held-out combinations named ("glioma", "a+b"); absent modality: drawn with heldout_fraction
     heldout_per_modality: int = Field(8, ge=1)  # held-out prompts per modality (fixed per run)
+    # untouched test prompts per modality: the same held-out combinations, worded and drawn apart, with their own image
+    # seeds (improve.eval.test_seed); evaluated on the base at epoch 0 and on best/ and final/ at the end, and read by
+    # nothing that decides (not best/, not the guard), so their figures are not tuned on. 0: none
+    test_per_modality: int = Field(8, ge=0)
     seed: int = Field(0, ge=0)  # which combinations are held out, and the held-out prompts' wording
 
 
@@ -256,6 +260,7 @@ class HeldoutConfig(Section):
     images_per_prompt: int = Field(2, ge=1)  # images per held-out prompt (MS-SSIM within a prompt needs 2)
     steps: int = Field(10, ge=1)  # DDIM steps (eta 0)
     seed: int = Field(1234, ge=0)  # image i of prompt p uses seed + 1000 p + i, every evaluation alike
+    test_seed: int = Field(98765, ge=0)  # the same for the untouched test prompts (improve.prompts.test_per_modality)
     reference_per_finding: int = Field(6, ge=2)  # fresh phantoms per (modality, finding) as the real side of the FD, at judges.eval.seed (a profile of real images: 8x this validation images per modality)
     # Images that truly show each held-out request, judged like the generated ones once per run (the "reference" line of
     # metrics.jsonl): phantoms drawn to the request, or the real reference images with its labels. They say how far the

@@ -38,7 +38,7 @@ def settings(base: Path, **extra) -> dict:
     tree = {
         "improve": {
             "base_model": str(base),
-            "prompts": {"modalities": ["cxr", "oct"], "heldout_per_modality": 1},
+            "prompts": {"modalities": ["cxr", "oct"], "heldout_per_modality": 1, "test_per_modality": 1},
             "ddpo": {"epochs": 2, "prompts_per_epoch": 2, "images_per_prompt": 2, "steps": 2, "sample_batch_size": 4,
                      "train_batch_size": 8, "grad_accum_steps": 1, "timestep_fraction": 1.0, "clip_range": 0.2,
                      "logprob_reduce": "sum", "lr": 1e-3},
@@ -144,6 +144,19 @@ def test_a_run_writes_its_directory_and_logs(base_model, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "reference: phantoms drawn to each held-out request (8 per request)" in out
     assert "requested findings on the held-out prompts: share of the images asking for each that show it" in out
+    # the untouched test prompts: held-out combinations worded apart, judged on the base first and on final/ and best/ last
+    test = lines(run / "test_prompts.jsonl")
+    assert len(test) == 2 and {t["key"] for t in test} <= set(combos["heldout"])
+    assert not {t["prompt"] for t in test} & {h["prompt"] for h in heldout}
+    tested = [r for r in records if r["kind"] == "test"]
+    assert [(r["adapter"], r["epoch"]) for r in tested][0] == ("base", 0) and records.index(tested[0]) == 2
+    ends = [(r["adapter"], r["epoch"]) for r in tested[1:]]
+    best_epoch = json.loads((run / "best" / "metadata.json").read_text())["epoch"]
+    assert ends == [("final", 2)] + ([("best", best_epoch)] if best_epoch else [])
+    assert kinds.index("test", 3) > max(i for i, k in enumerate(kinds) if k == "epoch")  # after the last epoch, before the end
+    assert tested[1]["overall"] != tested[0]["overall"] and set(tested[0]["per_modality"]) == {"cxr", "oct"}
+    assert [t["adapter"] for t in shown["test"]] == ["base", *(["best"] if best_epoch else []), "final"]
+    assert "untouched test prompts" in out
 
 
 def test_kl_to_the_base_is_zero_while_the_lora_weights_are_zero(base_model):
@@ -254,7 +267,7 @@ def test_a_nan_reward_stops_the_loop_naming_the_epoch_and_sample(base_model, tmp
     parts.reward.scorers["quality"].score = broken
     with pytest.raises(NonFiniteError, match="non-finite reward in epoch 1 for sample 1"):
         run_improve(cfg, tmp_path / "nan", progress=False, parts=parts)
-    assert [r["kind"] for r in lines(tmp_path / "nan" / "metrics.jsonl")] == ["eval", "reference"]  # epoch 0 only: nothing half written
+    assert [r["kind"] for r in lines(tmp_path / "nan" / "metrics.jsonl")] == ["eval", "reference", "test"]  # epoch 0 only: nothing half written
     assert not (tmp_path / "nan" / "samples.jsonl").exists() or not (tmp_path / "nan" / "samples.jsonl").read_text()
 
 

@@ -372,12 +372,24 @@ def test_the_loops_requests_read_the_same_by_every_reader(reasoner):
 
     reader = FindingReader(reasoner)
     sampler = PromptSampler(load_config("tiny").improve.prompts, catalogue())
-    items = sampler.draw(60, epoch=1, seed=0) + sampler.heldout()
+    items = sampler.draw(60, epoch=1, seed=0) + sampler.heldout() + sampler.test()
+    parents = {c.id: c.parents for c in load_lexicon()}
+
+    def lifted(name: str, wanted: dict) -> str:
+        """A subtype the graph names ("distal acinar emphysema": paraseptal_emphysema) agrees with its requested parent."""
+        todo = [name]
+        while todo:
+            n = todo.pop()
+            if n in wanted:
+                return n
+            todo += parents.get(n, [])
+        return name
+
     disagreements = []
     for item in items:
         stated = {f["name"]: f["present"] for f in item.findings if f["stated"]}
         _, pathology = read(reasoner, item.request, item.modality)
-        parsed = {f.name: f.present for f in pathology.findings if not f.uncertain}
+        parsed = {lifted(f.name, stated): f.present for f in pathology.findings if not f.uncertain}
         if parsed != stated:
             disagreements.append(("rules", item.request, parsed, stated))
         present = {f["name"]: f for f in item.findings if f["present"]}
@@ -548,3 +560,18 @@ def test_reader_reads_present_and_negated_findings_in_phantom_reports(reasoner, 
             assert negated <= {f for f, p in stated.items() if not p}, study.text
             if finding == NORMAL:
                 assert stated == dict.fromkeys(get_spec(modality).findings, False), study.text
+
+
+def test_the_untouched_test_prompts_are_held_out_combinations_worded_apart():
+    from agents.requests import PromptSampler
+    from generator.phantoms import catalogue
+    from pipelines.config import load_config
+
+    cfg = load_config("tiny").improve.prompts
+    sampler = PromptSampler(cfg, catalogue())
+    held, test = sampler.heldout(), sampler.test()
+    assert len(test) == cfg.test_per_modality * len(cfg.modalities)
+    assert {t.key for t in test} <= sampler.combination_keys("heldout") and not {t.key for t in test} & sampler.combination_keys("train")
+    assert not {t.prompt for t in test} & {h.prompt for h in held}  # no request of the test set is a held-out request
+    assert [t.prompt for t in PromptSampler(cfg, catalogue()).test()] == [t.prompt for t in test]  # fixed per seed
+    assert PromptSampler(cfg.model_copy(update={"test_per_modality": 0}), catalogue()).test() == []

@@ -141,6 +141,8 @@ def format_run(run: dict) -> str:
         parts.append("held-out evaluations (epoch 0: the base model)\n" + _evals_table(run))
     if run.get("gain"):
         parts.append(_gain_table(run["gain"]))
+    if run.get("test"):
+        parts.append(_test_table(run))
     if run.get("reference"):
         parts.append(_reference_note(run))
     if run.get("findings"):
@@ -213,6 +215,14 @@ def _epochs_table(run: dict) -> str:
              *(_fmt(e["per_modality_total"].get(m)) for m in mods), _fmt(e["approx_kl"]), _fmt(e["clipfrac"]),
              _secs(e["seconds"])] for e in run["epochs"]]
     return table(rows, ["epoch", "samples", "selected", *names, *(f"{m} total" for m in mods), "approx_kl", "clipfrac", "s"])
+
+
+def _test_table(run: dict) -> str:
+    mods = run["modalities"]
+    rows = [[f"{t['adapter']} (epoch {t['epoch']})", *(_fmt(t["overall"].get(k)) for k, _ in EVAL_COLUMNS),
+             *(_fmt(t["all_requested_shown"].get(m)) for m in mods)] for t in run["test"]]
+    return ("untouched test prompts (the held-out combinations worded and seeded apart; nothing that decides reads them: "
+            "not best/, not the guard)\n" + table(rows, ["adapter", *(h for _, h in EVAL_COLUMNS), *(f"{m} shown" for m in mods)]))
 
 
 def _evals_table(run: dict) -> str:
