@@ -604,7 +604,8 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
 
         with merged_for_sampling(model.unet):
             result = heldout_evaluation(model, test, parts.judges, parts.reference, ic.eval.model_copy(update={"seed": ic.eval.test_seed}),
-                                        cfg.judges.eval, ic.ddpo.guidance, parts.train_images, ic.ddpo.sample_batch_size, progress)
+                                        cfg.judges.eval, ic.ddpo.guidance, parts.train_images, ic.ddpo.sample_batch_size, progress,
+                                        label=f"test eval ({adapter})")
         result.pop("images")
         return {"kind": "test", "epoch": epoch, "adapter": adapter, **result}
 

@@ -164,14 +164,14 @@ def expected_rows(items: Sequence[Any], labels: Sequence[str]) -> np.ndarray:
 
 @torch.no_grad()
 def generate_heldout(model, items: Sequence[Any], cfg: HeldoutConfig, guidance: float, batch_size: int = 20,
-                     progress: bool = True) -> torch.Tensor:
+                     progress: bool = True, label: str = "held-out eval") -> torch.Tensor:
     """(N * images_per_prompt, 3, H, W): the held-out images, prompt-major, deterministic."""
     from generator.sampling import sample
 
     k = cfg.images_per_prompt
     expanded = [it for it in items for _ in range(k)]
     out = []
-    bar = tqdm(total=len(expanded), desc="held-out eval", unit=" img", disable=not progress, leave=False)
+    bar = tqdm(total=len(expanded), desc=label, unit=" img", disable=not progress, leave=False)
     for start in range(0, len(expanded), batch_size):
         chunk = expanded[start:start + batch_size]
         images = sample(model, [it.prompt for it in chunk], [it.modality for it in chunk], negative=[it.negative for it in chunk],
@@ -185,14 +185,14 @@ def generate_heldout(model, items: Sequence[Any], cfg: HeldoutConfig, guidance: 
 
 def heldout_evaluation(model, items: Sequence[Any], judges: Judges, reference: ReferenceSet, cfg: HeldoutConfig,
                        eval_cfg: EvalConfig, guidance: float, train_images: dict[str, torch.Tensor] | None = None,
-                       batch_size: int = 20, progress: bool = True) -> dict[str, Any]:
+                       batch_size: int = 20, progress: bool = True, label: str = "held-out eval") -> dict[str, Any]:
     """``{"overall": {metric: mean over modalities}, "per_modality": {m: row}, "seconds", "images"}``; the
     rows are :func:`rlhf.evaluate.measure`'s (FD, MS-SSIM within a prompt, CLIP, selector, memorisation,
     evaluator finding accuracy, ``all_requested_shown``: the share of images showing every requested finding)."""
     if not items:
         raise UserError("the held-out prompt set is empty; raise improve.prompts.heldout_per_modality")
     started = time.perf_counter()
-    images = generate_heldout(model, items, cfg, guidance, batch_size, progress)
+    images = generate_heldout(model, items, cfg, guidance, batch_size, progress, label)
     k = cfg.images_per_prompt
     expanded = [it for it in items for _ in range(k)]
     groups = [str(i // k) for i in range(len(expanded))]

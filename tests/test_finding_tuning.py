@@ -85,10 +85,25 @@ def test_the_loop_tunes_the_finding_table_alone_and_saves_it_beside_the_adapter(
 
 
 def test_a_killed_tuning_run_resumes_its_table(table_model, tmp_path):
+    """Also: with no tolerance at all (FD 0%, MS-SSIM rise 0) an evaluation whose images moved the wrong way is no
+    candidate for best/, and says why."""
+    import json
+
     from pipelines.improve import run_improve
 
-    cfg = load_config(write_profile(tmp_path, tuning(table_model, **{"improve.ddpo.kl_weight": 0.1})))
+    cfg = load_config(write_profile(tmp_path, tuning(table_model, **{
+        "improve.ddpo.kl_weight": 0.1, "improve.guard.fd_tolerance": 0.0,
+        "improve.guard.best_ms_ssim_rise": 0.0, "improve.guard.patience": 10})))
     whole = run_improve(cfg, tmp_path / "whole", progress=False)
+    evals = [r for r in lines(tmp_path / "whole" / "metrics.jsonl") if r["kind"] == "eval"]
+    base = evals[0]["overall"]
+    refused = [r for r in evals if "not_best_because" in r]
+    assert refused and all(not r["best"] for r in refused)
+    for r in evals[1:]:
+        worse = r["overall"]["fd"] > base["fd"] or r["overall"]["ms_ssim"] > base["ms_ssim"]
+        assert ("not_best_because" in r) == worse, r
+    assert json.loads((tmp_path / "whole" / "best" / "metadata.json").read_text())["epoch"] not in {r["epoch"] for r in refused}
+
     killed = tmp_path / "killed"
     with pytest.raises(SystemExit):
         run_improve(cfg, killed, progress=False, stop_after=lambda point, epoch: point == "update" and epoch == 2)
@@ -139,28 +154,6 @@ def test_sample_refuses_findings_for_a_model_without_finding_tokens(tmp_path, ca
     assert cli(["sample", "Effusion.", "--modality", "cxr", "--n", "1", "--steps", "2", "--model", str(tmp_path / "plain"),
                 "--finding", "pleural_effusion", "--out", str(tmp_path / "out")]) == 2
     assert "--finding needs a model with finding tokens" in capsys.readouterr().err
-
-
-def test_an_evaluation_past_the_gains_terms_is_never_best(table_model, tmp_path):
-    """With no tolerance at all (FD 0%, MS-SSIM rise 0) every later evaluation whose images moved the wrong way is no
-    candidate for best/, and says why."""
-    import json
-
-    from pipelines.improve import run_improve
-
-    cfg = load_config(write_profile(tmp_path, tuning(table_model, **{
-        "improve.ddpo.epochs": 3, "improve.guard.fd_tolerance": 0.0, "improve.guard.best_ms_ssim_rise": 0.0,
-        "improve.guard.patience": 10})))
-    run_improve(cfg, tmp_path / "run", progress=False)
-    evals = [r for r in lines(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"]
-    base = evals[0]["overall"]
-    refused = [r for r in evals if "not_best_because" in r]
-    assert refused and all(not r["best"] for r in refused)
-    for r in evals[1:]:
-        worse = r["overall"]["fd"] > base["fd"] or r["overall"]["ms_ssim"] > base["ms_ssim"]
-        assert ("not_best_because" in r) == worse, r
-    best = json.loads((tmp_path / "run" / "best" / "metadata.json").read_text())
-    assert best["epoch"] not in {r["epoch"] for r in refused}
 
 
 def test_a_finding_table_file_that_does_not_fit_is_refused(table_model, tmp_path):

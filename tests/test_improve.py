@@ -38,7 +38,7 @@ def settings(base: Path, **extra) -> dict:
     tree = {
         "improve": {
             "base_model": str(base),
-            "prompts": {"modalities": ["cxr", "oct"], "heldout_per_modality": 1, "test_per_modality": 1},
+            "prompts": {"modalities": ["cxr", "oct"], "heldout_per_modality": 1, "test_per_modality": 0},
             "ddpo": {"epochs": 2, "prompts_per_epoch": 2, "images_per_prompt": 2, "steps": 2, "sample_batch_size": 4,
                      "train_batch_size": 8, "grad_accum_steps": 1, "timestep_fraction": 1.0, "clip_range": 0.2,
                      "logprob_reduce": "sum", "lr": 1e-3},
@@ -76,12 +76,13 @@ def without_timing(records: list[dict]) -> list[dict]:
 
 
 def test_a_run_writes_its_directory_and_logs(base_model, tmp_path, capsys):
-    profile = write_profile(tmp_path, settings(base_model))
+    profile = write_profile(tmp_path, settings(base_model, **{"improve.prompts.test_per_modality": 1}))
     assert cli(["improve", "--config", str(profile), "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     run = tmp_path / "run"
     assert "plots:" in printed and str(run / "plots") in printed
     assert "; images that truly show the requests: " in printed  # the reference beside the best share
+    assert "untouched test prompts, every requested finding shown: base " in printed
     for name in ("config.yaml", "metadata.json", "metrics.jsonl", "samples.jsonl", "heldout_prompts.jsonl", "combinations.json",
                  "grids/epoch_0001.png", "grids/epoch_0002.png", "plots/reward.png", "plots/heldout.png", "plots/training.png",
                  "final/lora.safetensors", "final/pytorch_lora_weights.safetensors", "best/lora.safetensors",
@@ -191,8 +192,10 @@ def test_kl_to_the_base_is_zero_while_the_lora_weights_are_zero(base_model):
 def test_kill_then_resume_gives_the_metrics_of_an_uninterrupted_run(base_model, tmp_path):
     from pipelines.improve import run_improve
 
-    cfg = load_config(write_profile(tmp_path, settings(base_model, **{"improve.ddpo.kl_weight": 0.01})))
+    cfg = load_config(write_profile(tmp_path, settings(base_model, **{"improve.ddpo.kl_weight": 0.01,
+                                                                      "improve.prompts.test_per_modality": 1})))
     whole = run_improve(cfg, tmp_path / "whole", progress=False)
+    assert [r["adapter"] for r in lines(tmp_path / "whole" / "metrics.jsonl") if r["kind"] == "test"][:2] == ["base", "final"]
     assert whole["status"] == "finished"
 
     killed = tmp_path / "killed"
@@ -267,7 +270,7 @@ def test_a_nan_reward_stops_the_loop_naming_the_epoch_and_sample(base_model, tmp
     parts.reward.scorers["quality"].score = broken
     with pytest.raises(NonFiniteError, match="non-finite reward in epoch 1 for sample 1"):
         run_improve(cfg, tmp_path / "nan", progress=False, parts=parts)
-    assert [r["kind"] for r in lines(tmp_path / "nan" / "metrics.jsonl")] == ["eval", "reference", "test"]  # epoch 0 only: nothing half written
+    assert [r["kind"] for r in lines(tmp_path / "nan" / "metrics.jsonl")] == ["eval", "reference"]  # epoch 0 only: nothing half written
     assert not (tmp_path / "nan" / "samples.jsonl").exists() or not (tmp_path / "nan" / "samples.jsonl").read_text()
 
 

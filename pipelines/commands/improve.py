@@ -48,7 +48,7 @@ def _improve(args, extra) -> int:
         cfg = resolve_config(args, extra, flags)
         end = run_improve(cfg, Path(args.run_dir) if args.run_dir else None, progress=not args.no_progress,
                           command="synthmed " + " ".join(sys.argv[1:]))
-    from pipelines.runs import read_metrics, reference_line
+    from pipelines.runs import read_metrics, reference_line, test_rows
 
     root = Path(end["run"])
     if end["status"] != "finished":
@@ -61,6 +61,10 @@ def _improve(args, extra) -> int:
         ceiling = ((reference_line(read_metrics(root)) or {}).get("overall") or {}).get("all_requested_shown")
         print(f"best held-out epoch: {best.get('epoch')}" + ("" if share is None else f" (every requested finding shown: {share:.3f}"
               + ("" if ceiling is None else f"; images that truly show the requests: {ceiling:.3f}") + ")"))
+    tested = {t["adapter"]: t["overall"].get("all_requested_shown") for t in test_rows(read_metrics(root), [])}
+    if tested:
+        print("untouched test prompts, every requested finding shown: "
+              + ", ".join(f"{a} {'-' if v is None else f'{v:.3f}'}" for a, v in tested.items()))
     print(f"logs:     {root / 'metrics.jsonl'}, {root / 'samples.jsonl'}")
     print(f"plots:    {root / 'plots'}  (reward.png, heldout.png, training.png)")
     print(f"grids:    {root / 'grids'}, {root / 'heldout'}")
