@@ -598,16 +598,7 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
         return message
 
     def test_evaluation(epoch: int, adapter: str) -> dict:
-        """The untouched test prompts with the model as it stands (``adapter``: base, final or best): a ``test`` line.
-        Nothing reads these figures to decide anything."""
-        from generator.lora import merged_for_sampling
-
-        with merged_for_sampling(model.unet):
-            result = heldout_evaluation(model, test, parts.judges, parts.reference, ic.eval.model_copy(update={"seed": ic.eval.test_seed}),
-                                        cfg.judges.eval, ic.ddpo.guidance, parts.train_images, ic.ddpo.sample_batch_size, progress,
-                                        label=f"test eval ({adapter})")
-        result.pop("images")
-        return {"kind": "test", "epoch": epoch, "adapter": adapter, **result}
+        return {"kind": "test", "epoch": epoch, "adapter": adapter, **judge_test_set(model, test, parts, cfg, adapter, progress)}
 
     def finish_epoch(epoch: int, lines: list[dict], samples: list[dict]) -> None:
         if stop_after and stop_after("logs", epoch):
@@ -746,6 +737,57 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
     return end
 
 
+def judge_test_set(model, test: Sequence[Any], parts: Parts, cfg: SynthmedConfig, adapter: str, progress: bool = True) -> dict:
+    """The untouched test prompts with the model as it stands (``adapter`` names it: base, best or final), judged as the
+    held-out set is but with their own image seeds (``improve.eval.test_seed``). Nothing reads these figures to decide."""
+    from generator.lora import merged_for_sampling
+    from rlhf.heldout import heldout_evaluation
+
+    ic = cfg.improve
+    with merged_for_sampling(model.unet):
+        result = heldout_evaluation(model, test, parts.judges, parts.reference, ic.eval.model_copy(update={"seed": ic.eval.test_seed}),
+                                    cfg.judges.eval, ic.ddpo.guidance, parts.train_images, ic.ddpo.sample_batch_size, progress,
+                                    label=f"test eval ({adapter})")
+    result.pop("images")
+    return result
+
+
+def evaluate_test_set(run: Path, progress: bool = True) -> dict:
+    """``synthmed runs test``: a run's base, best/ and final/ judged on its untouched test prompts (its
+    test_prompts.jsonl, or for a run from before the test set, the ones its config draws), written to <run>/test.json
+    (nothing else of the run changes). The figures equal the run's own ``test`` lines where it has them."""
+    from agents.requests import load_prompts
+    from generator.lora import load_lora
+    from generator.models import FINDING_TABLE_FILE, load_finding_table
+
+    cfg = load_config(run / "config.yaml")
+    saved = run / "test_prompts.jsonl"
+    if not saved.is_file() and not cfg.improve.prompts.test_per_modality:
+        raise UserError(f"{run} has no test_prompts.jsonl and its config draws none (improve.prompts.test_per_modality 0)")
+    parts = build_parts(cfg, progress=progress)
+    test = load_prompts(saved) if saved.is_file() else parts.sampler.test()
+    leaked = {p.key for p in test} & parts.sampler.combination_keys("train")
+    if leaked:
+        raise UserError(f"test combinations {sorted(leaked)[:3]} are training combinations of {run}'s config; not a test set")
+    model = parts.model
+    results = [{"adapter": "base", "epoch": 0, **judge_test_set(model, test, parts, cfg, "base", progress)}]
+    for name in ("best", "final"):
+        folder = run / name
+        if not (folder / "lora.safetensors").is_file():
+            continue
+        epoch = json.loads((folder / "metadata.json").read_text()).get("epoch") if (folder / "metadata.json").is_file() else None
+        load_lora(model.unet, folder / "lora.safetensors", "default")
+        if (folder / FINDING_TABLE_FILE).is_file():
+            load_finding_table(model, folder / FINDING_TABLE_FILE)
+        results.append({"adapter": name, "epoch": epoch, **judge_test_set(model, test, parts, cfg, name, progress)})
+    out = {"run": str(run), "prompts": len(test), "images_per_prompt": cfg.improve.eval.images_per_prompt,
+           "seed": cfg.improve.eval.test_seed, "drawn": "test_prompts.jsonl" if saved.is_file() else "PromptSampler.test()",
+           "results": results}
+    out = _clean(out)  # rounded as metrics.jsonl is: the figures equal the run's own test lines
+    write_json_atomic(run / "test.json", out, ensure_ascii=False)
+    return out
+
+
 def _gather_latents(accelerator, latents: torch.Tensor) -> torch.Tensor:
     if accelerator.num_processes == 1:
         return latents
@@ -796,5 +838,5 @@ def _checkpoint(root: Path, epoch: int, model, trainer, guard: RewardHackingGuar
     return folder
 
 
-__all__ = ["Parts", "ResumeError", "RewardHackingGuard", "append_lines", "build_parts", "config_differences", "latest_checkpoint",
-           "resume_config", "run_improve", "save_adapter"]
+__all__ = ["Parts", "ResumeError", "RewardHackingGuard", "append_lines", "build_parts", "config_differences", "judge_test_set",
+           "latest_checkpoint", "resume_config", "run_improve", "save_adapter", "evaluate_test_set"]

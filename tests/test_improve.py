@@ -158,6 +158,14 @@ def test_a_run_writes_its_directory_and_logs(base_model, tmp_path, capsys):
     assert tested[1]["overall"] != tested[0]["overall"] and set(tested[0]["per_modality"]) == {"cxr", "oct"}
     assert [t["adapter"] for t in shown["test"]] == ["base", *(["best"] if best_epoch else []), "final"]
     assert "untouched test prompts" in out
+    # `runs test` judges the run again on the same prompts and seeds: the run's own figures, in test.json
+    before = (run / "metrics.jsonl").read_bytes()
+    assert cli(["runs", "test", str(run), "--json"]) == 0
+    again = {r["adapter"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    assert set(again) == {"base", "best", "final"} and (run / "test.json").is_file()
+    for r in tested:
+        assert again[r["adapter"]]["overall"] == r["overall"], r["adapter"]
+    assert (run / "metrics.jsonl").read_bytes() == before  # nothing of the run's log changes
 
 
 def test_kl_to_the_base_is_zero_while_the_lora_weights_are_zero(base_model):

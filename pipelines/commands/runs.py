@@ -21,7 +21,7 @@ def register(groups, formatter) -> None:
         "runs", formatter_class=formatter, help="inspect self-improvement runs: list them, show one, draw its plots",
         description="Reads the run directories that `synthmed improve` writes (runs/<id>/: metadata.json, metrics.jsonl, "
                     "grids/, plots/, checkpoints/, final/, best/). Nothing here changes a run except `plot` and "
-                    "`show --plots`, which redraw its plots/ from metrics.jsonl.",
+                    "`show --plots`, which redraw its plots/ from metrics.jsonl, and `test`, which writes its test.json.",
     )
     sub = r.add_subparsers(dest="runs_command", metavar="SUBCOMMAND", required=True)
     ls = sub.add_parser("list", formatter_class=formatter,
@@ -34,6 +34,11 @@ def register(groups, formatter) -> None:
     show.add_argument("--plots", action="store_true", help="redraw plots/ from metrics.jsonl first")
     _common(show)
     show.set_defaults(handler=_show)
+    test = sub.add_parser("test", formatter_class=formatter,
+                          help="judge a run's base, best/ and final/ on its untouched test prompts; writes <run>/test.json")
+    test.add_argument("run", help="run id (a folder in --runs-dir) or a path to a run directory")
+    _common(test)
+    test.set_defaults(handler=_test)
     plot = sub.add_parser("plot", formatter_class=formatter,
                           help="redraw a run's plots/reward.png, heldout.png and training.png from metrics.jsonl")
     plot.add_argument("run", help="run id (a folder in --runs-dir) or a path to a run directory")
@@ -105,6 +110,23 @@ def _show(args, extra) -> int:
         print(json.dumps(run, indent=2))
     else:
         print(format_run(run))
+    return 0
+
+
+def _test(args, extra) -> int:
+    from ..improve import evaluate_test_set
+    from ..runs import resolve_run
+
+    out = evaluate_test_set(resolve_run(args.run, _runs_dir(args, extra)))
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    modalities = list(dict.fromkeys(m for r in out["results"] for m in r["per_modality"]))
+    rows = [{"adapter": r["adapter"], "epoch": r["epoch"], "overall": r["overall"],
+             "all_requested_shown": {m: r["per_modality"][m].get("all_requested_shown") for m in modalities}} for r in out["results"]]
+    print(_test_table({"modalities": modalities, "test": rows}))
+    print(f"{out['prompts']} test prompts x {out['images_per_prompt']} images (seed {out['seed']}, from {out['drawn']}) -> "
+          f"{Path(out['run']) / 'test.json'}")
     return 0
 
 
