@@ -449,7 +449,7 @@ class Improve(Scenario):
         base_model(self.inputs / "base")
         tree = {"extends": "tiny", "improve": {
             "base_model": str(self.inputs / "base"),
-            "prompts": {"modalities": ["cxr", "oct"], "heldout_per_modality": 1},
+            "prompts": {"modalities": ["cxr", "oct"], "heldout_per_modality": 1, "test_per_modality": 1},
             "ddpo": {"epochs": self.epochs, "prompts_per_epoch": 2, "images_per_prompt": 2, "steps": 2, "sample_batch_size": 4,
                      "train_batch_size": 8, "grad_accum_steps": 1, "timestep_fraction": 1.0, "clip_range": 0.2,
                      "logprob_reduce": "sum", "lr": 1e-3, "kl_weight": 0.01},

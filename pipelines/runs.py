@@ -27,7 +27,7 @@ from typing import Any
 from generator.errors import UserError
 
 RUN_KIND = "synthmed improve run"  # metadata.json "kind" of a run directory
-LINE_KINDS = ("step", "epoch", "eval", "reference", "guard", "end")  # the "kind"s of metrics.jsonl lines
+LINE_KINDS = ("step", "epoch", "eval", "reference", "test", "guard", "end")  # the "kind"s of metrics.jsonl lines
 TIMING_PARTS = ("sampling", "reward", "update", "selection", "total")  # an epoch line's "seconds"
 
 

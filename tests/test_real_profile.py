@@ -93,7 +93,7 @@ def test_the_loop_runs_on_the_real_profile_in_its_words_against_real_images(medd
     """`synthmed improve --config real`: requests over the real reward classifier's labels, prompts in the real captions'
     words, the named held-out combinations, and held-out measures against the real validation images and training splits."""
     profile = _real_profile(meddata, tmp_path, improve={
-        "prompts": {"heldout_per_modality": 1},
+        "prompts": {"heldout_per_modality": 1, "test_per_modality": 1},
         "ddpo": {"epochs": 1, "prompts_per_epoch": 5, "images_per_prompt": 2, "steps": 2, "sample_batch_size": 10,
                  "train_batch_size": 10, "grad_accum_steps": 1, "timestep_fraction": 0.5},
         "selection": {"enabled": False},

@@ -394,7 +394,8 @@ def test_bench_improve_command_without_trl(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "improve", "--skip-trl", "--epochs", "1", "--prompts-per-epoch", "2", "--images-per-prompt", "2",
                  "--steps", "2", "--out", str(out), "--json", "--improve.prompts.modalities=[cxr]",
-                 "--improve.prompts.heldout_per_modality=1", "--improve.eval.steps=2", "--improve.selection.enabled=false"]) == 0
+                 "--improve.prompts.heldout_per_modality=1", "--improve.prompts.test_per_modality=1", "--improve.eval.steps=2",
+                 "--improve.selection.enabled=false"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result == json.loads((out / "bench.json").read_text())
     assert result["trl"] is None and result["epoch_speedup_vs_trl"] is None and result["trl_version"] == "0.23.1"
