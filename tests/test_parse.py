@@ -372,7 +372,7 @@ def test_the_loops_requests_read_the_same_by_every_reader(reasoner):
 
     reader = FindingReader(reasoner)
     sampler = PromptSampler(load_config("tiny").improve.prompts, catalogue())
-    items = sampler.draw(30, epoch=1, seed=0) + sampler.heldout() + sampler.test()  # 110 requests, 16 of them test requests
+    items = sampler.draw(20, epoch=1, seed=0) + sampler.heldout() + sampler.test()  # 100 requests, as before the test set
     parents = {c.id: c.parents for c in load_lexicon()}
 
     def lifted(name: str, wanted: dict) -> str:
