@@ -445,7 +445,7 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
     from accelerate.utils import broadcast_object_list
 
     from agents.requests import load_prompts, save_prompts
-    from generator.lora import load_lora, read_lora_metadata
+    from generator.lora import read_lora_metadata
     from rlhf.heldout import heldout_evaluation
     from rlhf.trainer import DDPOTrainer
 
@@ -506,14 +506,12 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
                 raise ResumeError(f"cannot resume {root}: its adapter has LoRA settings {saved_spec}, this config asks for {wanted}")
             if state.get("base_model") != base_model:
                 raise ResumeError(f"cannot resume {root}: it improves the base model {state.get('base_model')}, this config names {base_model}")
-            load_lora(model.unet, checkpoint / "lora.safetensors", "default")
-            if trainer.trains_findings:
-                from generator.models import FINDING_TABLE_FILE, load_finding_table
+            from generator.models import FINDING_TABLE_FILE
 
-                if not (checkpoint / FINDING_TABLE_FILE).is_file():
-                    raise ResumeError(f"{checkpoint} holds no {FINDING_TABLE_FILE} but this run tunes the finding table; "
-                                      + _checkpoint_fix(checkpoint))
-                load_finding_table(model, checkpoint / FINDING_TABLE_FILE)
+            if trainer.trains_findings and not (checkpoint / FINDING_TABLE_FILE).is_file():
+                raise ResumeError(f"{checkpoint} holds no {FINDING_TABLE_FILE} but this run tunes the finding table; "
+                                  + _checkpoint_fix(checkpoint))
+            load_adapter_folder(model, checkpoint)
             trainer_state = _load_trainer_state(checkpoint)
             trainer.load_state_dict(trainer_state["trainer"])
             _set_rng_state(trainer_state["rng"])
@@ -721,11 +719,7 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
             if best_epoch == last_epoch:
                 tested.append({**tested[0], "epoch": best_epoch, "adapter": "best"})
             elif best_epoch > 0:
-                load_lora(model.unet, root / "best" / "lora.safetensors", "default")
-                if trainer.trains_findings:
-                    from generator.models import FINDING_TABLE_FILE, load_finding_table
-
-                    load_finding_table(model, root / "best" / FINDING_TABLE_FILE)
+                load_adapter_folder(model, root / "best")
                 tested.append(test_evaluation(best_epoch, "best"))
             append_lines(metrics_path, tested)  # after the last checkpoint, like the end line: a resume redoes them
         append_lines(metrics_path, [end])  # after the last checkpoint: a resumed run moves it to metrics.jsonl.orphaned
@@ -735,6 +729,17 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
     accelerator.end_training()  # last: it also ends the process group of a multi-process run
     end["run"] = str(root)
     return end
+
+
+def load_adapter_folder(model, folder: Path) -> None:
+    """An adapter folder's (or checkpoint's) lora.safetensors onto the model's own adapter, in place, and its tuned finding
+    table when it has one."""
+    from generator.lora import load_lora
+    from generator.models import FINDING_TABLE_FILE, load_finding_table
+
+    load_lora(model.unet, folder / "lora.safetensors", "default")
+    if (folder / FINDING_TABLE_FILE).is_file():
+        load_finding_table(model, folder / FINDING_TABLE_FILE)
 
 
 def judge_test_set(model, test: Sequence[Any], parts: Parts, cfg: SynthmedConfig, adapter: str, progress: bool = True) -> dict:
@@ -757,8 +762,6 @@ def evaluate_test_set(run: Path, progress: bool = True) -> dict:
     test_prompts.jsonl, or for a run from before the test set, the ones its config draws), written to <run>/test.json
     (nothing else of the run changes). The figures equal the run's own ``test`` lines where it has them."""
     from agents.requests import load_prompts
-    from generator.lora import load_lora
-    from generator.models import FINDING_TABLE_FILE, load_finding_table
 
     cfg = load_config(run / "config.yaml")
     saved = run / "test_prompts.jsonl"
@@ -776,9 +779,7 @@ def evaluate_test_set(run: Path, progress: bool = True) -> dict:
         if not (folder / "lora.safetensors").is_file():
             continue
         epoch = json.loads((folder / "metadata.json").read_text()).get("epoch") if (folder / "metadata.json").is_file() else None
-        load_lora(model.unet, folder / "lora.safetensors", "default")
-        if (folder / FINDING_TABLE_FILE).is_file():
-            load_finding_table(model, folder / FINDING_TABLE_FILE)
+        load_adapter_folder(model, folder)
         results.append({"adapter": name, "epoch": epoch, **judge_test_set(model, test, parts, cfg, name, progress)})
     out = {"run": str(run), "prompts": len(test), "images_per_prompt": cfg.improve.eval.images_per_prompt,
            "seed": cfg.improve.eval.test_seed, "drawn": "test_prompts.jsonl" if saved.is_file() else "PromptSampler.test()",

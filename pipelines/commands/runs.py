@@ -115,15 +115,14 @@ def _show(args, extra) -> int:
 
 def _test(args, extra) -> int:
     from ..improve import evaluate_test_set
-    from ..runs import resolve_run
+    from ..runs import resolve_run, test_rows
 
     out = evaluate_test_set(resolve_run(args.run, _runs_dir(args, extra)))
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
     modalities = list(dict.fromkeys(m for r in out["results"] for m in r["per_modality"]))
-    rows = [{"adapter": r["adapter"], "epoch": r["epoch"], "overall": r["overall"],
-             "all_requested_shown": {m: r["per_modality"][m].get("all_requested_shown") for m in modalities}} for r in out["results"]]
+    rows = test_rows([{"kind": "test", **r} for r in out["results"]], modalities)
     print(_test_table({"modalities": modalities, "test": rows}))
     print(f"{out['prompts']} test prompts x {out['images_per_prompt']} images (seed {out['seed']}, from {out['drawn']}) -> "
           f"{Path(out['run']) / 'test.json'}")
