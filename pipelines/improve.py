@@ -3,7 +3,8 @@
 One epoch: draw prompts -> roll out K images each (DDIM, eta > 0, guidance, log probabilities) ->
 reward (reward-role judges against each prompt's structured expectation) -> group advantages ->
 PPO-clip update of the UNet's LoRA (stage 1) -> reward-weighted update on the samples the selector
-and the verifier keep (stage 2) -> held-out evaluation every ``improve.eval.every`` epochs (and at
+and the verifier keep (stage 2; its candidates are the rollouts, or with ``improve.selection.source=guided`` one
+reward-guided draw per rollout) -> held-out evaluation every ``improve.eval.every`` epochs (and at
 epoch 0, the base model) -> the reward-hacking guard -> an atomic checkpoint.
 
 The run directory ``runs/<id>/``::
@@ -11,8 +12,9 @@ The run directory ``runs/<id>/``::
     config.yaml  metadata.json  heldout_prompts.jsonl  combinations.json
     metrics.jsonl   append-only; per optimiser step, per epoch (reward components overall and per
                     modality, seconds), per evaluation (the held-out table), guard and end lines
-    samples.jsonl   every rollout: prompt, modality, expected findings, seed, components, advantage, selected
-    grids/epoch_NNNN.png   heldout/epoch_NNNN.png   plots/*.png
+    samples.jsonl   every rollout: prompt, modality, expected findings, seed, components, advantage, selected (with
+                    improve.selection.source=guided: its guided draft's reward and components, and "selected" is the draft's)
+    grids/epoch_NNNN.png (epoch_NNNN_guided.png: the guided drafts)   heldout/epoch_NNNN.png   plots/*.png
     checkpoints/epoch_NNNN/   lora.safetensors, trainer_state.pt, state.json (written to a temporary
                     folder, then renamed: complete or absent)
     final/  best/   lora.safetensors (synthmed), pytorch_lora_weights.safetensors (diffusers), metadata.json
@@ -630,6 +632,8 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
                 lines.append({"kind": "reference", "epoch": 0, **reference_evaluation(
                     heldout, parts.judges, parts.reference, cfg.judges.eval, ic.eval.reference_per_request,
                     ic.eval.reference_seed, cases)})
+            if ic.selection.enabled and ic.selection.source == "guided" and ic.selection.max_per_epoch:
+                lines.append(guided_heldout(trainer, heldout, parts, cfg, progress))
             if test:
                 lines.append(test_evaluation(0, "base"))
         finish_epoch(0, lines, [])
@@ -664,31 +668,59 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
         if stop_after and stop_after("update", epoch):
             raise SystemExit(f"stopped after the update of epoch {epoch}")
         t3 = time.perf_counter()
-        selected = trainer.selected(total, components)
+        guided = None  # stage 2's candidates: the rollouts, or one reward-guided draw per rollout
+        candidate_total, candidate_components = total, components
+        if ic.selection.enabled and ic.selection.source == "guided" and ic.selection.max_per_epoch:
+            drafts = trainer.guided_drafts(items[mine], list(range(len(items)))[mine], epoch, progress)
+            judged = reward(drafts.images, items[mine], progress=progress)
+            candidate_total = _gather(accelerator, judged.total)
+            candidate_components = {name: _gather(accelerator, value) for name, value in judged.components.items()}
+            bad = np.flatnonzero(~np.isfinite(candidate_total))
+            if len(bad):
+                i = int(bad[0])
+                raise NonFiniteError(f"non-finite reward of the guided draft of sample {i} in epoch {epoch} (prompt "
+                                     f"{items[i].prompt[:80]!r}); nothing of this epoch was written")
+            guided = {"finals": _gather_latents(accelerator, drafts.finals), "images": drafts.images}
+            if ic.selection.target == "trajectory":
+                guided["trajectory"] = (_gather_latents(accelerator, drafts.states), _gather_latents(accelerator, drafts.targets))
+        t_guided = time.perf_counter()
+        selected = trainer.selected(candidate_total, candidate_components)
         selection_steps: list[dict] = []
         if selected.any():
-            finals = _gather_latents(accelerator, rollout.latents[:, -1])
+            finals = guided["finals"] if guided else _gather_latents(accelerator, rollout.latents[:, -1])
             idx = np.flatnonzero(selected)
-            sel = trainer.selection_update(finals[torch.as_tensor(idx)], [items[i] for i in idx], total[idx], epoch, progress)
+            path = (guided or {}).get("trajectory")
+            sel = trainer.selection_update(finals[torch.as_tensor(idx)], [items[i] for i in idx], candidate_total[idx], epoch, progress,
+                                           tuple(x[torch.as_tensor(idx)] for x in path) if path else None)
             selection_steps = sel.steps
         t4 = time.perf_counter()
         overall, per_modality = epoch_reward_summary(items, total, components)
-        seconds = {"sampling": t1 - t0, "reward": t2 - t1, "update": t3 - t2, "selection": t4 - t3}
+        seconds = {"sampling": t1 - t0, "reward": t2 - t1, "update": t3 - t2, **({"guided": t_guided - t3} if guided else {}),
+                   "selection": t4 - t_guided}
         lines = [*update.steps, *selection_steps]
         epoch_line = {"kind": "epoch", "epoch": epoch, "n_samples": len(items), "reward": overall, "per_modality": per_modality,
                       "selected": int(selected.sum()), "seconds": seconds}
+        if guided:  # what guidance drew, judged by the same reward (the rollouts' figures above are the policy's)
+            epoch_line["guided_reward"], epoch_line["guided_per_modality"] = epoch_reward_summary(items, candidate_total,
+                                                                                                 candidate_components)
         lines.append(epoch_line)
         samples = [{"epoch": epoch, "index": i, "rank": i // (n_prompts * k), "prompt": it.prompt, "negative": it.negative,
                     "request": it.request, "modality": it.modality, "key": it.key,
                     "expected": {f["name"]: {kk: v for kk, v in f.items() if kk != "name"} for f in it.findings},
                     "seed": sample_seed(ic.ddpo.seed, epoch, i),
                     "reward": float(total[i]), "components": {n: float(v[i]) for n, v in components.items()},
-                    "advantage": float(advantages[i]), "selected": bool(selected[i])} for i, it in enumerate(items)]
+                    "advantage": float(advantages[i]), "selected": bool(selected[i]),
+                    **({"guided": {"reward": float(candidate_total[i]),
+                                   "components": {n: float(v[i]) for n, v in candidate_components.items()}}} if guided else {})}
+                   for i, it in enumerate(items)]
         guard.add_reward(overall["total"]["mean"])
         if main:
             tiles = min(ic.grid_images, len(rollout.items))
             _save_grid(rollout.images[:tiles], [it.modality for it in rollout.items[:tiles]], cfg, root / "grids" / f"epoch_{epoch:04d}.png",
                        columns=k * 4 if tiles >= k * 4 else tiles)
+            if guided:
+                _save_grid(guided["images"][:tiles], [it.modality for it in rollout.items[:tiles]], cfg,
+                           root / "grids" / f"epoch_{epoch:04d}_guided.png", columns=k * 4 if tiles >= k * 4 else tiles)
             if epoch % ic.eval.every == 0 or epoch == ic.ddpo.epochs:
                 te = time.perf_counter()
                 stopped = evaluate(epoch, lines)
@@ -700,10 +732,11 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
         seconds["total"] = time.perf_counter() - t0
         finish_epoch(epoch, lines, samples)
         if main:
+            guided_part = f"guided drafts {seconds['guided']:.0f}, " if guided else ""
             print(f"epoch {epoch}/{ic.ddpo.epochs}: reward {overall['total']['mean']:.4f} (findings "
                   f"{overall.get('findings', {}).get('mean') or 0:.3f}), {int(selected.sum())} selected, "
                   f"{seconds['total']:.0f} s (sampling {seconds['sampling']:.0f}, reward {seconds['reward']:.0f}, "
-                  f"update {seconds['update']:.0f}, selection {seconds['selection']:.0f})", flush=True)
+                  f"update {seconds['update']:.0f}, {guided_part}selection {seconds['selection']:.0f})", flush=True)
 
     last = latest_checkpoint(root)
     last_epoch = int(json.loads((last / "state.json").read_text())["epoch"]) if last else 0
@@ -729,6 +762,25 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
     accelerator.end_training()  # last: it also ends the process group of a multi-process run
     end["run"] = str(root)
     return end
+
+
+def guided_heldout(trainer, heldout: Sequence[Any], parts: Parts, cfg: SynthmedConfig, progress: bool = True) -> dict:
+    """The ``guided`` line: the held-out requests drawn by stage 2's reward-guided sampler on the base model (the held-out
+    seeds, the rollouts' steps and guidance), judged like every evaluation by the evaluator. It says what the drafts the
+    policy distils show: how far distillation could take the policy. Nothing decides by it."""
+    from rlhf.heldout import heldout_evaluation
+
+    ic = cfg.improve
+    k = ic.eval.images_per_prompt
+    expanded = [it for it in heldout for _ in range(k)]
+    started = time.perf_counter()
+    drafts = trainer.guided_drafts(expanded, list(range(len(expanded))), 0, progress,
+                                   seeds=[ic.eval.seed + i for i in range(len(expanded))])  # the held-out evaluation's noise
+    result = heldout_evaluation(trainer.model, heldout, parts.judges, parts.reference, ic.eval, cfg.judges.eval, ic.ddpo.guidance,
+                                parts.train_images, progress=progress, images=drafts.images)
+    result.pop("images")
+    return {"kind": "guided", "epoch": 0, "scale": ic.selection.guidance_scale, "views": ic.selection.guidance_views,
+            **result, "seconds": round(time.perf_counter() - started, 2)}
 
 
 def load_adapter_folder(model, folder: Path) -> None:

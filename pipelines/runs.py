@@ -27,8 +27,8 @@ from typing import Any
 from generator.errors import UserError
 
 RUN_KIND = "synthmed improve run"  # metadata.json "kind" of a run directory
-LINE_KINDS = ("step", "epoch", "eval", "reference", "test", "guard", "end")  # the "kind"s of metrics.jsonl lines
-TIMING_PARTS = ("sampling", "reward", "update", "selection", "total")  # an epoch line's "seconds"
+LINE_KINDS = ("step", "epoch", "eval", "reference", "guided", "test", "guard", "end")  # the "kind"s of metrics.jsonl lines
+TIMING_PARTS = ("sampling", "reward", "update", "guided", "selection", "total")  # an epoch line's "seconds"
 
 
 # -- files ------------------------------------------------------------------------------------
@@ -190,6 +190,9 @@ def _epoch_row(epoch: dict, steps: list[dict], modalities: list[str]) -> dict[st
     return {
         "epoch": epoch["epoch"], "n_samples": epoch.get("n_samples"), "selected": epoch.get("selected"),
         "reward": {name: _mean_of(stats) for name, stats in reward.items()},
+        # stage 2's reward-guided drafts (improve.selection.source=guided), judged by the same reward; None otherwise
+        "guided_reward": ({name: _mean_of(stats) for name, stats in epoch["guided_reward"].items()}
+                          if epoch.get("guided_reward") else None),
         "per_modality_total": {m: _mean_of((per_modality.get(m) or {}).get("total")) for m in modalities},
         "steps": len(steps), "approx_kl": _mean([s.get("approx_kl") for s in ddpo]),
         "clipfrac": _mean([s.get("clipfrac") for s in ddpo]), "seconds": (epoch.get("seconds") or {}).get("total"),
@@ -249,6 +252,7 @@ def show_run(run: str | Path, runs_dir: str | Path = "runs") -> dict[str, Any]:
         "epochs": [_epoch_row(e, steps_by_epoch.get(e["epoch"], []), modalities) for e in epochs],
         "evals": [_eval_row(e, modalities, summary["best_epoch"]) for e in evals],
         "reference": reference,
+        "guided": guided_line(records),
         "gain": gain_table(evals, summary["best_epoch"], reference),
         "findings": finding_table(evals, summary["best_epoch"], reference),
         "test": test_rows(records, modalities),
@@ -287,6 +291,15 @@ def reference_line(records: list[dict]) -> dict[str, Any] | None:
         return None
     r = lines[-1]
     return {k: r.get(k) for k in ("source", "per_request", "overall", "per_modality", "missing", "seconds")}
+
+
+def guided_line(records: list[dict]) -> dict[str, Any] | None:
+    """The held-out metrics of stage 2's reward-guided drafts of the base (the loop's ``guided`` line), or None."""
+    lines = [r for r in records if r.get("kind") == "guided"]
+    if not lines:
+        return None
+    r = lines[-1]
+    return {k: r.get(k) for k in ("scale", "views", "overall", "per_modality", "seconds")}
 
 
 def _base_and_after(evals: list[dict], best: int | None) -> tuple[dict | None, dict | None]:

@@ -251,6 +251,26 @@ class SelectionConfig(Section):
     loss_weight: float = Field(1.0, ge=0)  # scale of the reward-weighted denoising loss
     batch_size: int = Field(8, ge=1)  # selected samples per optimiser step
     noise_draws: int = Field(2, ge=1)  # noise levels drawn per selected sample per pass
+    passes: int = Field(1, ge=1)  # passes over the epoch's selected samples (optimiser steps: passes x ceil(selected / batch_size))
+    # What the denoising loss fits: the conditional branch (MINIM's fine-tuning), or the classifier-free-guided prediction
+    # the policy samples with (improve.ddpo.guidance). Fitting the conditional branch alone, whatever the LoRA learns for a
+    # prompt is multiplied by the guidance scale when the policy samples (4 by default): textures a selected image has
+    # come back amplified.
+    fit: Literal["conditional", "guided"] = "conditional"
+    # What it is fitted to: the selected samples' final latents, noised at random timesteps (the denoising loss), or, with
+    # source=guided, the guided drafts' own steps: at a state x_t the guided sampler passed through, the output it took
+    # there (guidance distillation; the guided prediction is fitted whatever ``fit`` says).
+    target: Literal["final", "trajectory"] = "final"
+    # Where the candidates come from. "rollouts": the epoch's stage-1 rollouts (MINIM's selection). "guided": one
+    # reward-guided draw per rollout (same request, same starting noise, DDIM with eta 0 and the rollouts' steps and
+    # guidance), each step's x0_hat moved along the gradient of the reward-role classifier's log likelihood of the
+    # request's findings (through the VAE decoder, averaged over ``guidance_views`` jittered views; rlhf.ddpo.guidance_shift).
+    # The selection then distils what guidance drew into the policy: expert iteration, with the reward's classifier as
+    # the expert's compass. The held-out evaluation still samples the policy without guidance, and the evaluator never
+    # guides (it is not the reward's classifier).
+    source: Literal["rollouts", "guided"] = "rollouts"
+    guidance_scale: float = Field(0.1, gt=0)  # guided: x0_hat moves by this x sqrt(alpha_t) in RMS units per step
+    guidance_views: int = Field(4, ge=1)  # guided: jittered views the classifier's likelihood is averaged over
 
 
 class HeldoutConfig(Section):

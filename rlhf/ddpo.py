@@ -21,6 +21,10 @@ anchors (ddpo-pytorch ``scripts/train.py`` + ``ddpo_pytorch/stat_tracking.py``, 
    density, as flow_grpo computes it with the adapter disabled. It is exactly 0 while the LoRA weights
    are 0.
 
+5. :func:`predicted_x0`, :func:`output_for_x0` and :func:`guidance_shift` are reward guidance's arithmetic (stage 2's
+   guided candidates, ``improve.selection.source="guided"``): x0_hat moved along the reward classifier's gradient and
+   the UNet output that makes a DDIM step predict the moved x0_hat.
+
 All arithmetic is float32 whatever the inputs (bf16 log-probs go NaN: flow_grpo #177).
 """
 
@@ -37,7 +41,7 @@ import torch.nn.functional as F
 from generator.errors import UserError
 
 __all__ = [
-    "findings_log_likelihood",
+    "findings_log_likelihood", "guidance_shift", "output_for_x0", "predicted_x0",
     "PerPromptStatTracker", "PPOTerms", "batch_advantages", "clip_advantages", "gaussian_kl", "group_advantages",
     "ppo_clip_loss",
 ]
@@ -196,3 +200,42 @@ def findings_log_likelihood(logits: torch.Tensor, stated: torch.Tensor) -> tuple
     counts = stated.abs().sum(dim=1)
     has = counts > 0
     return terms.sum(dim=1) / counts.clamp_min(1), has
+
+
+# -- reward guidance (stage 2's guided candidates) ---------------------------------------------------------
+def predicted_x0(output: torch.Tensor, x_t: torch.Tensor, alpha_t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """x0_hat of DDIM eq. 12 from the UNet's ``output`` at ``x_t``; ``alpha_t`` is ``alphas_cumprod[t]`` (scalar or
+    broadcastable per sample). ``prediction_type``: epsilon, sample or v_prediction."""
+    a = alpha_t.to(x_t.dtype)
+    if prediction_type == "epsilon":
+        return (x_t - (1 - a).sqrt() * output) / a.sqrt()
+    if prediction_type == "sample":
+        return output
+    if prediction_type == "v_prediction":
+        return a.sqrt() * x_t - (1 - a).sqrt() * output
+    raise ValueError(f"prediction_type {prediction_type!r} must be 'epsilon', 'sample' or 'v_prediction'")
+
+
+def output_for_x0(x0: torch.Tensor, x_t: torch.Tensor, alpha_t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The UNet output that makes a DDIM step at ``x_t`` predict ``x0`` (and the noise ``(x_t - sqrt(a) x0) / sqrt(1 - a)``
+    consistent with it): the inverse of :func:`predicted_x0` at fixed ``x_t``."""
+    a = alpha_t.to(x_t.dtype)
+    if prediction_type == "sample":
+        return x0
+    eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+    raise ValueError(f"prediction_type {prediction_type!r} must be 'epsilon', 'sample' or 'v_prediction'")
+
+
+def guidance_shift(grad: torch.Tensor, scale: float, alpha_t: torch.Tensor) -> torch.Tensor:
+    """The step reward guidance adds to x0_hat: ``scale * sqrt(alpha_t) * g / rms(g)``, ``g`` the reward's gradient at
+    x0_hat and its RMS taken per sample. Normalised, the step's size does not depend on how steep the classifier is
+    (its gradient spans orders of magnitude between an image it is sure of and one it is not); ``sqrt(alpha_t)`` lets
+    it grow as the noise falls, when x0_hat is sharp enough for the classifier to read. A zero gradient adds nothing."""
+    dims = tuple(range(1, grad.ndim))
+    rms = grad.float().pow(2).mean(dim=dims, keepdim=True).sqrt()
+    unit = torch.where(rms > 0, grad.float() / rms.clamp_min(1e-30), torch.zeros_like(grad, dtype=torch.float32))
+    return (scale * alpha_t.float().sqrt() * unit).to(grad.dtype)

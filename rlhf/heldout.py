@@ -185,14 +185,17 @@ def generate_heldout(model, items: Sequence[Any], cfg: HeldoutConfig, guidance: 
 
 def heldout_evaluation(model, items: Sequence[Any], judges: Judges, reference: ReferenceSet, cfg: HeldoutConfig,
                        eval_cfg: EvalConfig, guidance: float, train_images: dict[str, torch.Tensor] | None = None,
-                       batch_size: int = 20, progress: bool = True, label: str = "held-out eval") -> dict[str, Any]:
+                       batch_size: int = 20, progress: bool = True, label: str = "held-out eval",
+                       images: torch.Tensor | None = None) -> dict[str, Any]:
     """``{"overall": {metric: mean over modalities}, "per_modality": {m: row}, "seconds", "images"}``; the
     rows are :func:`rlhf.evaluate.measure`'s (FD, MS-SSIM within a prompt, CLIP, selector, memorisation,
-    evaluator finding accuracy, ``all_requested_shown``: the share of images showing every requested finding)."""
+    evaluator finding accuracy, ``all_requested_shown``: the share of images showing every requested finding).
+    ``images`` (prompt-major, ``images_per_prompt`` each) are judged instead of the model's deterministic draws."""
     if not items:
         raise UserError("the held-out prompt set is empty; raise improve.prompts.heldout_per_modality")
     started = time.perf_counter()
-    images = generate_heldout(model, items, cfg, guidance, batch_size, progress, label)
+    if images is None:
+        images = generate_heldout(model, items, cfg, guidance, batch_size, progress, label)
     k = cfg.images_per_prompt
     expanded = [it for it in items for _ in range(k)]
     groups = [str(i // k) for i in range(len(expanded))]

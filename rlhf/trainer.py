@@ -37,7 +37,7 @@ from generator.sampling import guided_conditioning, guided_prediction, initial_n
 
 from .config import DDPOConfig, SelectionConfig
 from .ddpo import (PerPromptStatTracker, batch_advantages, clip_advantages, findings_log_likelihood, gaussian_kl, group_advantages,
-                   jittered_views, ppo_clip_loss)
+                   guidance_shift, jittered_views, output_for_x0, ppo_clip_loss, predicted_x0)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,16 @@ class Rollout:
     timesteps: torch.Tensor  # (T,)
     images: torch.Tensor  # (B, 3, H, W) in [-1, 1], float32 on the CPU
     seconds: float = 0.0
+
+
+@dataclass
+class GuidedDrafts:
+    """One rank's reward-guided drafts of an epoch (stage 2's candidates with ``selection.source="guided"``)."""
+
+    finals: torch.Tensor  # (B, C, h, w): the final latents
+    images: torch.Tensor  # (B, 3, H, W) in [-1, 1], float32
+    states: torch.Tensor  # (B, T, C, h, w): x_t before each step
+    targets: torch.Tensor  # (B, T, C, h, w): the guided output each step took (what the guided sampler predicted there)
 
 
 @dataclass
@@ -104,6 +114,11 @@ class DDPOTrainer:
         self.global_step = 0
         model.scheduler.set_timesteps(cfg.steps)
         self.timesteps = model.scheduler.timesteps.clone()
+        if selection.enabled and selection.source == "guided" and selection.max_per_epoch:  # refused before anything is written
+            self._reward_scorer("improve.selection.source=guided")
+        if selection.target == "trajectory" and selection.source != "guided":
+            raise SynthmedError("improve.selection.target=trajectory fits the guided drafts' own steps; it needs "
+                                "improve.selection.source=guided")
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -342,10 +357,7 @@ class DDPOTrainer:
         VAE decodes, and the reward-role classifier's log likelihood of the expected findings is maximised. The
         evaluator never enters: the classifiers come from the reward's findings scorer, which refuses any other role."""
         cfg, model = self.cfg, self.model
-        scorer = getattr(self.reward, "finding_scorer", None)
-        if scorer is None or getattr(scorer, "role", None) != "reward":
-            raise SynthmedError("the 'draft' objective needs the reward's findings component (reward-role classifiers); "
-                                "add findings to improve.reward.weights")
+        scorer = self._reward_scorer("the 'draft' objective")
         started = time.perf_counter()
         stats = UpdateStats()
         n = len(rollout.items)
@@ -443,13 +455,96 @@ class DDPOTrainer:
         out[chosen] = True
         return out
 
+    def _reward_scorer(self, purpose: str):
+        scorer = getattr(self.reward, "finding_scorer", None)
+        if scorer is None or getattr(scorer, "role", None) != "reward":
+            raise SynthmedError(f"{purpose} needs the reward's findings component (reward-role classifiers); "
+                                "add findings to improve.reward.weights")
+        return scorer
+
+    def _guidance_gradient(self, x0: torch.Tensor, items: Sequence[Any], indices: Sequence[int], epoch: int, step: int,
+                           scorer) -> torch.Tensor:
+        """d/dx0 of each image's reward-classifier log likelihood of its request's findings, averaged over jittered views
+        drawn per sample (keyed by its global index, so any batching or split of ranks draws the same views)."""
+        views = self.selection.guidance_views
+        x0 = x0.detach().requires_grad_(True)
+        with torch.enable_grad():
+            images = self.model.decode(x0).float()
+            total = images.new_zeros(())
+            for modality in dict.fromkeys(it.modality for it in items):
+                rows = [i for i, it in enumerate(items) if it.modality == modality]
+                classifier = scorer.classifiers[modality]
+                seen = torch.cat([jittered_views(images[i:i + 1], views, torch.Generator().manual_seed(int(
+                    np.random.default_rng([self.cfg.seed, epoch, int(indices[i]), step, 29]).integers(2**31 - 1))),
+                    self.cfg.draft_view_shift, self.cfg.draft_view_zoom) for i in rows])  # sample-major: views of row 0 first
+                stated = self._stated([items[i] for i in rows], classifier.label_names).repeat_interleave(views, dim=0)
+                value, _ = findings_log_likelihood(classifier.differentiable_logits(seen), stated.to(seen.device))
+                total = total + value.sum() / views
+            (grad,) = torch.autograd.grad(total, x0)
+        return grad
+
+    @torch.no_grad()
+    def guided_drafts(self, items: Sequence[Any], indices: Sequence[int], epoch: int, progress: bool = True,
+                      seeds: Sequence[int] | None = None) -> "GuidedDrafts":
+        """Stage 2's candidates with ``selection.source="guided"``: per item, a DDIM draw (eta 0, the rollouts' steps and
+        guidance) from the rollout's starting noise (``sample_seed`` of its global index; ``seeds``: these) in which every step's x0_hat
+        moves along the reward-role classifier's gradient (:func:`rlhf.ddpo.guidance_shift`). Returns the final latents,
+        the images and, per step, the state ``x_t`` and the guided output the step took (for ``selection.target=
+        "trajectory"``), all on the CPU. The evaluator never enters: the classifiers are the reward's, which refuses any
+        other role."""
+        cfg, model = self.cfg, self.model
+        scorer = self._reward_scorer("improve.selection.source=guided")
+        scale = self.selection.guidance_scale
+        size = latent_size(model.cfg)
+        shape = (model.cfg.latent_channels, size, size)
+        scheduler = model.scheduler
+        scheduler.set_timesteps(cfg.steps)
+        kind = scheduler.config.prediction_type
+        finals, images, states, targets = [], [], [], []
+        bar = tqdm(total=len(items), desc=f"epoch {epoch}: guided drafts", unit=" img", disable=not progress, leave=False)
+        model.unet.eval()
+        with merged_for_sampling(model.unet):
+            for start in range(0, len(items), cfg.sample_batch_size):
+                chunk = list(items[start:start + cfg.sample_batch_size])
+                rows = list(indices[start:start + len(chunk)])
+                noise_seeds = seeds[start:start + len(chunk)] if seeds is not None else [sample_seed(cfg.seed, epoch, i) for i in rows]
+                x = torch.cat([initial_noise(1, shape, s)[0] for s in noise_seeds]).to(model.device)
+                x = x * scheduler.init_noise_sigma
+                cond = guided_conditioning(model, [it.prompt for it in chunk], [it.modality for it in chunk],
+                                           [it.negative for it in chunk], cfg.guidance, [it.generator_findings for it in chunk])
+                chunk_states, chunk_targets = [], []
+                for j, t in enumerate(scheduler.timesteps):
+                    output = guided_prediction(model, x, t.expand(len(chunk)), cond, cfg.guidance)
+                    alpha = scheduler.alphas_cumprod[int(t)].to(x.device)
+                    x0 = predicted_x0(output.float(), x.float(), alpha, kind)
+                    x0 = x0 + guidance_shift(self._guidance_gradient(x0, chunk, rows, epoch, j, scorer), scale, alpha)
+                    guided = output_for_x0(x0, x.float(), alpha, kind)
+                    chunk_states.append(x.cpu())
+                    chunk_targets.append(guided.cpu())
+                    x = ddim_step_with_logprob(scheduler, guided, t, x, eta=0.0).prev_sample
+                states.append(torch.stack(chunk_states, dim=1))  # (b, T, C, h, w)
+                targets.append(torch.stack(chunk_targets, dim=1))
+                finals.append(x.cpu())
+                images.append(model.decode(x).float().cpu())
+                bar.update(len(chunk))
+        bar.close()
+        return GuidedDrafts(torch.cat(finals), torch.cat(images), torch.cat(states), torch.cat(targets))
+
     def selection_update(self, final_latents: torch.Tensor, items: Sequence[Any], rewards: np.ndarray, epoch: int,
-                         progress: bool = True) -> UpdateStats:
+                         progress: bool = True, trajectory: tuple[torch.Tensor, torch.Tensor] | None = None) -> UpdateStats:
         """Reward-weighted denoising loss on the selected samples' final latents (gathered: every rank
         holds all of them and trains on its share of each step's batch).
 
         loss_i = w_i * || f(x_t, t, prompt_i) - target ||^2 with weights ``w = r / mean(r)`` over the
-        selected (rewards shifted to be positive), at ``noise_draws`` random timesteps per sample."""
+        selected (rewards shifted to be positive), at ``noise_draws`` random timesteps per sample, ``passes`` times
+        over the selected samples (each pass with its own timesteps and noise). ``f`` is the conditional branch
+        (``fit="conditional"``) or the guided prediction sampling uses (``fit="guided"``: ``u + g (c - u)`` at the
+        rollouts' guidance ``g``, so what is fitted is not amplified g-fold again when the policy samples).
+
+        ``trajectory`` (``selection.target="trajectory"``: the selected guided drafts' states and guided outputs,
+        (N, T, C, h, w) each) replaces the noised final latent by a state the guided sampler passed through and the
+        target by the output it took there: the guided prediction is fitted to reward guidance's own (guidance
+        distillation), ``noise_draws`` of the T steps per sample per pass."""
         cfg = self.selection
         started = time.perf_counter()
         stats = UpdateStats()
@@ -461,29 +556,47 @@ class DDPOTrainer:
         weights = torch.as_tensor(shifted / shifted.mean(), dtype=torch.float32)
         scheduler = model.scheduler
         model.unet.train()
-        n_steps = math.ceil(n / cfg.batch_size)
+        per_pass = math.ceil(n / cfg.batch_size)
+        n_steps = per_pass * cfg.passes
         bar = tqdm(total=n_steps, desc=f"epoch {epoch}: selection", unit=" step", disable=not progress, leave=False)
-        for s in range(n_steps):
+        for step in range(n_steps):
+            pass_index, s = divmod(step, per_pass)
             members = np.arange(s * cfg.batch_size, min(n, (s + 1) * cfg.batch_size))
             mine = members[self.rank::self.world]
             total_terms = len(members) * cfg.noise_draws
             loss_sum = 0.0
             if len(mine):
                 batch_items = [items[i] for i in mine]
-                with torch.set_grad_enabled(self.trains_findings):
-                    cond = model.conditioner([it.prompt for it in batch_items], [it.modality for it in batch_items],
-                                             [it.generator_findings for it in batch_items])
-                for d in range(cfg.noise_draws):
-                    x0 = final_latents[torch.as_tensor(mine)].to(model.device)
-                    # timesteps and noise per sample, keyed by the global index so any split of ranks draws the same
-                    t = torch.as_tensor([int(np.random.default_rng([self.cfg.seed, epoch, int(i), d, 17]).integers(
-                        scheduler.config.num_train_timesteps)) for i in mine], device=x0.device)
-                    noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(
-                        int(np.random.default_rng([self.cfg.seed, epoch, int(i), d, 19]).integers(2**31 - 1)))) for i in mine]).to(x0.device)
-                    noisy = scheduler.add_noise(x0, noise, t)
-                    pred = model.unet(noisy, t, encoder_hidden_states=cond.tokens, encoder_attention_mask=cond.mask,
-                                      class_labels=cond.class_emb).sample
-                    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
+                fits_guided = cfg.fit == "guided" or trajectory is not None
+                if fits_guided:  # the prediction sampling uses: both branches, combined at the rollouts' guidance
+                    cond = self._conditioning(batch_items)
+                else:
+                    with torch.set_grad_enabled(self.trains_findings):
+                        cond = model.conditioner([it.prompt for it in batch_items], [it.modality for it in batch_items],
+                                                 [it.generator_findings for it in batch_items])
+                for d in range(pass_index * cfg.noise_draws, (pass_index + 1) * cfg.noise_draws):  # each pass: fresh draws
+                    rows = torch.as_tensor(mine)
+                    if trajectory is not None:  # a step of the guided draft, drawn per sample (keyed by its global index)
+                        states, outputs = trajectory
+                        j = torch.as_tensor([int(np.random.default_rng([self.cfg.seed, epoch, int(i), d, 17]).integers(
+                            states.shape[1])) for i in mine])
+                        noisy = states[rows, j].to(model.device)
+                        t = self.timesteps[j].to(model.device)
+                        target = outputs[rows, j].to(model.device)
+                    else:
+                        x0 = final_latents[rows].to(model.device)
+                        # timesteps and noise per sample, keyed by the global index so any split of ranks draws the same
+                        t = torch.as_tensor([int(np.random.default_rng([self.cfg.seed, epoch, int(i), d, 17]).integers(
+                            scheduler.config.num_train_timesteps)) for i in mine], device=x0.device)
+                        noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(
+                            int(np.random.default_rng([self.cfg.seed, epoch, int(i), d, 19]).integers(2**31 - 1)))) for i in mine]).to(x0.device)
+                        noisy = scheduler.add_noise(x0, noise, t)
+                        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
+                    if fits_guided:
+                        pred = guided_prediction(model, noisy, t, cond, self.cfg.guidance)
+                    else:
+                        pred = model.unet(noisy, t, encoder_hidden_states=cond.tokens, encoder_attention_mask=cond.mask,
+                                          class_labels=cond.class_emb).sample
                     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                     loss = (weights[torch.as_tensor(mine)].to(per_sample.device) * per_sample).sum() * cfg.loss_weight
                     if not torch.isfinite(loss):
@@ -508,4 +621,4 @@ class DDPOTrainer:
         return stats
 
 
-__all__ = ["DDPOTrainer", "NonFiniteError", "Rollout", "UpdateStats", "sample_seed"]
+__all__ = ["DDPOTrainer", "GuidedDrafts", "NonFiniteError", "Rollout", "UpdateStats", "sample_seed"]

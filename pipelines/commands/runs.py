@@ -166,6 +166,8 @@ def format_run(run: dict) -> str:
         parts.append(_test_table(run))
     if run.get("reference"):
         parts.append(_reference_note(run))
+    if run.get("guided"):
+        parts.append(_guided_note(run["guided"]))
     if run.get("findings"):
         parts.append(_findings_table(run["findings"]))
     notes = [f"guard (epoch {g['epoch']}): {g['message']}" for g in run["guards"]]
@@ -176,7 +178,8 @@ def format_run(run: dict) -> str:
         parts.append("\n".join(notes))
     t = run["timing"]
     if t["epochs"]:
-        split = ", ".join(f"{part} {_secs(t[part])} s" for part in ("sampling", "reward", "update", "selection", "total"))
+        split = ", ".join(f"{part} {_secs(t[part])} s" for part in ("sampling", "reward", "update", "guided", "selection", "total")
+                          if part != "guided" or t.get(part) is not None)
         parts.append(f"seconds per epoch (mean of {t['epochs']}): {split}" + (f"; eval {_secs(t['eval'])} s" if t["eval"] else ""))
     parts.append(_files(run))
     return "\n\n".join(parts)
@@ -210,6 +213,15 @@ def _findings_table(findings: dict) -> str:
             + table(rows, head) + "\n" + never_shown_text(findings))
 
 
+def _guided_note(guided: dict) -> str:
+    o = guided.get("overall") or {}
+    per = ", ".join(f"{m} {_fmt(r.get('all_requested_shown'))}" for m, r in (guided.get("per_modality") or {}).items())
+    return (f"reward-guided drafts of the base (stage 2's candidates: the reward classifier steers each step at scale "
+            f"{_fmt(guided.get('scale'))}; the evaluator judges): every requested shown {_fmt(o.get('all_requested_shown'))} "
+            f"({per}), finding acc {_fmt(o.get('finding_accuracy'))}, FD {_fmt(o.get('fd'))}, MS-SSIM {_fmt(o.get('ms_ssim'))}, "
+            f"CLIP {_fmt(o.get('clip_score'))}: what the policy is asked to learn to draw unguided")
+
+
 def _reference_note(run: dict) -> str:
     ref = run["reference"]
     what = ("phantoms drawn to each held-out request" if ref.get("source") == "phantoms"
@@ -232,10 +244,13 @@ def _reference_note(run: dict) -> str:
 def _epochs_table(run: dict) -> str:
     names = ["total", *run["components"]]
     mods = run["modalities"]
+    guided = ["total", "findings"] if any(e.get("guided_reward") for e in run["epochs"]) else []
     rows = [[e["epoch"], _fmt(e["n_samples"]), _fmt(e["selected"]), *(_fmt(e["reward"].get(n)) for n in names),
+             *(_fmt((e.get("guided_reward") or {}).get(n)) for n in guided),
              *(_fmt(e["per_modality_total"].get(m)) for m in mods), _fmt(e["approx_kl"]), _fmt(e["clipfrac"]),
              _secs(e["seconds"])] for e in run["epochs"]]
-    return table(rows, ["epoch", "samples", "selected", *names, *(f"{m} total" for m in mods), "approx_kl", "clipfrac", "s"])
+    return table(rows, ["epoch", "samples", "selected", *names, *(f"guided {n}" for n in guided), *(f"{m} total" for m in mods),
+                        "approx_kl", "clipfrac", "s"])
 
 
 def _test_table(run: dict) -> str:

@@ -1,0 +1,132 @@
+"""Stage 2 with reward-guided candidates (``improve.selection.source=guided``): reward guidance's arithmetic, the guided
+drafts (deterministic, batch-independent, the unguided DDIM draw as the scale goes to 0, a higher reward-classifier
+likelihood than the unguided draw), and a real `synthmed improve` run that distils them."""
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from diffusers import DDIMScheduler
+
+from generator.ddim_logprob import ddim_step_with_logprob
+from generator.errors import SynthmedError
+from pipelines.cli import main as cli
+from pipelines.config import load_config
+from pipelines.improve import build_parts
+from rlhf.ddpo import findings_log_likelihood, guidance_shift, output_for_x0, predicted_x0
+from rlhf.trainer import DDPOTrainer, sample_seed
+import test_improve
+from test_improve import lines, settings, write_profile
+
+base_model = test_improve.base_model  # the tiny five-modality model (a module-scoped fixture)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_output_for_x0_inverts_predicted_x0_and_a_ddim_step_predicts_the_moved_x0(kind):
+    torch.manual_seed(0)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, prediction_type=kind, clip_sample=False, set_alpha_to_one=False)
+    scheduler.set_timesteps(10)
+    x_t, output = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = scheduler.timesteps[3]
+    alpha = scheduler.alphas_cumprod[int(t)]
+    x0 = predicted_x0(output, x_t, alpha, kind)
+    assert torch.allclose(x0, ddim_step_with_logprob(scheduler, output, t, x_t, eta=0.0).pred_original_sample, atol=1e-5)
+    assert torch.allclose(output_for_x0(x0, x_t, alpha, kind), output, atol=1e-4)
+    moved = x0 + 0.3 * torch.randn_like(x0)
+    step = ddim_step_with_logprob(scheduler, output_for_x0(moved, x_t, alpha, kind), t, x_t, eta=0.0)
+    assert torch.allclose(step.pred_original_sample, moved, atol=1e-4)
+
+
+def test_guidance_shift_is_a_normalised_step_that_grows_as_the_noise_falls():
+    grad = torch.zeros(3, 4, 8, 8)
+    grad[0] = 1e-7  # a flat classifier's tiny gradient and a steep one's large one make steps of one size
+    grad[1] = torch.randn(4, 8, 8) * 1e3
+    for alpha in (torch.tensor(0.04), torch.tensor(0.81)):
+        shift = guidance_shift(grad, 0.5, alpha)
+        rms = shift.pow(2).mean(dim=(1, 2, 3)).sqrt()
+        assert torch.allclose(rms[:2], torch.full((2,), 0.5 * float(alpha.sqrt())), rtol=1e-5)
+        assert rms[2] == 0  # no gradient, no step
+    assert torch.allclose(guidance_shift(grad, 0.5, torch.tensor(0.81))[1] / grad[1], torch.full_like(grad[1], 0.45 / grad[1].pow(2).mean().sqrt()))
+
+
+def _trainer(tmp_path, base, **extra):
+    cfg = load_config(write_profile(tmp_path, settings(base, **{"improve.selection.source": "guided", "improve.ddpo.steps": 3,
+                                                               **extra})))
+    parts = build_parts(cfg, progress=False, load_eval=False)
+    ic = cfg.improve
+    return DDPOTrainer(parts.model, parts.reward, ic.ddpo, ic.selection, Accelerator(cpu=True), None), parts
+
+
+def _log_likelihood(trainer, images, items) -> np.ndarray:
+    out = []
+    with torch.no_grad():
+        for image, it in zip(images, items):
+            clf = trainer.reward.finding_scorer.classifiers[it.modality]
+            value, _ = findings_log_likelihood(clf.differentiable_logits(image[None]), trainer._stated([it], clf.label_names))
+            out.append(float(value))
+    return np.array(out)
+
+
+def test_guided_drafts_are_deterministic_batch_independent_and_raise_the_reward_classifiers_likelihood(base_model, tmp_path):
+    from generator.sampling import sample
+
+    trainer, parts = _trainer(tmp_path, base_model, **{"improve.selection.guidance_scale": 0.5})
+    items = [p for p in parts.sampler.draw(8, 1, 0) if p.expected][:4]
+    assert len(items) == 4
+    indices = [3, 0, 7, 5]
+    drafts = trainer.guided_drafts(items, indices, 1, progress=False)
+    finals, images = drafts.finals, drafts.images
+    assert finals.shape[0] == images.shape[0] == 4 and torch.isfinite(images).all()
+    assert drafts.states.shape == drafts.targets.shape == (4, 3, *finals.shape[1:])
+    # the recorded trajectory is the one taken: the last state stepped with the last guided output is the final latent
+    last = ddim_step_with_logprob(parts.model.scheduler, drafts.targets[:, -1], trainer.timesteps[-1], drafts.states[:, -1], eta=0.0)
+    assert torch.allclose(last.prev_sample, finals, atol=1e-5)
+    trainer.cfg = trainer.cfg.model_copy(update={"sample_batch_size": 1})  # one at a time: the same drafts (views keyed by index)
+    assert torch.allclose(trainer.guided_drafts(items, indices, 1, progress=False).finals, finals, atol=1e-4)
+
+    # the unguided draw from the same noise: eta 0, the rollouts' steps and guidance
+    cfg = trainer.cfg
+    plain = torch.cat([sample(parts.model, [it.prompt], [it.modality], negative=[it.negative], guidance=cfg.guidance, steps=cfg.steps,
+                              seed=sample_seed(cfg.seed, 1, i), eta=0.0, findings=[it.generator_findings]).images
+                       for it, i in zip(items, indices)])
+    guided = _log_likelihood(trainer, images, items)
+    unguided = _log_likelihood(trainer, plain, items)
+    assert guided.mean() > unguided.mean() + 0.05, (guided, unguided)
+    assert (guided > unguided).sum() >= 3, (guided, unguided)
+
+    trainer.selection = trainer.selection.model_copy(update={"guidance_scale": 1e-6})  # the scale to 0: the unguided draw
+    faint = trainer.guided_drafts(items, indices, 1, progress=False).images
+    assert torch.allclose(faint, plain, atol=1e-3)
+
+    # a reward without the findings component has no classifier to guide by: refused when the trainer is built
+    parts.reward.scorers.pop("findings")
+    with pytest.raises(SynthmedError, match="improve.selection.source=guided needs the reward's findings component"):
+        DDPOTrainer(parts.model, parts.reward, trainer.cfg, trainer.selection, Accelerator(cpu=True), None)
+
+
+def test_a_guided_run_distils_its_drafts_and_logs_them(base_model, tmp_path, capsys):
+    profile = write_profile(tmp_path, settings(base_model, **{"improve.selection.source": "guided", "improve.ddpo.epochs": 1,
+                                                             "improve.selection.max_per_epoch": 4, "improve.selection.passes": 2,
+                                                             "improve.selection.fit": "guided",
+                                                             "improve.eval.reference_per_request": 0}))
+    run = tmp_path / "run"
+    assert cli(["improve", "--config", str(profile), "--run-dir", str(run), "--no-progress"]) == 0, capsys.readouterr().err
+    assert "guided drafts" in capsys.readouterr().out
+    records = lines(run / "metrics.jsonl")
+    epoch = next(r for r in records if r["kind"] == "epoch")
+    assert epoch["seconds"]["guided"] > 0 and epoch["selected"] == 4  # threshold 0, no verifier: every draft is a candidate
+    assert set(epoch["guided_reward"]) == set(epoch["reward"])
+    assert [r["stage"] for r in records if r["kind"] == "step"] == ["ddpo"] + ["selection"] * 4  # 2 passes of 2 steps
+    samples = lines(run / "samples.jsonl")
+    assert all("guided" in s and np.isfinite(s["guided"]["reward"]) for s in samples)
+    assert sum(s["selected"] for s in samples) == 4
+    assert (run / "grids" / "epoch_0001_guided.png").is_file()
+    guided = [r for r in records if r["kind"] == "guided"]  # the held-out requests drawn by the guided sampler, once
+    assert len(guided) == 1 and guided[0]["epoch"] == 0 and set(guided[0]["per_modality"]) == {"cxr", "oct"}
+    base = next(r for r in records if r["kind"] == "eval" and r["epoch"] == 0)
+    assert guided[0]["overall"]["fd"] != base["overall"]["fd"]  # its own images, not the base's
+    assert cli(["runs", "show", str(run)]) == 0
+    shown = capsys.readouterr().out
+    assert "guided findings" in shown  # the drafts' reward beside the rollouts'
+    assert "reward-guided drafts of the base" in shown and "guided " in shown.split("seconds per epoch")[1]
+
