@@ -98,6 +98,32 @@ def test_guided_drafts_are_deterministic_batch_independent_and_raise_the_reward_
     faint = trainer.guided_drafts(items, indices, 1, progress=False).images
     assert torch.allclose(faint, plain, atol=1e-3)
 
+    # guidance distillation: fitting the drafts' own steps brings the policy's guided prediction at those states closer to
+    # the outputs the guided sampler took there
+    trainer.selection = trainer.selection.model_copy(update={"target": "trajectory", "noise_draws": 3, "batch_size": 4})
+    trainer.optimizer.param_groups[0]["lr"] = 1e-2
+
+    def distance() -> float:
+        from generator.sampling import guided_prediction
+
+        with torch.no_grad():
+            cond = trainer._conditioning(items)
+            return float(sum(((guided_prediction(parts.model, drafts.states[:, j], trainer.timesteps[j].expand(4), cond, cfg.guidance)
+                               - drafts.targets[:, j]) ** 2).mean() for j in range(3)))
+
+    before = distance()
+    seen = []
+    for epoch in range(4):
+        stats = trainer.selection_update(drafts.finals, items, np.ones(4), epoch, progress=False,
+                                         trajectory=(drafts.states, drafts.targets))
+        seen.append(distance())
+    assert len(stats.steps) == 1 and np.isfinite(stats.steps[0]["loss"])
+    # slowly (a rank-8 LoRA; the real runs' loss barely fell in 10 epochs, docs/improve/long_runs.md), but every step
+    assert all(b < a for a, b in zip([before, *seen], seen)) and seen[-1] < 0.995 * before, (before, seen)
+    with pytest.raises(SynthmedError, match="target=trajectory fits the guided drafts' own steps"):
+        DDPOTrainer(parts.model, parts.reward, trainer.cfg, trainer.selection.model_copy(update={"source": "rollouts"}),
+                    Accelerator(cpu=True), None)
+
     # a reward without the findings component has no classifier to guide by: refused when the trainer is built
     parts.reward.scorers.pop("findings")
     with pytest.raises(SynthmedError, match="improve.selection.source=guided needs the reward's findings component"):
