@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,15 +36,28 @@ BUSY_TIMEOUT_S = 30.0  # how long a connection waits for another process's write
 
 def connect(path: str | Path) -> sqlite3.Connection:
     """A connection to the traces database that several processes can share: write-ahead log (readers do
-    not block the writer, nor it them) and a busy timeout; usable from LangGraph's worker threads."""
+    not block the writer, nor it them) and a busy timeout; usable from LangGraph's worker threads.
+
+    Switching a new database to WAL needs an exclusive lock, and SQLite answers "database is locked" at once, without
+    waiting for the busy timeout, when another connection holds a write lock meanwhile (two processes creating the
+    database together, a reader among them): the switch is tried again until ``BUSY_TIMEOUT_S`` has passed."""
     path = Path(path)
     conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-    except sqlite3.DatabaseError as exc:
-        conn.close()
-        raise _unreadable(path, exc) from None
-    return conn
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":  # WAL persists: set once
+                conn.execute("PRAGMA journal_mode=WAL")
+            return conn
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) and time.monotonic() < deadline:
+                time.sleep(0.02)
+                continue
+            conn.close()
+            raise _unreadable(path, exc) from None
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise _unreadable(path, exc) from None
 
 
 def _unreadable(path: Path, exc: sqlite3.DatabaseError) -> Exception:

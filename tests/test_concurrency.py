@@ -46,6 +46,36 @@ for i in range(count):
 """
 
 
+def test_a_connection_made_while_another_writes_to_a_new_database_waits_for_it(tmp_path):
+    """Switching a new database to WAL while another connection holds its write lock: SQLite answers "database is
+    locked" at once (no busy wait), which failed a reader polling while two processes created the traces database."""
+    db = tmp_path / "traces.sqlite"
+    writer = sqlite3.connect(str(db), isolation_level=None, check_same_thread=False)  # a rollback-journal database
+    writer.execute("CREATE TABLE t (x)")
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO t VALUES (1)")
+    result: dict = {}
+
+    def reader() -> None:
+        started = time.monotonic()
+        try:
+            conn = connect(db)
+            result["mode"] = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            conn.close()
+        except sqlite3.Error as exc:
+            result["error"] = str(exc)
+        result["waited"] = time.monotonic() - started
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    time.sleep(0.5)
+    writer.execute("COMMIT")
+    thread.join(BUSY_TIMEOUT_S)
+    writer.close()
+    assert result.get("mode") == "wal", result
+    assert result["waited"] >= 0.4  # it waited for the writer instead of failing
+
+
 def test_every_connection_uses_the_write_ahead_log_and_waits_for_other_writers(tmp_path):
     db = tmp_path / "traces.sqlite"
     conns = [connect(db), open_checkpointer(db).conn]
