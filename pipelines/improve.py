@@ -632,7 +632,7 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
                 lines.append({"kind": "reference", "epoch": 0, **reference_evaluation(
                     heldout, parts.judges, parts.reference, cfg.judges.eval, ic.eval.reference_per_request,
                     ic.eval.reference_seed, cases)})
-            if ic.selection.enabled and ic.selection.source == "guided" and ic.selection.max_per_epoch:
+            if ic.selection.draws_guided:
                 lines.append(guided_heldout(trainer, heldout, parts, cfg, progress))
             if test:
                 lines.append(test_evaluation(0, "base"))
@@ -646,19 +646,26 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
         items = [p for p in prompts for _ in range(k)]
         groups = [f"{epoch}:{i // k}" for i in range(len(items))]
         mine = slice(accelerator.process_index * n_prompts * k, (accelerator.process_index + 1) * n_prompts * k)
-        rollout = trainer.rollout(items[mine], list(range(len(items)))[mine], epoch, progress)
+        indices = list(range(len(items)))[mine]  # this rank's global sample indices
+        rollout = trainer.rollout(items[mine], indices, epoch, progress)
         if stop_after and stop_after("rollout", epoch):
             raise SystemExit(f"stopped after the rollouts of epoch {epoch}")
         t1 = time.perf_counter()
-        result = reward(rollout.images, rollout.items, progress=progress)
-        total = _gather(accelerator, result.total)
-        components = {name: _gather(accelerator, value) for name, value in result.components.items()}
-        bad = np.flatnonzero(~np.isfinite(total))
-        if len(bad):
-            i = int(bad[0])
-            raise NonFiniteError(f"non-finite reward in epoch {epoch} for sample {i} (modality {items[i].modality}, prompt "
-                                 f"{items[i].prompt[:80]!r}); components: "
-                                 f"{ {n: float(v[i]) for n, v in components.items() if '/' not in n} }; nothing of this epoch was written")
+
+        def judged(images: torch.Tensor, what: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+            """This rank's images judged by the reward, gathered over ranks; a non-finite reward stops the loop here."""
+            result = reward(images, items[mine], progress=progress)
+            total = _gather(accelerator, result.total)
+            components = {name: _gather(accelerator, value) for name, value in result.components.items()}
+            bad = np.flatnonzero(~np.isfinite(total))
+            if len(bad):
+                i = int(bad[0])
+                raise NonFiniteError(f"non-finite {what} in epoch {epoch} for sample {i} (modality {items[i].modality}, prompt "
+                                     f"{items[i].prompt[:80]!r}); components: "
+                                     f"{ {n: float(v[i]) for n, v in components.items() if '/' not in n} }; nothing of this epoch was written")
+            return total, components
+
+        total, components = judged(rollout.images, "reward")
         t2 = time.perf_counter()
         advantages = trainer.advantages(total, groups, [it.prompt for it in items])
         if ic.ddpo.objective == "draft":
@@ -670,16 +677,9 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
         t3 = time.perf_counter()
         guided = None  # stage 2's candidates: the rollouts, or one reward-guided draw per rollout
         candidate_total, candidate_components = total, components
-        if ic.selection.enabled and ic.selection.source == "guided" and ic.selection.max_per_epoch:
-            drafts = trainer.guided_drafts(items[mine], list(range(len(items)))[mine], epoch, progress)
-            judged = reward(drafts.images, items[mine], progress=progress)
-            candidate_total = _gather(accelerator, judged.total)
-            candidate_components = {name: _gather(accelerator, value) for name, value in judged.components.items()}
-            bad = np.flatnonzero(~np.isfinite(candidate_total))
-            if len(bad):
-                i = int(bad[0])
-                raise NonFiniteError(f"non-finite reward of the guided draft of sample {i} in epoch {epoch} (prompt "
-                                     f"{items[i].prompt[:80]!r}); nothing of this epoch was written")
+        if ic.selection.draws_guided:
+            drafts = trainer.guided_drafts(items[mine], indices, epoch, progress)
+            candidate_total, candidate_components = judged(drafts.images, "reward of a guided draft")
             guided = {"finals": _gather_latents(accelerator, drafts.finals), "images": drafts.images}
             if ic.selection.target == "trajectory":
                 guided["trajectory"] = (_gather_latents(accelerator, drafts.states), _gather_latents(accelerator, drafts.targets))

@@ -272,6 +272,11 @@ class SelectionConfig(Section):
     guidance_scale: float = Field(0.1, gt=0)  # guided: x0_hat moves by this x sqrt(alpha_t) in RMS units per step
     guidance_views: int = Field(4, ge=1)  # guided: jittered views the classifier's likelihood is averaged over
 
+    @property
+    def draws_guided(self) -> bool:
+        """Whether the loop draws guided drafts: stage 2 on, with guided candidates and room for any."""
+        return self.enabled and self.source == "guided" and self.max_per_epoch > 0
+
 
 class HeldoutConfig(Section):
     """Held-out evaluation: fixed prompts, deterministic sampler, fixed seeds, the evaluator classifier."""

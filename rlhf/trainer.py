@@ -114,7 +114,7 @@ class DDPOTrainer:
         self.global_step = 0
         model.scheduler.set_timesteps(cfg.steps)
         self.timesteps = model.scheduler.timesteps.clone()
-        if selection.enabled and selection.source == "guided" and selection.max_per_epoch:  # refused before anything is written
+        if selection.draws_guided:  # refused before anything is written
             self._reward_scorer("improve.selection.source=guided")
         if selection.target == "trajectory" and selection.source != "guided":
             raise SynthmedError("improve.selection.target=trajectory fits the guided drafts' own steps; it needs "
