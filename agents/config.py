@@ -69,6 +69,12 @@ class AgentsConfig(Section):
     contradiction: Literal["refuse", "prefer_findings"] = "refuse"  # "normal study" with findings: refuse, or drop the normal statement
     non_drawable: Literal["warn", "refuse"] = "warn"  # a valid finding the generator never learnt: a warning in the verdict, or an error
     default_severity: Literal["mild", "moderate", "severe"] | None = "moderate"  # severity assumed where the user gives none and the finding has grades
+    # > 0: every candidate is drawn with reward guidance at this scale (rlhf.guidance: DDIM, eta 0; each step's predicted
+    # image moves towards what the request states, by the gradient of the verifier's own reward-role classifiers; 0.1 is
+    # the loop's measured setting, docs/improve/long_runs.md). The verifier then judges images drawn towards it: its
+    # pass is no longer independent evidence (the trace says so); the held-out evaluator never guides. 0: off.
+    reward_guidance: float = Field(0.0, ge=0)
+    reward_guidance_views: int = Field(4, ge=1)  # jittered views the guiding likelihood is averaged over
     traces: str = "runs/traces.sqlite"  # SQLite checkpointer: every step of every request (`synthmed trace`)
     out: str = "runs/generate"  # images of `synthmed generate`, one folder per trace id
     verifier: VerifierConfig = Field(default_factory=VerifierConfig)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from generator.errors import UserError
 from generator.fileio import atomic_write
-from generator.sampling import sample
+from generator.sampling import SampleOutput, sample
 
 
 class ImageGenerator:
@@ -46,9 +46,13 @@ class ImageGenerator:
 
     def draw(self, prompt: str, modality: str, seeds: Sequence[int], out: str | Path, negative: str = "",
              guidance: float = 4.0, steps: int = 25, prefix: str = "",
-             findings: Sequence[Mapping] | None = None) -> tuple[list[str], torch.Tensor, float]:
+             findings: Sequence[Mapping] | None = None, reward_guide=None,
+             expected: Mapping[str, bool] | None = None) -> tuple[list[str], torch.Tensor, float]:
         """Candidates for one prompt, one per seed (each image reproducible from its seed alone). ``findings``: the
         structured findings the prompt was composed from, for a generator with finding tokens (others read text only).
+        ``reward_guide`` (:class:`rlhf.guidance.RewardGuide`) with ``expected`` (label -> present / absent): each image is
+        drawn with reward guidance instead (DDIM, eta 0, full precision: :func:`rlhf.guidance.reward_guided_draw`), from
+        the same starting noise of its seed, its jittered views drawn from its seed too.
 
         Returns the PNG paths, the images as (B, 3, H, W) in [-1, 1] (as written, i.e. quantised to
         8 bits, so the verifier judges the files) and the seconds taken."""
@@ -62,11 +66,14 @@ class ImageGenerator:
         for run in consecutive_runs([int(s) for s in seeds], self.batch_size):
             # image i of a batch starts from the noise of seed run[0] + i (generator.sampling.initial_noise), so each
             # image depends on its own seed only and matches `synthmed sample --seed` for the same text
-            with torch.inference_mode():
-                output = sample(self.model, [prompt] * len(run), [modality] * len(run), negative=negative or None,
-                                guidance=guidance, steps=steps, seed=run[0], sampler=self.sampler, eta=self.eta,
-                                guidance_schedule=self.guidance_schedule, precision=self.precision,
-                                findings=[findings] * len(run) if findings is not None else None)
+            if reward_guide is not None:
+                output = self._guided(reward_guide, expected or {}, prompt, modality, run, negative, guidance, steps, findings)
+            else:
+                with torch.inference_mode():
+                    output = sample(self.model, [prompt] * len(run), [modality] * len(run), negative=negative or None,
+                                    guidance=guidance, steps=steps, seed=run[0], sampler=self.sampler, eta=self.eta,
+                                    guidance_schedule=self.guidance_schedule, precision=self.precision,
+                                    findings=[findings] * len(run) if findings is not None else None)
             for seed, image in zip(run, output.to_uint8([modality] * len(run), self.channels)):
                 path = out / f"{prefix}{modality}_seed{seed:06d}.png"
                 atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp))  # noqa: B023  (called at once)
@@ -74,6 +81,18 @@ class ImageGenerator:
                 arrays.append(image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2))
         images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
         return paths, images, time.perf_counter() - started
+
+    def _guided(self, guide, expected: Mapping[str, bool], prompt: str, modality: str, run: Sequence[int], negative: str,
+                guidance: float, steps: int, findings: Sequence[Mapping] | None) -> SampleOutput:
+        from rlhf.guidance import reward_guided_draw
+
+        n = len(run)
+        stated = guide.stated(expected, modality)
+        draw = reward_guided_draw(
+            self.model, guide, [prompt] * n, [modality] * n, [stated] * n, list(run),
+            lambda i, step: int(np.random.default_rng([int(run[i]), step, 29]).integers(2**31 - 1)), steps, guidance,
+            negatives=[negative] * n, findings=[findings] * n if findings is not None else None, batch_size=self.batch_size)
+        return SampleOutput(draw.images)
 
 
 def consecutive_runs(seeds: Sequence[int], limit: int) -> list[list[int]]:

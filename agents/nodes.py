@@ -44,6 +44,8 @@ def settings_from(cfg: AgentsConfig, trace_id: str, sample_steps: int, sample_gu
         "non_drawable": cfg.non_drawable,
         "default_severity": cfg.default_severity,
         "base_negative": base_negative,
+        "reward_guidance": cfg.reward_guidance,
+        "reward_guidance_views": cfg.reward_guidance_views,
         "stop_after": None,  # "compose_prompt": reason and compose only, draw nothing
     }
     unknown = set(given) - set(settings)
@@ -135,12 +137,27 @@ class Nodes:
         k = int(settings["candidates"])
         seeds = [int(settings["seed"]) + r * k + j for j in range(k)]
         modality = state["request"]["modality"]
+        scale = float(settings.get("reward_guidance") or 0.0)  # traces from before the setting have none
+        guide = expected = None
+        warnings = []
+        if scale > 0:
+            from rlhf.guidance import RewardGuide
+
+            guide = RewardGuide(self.verifier.findings, scale, int(settings.get("reward_guidance_views") or 4))
+            expected = self.verifier.expected(composition["findings"], modality, bool(state["pathology"].get("normal")))
+            if r == 0:
+                warnings.append(f"reward guidance (scale {scale:g}): the candidates were drawn towards the verifier's own "
+                                "finding classifier, so its verdict is not independent evidence; judge them with the held-out "
+                                "evaluator (`synthmed eval`, `synthmed bench graph --compare`)")
         paths, _, seconds = self.generator.draw(composition["prompt"], modality, seeds, Path(settings["out"]) / f"round{r}",
                                                 negative=composition["negative"], guidance=state["guidance"], steps=settings["steps"],
-                                                findings=composition["findings"])
+                                                findings=composition["findings"], reward_guide=guide, expected=expected)
         drawn = [{"round": r, "path": p, "seed": s, "prompt": composition["prompt"], "negative": composition["negative"],
-                  "guidance": state["guidance"], "steps": settings["steps"]} for p, s in zip(paths, seeds)]
-        return Step({"candidates": drawn, "round": r + 1}, f"round {r}: {k} candidate(s) in {seconds:.1f} s", generate_seconds=seconds)
+                  "guidance": state["guidance"], "steps": settings["steps"], **({"reward_guidance": scale} if guide else {})}
+                 for p, s in zip(paths, seeds)]
+        summary = f"round {r}: {k} candidate(s) in {seconds:.1f} s" + (f", reward-guided (scale {scale:g})" if guide else "")
+        return Step({"candidates": drawn, "round": r + 1, **({"warnings": warnings} if warnings else {})}, summary,
+                    generate_seconds=seconds)
 
     def verify(self, state: Mapping) -> Step:
         r = int(state["round"]) - 1

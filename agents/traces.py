@@ -223,7 +223,9 @@ def format_trace(trace: dict, hits_per_query: int = 3) -> str:
     refinements = {r["round"]: r for r in trace.get("refinements") or []}
     for verdict in trace.get("verdicts") or []:
         folders = sorted({str(Path(c["path"]).parent) for c in verdict["candidates"] if c.get("path")})
-        add(f"\n== round {verdict['round']}: {'pass' if verdict['passed'] else 'fail'}" + (f"  (images in {', '.join(folders)})" if folders else ""))
+        guided = {c.get("reward_guidance") for c in trace.get("candidates") or [] if c.get("round") == verdict["round"]} - {None}
+        add(f"\n== round {verdict['round']}: {'pass' if verdict['passed'] else 'fail'}"
+            + (f", reward-guided (scale {min(guided):g})" if guided else "") + (f"  (images in {', '.join(folders)})" if folders else ""))
         for c in verdict["candidates"]:
             checks = ", ".join(f"{f['name']}={'?' if f['probability'] is None else f['probability']:}"
                                f"{'' if f['pass'] is None else (' ok' if f['pass'] else ' FAIL')}" for f in c["findings"])

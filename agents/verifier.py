@@ -55,6 +55,11 @@ class Verifier:
         classifier = self.findings.classifiers.get(modality)
         return list(classifier.label_names) if classifier is not None else []
 
+    def expected(self, findings: Sequence[Mapping[str, Any]], modality: str, normal: bool = False) -> dict[str, bool]:
+        """label -> present / absent: what ``findings`` (and a whole-study ``normal``) ask of ``modality``'s classifier
+        (:func:`agents.reader.project`, the one reading every judge and reward guidance share)."""
+        return project(findings, self.labels(modality), self.lineage, normal=normal)
+
     def verify(self, images: torch.Tensor, prompt: str, modality: str, findings: Sequence[Mapping[str, Any]],
                paths: Sequence[str] | None = None, seeds: Sequence[int] | None = None, normal: bool = False) -> dict:
         """Verdict on candidates ``images`` ((B, 3, H, W) in [-1, 1]) drawn for ``prompt``.
@@ -66,7 +71,7 @@ class Verifier:
         n = images.shape[0]
         label_order = self.labels(modality)
         labels = set(label_order)
-        expected = project(findings, label_order, self.lineage, normal=normal)
+        expected = self.expected(findings, modality, normal)
         # named findings no label stands for (not even as a kind of it): listed as not checked
         unchecked = [f for f in findings if not f.get("uncertain") and not project([f], label_order, self.lineage)]
         probs: dict[str, np.ndarray] = {}

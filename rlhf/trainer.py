@@ -37,7 +37,8 @@ from generator.sampling import guided_conditioning, guided_prediction, initial_n
 
 from .config import DDPOConfig, SelectionConfig
 from .ddpo import (PerPromptStatTracker, batch_advantages, clip_advantages, findings_log_likelihood, gaussian_kl, group_advantages,
-                   guidance_shift, jittered_views, output_for_x0, ppo_clip_loss, predicted_x0)
+                   jittered_views, ppo_clip_loss)
+from .guidance import RewardGuide, reward_guided_draw
 
 log = logging.getLogger(__name__)
 
@@ -462,73 +463,30 @@ class DDPOTrainer:
                                 "add findings to improve.reward.weights")
         return scorer
 
-    def _guidance_gradient(self, x0: torch.Tensor, items: Sequence[Any], indices: Sequence[int], epoch: int, step: int,
-                           scorer) -> torch.Tensor:
-        """d/dx0 of each image's reward-classifier log likelihood of its request's findings, averaged over jittered views
-        drawn per sample (keyed by its global index, so any batching or split of ranks draws the same views)."""
-        views = self.selection.guidance_views
-        x0 = x0.detach().requires_grad_(True)
-        with torch.enable_grad():
-            images = self.model.decode(x0).float()
-            total = images.new_zeros(())
-            for modality in dict.fromkeys(it.modality for it in items):
-                rows = [i for i, it in enumerate(items) if it.modality == modality]
-                classifier = scorer.classifiers[modality]
-                seen = torch.cat([jittered_views(images[i:i + 1], views, torch.Generator().manual_seed(int(
-                    np.random.default_rng([self.cfg.seed, epoch, int(indices[i]), step, 29]).integers(2**31 - 1))),
-                    self.cfg.draft_view_shift, self.cfg.draft_view_zoom) for i in rows])  # sample-major: views of row 0 first
-                stated = self._stated([items[i] for i in rows], classifier.label_names).repeat_interleave(views, dim=0)
-                value, _ = findings_log_likelihood(classifier.differentiable_logits(seen), stated.to(seen.device))
-                total = total + value.sum() / views
-            (grad,) = torch.autograd.grad(total, x0)
-        return grad
-
     @torch.no_grad()
     def guided_drafts(self, items: Sequence[Any], indices: Sequence[int], epoch: int, progress: bool = True,
                       seeds: Sequence[int] | None = None) -> "GuidedDrafts":
-        """Stage 2's candidates with ``selection.source="guided"``: per item, a DDIM draw (eta 0, the rollouts' steps and
-        guidance) from the rollout's starting noise (``sample_seed`` of its global index; ``seeds``: these) in which every step's x0_hat
-        moves along the reward-role classifier's gradient (:func:`rlhf.ddpo.guidance_shift`). Returns the final latents,
-        the images and, per step, the state ``x_t`` and the guided output the step took (for ``selection.target=
-        "trajectory"``), all on the CPU. The evaluator never enters: the classifiers are the reward's, which refuses any
-        other role."""
+        """Stage 2's candidates with ``selection.source="guided"``: per item, a reward-guided DDIM draw
+        (:func:`rlhf.guidance.reward_guided_draw`: eta 0, the rollouts' steps and guidance) from the rollout's starting
+        noise (``sample_seed`` of its global index; ``seeds``: these), its views keyed by the global index too, so any
+        batching or split of ranks draws the same. Returns the final latents, the images and, per step, the state ``x_t``
+        and the guided output the step took (for ``selection.target="trajectory"``), all on the CPU. The evaluator never
+        enters: the classifiers are the reward's, which refuses any other role."""
         cfg, model = self.cfg, self.model
-        scorer = self._reward_scorer("improve.selection.source=guided")
-        scale = self.selection.guidance_scale
-        size = latent_size(model.cfg)
-        shape = (model.cfg.latent_channels, size, size)
-        scheduler = model.scheduler
-        scheduler.set_timesteps(cfg.steps)
-        kind = scheduler.config.prediction_type
-        finals, images, states, targets = [], [], [], []
+        guide = RewardGuide(self._reward_scorer("improve.selection.source=guided"), self.selection.guidance_scale,
+                            self.selection.guidance_views, cfg.draft_view_shift, cfg.draft_view_zoom)
         bar = tqdm(total=len(items), desc=f"epoch {epoch}: guided drafts", unit=" img", disable=not progress, leave=False)
         model.unet.eval()
         with merged_for_sampling(model.unet):
-            for start in range(0, len(items), cfg.sample_batch_size):
-                chunk = list(items[start:start + cfg.sample_batch_size])
-                rows = list(indices[start:start + len(chunk)])
-                noise_seeds = seeds[start:start + len(chunk)] if seeds is not None else [sample_seed(cfg.seed, epoch, i) for i in rows]
-                x = torch.cat([initial_noise(1, shape, s)[0] for s in noise_seeds]).to(model.device)
-                x = x * scheduler.init_noise_sigma
-                cond = guided_conditioning(model, [it.prompt for it in chunk], [it.modality for it in chunk],
-                                           [it.negative for it in chunk], cfg.guidance, [it.generator_findings for it in chunk])
-                chunk_states, chunk_targets = [], []
-                for j, t in enumerate(scheduler.timesteps):
-                    output = guided_prediction(model, x, t.expand(len(chunk)), cond, cfg.guidance)
-                    alpha = scheduler.alphas_cumprod[int(t)].to(x.device)
-                    x0 = predicted_x0(output.float(), x.float(), alpha, kind)
-                    x0 = x0 + guidance_shift(self._guidance_gradient(x0, chunk, rows, epoch, j, scorer), scale, alpha)
-                    guided = output_for_x0(x0, x.float(), alpha, kind)
-                    chunk_states.append(x.cpu())
-                    chunk_targets.append(guided.cpu())
-                    x = ddim_step_with_logprob(scheduler, guided, t, x, eta=0.0).prev_sample
-                states.append(torch.stack(chunk_states, dim=1))  # (b, T, C, h, w)
-                targets.append(torch.stack(chunk_targets, dim=1))
-                finals.append(x.cpu())
-                images.append(model.decode(x).float().cpu())
-                bar.update(len(chunk))
+            draw = reward_guided_draw(
+                model, guide, [it.prompt for it in items], [it.modality for it in items],
+                [guide.stated(dict(it.expected), it.modality) for it in items],
+                list(seeds) if seeds is not None else [sample_seed(cfg.seed, epoch, int(i)) for i in indices],
+                lambda i, step: int(np.random.default_rng([cfg.seed, epoch, int(indices[i]), step, 29]).integers(2**31 - 1)),
+                cfg.steps, cfg.guidance, negatives=[it.negative for it in items], findings=[it.generator_findings for it in items],
+                batch_size=cfg.sample_batch_size, keep_trajectory=True, on_batch=bar.update)
         bar.close()
-        return GuidedDrafts(torch.cat(finals), torch.cat(images), torch.cat(states), torch.cat(targets))
+        return GuidedDrafts(draw.finals, draw.images, draw.states, draw.targets)
 
     def selection_update(self, final_latents: torch.Tensor, items: Sequence[Any], rewards: np.ndarray, epoch: int,
                          progress: bool = True, trajectory: tuple[torch.Tensor, torch.Tensor] | None = None) -> UpdateStats:

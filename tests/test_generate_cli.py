@@ -73,3 +73,17 @@ def test_bad_requests_exit_2_with_a_clear_message(workdir, capsys, text, modalit
 def test_unknown_trace_is_a_clear_error(workdir, capsys):
     assert main(["trace", "show", "nope", *overrides(workdir)[2:3]]) == 2
     assert "no trace" in capsys.readouterr().err
+
+
+def test_reward_guidance_from_the_command_line(workdir, capsys):
+    code, record, _ = generate(workdir, capsys, "large left pleural effusion, no pneumothorax", "--modality", "cxr", "--steps", "3",
+                               "--max-rounds", "1", "--seed", "3", "--reward-guidance", "0.1", "--json")
+    assert code == 0 and record["images"] and all(Path(p).is_file() for p in record["images"])
+    assert any(w.startswith("reward guidance (scale 0.1)") for w in record["warnings"])
+    assert main(["trace", "show", record["trace_id"], "--json", *overrides(workdir)[2:3]]) == 0
+    trace = json.loads(capsys.readouterr().out)
+    assert trace["settings"]["reward_guidance"] == 0.1
+    assert trace["candidates"] and all(c["reward_guidance"] == 0.1 for c in trace["candidates"])
+
+    code, _, err = generate(workdir, capsys, "left pleural effusion", "--modality", "cxr", "--reward-guidance", "-1")
+    assert code == 2 and "--reward-guidance must be a scale >= 0" in err

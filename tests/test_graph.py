@@ -288,3 +288,58 @@ def test_a_prompt_longer_than_the_generator_reads_is_warned_of(tmp_path, reasone
     finally:
         encoder.max_length = 16
     assert not [w for w in state["warnings"] if w.startswith("prompt truncated by the generator")]
+
+
+def test_reward_guidance_draws_each_candidate_towards_what_the_request_states_and_says_so(tmp_path, reasoner, generator,
+                                                                                          reward_scorer):
+    from types import SimpleNamespace
+
+    from rlhf.guidance import RewardGuide
+
+    saver = open_checkpointer(tmp_path / "traces.sqlite")
+    graph = build_graph(reasoner, generator, verifier_with(reward_scorer, 1.0, 0.0), saver)  # fails: every round drawn
+    text = "Chest X-ray: large left pleural effusion. No pneumothorax."
+    cfg = AgentsConfig(candidates=3, steps=3, max_rounds=1, out=str(tmp_path / "images"))
+    plain = run(graph, text, "cxr", tmp_path, trace_id="plain", cfg=cfg)
+    guided = run(graph, text, "cxr", tmp_path, trace_id="guided", cfg=cfg, reward_guidance=0.5)
+    saver.conn.close()
+    assert plain["settings"]["reward_guidance"] == 0 and guided["settings"]["reward_guidance"] == 0.5
+    assert [c["seed"] for c in guided["candidates"]] == [c["seed"] for c in plain["candidates"]]
+    assert all(c["reward_guidance"] == 0.5 for c in guided["candidates"])
+    assert not any("reward_guidance" in c for c in plain["candidates"])
+    assert any("reward guidance (scale 0.5)" in w and "not independent evidence" in w for w in guided["warnings"])
+    assert not any("reward guidance" in w for w in plain["warnings"])
+    trace = format_trace(show_trace(tmp_path / "traces.sqlite", "guided"))
+    assert "reward-guided (scale 0.5)" in trace and "not independent evidence" in trace
+    # the candidates are the guided sampler's, from the composed prompt, the candidates' seeds and what the verifier reads
+    # the request to state (this tiny classifier is too flat to show the likelihood rising; tests/test_guided.py shows it
+    # on trained ones, through the same function)
+    from agents.drawing import read_images
+
+    guide = RewardGuide(reward_scorer, 0.5)
+    expected = {"pleural_effusion": True, "pneumothorax": False}
+    composition = guided["composition"]
+    _, again, _ = generator.draw(composition["prompt"], "cxr", [c["seed"] for c in guided["candidates"]], tmp_path / "again",
+                                 negative=composition["negative"], guidance=guided["guidance"], steps=3, reward_guide=guide,
+                                 expected=expected)
+    drawn = read_images([c["path"] for c in guided["candidates"]])
+    assert torch.equal(drawn, again)
+    assert (drawn - read_images([c["path"] for c in plain["candidates"]])).abs().mean() > 0.01
+
+    # each image depends on its own seed only, whatever the batch (its views are drawn from its seed too)
+    one_by_one = ImageGenerator(generator.model, generator.channels, batch_size=1)
+    _, batched, _ = generator.draw("left pleural effusion", "cxr", [4, 5, 6], tmp_path / "b", steps=3, reward_guide=guide,
+                                   expected=expected)
+    _, single, _ = one_by_one.draw("left pleural effusion", "cxr", [5, 6, 4], tmp_path / "s", steps=3, reward_guide=guide,
+                                   expected=expected)
+    assert (batched - single[[2, 0, 1]]).abs().max() <= 2 / 127.5  # the same up to a rounding at 8 bits
+
+    # the held-out evaluator never guides; a modality without a reward classifier is one clear error
+    with pytest.raises(ValueError, match="held-out evaluator must never guide"):
+        RewardGuide(SimpleNamespace(role="evaluator", classifiers={}), 0.1)  # an evaluator-role scorer, as rlhf.classifiers builds
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        RewardGuide(reward_scorer, 0.0)
+    from generator.errors import UserError
+
+    with pytest.raises(UserError, match="no reward-role finding classifier for modality 'oct'"):
+        generator.draw("macular hole", "oct", [0], tmp_path / "o", steps=2, reward_guide=guide, expected={})

@@ -27,6 +27,7 @@ import psutil
 from tqdm import tqdm
 
 from generator.data import iter_manifest
+from generator.errors import UserError
 from generator.phantoms import make_phantom, phantom_modalities
 from generator.phantoms.dataset import study_seed
 from PIL import Image
@@ -69,6 +70,9 @@ def register(groups, formatter) -> None:
     a.add_argument("--skip-per-modality", type=int, default=0, help="compare: leave out the first N eligible requests of each modality (a second, disjoint sample)")
     a.add_argument("--direct-seeds", type=int, default=4, help="compare: images per request drawn from the raw text")
     a.add_argument("--model", default=None, help="generator folder (default: train.out, the shipped model)")
+    a.add_argument("--reward-guidance", type=float, default=None, metavar="SCALE",
+                   help="compare: the graph draws its candidates with reward guidance at SCALE (config: agents.reward_guidance); "
+                        "the raw text is drawn without it")
     a.add_argument("--out", default=None, help="compare: folder for images, traces and bench.json (default: runs/bench-graph-<time>)")
     a.add_argument("--json", action="store_true", help="print one JSON object")
     a.set_defaults(handler=_graph_bench)
@@ -229,14 +233,17 @@ def _graph_bench(args, extra) -> int:
     from ..agent import build_agent
     from ..graph_bench import compare, load_requests, overhead
 
-    cfg = resolve_config(args, extra)
+    if args.reward_guidance is not None and not args.reward_guidance >= 0:
+        raise UserError(f"--reward-guidance must be a scale >= 0 (0.1 is the measured setting; 0: off), got {args.reward_guidance}")
+    cfg = resolve_config(args, extra, {"agents.reward_guidance": args.reward_guidance})
     requests = load_requests(args.requests)
     out = Path(args.out or f"runs/bench-graph-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     agent = build_agent(cfg, args.model, draw=args.compare, traces=str(out / "traces.sqlite"), progress=not args.json)
     try:
         agent.run(requests[0]["text"], requests[0]["modality"], trace_id="warm-up", stop_after="compose_prompt")
-        report = {"overhead": overhead(agent, requests, args.repeats, progress=not args.json), "build_seconds": agent.timings}
+        report = {"overhead": overhead(agent, requests, args.repeats, progress=not args.json), "build_seconds": agent.timings,
+                  "reward_guidance": cfg.agents.reward_guidance}
         if args.compare:
             from rlhf.classifiers import load_finding_scorer
 
@@ -257,7 +264,9 @@ def _graph_bench(args, extra) -> int:
     if "compare" in report:
         rows = [[m, s["requests"], s["graph"], s["composed_only"], s["direct"], s["difference"], s["difference_95ci"], s["mean_rounds"]]
                 for m, s in report["compare"]["summary"].items()]
-        print("share of images showing the requested findings (held-out evaluator):")
+        print("share of images showing the requested findings (held-out evaluator)"
+              + (f"; the graph's candidates reward-guided at scale {cfg.agents.reward_guidance:g}, the raw text's not:"
+                 if cfg.agents.reward_guidance else ":"))
         print(table(rows, ["modality", "requests", "graph", "composed prompt only", "raw text", "graph - raw", "95% CI", "rounds"]))
     print(f"-> {out / 'bench.json'}")
     return 0

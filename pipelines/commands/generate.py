@@ -28,6 +28,10 @@ def register(groups, formatter) -> None:
     p.add_argument("--max-rounds", type=int, default=None, help="generate-verify rounds in all (default: agents.max_rounds)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: agents.steps, else sample.steps)")
     p.add_argument("--guidance", type=float, default=None, help="first round's guidance scale (default: sample.guidance)")
+    p.add_argument("--reward-guidance", type=float, default=None, metavar="SCALE",
+                   help="draw every candidate with reward guidance at SCALE (0.1 is the loop's measured setting; 0: off; "
+                        "config: agents.reward_guidance). Each step moves the image towards the stated findings by the "
+                        "verifier's own classifier, so the verdict is then not independent evidence")
     p.add_argument("--out", default=None, help="folder for the images (default: agents.out/<trace id>)")
     p.add_argument("--model", default=None, help="generator folder (default: train.out, the shipped model)")
     p.add_argument("--lora", nargs="+", help="LoRA adapters on the generator: files, a run's final/ or best/, or a "
@@ -61,9 +65,11 @@ def _generate(args, extra) -> int:
     agent = build_agent(cfg, args.model, draw=not args.dry_run)
     try:
         settings = {"n": args.n, "seed": args.seed, "max_rounds": args.max_rounds, "steps": args.steps, "guidance": args.guidance,
-                    "out": args.out, "stop_after": "compose_prompt" if args.dry_run else None}
+                    "out": args.out, "stop_after": "compose_prompt" if args.dry_run else None, "reward_guidance": args.reward_guidance}
         if args.n is not None and args.n < 1:
             raise UserError(f"--n must be at least 1, got {args.n}")
+        if args.reward_guidance is not None and not args.reward_guidance >= 0:
+            raise UserError(f"--reward-guidance must be a scale >= 0 (0.1 is the measured setting; 0: off), got {args.reward_guidance}")
         state = agent.run(args.text, args.modality, **settings)
     finally:
         agent.close()
