@@ -893,18 +893,33 @@ class Judge:
 class SamplerDrawer:
     """Draws batches straight from the generator (``generator.sampling.sample``), seeds chosen per image."""
 
-    def __init__(self, model, cfg):
+    def __init__(self, model, cfg, guide=None):
         self.model = model
         self.sample_cfg = cfg.sample
         self.channels = {m: spec.channels for m, spec in cfg.data.modalities.items()}
+        self.guide = guide  # rlhf.guidance.RewardGuide: draw with reward guidance (synthesize.reward_guidance)
+        self.batch_size = cfg.synthesize.batch_size or cfg.sample.batch_size
 
     def draw(self, slots: Sequence[Slot], seeds: Sequence[int]):
-        """(B, 3, H, W) in [-1, 1]; one sampler call per run of consecutive seeds (image i of a call uses seed + i)."""
+        """(B, 3, H, W) in [-1, 1]; one sampler call per run of consecutive seeds (image i of a call uses seed + i). With a
+        reward guide: each image reward-guided from its own seed (its noise and views), DDIM eta 0."""
         import torch
 
         from generator.sampling import sample
 
         sc = self.sample_cfg
+        if self.guide is not None:
+            import numpy as np
+
+            from rlhf.guidance import reward_guided_draw
+
+            draw = reward_guided_draw(
+                self.model, self.guide, [s.request.prompt for s in slots], [s.request.modality for s in slots],
+                [self.guide.stated(s.request.expected, s.request.modality) for s in slots], [int(x) for x in seeds],
+                lambda i, step: int(np.random.default_rng([int(seeds[i]), step, 29]).integers(2**31 - 1)), sc.steps, sc.guidance,
+                negatives=[" ".join(x for x in (s.request.negative, sc.negative) if x) for s in slots],
+                findings=[s.request.generator_findings for s in slots], batch_size=self.batch_size)
+            return draw.images
         parts, start = [], 0
         while start < len(slots):
             end = start + 1
@@ -1103,12 +1118,19 @@ def run_identity(spec_path: Path, slots: Sequence[Slot], cfg, model_info: dict, 
         "requests_sha256": requests, "images": len(slots), "seed": seed, "format": sc.format, "through_graph": through_graph,
         "model_sha256": model_info["sha256"], "adapters_sha256": [a["sha256"] for a in model_info["adapters"]],
         "sampler": {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance, "guidance_schedule": s.guidance_schedule, "eta": s.eta,
-                    "negative": s.negative, "precision": s.precision},
+                    "negative": s.negative, "precision": s.precision, **reward_guidance_identity(cfg, through_graph)},
         "gate": {"max_tries": sc.max_tries, "threshold": sc.memorisation_threshold if sc.memorisation_threshold is not None
                  else cfg.judges.eval.memorisation_pixel_threshold, "require_verifier_pass": sc.require_verifier_pass},
         "spec": str(spec_path), "model": model_info["path"], "adapters": [a["path"] for a in model_info["adapters"]],
         "version": synthmed_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def reward_guidance_identity(cfg, through_graph: bool) -> dict:
+    """The reward guidance a run draws with, for its identity: nothing when off (so folders made before it resume)."""
+    scale, views = ((cfg.agents.reward_guidance, cfg.agents.reward_guidance_views) if through_graph
+                    else (cfg.synthesize.reward_guidance, cfg.synthesize.reward_guidance_views))
+    return {"reward_guidance": scale, "reward_guidance_views": views} if scale > 0 else {}
 
 
 def launched_processes(cpu: bool) -> tuple[int, int]:
@@ -1285,6 +1307,14 @@ def _draw(cfg, slots: Sequence[Slot], mine: Sequence[Slot], folder: OutputFolder
             raise UserError(f"no training images of {', '.join(missing)} to check memorisation against ({note}); pass --train-data "
                             "with the generator's training manifests, or set --synthesize.require_training_images=false")
         verifier = build_verifier(cfg, device) if sc.verifier else None
+        if sc.reward_guidance > 0 and not through_graph:  # the verifier's own classifiers guide (the evaluator never does)
+            from rlhf.classifiers import load_finding_scorer
+            from rlhf.guidance import RewardGuide
+
+            scorer = verifier.findings if verifier is not None else load_finding_scorer("reward", cfg.judges.classifier.out, device=device)
+            drawer.guide = RewardGuide(scorer, sc.reward_guidance, sc.reward_guidance_views)
+            for m in modalities:
+                drawer.guide.labels(m)  # a modality without a reward classifier: one clear error before anything is drawn
         judge = Judge(cfg, train_images, verifier, load_evaluators(cfg, modalities, device), note)
         return draw_slots(mine, slots, drawer, judge, folder, cfg, model_info, sc.seed, progress)
     finally:

@@ -339,3 +339,27 @@ def test_a_lora_adapter_is_applied_and_named_in_every_record(work, capsys, train
     assert code == 0, err
     with Image.open(plain / checks(plain)[0]["path"]) as im:
         assert not np.array_equal(np.asarray(im), with_lora)
+
+
+def test_reward_guidance_draws_towards_each_requests_findings_and_is_part_of_the_run(work, capsys, train_manifest):
+    spec = write(work / "guided.csv", "text,modality,n\nLarge left pleural effusion. No pneumothorax.,cxr,2\n"
+                 "Several hard exudates.,fundus,2\n")
+    folders = {}
+    for name, extra in (("plain", []), ("guided", ["--reward-guidance", "0.3"])):
+        folders[name] = work / f"rg_{name}"
+        code, _, err = run(capsys, spec, "--out", folders[name], "--train-data", train_manifest, *FAST, *extra)
+        assert code == 0, err
+
+    def present_probability(folder) -> float:  # the verifier's probability of each requested finding, over the images
+        return float(np.mean([r["probability"] for c in checks(folder) for r in c["verdict"]["findings"] if r["expected"] == "present"]))
+
+    plain, guided = checks(folders["plain"]), checks(folders["guided"])
+    assert [c["seed"] for c in guided] == [c["seed"] for c in plain] and [c["expected"] for c in guided] == [c["expected"] for c in plain]
+    assert present_probability(folders["guided"]) > present_probability(folders["plain"]) + 0.05
+    assert json.loads((folders["guided"] / "synthesize.json").read_text())["sampler"]["reward_guidance"] == 0.3
+    assert "reward_guidance" not in json.loads((folders["plain"] / "synthesize.json").read_text())["sampler"]
+    # the guidance is part of what the run is: resuming the guided folder without it is another run
+    code, _, err = run(capsys, spec, "--out", folders["guided"], "--train-data", train_manifest, "--resume", *FAST)
+    assert code == 2 and "sampler" in err
+    code, _, err = run(capsys, spec, "--out", work / "rg_bad", "--reward-guidance", "-0.5", *FAST)
+    assert code == 2 and "--reward-guidance must be a scale >= 0" in err

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from generator.errors import UserError
+
 from .common import add_config_argument, resolve_config
 
 
@@ -30,6 +32,10 @@ def register(groups, formatter) -> None:
                    "`synthmed improve` run folder (default: sample.lora)")
     p.add_argument("--through-graph", action="store_true",
                    help="draw each request through the agent graph (grounding, verify, refine) instead of straight from the sampler")
+    p.add_argument("--reward-guidance", type=float, default=None, metavar="SCALE",
+                   help="draw every image with reward guidance at SCALE (0.1 is the loop's measured setting; 0: off): each step moves "
+                        "it towards its request's findings by the reward-role classifiers, the verifier's own, so the verdict is "
+                        "then not independent (config: synthesize.reward_guidance; agents.reward_guidance with --through-graph)")
     p.add_argument("--model", default=None, help="generator folder (default: train.out, the shipped model)")
     p.add_argument("--train-data", nargs="+", help="manifests of the generator's training images for the memorisation gate "
                    "(default: those its metadata.json names, or its phantom set, drawn again if absent)")
@@ -43,8 +49,12 @@ def register(groups, formatter) -> None:
 def _synthesize(args, extra) -> int:
     from ..synthesize import synthesize
 
+    if args.reward_guidance is not None and not args.reward_guidance >= 0:
+        raise UserError(f"--reward-guidance must be a scale >= 0 (0.1 is the measured setting; 0: off), got {args.reward_guidance}")
+    guidance_key = "agents.reward_guidance" if args.through_graph else "synthesize.reward_guidance"
     cfg = resolve_config(args, extra, {"synthesize.seed": args.seed, "synthesize.format": args.format,
-                                       "synthesize.batch_size": args.batch_size, "sample.lora": args.lora})
+                                       "synthesize.batch_size": args.batch_size, "sample.lora": args.lora,
+                                       guidance_key: args.reward_guidance})
     result = synthesize(cfg, args.spec, args.out, model_dir=args.model, train_data=args.train_data, through_graph=args.through_graph,
                         resume=args.resume, progress=not (args.no_progress or args.json))
     if result.get("rank"):  # another process's shard: rank 0 reports the run
