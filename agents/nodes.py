@@ -147,8 +147,8 @@ class Nodes:
             expected = self.verifier.expected(composition["findings"], modality, bool(state["pathology"].get("normal")))
             if r == 0:
                 warnings.append(f"reward guidance (scale {scale:g}): the candidates were drawn towards the verifier's own "
-                                "finding classifier, so its verdict is not independent evidence; judge them with the held-out "
-                                "evaluator (`synthmed eval`, `synthmed bench graph --compare`)")
+                                "finding classifier, so its verdict is not independent evidence; the held-out evaluator judges "
+                                "them in `synthmed bench graph --compare` and in `synthmed synthesize`'s checks")
         paths, _, seconds = self.generator.draw(composition["prompt"], modality, seeds, Path(settings["out"]) / f"round{r}",
                                                 negative=composition["negative"], guidance=state["guidance"], steps=settings["steps"],
                                                 findings=composition["findings"], reward_guide=guide, expected=expected)
