@@ -144,3 +144,15 @@ def test_contact_sheet(tmp_path):
     with Image.open(out) as im:
         assert im.size[0] > 400 and im.size[1] > 300
         assert np.asarray(im.convert("L")).std() > 10
+
+
+def test_a_finding_stated_without_a_location_is_drawn_at_one_on_its_side():
+    from generator.phantoms import Finding, make_phantom
+
+    for seed in range(6):  # a request worded without a location (a model trained on reports asks for "consolidation")
+        study = make_phantom("cxr", [Finding("consolidation", side="right", severity="moderate")], size=64, seed=seed)
+        (drawn,) = [f for f in study.findings if f.present]
+        assert drawn.location.startswith("right_")
+        assert make_phantom("fundus", [Finding("microaneurysms")], size=64, seed=seed).findings[0].location
+    stated = Finding("consolidation", location="left_lower_lobe", severity="mild")  # fully stated: drawn as before
+    assert make_phantom("cxr", [stated], size=64, seed=1).findings[0].location == "left_lower_lobe"

@@ -94,8 +94,7 @@ def make_phantom(
     drawn_here: list[Finding] = []  # findings given by name, whose attributes are drawn here
     for item in findings:
         if isinstance(item, Finding):
-            spec.finding(item.name)  # validates the name
-            requested.append(item.copy())
+            requested.append(with_location(item.copy(), spec.finding(item.name), attribute_rng))  # validates the name
         elif item != NORMAL:
             requested.append(sample_attributes(spec.finding(item), attribute_rng))
             drawn_here.append(requested[-1])
@@ -119,6 +118,18 @@ def make_phantom(
         spec, rendered.findings, report_rng, negatives=negatives, report_words=rendered.report_words
     )
     return PhantomStudy(image, text, modality, all_findings, dict(rendered.measurements))
+
+
+def with_location(f: Finding, spec: FindingSpec, rng: np.random.Generator) -> Finding:
+    """``f`` with a location drawn from what its finding allows when it has none and the finding takes one (the renderers
+    place such findings by location); one on ``f``'s side where locations name sides. A request worded without a location
+    (a model trained on reports asks for "consolidation" alone) is drawn rather than refused; ``rng`` is not used when
+    nothing is missing, so fully stated findings draw as before."""
+    if f.location is None and spec.locations:
+        sided = [loc for loc in spec.locations if f.side in ("left", "right") and loc.startswith(f.side)]
+        options = sided or list(spec.locations)
+        f.location = str(options[rng.integers(len(options))])
+    return f
 
 
 __all__ = [

@@ -183,6 +183,7 @@ def _generate_page(settings: DashboardSettings, agents: AgentCache, guard: FileG
                 steps = gr.Number(label="steps (0: profile's)", value=0, precision=0)
                 guidance = gr.Number(label="guidance (0: profile's)", value=0)
                 rounds = gr.Number(label="rounds", value=2, precision=0)
+                reward = gr.Number(label="reward guidance (0: off; 0.1 measured)", value=0, minimum=0, elem_id="gen-reward-guidance")
             go_button = gr.Button("Generate", variant="primary", elem_id="gen-go")
         with gr.Column(scale=1):
             final = gr.Image(label="final image", type="filepath", interactive=False, elem_id="gen-final")
@@ -200,7 +201,8 @@ def _generate_page(settings: DashboardSettings, agents: AgentCache, guard: FileG
     verdicts = gr.Dataframe(headers=["round", "image", "passed", "score", "checks", "quality"], label="verifier's verdicts",
                             interactive=False, wrap=True)
 
-    def run(text_value, modality_value, profile_value, lora_value, seed_value, steps_value, guidance_value, rounds_value):
+    def run(text_value, modality_value, profile_value, lora_value, seed_value, steps_value, guidance_value, rounds_value,
+            reward_value=0):
         from .streaming import (
             CANDIDATE_COLUMNS,
             FINDING_COLUMNS,
@@ -223,7 +225,8 @@ def _generate_page(settings: DashboardSettings, agents: AgentCache, guard: FileG
             agent = agents.get(profile_value or settings.profile, lora_path)
             overrides = {"seed": int(seed_value) if seed_value is not None else None,
                          "steps": int(steps_value) if steps_value else None, "guidance": float(guidance_value) if guidance_value else None,
-                         "max_rounds": int(rounds_value) if rounds_value else None}
+                         "max_rounds": int(rounds_value) if rounds_value else None,
+                         "reward_guidance": max(0.0, float(reward_value or 0))}  # the verifier's classifier guides; the page says so
             for _nodes, state in stream_request(agent, text_value, modality_value, **overrides):
                 report_text, prompt_text, negative_text = composition_texts(state)
                 image = final_image(state)
@@ -237,7 +240,7 @@ def _generate_page(settings: DashboardSettings, agents: AgentCache, guard: FileG
             yield (_error(exc), *[gr.skip()] * 9)
 
     # one request at a time through the (not thread-safe) models; the other pages stay responsive meanwhile
-    go_button.click(run, [text, modality, profile, lora, seed, steps, guidance, rounds],
+    go_button.click(run, [text, modality, profile, lora, seed, steps, guidance, rounds, reward],
                     [progress, final, trace_id, findings, hits, report, prompt, negative, candidates, verdicts], api_name="generate",
                     concurrency_limit=1, concurrency_id="agent")
 
