@@ -636,6 +636,8 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
                 lines.append(guided_heldout(trainer, heldout, parts, cfg, progress))
             if test:
                 lines.append(test_evaluation(0, "base"))
+                if ic.selection.draws_guided:  # the guided sampler on the untouched requests too (nothing decides by it)
+                    lines.append({"kind": "test", "epoch": 0, "adapter": "guided", **guided_test_set(trainer, test, parts, cfg, progress)})
         finish_epoch(0, lines, [])
         start_epoch = 1
     for epoch in range(start_epoch, ic.ddpo.epochs + 1):
@@ -794,9 +796,11 @@ def load_adapter_folder(model, folder: Path) -> None:
         load_finding_table(model, folder / FINDING_TABLE_FILE)
 
 
-def judge_test_set(model, test: Sequence[Any], parts: Parts, cfg: SynthmedConfig, adapter: str, progress: bool = True) -> dict:
+def judge_test_set(model, test: Sequence[Any], parts: Parts, cfg: SynthmedConfig, adapter: str, progress: bool = True,
+                   images=None) -> dict:
     """The untouched test prompts with the model as it stands (``adapter`` names it: base, best or final), judged as the
-    held-out set is but with their own image seeds (``improve.eval.test_seed``). Nothing reads these figures to decide."""
+    held-out set is but with their own image seeds (``improve.eval.test_seed``); ``images``: judge these instead (drawn
+    for the test prompts, ``images_per_prompt`` each). Nothing reads these figures to decide."""
     from generator.lora import merged_for_sampling
     from rlhf.heldout import heldout_evaluation
 
@@ -804,9 +808,23 @@ def judge_test_set(model, test: Sequence[Any], parts: Parts, cfg: SynthmedConfig
     with merged_for_sampling(model.unet):
         result = heldout_evaluation(model, test, parts.judges, parts.reference, ic.eval.model_copy(update={"seed": ic.eval.test_seed}),
                                     cfg.judges.eval, ic.ddpo.guidance, parts.train_images, ic.ddpo.sample_batch_size, progress,
-                                    label=f"test eval ({adapter})")
+                                    label=f"test eval ({adapter})", images=images)
     result.pop("images")
     return result
+
+
+def guided_test_set(trainer, test: Sequence[Any], parts: Parts, cfg: SynthmedConfig, progress: bool = True) -> dict:
+    """The untouched test prompts drawn by stage 2's reward-guided sampler on the base (their own seeds, as the
+    held-out set's ``guided`` line draws its own), judged like the other test rows: the ``test`` line of adapter
+    ``guided``. What a user of the guided sampler gets on requests nothing was tuned on."""
+    ic = cfg.improve
+    expanded = [it for it in test for _ in range(ic.eval.images_per_prompt)]
+    started = time.perf_counter()
+    drafts = trainer.guided_drafts(expanded, list(range(len(expanded))), 0, progress,
+                                   seeds=[ic.eval.test_seed + i for i in range(len(expanded))])
+    result = judge_test_set(trainer.model, test, parts, cfg, "guided", progress, images=drafts.images)
+    return {"scale": ic.selection.guidance_scale, "views": ic.selection.guidance_views, **result,
+            "seconds": round(time.perf_counter() - started, 2)}
 
 
 def evaluate_test_set(run: Path, progress: bool = True) -> dict:
@@ -826,6 +844,14 @@ def evaluate_test_set(run: Path, progress: bool = True) -> dict:
         raise UserError(f"test combinations {sorted(leaked)[:3]} are training combinations of {run}'s config; not a test set")
     model = parts.model
     results = [{"adapter": "base", "epoch": 0, **judge_test_set(model, test, parts, cfg, "base", progress)}]
+    if cfg.improve.selection.draws_guided:  # the run drew guided drafts: its guided sampler on the base, as its test line
+        from accelerate import Accelerator
+
+        from rlhf.trainer import DDPOTrainer
+
+        ic = cfg.improve
+        trainer = DDPOTrainer(model, parts.reward, ic.ddpo, ic.selection, Accelerator(cpu=True), parts.selector_threshold)
+        results.append({"adapter": "guided", "epoch": 0, **guided_test_set(trainer, test, parts, cfg, progress)})
     for name in ("best", "final"):
         folder = run / name
         if not (folder / "lora.safetensors").is_file():

@@ -272,13 +272,13 @@ GAIN_METRICS = ("all_requested_shown", "requested_shown", "finding_accuracy", "f
 
 
 def test_rows(records: list[dict], modalities: list[str]) -> list[dict[str, Any]]:
-    """The untouched test prompts' figures (``test`` lines: the base at epoch 0, final/ and best/ at the end; the last line
-    per adapter counts), base first: ``[{"adapter", "epoch", "overall", "all_requested_shown": {modality: share}}]``."""
+    """The untouched test prompts' figures (``test`` lines: the base at epoch 0, with guided drafts also the base drawn
+    by the guided sampler (adapter ``guided``), final/ and best/ at the end; the last line per adapter counts), base first: ``[{"adapter", "epoch", "overall", "all_requested_shown": {modality: share}}]``."""
     last: dict[str, dict] = {}
     for r in records:
         if r.get("kind") == "test":
             last[r.get("adapter", "?")] = r
-    order = {"base": 0, "best": 1, "final": 2}
+    order = {"base": 0, "guided": 1, "best": 2, "final": 3}
     return [{"adapter": a, "epoch": r.get("epoch"), "overall": dict(r.get("overall") or {}),
              "all_requested_shown": {m: ((r.get("per_modality") or {}).get(m) or {}).get("all_requested_shown") for m in modalities}}
             for a, r in sorted(last.items(), key=lambda kv: order.get(kv[0], 3))]

@@ -2,6 +2,8 @@
 drafts (deterministic, batch-independent, the unguided DDIM draw as the scale goes to 0, a higher reward-classifier
 likelihood than the unguided draw), and a real `synthmed improve` run that distils them."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -134,7 +136,8 @@ def test_a_guided_run_distils_its_drafts_and_logs_them(base_model, tmp_path, cap
     profile = write_profile(tmp_path, settings(base_model, **{"improve.selection.source": "guided", "improve.ddpo.epochs": 1,
                                                              "improve.selection.max_per_epoch": 4, "improve.selection.passes": 2,
                                                              "improve.selection.fit": "guided",
-                                                             "improve.eval.reference_per_request": 0}))
+                                                             "improve.eval.reference_per_request": 0,
+                                                             "improve.prompts.test_per_modality": 1}))
     run = tmp_path / "run"
     assert cli(["improve", "--config", str(profile), "--run-dir", str(run), "--no-progress"]) == 0, capsys.readouterr().err
     assert "guided drafts" in capsys.readouterr().out
@@ -155,4 +158,12 @@ def test_a_guided_run_distils_its_drafts_and_logs_them(base_model, tmp_path, cap
     shown = capsys.readouterr().out
     assert "guided findings" in shown  # the drafts' reward beside the rollouts'
     assert "reward-guided drafts of the base" in shown and "guided " in shown.split("seconds per epoch")[1]
+    # the untouched test prompts drawn by the guided sampler on the base: a test row, which `runs test` reproduces
+    tested = {r["adapter"]: r for r in records if r["kind"] == "test"}
+    assert {"base", "guided", "final"} <= set(tested) and tested["guided"]["epoch"] == 0
+    assert tested["guided"]["scale"] == 0.1 and tested["guided"]["overall"] != tested["base"]["overall"]
+    assert "base, reward-guided (epoch 0)" in shown.split("untouched test prompts")[1]
+    assert cli(["runs", "test", str(run), "--json"]) == 0
+    again = {r["adapter"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    assert again["guided"]["overall"] == tested["guided"]["overall"] and again["base"]["overall"] == tested["base"]["overall"]
 

@@ -64,7 +64,7 @@ def _improve(args, extra) -> int:
     tested = {t["adapter"]: t["overall"].get("all_requested_shown") for t in test_rows(read_metrics(root), [])}
     if tested:
         print("untouched test prompts, every requested finding shown: "
-              + ", ".join(f"{a} {'-' if v is None else f'{v:.3f}'}" for a, v in tested.items()))
+              + ", ".join(f"{'base reward-guided' if a == 'guided' else a} {'-' if v is None else f'{v:.3f}'}" for a, v in tested.items()))
     print(f"logs:     {root / 'metrics.jsonl'}, {root / 'samples.jsonl'}")
     print(f"plots:    {root / 'plots'}  (reward.png, heldout.png, training.png)")
     print(f"grids:    {root / 'grids'}, {root / 'heldout'}")

@@ -255,7 +255,8 @@ def _epochs_table(run: dict) -> str:
 
 def _test_table(run: dict) -> str:
     mods = run["modalities"]
-    rows = [[f"{t['adapter']} (epoch {t['epoch']})", *(_fmt(t["overall"].get(k)) for k, _ in EVAL_COLUMNS),
+    rows = [["base, reward-guided (epoch 0)" if t["adapter"] == "guided" else f"{t['adapter']} (epoch {t['epoch']})",
+             *(_fmt(t["overall"].get(k)) for k, _ in EVAL_COLUMNS),
              *(_fmt(t["all_requested_shown"].get(m)) for m in mods)] for t in run["test"]]
     return ("untouched test prompts (the held-out combinations worded and seeded apart; nothing that decides reads them: "
             "not best/, not the guard)\n" + table(rows, ["adapter", *(h for _, h in EVAL_COLUMNS), *(f"{m} shown" for m in mods)]))
