@@ -84,13 +84,12 @@ class ImageGenerator:
 
     def _guided(self, guide, expected: Mapping[str, bool], prompt: str, modality: str, run: Sequence[int], negative: str,
                 guidance: float, steps: int, findings: Sequence[Mapping] | None) -> SampleOutput:
-        from rlhf.guidance import reward_guided_draw
+        from rlhf.guidance import reward_guided_draw, views_of_seeds
 
         n = len(run)
         stated = guide.stated(expected, modality)
         draw = reward_guided_draw(
-            self.model, guide, [prompt] * n, [modality] * n, [stated] * n, list(run),
-            lambda i, step: int(np.random.default_rng([int(run[i]), step, 29]).integers(2**31 - 1)), steps, guidance,
+            self.model, guide, [prompt] * n, [modality] * n, [stated] * n, list(run), views_of_seeds(run), steps, guidance,
             negatives=[negative] * n, findings=[findings] * n if findings is not None else None, batch_size=self.batch_size)
         return SampleOutput(draw.images)
 

@@ -909,14 +909,12 @@ class SamplerDrawer:
 
         sc = self.sample_cfg
         if self.guide is not None:
-            import numpy as np
-
-            from rlhf.guidance import reward_guided_draw
+            from rlhf.guidance import reward_guided_draw, views_of_seeds
 
             draw = reward_guided_draw(
                 self.model, self.guide, [s.request.prompt for s in slots], [s.request.modality for s in slots],
                 [self.guide.stated(s.request.expected, s.request.modality) for s in slots], [int(x) for x in seeds],
-                lambda i, step: int(np.random.default_rng([int(seeds[i]), step, 29]).integers(2**31 - 1)), sc.steps, sc.guidance,
+                views_of_seeds(seeds), sc.steps, sc.guidance,
                 negatives=[" ".join(x for x in (s.request.negative, sc.negative) if x) for s in slots],
                 findings=[s.request.generator_findings for s in slots], batch_size=self.batch_size)
             return draw.images

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from generator.ddim_logprob import ddim_step_with_logprob
@@ -95,6 +96,13 @@ class RewardGuide:
         return grad
 
 
+def views_of_seeds(seeds: Sequence[int]) -> Callable[[int, int], int]:
+    """``view_seed(i, step)`` for images drawn one per seed (``synthmed generate``, ``synthmed synthesize``): step j's
+    jittered views of image i come from its seed alone, so the same seed draws the same image through either command."""
+    seeds = [int(s) for s in seeds]
+    return lambda i, step: int(np.random.default_rng([seeds[i], step, 29]).integers(2**31 - 1))
+
+
 @torch.no_grad()
 def reward_guided_draw(model, guide: RewardGuide, prompts: Sequence[str], modalities: Sequence[str], stated: Sequence[torch.Tensor],
                        noise_seeds: Sequence[int], view_seed: Callable[[int, int], int], steps: int, guidance: float,
@@ -149,4 +157,4 @@ def reward_guided_draw(model, guide: RewardGuide, prompts: Sequence[str], modali
                       torch.cat(targets) if keep_trajectory else None)
 
 
-__all__ = ["GuidedDraw", "RewardGuide", "reward_guided_draw"]
+__all__ = ["GuidedDraw", "RewardGuide", "reward_guided_draw", "views_of_seeds"]
