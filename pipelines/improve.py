@@ -718,11 +718,10 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
         guard.add_reward(overall["total"]["mean"])
         if main:
             tiles = min(ic.grid_images, len(rollout.items))
-            _save_grid(rollout.images[:tiles], [it.modality for it in rollout.items[:tiles]], cfg, root / "grids" / f"epoch_{epoch:04d}.png",
-                       columns=k * 4 if tiles >= k * 4 else tiles)
+            tiled, columns = [it.modality for it in rollout.items[:tiles]], k * 4 if tiles >= k * 4 else tiles
+            _save_grid(rollout.images[:tiles], tiled, cfg, root / "grids" / f"epoch_{epoch:04d}.png", columns=columns)
             if guided:
-                _save_grid(guided["images"][:tiles], [it.modality for it in rollout.items[:tiles]], cfg,
-                           root / "grids" / f"epoch_{epoch:04d}_guided.png", columns=k * 4 if tiles >= k * 4 else tiles)
+                _save_grid(guided["images"][:tiles], tiled, cfg, root / "grids" / f"epoch_{epoch:04d}_guided.png", columns=columns)
             if epoch % ic.eval.every == 0 or epoch == ic.ddpo.epochs:
                 te = time.perf_counter()
                 stopped = evaluate(epoch, lines)
@@ -766,6 +765,14 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
     return end
 
 
+def _guided_images(trainer, items: Sequence[Any], seed: int, cfg: SynthmedConfig, progress: bool) -> torch.Tensor:
+    """``items`` drawn by stage 2's reward-guided sampler on the model as it stands, ``improve.eval.images_per_prompt``
+    each, prompt-major; image i from the noise of ``seed + i``, as the held-out evaluation draws its own."""
+    expanded = [it for it in items for _ in range(cfg.improve.eval.images_per_prompt)]
+    return trainer.guided_drafts(expanded, list(range(len(expanded))), 0, progress,
+                                 seeds=[seed + i for i in range(len(expanded))]).images
+
+
 def guided_heldout(trainer, heldout: Sequence[Any], parts: Parts, cfg: SynthmedConfig, progress: bool = True) -> dict:
     """The ``guided`` line: the held-out requests drawn by stage 2's reward-guided sampler on the base model (the held-out
     seeds, the rollouts' steps and guidance), judged like every evaluation by the evaluator. It says what the drafts the
@@ -773,13 +780,10 @@ def guided_heldout(trainer, heldout: Sequence[Any], parts: Parts, cfg: SynthmedC
     from rlhf.heldout import heldout_evaluation
 
     ic = cfg.improve
-    k = ic.eval.images_per_prompt
-    expanded = [it for it in heldout for _ in range(k)]
     started = time.perf_counter()
-    drafts = trainer.guided_drafts(expanded, list(range(len(expanded))), 0, progress,
-                                   seeds=[ic.eval.seed + i for i in range(len(expanded))])  # the held-out evaluation's noise
+    images = _guided_images(trainer, heldout, ic.eval.seed, cfg, progress)  # the held-out evaluation's noise
     result = heldout_evaluation(trainer.model, heldout, parts.judges, parts.reference, ic.eval, cfg.judges.eval, ic.ddpo.guidance,
-                                parts.train_images, progress=progress, images=drafts.images)
+                                parts.train_images, progress=progress, images=images)
     result.pop("images")
     return {"kind": "guided", "epoch": 0, "scale": ic.selection.guidance_scale, "views": ic.selection.guidance_views,
             **result, "seconds": round(time.perf_counter() - started, 2)}
@@ -818,11 +822,9 @@ def guided_test_set(trainer, test: Sequence[Any], parts: Parts, cfg: SynthmedCon
     held-out set's ``guided`` line draws its own), judged like the other test rows: the ``test`` line of adapter
     ``guided``. What a user of the guided sampler gets on requests nothing was tuned on."""
     ic = cfg.improve
-    expanded = [it for it in test for _ in range(ic.eval.images_per_prompt)]
     started = time.perf_counter()
-    drafts = trainer.guided_drafts(expanded, list(range(len(expanded))), 0, progress,
-                                   seeds=[ic.eval.test_seed + i for i in range(len(expanded))])
-    result = judge_test_set(trainer.model, test, parts, cfg, "guided", progress, images=drafts.images)
+    result = judge_test_set(trainer.model, test, parts, cfg, "guided", progress,
+                            images=_guided_images(trainer, test, ic.eval.test_seed, cfg, progress))
     return {"scale": ic.selection.guidance_scale, "views": ic.selection.guidance_views, **result,
             "seconds": round(time.perf_counter() - started, 2)}
 

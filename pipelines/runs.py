@@ -281,7 +281,7 @@ def test_rows(records: list[dict], modalities: list[str]) -> list[dict[str, Any]
     order = {"base": 0, "guided": 1, "best": 2, "final": 3}
     return [{"adapter": a, "epoch": r.get("epoch"), "overall": dict(r.get("overall") or {}),
              "all_requested_shown": {m: ((r.get("per_modality") or {}).get(m) or {}).get("all_requested_shown") for m in modalities}}
-            for a, r in sorted(last.items(), key=lambda kv: order.get(kv[0], 3))]
+            for a, r in sorted(last.items(), key=lambda kv: order.get(kv[0], len(order)))]
 
 
 def reference_line(records: list[dict]) -> dict[str, Any] | None:

@@ -31,7 +31,7 @@ All arithmetic is float32 whatever the inputs (bf16 log-probs go NaN: flow_grpo 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from generator.errors import UserError
 
 __all__ = [
-    "findings_log_likelihood", "guidance_shift", "output_for_x0", "predicted_x0",
+    "findings_log_likelihood", "guidance_shift", "output_for_x0", "predicted_x0", "stated_vector",
     "PerPromptStatTracker", "PPOTerms", "batch_advantages", "clip_advantages", "gaussian_kl", "group_advantages",
     "ppo_clip_loss",
 ]
@@ -200,6 +200,17 @@ def findings_log_likelihood(logits: torch.Tensor, stated: torch.Tensor) -> tuple
     counts = stated.abs().sum(dim=1)
     has = counts > 0
     return terms.sum(dim=1) / counts.clamp_min(1), has
+
+
+def stated_vector(expected: Mapping[str, bool], labels: Sequence[str]) -> torch.Tensor:
+    """(L,) over ``labels``: +1 where ``expected`` (finding -> present) asks for the label, -1 where it states it absent,
+    else 0 (names no label stands for are not read): the ``stated`` rows of :func:`findings_log_likelihood`."""
+    out = torch.zeros(len(labels))
+    column = {name: j for j, name in enumerate(labels)}
+    for name, present in dict(expected).items():
+        if name in column:
+            out[column[name]] = 1.0 if present else -1.0
+    return out
 
 
 # -- reward guidance (stage 2's guided candidates) ---------------------------------------------------------

@@ -23,7 +23,7 @@ from generator.errors import UserError
 from generator.models import latent_size
 from generator.sampling import guided_conditioning, guided_prediction, initial_noise
 
-from .ddpo import findings_log_likelihood, guidance_shift, jittered_views, output_for_x0, predicted_x0
+from .ddpo import findings_log_likelihood, guidance_shift, jittered_views, output_for_x0, predicted_x0, stated_vector
 
 
 @dataclass
@@ -67,13 +67,7 @@ class RewardGuide:
     def stated(self, expected: Mapping[str, bool], modality: str) -> torch.Tensor:
         """(L,) over ``modality``'s labels: +1 where ``expected`` asks for the label, -1 where it states it absent, else 0
         (names no label stands for are not read)."""
-        labels = self.labels(modality)
-        out = torch.zeros(len(labels))
-        column = {name: j for j, name in enumerate(labels)}
-        for name, present in dict(expected).items():
-            if name in column:
-                out[column[name]] = 1.0 if present else -1.0
-        return out
+        return stated_vector(expected, self.labels(modality))
 
     def gradient(self, model, x0: torch.Tensor, modalities: Sequence[str], stated: Sequence[torch.Tensor],
                  view_seeds: Sequence[int]) -> torch.Tensor:
@@ -131,7 +125,7 @@ def reward_guided_draw(model, guide: RewardGuide, prompts: Sequence[str], modali
         x = torch.cat([initial_noise(1, shape, int(noise_seeds[i]))[0] for i in rows]).to(model.device)
         x = x * scheduler.init_noise_sigma
         cond = guided_conditioning(model, [prompts[i] for i in rows], [modalities[i] for i in rows],
-                                   [negatives[i] for i in rows] if negatives is not None else None, guidance,
+                                   [negatives[i] if negatives is not None else "" for i in rows], guidance,
                                    [findings[i] for i in rows] if findings is not None else None)
         chunk_states, chunk_targets = [], []
         for j, t in enumerate(scheduler.timesteps):

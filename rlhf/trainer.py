@@ -37,7 +37,7 @@ from generator.sampling import guided_conditioning, guided_prediction, initial_n
 
 from .config import DDPOConfig, SelectionConfig
 from .ddpo import (PerPromptStatTracker, batch_advantages, clip_advantages, findings_log_likelihood, gaussian_kl, group_advantages,
-                   jittered_views, ppo_clip_loss)
+                   jittered_views, ppo_clip_loss, stated_vector)
 from .guidance import RewardGuide, reward_guided_draw
 
 log = logging.getLogger(__name__)
@@ -343,13 +343,7 @@ class DDPOTrainer:
     # -- stage 1, objective "draft": the reward's gradient through the last K steps ----------------------------
     def _stated(self, items: Sequence[Any], labels: Sequence[str]) -> torch.Tensor:
         """(B, L): +1 where an item's structured expectation asks for label l, -1 where it states it absent, else 0."""
-        out = torch.zeros(len(items), len(labels))
-        column = {name: j for j, name in enumerate(labels)}
-        for i, it in enumerate(items):
-            for name, present in dict(it.expected).items():
-                if name in column:
-                    out[i, column[name]] = 1.0 if present else -1.0
-        return out
+        return torch.stack([stated_vector(it.expected, labels) for it in items]) if items else torch.zeros(0, len(labels))
 
     def draft_update(self, rollout: Rollout, epoch: int, progress: bool = True) -> UpdateStats:
         """DRaFT-K on the epoch's stored rollouts: from each trajectory's latent K steps before the end, the last K

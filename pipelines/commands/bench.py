@@ -27,12 +27,11 @@ import psutil
 from tqdm import tqdm
 
 from generator.data import iter_manifest
-from generator.errors import UserError
 from generator.phantoms import make_phantom, phantom_modalities
 from generator.phantoms.dataset import study_seed
 from PIL import Image
 
-from .common import add_config_argument, resolve_config, resolve_device, table
+from .common import add_config_argument, resolve_config, resolve_device, reward_guidance_flag, table
 
 FAULT_COMMANDS = ("train-vae", "train-unet", "improve", "kb-build", "synthesize", "judges-train")  # pipelines.faults.SCENARIOS
 
@@ -233,9 +232,7 @@ def _graph_bench(args, extra) -> int:
     from ..agent import build_agent
     from ..graph_bench import compare, load_requests, overhead
 
-    if args.reward_guidance is not None and not args.reward_guidance >= 0:
-        raise UserError(f"--reward-guidance must be a scale >= 0 (0.1 is the measured setting; 0: off), got {args.reward_guidance}")
-    cfg = resolve_config(args, extra, {"agents.reward_guidance": args.reward_guidance})
+    cfg = resolve_config(args, extra, {"agents.reward_guidance": reward_guidance_flag(args.reward_guidance)})
     requests = load_requests(args.requests)
     out = Path(args.out or f"runs/bench-graph-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,13 @@ def resolve_config(args: argparse.Namespace, extra: list[str], flags: dict[str, 
     return load_config(args.config, overrides)
 
 
+def reward_guidance_flag(value: float | None) -> float | None:
+    """A command's ``--reward-guidance SCALE``, checked: None (the config's), 0 (off) or a positive scale."""
+    if value is not None and not value >= 0:
+        raise UserError(f"--reward-guidance must be a scale >= 0 (0.1 is the measured setting; 0: off), got {value}")
+    return value
+
+
 def table(rows: list[list[Any]], header: list[str]) -> str:
     """A plain-text table that reads well in a terminal and pastes into markdown."""
     cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]

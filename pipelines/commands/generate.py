@@ -9,7 +9,7 @@ from pathlib import Path
 
 from generator.errors import UserError
 
-from .common import add_config_argument, resolve_config, table
+from .common import add_config_argument, resolve_config, reward_guidance_flag, table
 
 
 def register(groups, formatter) -> None:
@@ -60,6 +60,7 @@ def register(groups, formatter) -> None:
 def _generate(args, extra) -> int:
     from ..agent import build_agent
 
+    reward_guidance_flag(args.reward_guidance)  # checked before anything is built
     cfg = resolve_config(args, extra, {"sample.lora": args.lora})
     started = time.perf_counter()
     agent = build_agent(cfg, args.model, draw=not args.dry_run)
@@ -68,8 +69,6 @@ def _generate(args, extra) -> int:
                     "out": args.out, "stop_after": "compose_prompt" if args.dry_run else None, "reward_guidance": args.reward_guidance}
         if args.n is not None and args.n < 1:
             raise UserError(f"--n must be at least 1, got {args.n}")
-        if args.reward_guidance is not None and not args.reward_guidance >= 0:
-            raise UserError(f"--reward-guidance must be a scale >= 0 (0.1 is the measured setting; 0: off), got {args.reward_guidance}")
         state = agent.run(args.text, args.modality, **settings)
     finally:
         agent.close()

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 
-from generator.errors import UserError
-
-from .common import add_config_argument, resolve_config
+from .common import add_config_argument, resolve_config, reward_guidance_flag
 
 
 def register(groups, formatter) -> None:
@@ -49,12 +47,10 @@ def register(groups, formatter) -> None:
 def _synthesize(args, extra) -> int:
     from ..synthesize import synthesize
 
-    if args.reward_guidance is not None and not args.reward_guidance >= 0:
-        raise UserError(f"--reward-guidance must be a scale >= 0 (0.1 is the measured setting; 0: off), got {args.reward_guidance}")
     guidance_key = "agents.reward_guidance" if args.through_graph else "synthesize.reward_guidance"
     cfg = resolve_config(args, extra, {"synthesize.seed": args.seed, "synthesize.format": args.format,
                                        "synthesize.batch_size": args.batch_size, "sample.lora": args.lora,
-                                       guidance_key: args.reward_guidance})
+                                       guidance_key: reward_guidance_flag(args.reward_guidance)})
     result = synthesize(cfg, args.spec, args.out, model_dir=args.model, train_data=args.train_data, through_graph=args.through_graph,
                         resume=args.resume, progress=not (args.no_progress or args.json))
     if result.get("rank"):  # another process's shard: rank 0 reports the run
