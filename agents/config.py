@@ -30,8 +30,13 @@ class LLMConfig(Section):
 class VerifierConfig(Section):
     """How the verifier agent turns its tools' readings into a verdict (never with the held-out evaluator)."""
 
+    # the finding classifiers it judges with: "verifier", its own (trained apart from the reward's, in seed, split and
+    # widths: rlhf.classifiers), so that an image drawn with reward guidance, or by an adapter the reward trained, is not
+    # judged by the network it was pushed towards; "reward": the reward's own (the only choice before 2026-12-05). The loop's
+    # stage 2 reads the same role for its verifier pass.
+    role: Literal["verifier", "reward"] = "verifier"
     # calibrated probability from which a requested finding counts as shown, and below which a negated one counts as absent;
-    # null: each label's operating point, fit with the reward classifier (its config.json "thresholds"; 0.5 where it has none)
+    # null: each label's operating point, fit with the classifier of `role` (its config.json "thresholds"; 0.5 where it has none)
     present_threshold: float | None = Field(None, ge=0, le=1)
     absent_threshold: float | None = Field(None, ge=0, le=1)
     min_alignment: float | None = Field(None, ge=-1, le=1)  # CLIP cosine below which a candidate fails; None: alignment ranks, never fails
@@ -70,9 +75,10 @@ class AgentsConfig(Section):
     non_drawable: Literal["warn", "refuse"] = "warn"  # a valid finding the generator never learnt: a warning in the verdict, or an error
     default_severity: Literal["mild", "moderate", "severe"] | None = "moderate"  # severity assumed where the user gives none and the finding has grades
     # > 0: every candidate is drawn with reward guidance at this scale (rlhf.guidance: DDIM, eta 0; each step's predicted
-    # image moves towards what the request states, by the gradient of the verifier's own reward-role classifiers; 0.1 is
-    # the loop's measured setting, docs/improve/long_runs.md). The verifier then judges images drawn towards it: its
-    # pass is no longer independent evidence (the trace says so); the held-out evaluator never guides. 0: off.
+    # image moves towards what the request states, by the gradient of the reward-role classifiers; 0.1 is the loop's
+    # measured setting, docs/improve/long_runs.md). The verifier judges them with its own classifiers (verifier.role); with
+    # verifier.role "reward" it judges images drawn towards its own network and its pass is no longer independent evidence
+    # (the trace says so). The held-out evaluator never guides. 0: off.
     reward_guidance: float = Field(0.0, ge=0)
     reward_guidance_views: int = Field(4, ge=1)  # jittered views the guiding likelihood is averaged over
     traces: str = "runs/traces.sqlite"  # SQLite checkpointer: every step of every request (`synthmed trace`)

@@ -77,7 +77,7 @@ def build_graph(reasoner, generator, verifier, checkpointer=None, config: Agents
     for here, nxt in zip(chain, chain[1:]):
         graph.add_conditional_edges(here, after_stage, {"continue": nxt, "finish": "finish"})
     graph.add_conditional_edges("compose_prompt", after_compose, {"generate": "generate", "finish": "finish"})
-    graph.add_edge("generate", "verify")
+    graph.add_conditional_edges("generate", after_stage, {"continue": "verify", "finish": "finish"})  # a refusal drew nothing
     graph.add_conditional_edges("verify", after_verify, {"refine": "refine", "finish": "finish"})
     graph.add_edge("refine", "generate")
     graph.add_edge("finish", END)

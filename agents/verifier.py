@@ -1,9 +1,11 @@
 """The verifier agent: checks each candidate image with tools and returns a structured verdict.
 
-Tools: the reward-side finding classifier (never the held-out evaluator; the constructor refuses
-one), the text-image alignment model, image quality checks (blank, saturated, out-of-field, NaN)
-and a memorisation check against the generator's training images. The verdict says per requested
-finding what was expected, the observed calibrated probability and whether it passed; for a round
+Tools: a finding classifier (by default the verifier role's own, ``agents.verifier.role``: trained apart
+from the reward's, so that what reward guidance or a reward-trained adapter drew is judged by another
+network; or the reward's; never the held-out evaluator, which the constructor refuses), the text-image
+alignment model, image quality checks (blank, saturated, out-of-field, NaN) and a memorisation check
+against the generator's training images. The verdict says per requested finding what was expected,
+the observed calibrated probability and whether it passed; for a round
 that fails, :func:`agents.refinement.suggest_actions` turns the verdict into the typed actions
 (emphasis, negative prompt, guidance, reseed) that the graph's ``refine`` node applies.
 """
@@ -31,25 +33,39 @@ class Verifier:
 
     def __init__(
         self,
-        finding_scorer,  # rlhf.classifiers.FindingScorer with role "reward"
+        finding_scorer,  # rlhf.classifiers.FindingScorer with role "verifier" or "reward"
         alignment=None,  # rlhf.alignment.AlignmentModel, or None
         config: VerifierConfig | None = None,
         quality: EvalConfig | None = None,
         training_images: Mapping[str, torch.Tensor] | None = None,  # modality -> (N, 3, H, W) in [-1, 1]
         training_note: str = "",
         lineage: Callable[[str], set[str]] | None = None,  # a finding and its is-a ancestors (agents.reader.lexicon_lineage)
+        reward_scorer=None,  # the reward-role scorer that guides the graph's draws (reward guidance); default: finding_scorer if it is one
     ):
         role = getattr(finding_scorer, "role", None)
-        if role != "reward":
-            raise ValueError(f"the verifier uses the reward-side finding classifier; got role {role!r}. "
+        if role not in ("verifier", "reward"):
+            raise ValueError(f"the verifier judges with the verifier-role (or reward-role) finding classifiers; got role {role!r}. "
                              "The held-out evaluator must never judge what the graph keeps.")
+        if reward_scorer is not None and getattr(reward_scorer, "role", None) != "reward":
+            raise ValueError(f"reward_scorer must hold the reward-role classifiers, got role {getattr(reward_scorer, 'role', None)!r}")
         self.findings = finding_scorer
+        self.reward = reward_scorer if reward_scorer is not None else finding_scorer if role == "reward" else None
         self.alignment = alignment
         self.config = config or VerifierConfig()
         self.quality = quality or EvalConfig()
         self.training_images = dict(training_images or {})
         self.training_note = training_note
         self.lineage = lineage or (lambda name: {name})
+
+    @property
+    def role(self) -> str:
+        """The role of the classifiers it judges with: ``verifier`` or ``reward``."""
+        return self.findings.role
+
+    @property
+    def independent_of_reward(self) -> bool:
+        """Whether its finding classifiers are another network than the reward's (that guides and trains)."""
+        return self.findings is not self.reward and self.role != "reward"
 
     def labels(self, modality: str) -> list[str]:
         classifier = self.findings.classifiers.get(modality)
@@ -93,7 +109,7 @@ class Verifier:
                 name, present = f["name"], bool(f.get("present", True))
                 rows.append({"name": name, "expected": "present" if present else "absent", "probability": None,
                              "pass": None, "checked": False,
-                             "why": f"the {modality} reward classifier has no label {name!r}; not checked"})
+                             "why": f"the {modality} {self.role} classifier has no label {name!r}; not checked"})
             for name, present in expected.items():
                 if name not in probs:
                     continue
@@ -149,7 +165,7 @@ class Verifier:
         pool = passing or candidates
         best = max(pool, key=lambda c: c["score"])["candidate"]
         return {"passed": bool(passing), "best": best, "candidates": candidates,
-                "tools": {"finding_classifier": "reward", "alignment": cosine is not None, "memorisation": memo is not None,
+                "tools": {"finding_classifier": self.role, "alignment": cosine is not None, "memorisation": memo is not None,
                           "quality": True}}
 
 

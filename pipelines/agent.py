@@ -64,7 +64,9 @@ def build_verifier(cfg, device: str = "cpu"):
     from rlhf.evaluate import read_training_images
 
     v = cfg.agents.verifier
-    scorer = load_finding_scorer("reward", cfg.judges.classifier.out, device=device)
+    scorer = load_finding_scorer(v.role, cfg.judges.classifier.out, device=device)
+    # the reward's classifiers guide the draw of a request with reward guidance (small: loaded whether or not one asks)
+    reward = scorer if v.role == "reward" else load_finding_scorer("reward", cfg.judges.classifier.out, device=device)
     alignment = None
     if v.use_alignment:
         from rlhf.alignment import load_alignment
@@ -82,7 +84,7 @@ def build_verifier(cfg, device: str = "cpu"):
     from agents.reader import lexicon_lineage
     from knowledge.open import lexicon_for
 
-    return Verifier(scorer, alignment, v, cfg.judges.eval, training, note, lineage=lexicon_lineage(lexicon_for(cfg)))
+    return Verifier(scorer, alignment, v, cfg.judges.eval, training, note, lineage=lexicon_lineage(lexicon_for(cfg)), reward_scorer=reward)
 
 
 def build_generator(cfg, model_path: str | None = None, device: str = "cpu"):

@@ -52,11 +52,12 @@ class SynthesizeConfig(Section):
     memorisation_size: int | None = Field(None, ge=8)  # pixels per side both images are reduced to for the gate; None: judges.eval.memorisation_pixel_size
     training_limit: int | None = Field(None, ge=1)  # training images per modality the gate compares with; None: all of them
     require_training_images: bool = True  # no training images to compare with is an error (False: draws pass the gate unchecked, reported)
-    verifier: bool = True  # run the verifier (reward-side classifier, alignment, quality) on every draw and report its verdict
+    verifier: bool = True  # run the verifier (its finding classifiers: agents.verifier.role; alignment, quality) on every draw and report its verdict
     require_verifier_pass: bool = False  # a draw the verifier fails is redrawn like a memorised one; False: the verdict is reported only
     # > 0: each image is drawn with reward guidance at this scale (rlhf.guidance, DDIM eta 0: every step's predicted image
-    # moves towards the request's structured expectation by the reward-role classifiers' gradient, the verifier's own, so
-    # its verdict is then not independent; the evaluator's probabilities in checks.jsonl stay so). 0: the plain sampler.
+    # moves towards the request's structured expectation by the reward-role classifiers' gradient; the verifier judges with
+    # its own, agents.verifier.role, and with role "reward" its verdict is then not independent; the evaluator's
+    # probabilities in checks.jsonl stay so). 0: the plain sampler.
     # With --through-graph the graph's agents.reward_guidance applies instead.
     reward_guidance: float = Field(0.0, ge=0)
     reward_guidance_views: int = Field(4, ge=1)  # jittered views the guiding likelihood is averaged over

@@ -225,7 +225,7 @@ def build_parts(cfg: SynthmedConfig, device: str = "cpu", progress: bool = True,
     with torch.random.fork_rng():  # the adapter's A matrices: the same on every rank and every run of this config
         torch.manual_seed(ic.ddpo.seed)
         add_lora(model.unet, lora_spec(cfg.lora), "default")
-    reward = build_reward(ic.reward, cfg.judges, ic.prompts.modalities, device=device)
+    reward = build_reward(ic.reward, cfg.judges, ic.prompts.modalities, device=device, verifier_role=cfg.agents.verifier.role)
     labels = {m: c.label_names for m, c in reward.finding_scorer.classifiers.items()}
     sampler = PromptSampler(ic.prompts, labels, *request_catalogue(cfg, base, ic.prompts.modalities))
     unknown = [m for m in ic.prompts.modalities if m not in model.modalities]
@@ -702,6 +702,10 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
         lines = [*update.steps, *selection_steps]
         epoch_line = {"kind": "epoch", "epoch": epoch, "n_samples": len(items), "reward": overall, "per_modality": per_modality,
                       "selected": int(selected.sum()), "seconds": seconds}
+        judged = {k.split("/", 1)[1][len("verifier_"):]: _summary(components[k])
+                  for k in ("findings/verifier_agreement", "findings/verifier_pass") if k in components}
+        if judged:  # the rollouts read by the verifier's own classifiers (agents.verifier.role): a reward that rises while they do not is fooled
+            epoch_line["verifier"] = judged
         if guided:  # what guidance drew, judged by the same reward (the rollouts' figures above are the policy's)
             epoch_line["guided_reward"], epoch_line["guided_per_modality"] = epoch_reward_summary(items, candidate_total,
                                                                                                  candidate_components)

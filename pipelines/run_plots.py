@@ -95,6 +95,12 @@ def plot_reward(epochs: list[dict], title: str) -> Any:
         if band:
             ax.fill_between([b[0] for b in band], [b[1] - b[2] for b in band], [b[1] + b[2] for b in band],
                             color="C0" if name == "total" else "C2", alpha=0.2, lw=0)
+        if name == "findings":  # the verifier's own classifiers on the same rollouts, where they are not the reward's
+            vx, vy = _series(xs, [((e.get("verifier") or {}).get("agreement") or {}).get("mean") for e in epochs])
+            if vx:
+                ax.plot(x, mean, color="C2", label="reward's classifiers")
+                ax.plot(vx, vy, marker="s", ms=3, ls="--", color="C3", label="verifier's classifiers")
+                ax.legend(fontsize=7)
         if not x:
             _empty(ax)
         ax.set_title(f"reward: {name} (mean ± std)")

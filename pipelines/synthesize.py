@@ -1305,11 +1305,11 @@ def _draw(cfg, slots: Sequence[Slot], mine: Sequence[Slot], folder: OutputFolder
             raise UserError(f"no training images of {', '.join(missing)} to check memorisation against ({note}); pass --train-data "
                             "with the generator's training manifests, or set --synthesize.require_training_images=false")
         verifier = build_verifier(cfg, device) if sc.verifier else None
-        if sc.reward_guidance > 0 and not through_graph:  # the verifier's own classifiers guide (the evaluator never does)
+        if sc.reward_guidance > 0 and not through_graph:  # the reward's classifiers guide (the evaluator never does)
             from rlhf.classifiers import load_finding_scorer
             from rlhf.guidance import RewardGuide
 
-            scorer = verifier.findings if verifier is not None else load_finding_scorer("reward", cfg.judges.classifier.out, device=device)
+            scorer = verifier.reward if verifier is not None else load_finding_scorer("reward", cfg.judges.classifier.out, device=device)
             drawer.guide = RewardGuide(scorer, sc.reward_guidance, sc.reward_guidance_views)
             for m in modalities:
                 drawer.guide.labels(m)  # a modality without a reward classifier: one clear error before anything is drawn
@@ -1356,7 +1356,7 @@ def training_images(cfg, model_dir: Path, size: int, modalities: list[str], mani
 
 
 def build_verifier(cfg, device: str):
-    """The graph's verifier (reward-side classifier, alignment, quality), without its own memorisation check: the gate is that."""
+    """The graph's verifier (its finding classifiers, alignment, quality), without its own memorisation check: the gate is that."""
     from .agent import build_verifier as agent_verifier
 
     quiet = cfg.model_copy(deep=True)

@@ -35,9 +35,14 @@ class ClassifierConfig(Section):
     # on the calibration half: the best sensitivity - false-positive rate among thresholds passing at most this share of the
     # images without the finding; null: 0.5 for every label (rlhf.classifiers.fit_operating_points)
     operating_max_fpr: float | None = Field(0.1, gt=0, lt=1)
-    # the two roles differ in seed, split and architecture so that the evaluator is independent of the reward
+    # the roles differ in seed, split and architecture so that the evaluator is independent of the reward and the verifier;
+    # the verifier (agents.verifier.role) differs from the reward in seed, split and widths, so that an image drawn or
+    # trained towards the reward's classifier is judged by another network
     reward_arch: Literal["convnet", "resnet"] = "convnet"
     reward_seed: int = Field(0, ge=0)
+    verifier_arch: Literal["convnet", "resnet"] = "convnet"
+    verifier_seed: int = Field(2, ge=0)
+    verifier_widths: list[int] = [24, 48, 80, 96]  # channels of the verifier's network (its arch's widths below are the other roles')
     evaluator_arch: Literal["convnet", "resnet"] = "resnet"
     evaluator_seed: int = Field(1, ge=0)
     stem_patch: int = Field(2, ge=1)  # pixels per side of the patchify stem (a conv of that kernel and stride), both architectures; 4 is ~3x cheaper but loses small lesions

@@ -4,8 +4,11 @@ Components (``improve.reward.weights``):
 
 - ``findings``: the verifier's per-finding agreement from the **reward-role** classifier against the
   prompt's structured expectation (``mean(p_f if f is present else 1 - p_f)``), never a re-parse of
-  the text; details ``prob/<finding>`` and ``verifier_pass`` (every expected finding on the right
-  side of 0.5);
+  the text; details ``prob/<finding>``, ``verifier_pass`` (every expected finding on the right side of
+  its operating point, read by the verifier's classifiers: ``agents.verifier.role``, by default the
+  ``verifier`` role, trained apart from the reward's, so that stage 2 does not keep what only the
+  network being optimised against sees) and, with such a verifier, ``verifier_agreement`` (its agreement:
+  a reward that rises while it does not is the reward being fooled);
 - ``alignment``: CLIP cosine between the image and its prompt (the shipped alignment model);
 - ``selector``: the selector's learned quality in [0, 1], with ``above_threshold``;
 - ``quality``: 1 when no quality check fails (blank, saturated, out of field, NaN), else 0.
@@ -85,7 +88,7 @@ class Reward:
     """``reward(images, items) -> RewardResult``; components with weight 0 are still measured and logged."""
 
     def __init__(self, weights: Mapping[str, float], scorers: Mapping[str, Any], findings_form: str = "prob",
-                 findings_floor: float = 1e-6):
+                 findings_floor: float = 1e-6, verifier: Any = None):
         check_weights(weights)
         if findings_form not in ("prob", "log"):
             raise ValueError(f"findings_form must be 'prob' or 'log', got {findings_form!r}")
@@ -100,8 +103,12 @@ class Reward:
         if finding is not None and getattr(finding, "role", None) != "reward":
             raise ValueError(f"the findings component must use the reward-role classifiers, got role {getattr(finding, 'role', None)!r}; "
                              "the held-out evaluator can never enter a reward")
+        if verifier is not None and getattr(verifier, "role", None) not in ("verifier", "reward"):
+            raise ValueError(f"the verifier pass reads the verifier-role (or reward-role) classifiers, got role "
+                             f"{getattr(verifier, 'role', None)!r}; the held-out evaluator never decides what stage 2 keeps")
         self.weights = dict(weights)
         self.scorers = dict(scorers)
+        self.verifier = verifier  # None: the verifier pass reads the findings scorer (the reward's classifiers)
 
     @property
     def finding_scorer(self):
@@ -125,8 +132,13 @@ class Reward:
                     scores = log_agreement(details, expected, self.findings_floor)
                 else:
                     details = {k: v for k, v in details.items() if k != "agreement"}
-                details["verifier_pass"] = verifier_pass(details, expected, modalities,
-                                                         {m: scorer.operating_points(m) for m in set(modalities)})
+                judge, read = scorer, details
+                if self.verifier is not None:
+                    judge = self.verifier
+                    _, read = judge.score(batch, prompts, modalities, expected=expected)
+                    details["verifier_agreement"] = read["agreement"]
+                details["verifier_pass"] = verifier_pass(read, expected, modalities,
+                                                         {m: judge.operating_points(m) for m in set(modalities)})
             else:
                 scores, details = scorer.score(batch, prompts, modalities)
             components[name] = np.asarray(scores, dtype=np.float64)
@@ -157,7 +169,7 @@ def log_agreement(details: Mapping[str, np.ndarray], expected: Sequence[Mapping[
 def verifier_pass(details: Mapping[str, np.ndarray], expected: Sequence[Mapping[str, bool]], modalities: Sequence[str],
                   thresholds: Mapping[str, Mapping[str, float]] | None = None) -> np.ndarray:
     """1 where every expected finding the classifier knows is on the right side of its operating point
-    (``thresholds[modality][finding]``, the reward classifier's own; 0.5 where none is given)."""
+    (``thresholds[modality][finding]``, the judging classifier's own; 0.5 where none is given)."""
     out = np.ones(len(expected))
     for i, stated in enumerate(expected):
         points = (thresholds or {}).get(modalities[i], {})
@@ -171,9 +183,11 @@ def verifier_pass(details: Mapping[str, np.ndarray], expected: Sequence[Mapping[
     return out
 
 
-def build_reward(cfg: RewardConfig, judges: JudgesConfig, modalities: Sequence[str], device: str = "cpu") -> Reward:
+def build_reward(cfg: RewardConfig, judges: JudgesConfig, modalities: Sequence[str], device: str = "cpu",
+                 verifier_role: str = "reward") -> Reward:
     """The reward of ``cfg.weights`` from the shipped (or configured) judges. Every named component is loaded;
-    ``findings`` is always loaded too (stage 2's verifier pass needs it) and logged even at weight 0."""
+    ``findings`` is always loaded too (stage 2's verifier pass needs it) and logged even at weight 0. The verifier
+    pass reads the ``verifier_role`` classifiers (``agents.verifier.role``; ``reward``: the findings component's own)."""
     check_weights(cfg.weights)
     wanted = dict(cfg.weights)
     wanted.setdefault("findings", 0.0)
@@ -193,7 +207,10 @@ def build_reward(cfg: RewardConfig, judges: JudgesConfig, modalities: Sequence[s
                 scorers[name] = build_scorer("selector", folder=judges.selector.out, alignment=alignment, device=device)
         elif name == "quality":
             scorers[name] = build_scorer("quality", config=judges.eval)
-    return Reward(wanted, scorers, findings_form=cfg.findings_form, findings_floor=cfg.findings_floor)
+    verifier = None
+    if verifier_role != "reward":
+        verifier = build_scorer(f"finding_{verifier_role}", root=judges.classifier.out, modalities=list(modalities), device=device)
+    return Reward(wanted, scorers, findings_form=cfg.findings_form, findings_floor=cfg.findings_floor, verifier=verifier)
 
 
 __all__ = ["QualityScorer", "Reward", "RewardResult", "build_reward", "check_weights", "log_agreement", "quality_scorer", "verifier_pass"]

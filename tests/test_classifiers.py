@@ -13,6 +13,7 @@ from generator.errors import UserError
 from generator.phantoms import get_spec, make_phantom, phantom_modalities
 from rlhf.classifiers import (
     DEFAULT_ROOT,
+    ROLES,
     ClassifierNotFoundError,
     FindingClassifier,
     FindingScorer,
@@ -295,24 +296,26 @@ def test_scorer_honours_the_contract_and_the_agreement_formula():
 
 
 def test_registered_factories_load_each_role_from_a_folder(tmp_path):
-    for role in ("reward", "evaluator"):
+    for role in ROLES:
         for i, modality in enumerate(("cxr", "oct")):
             save_classifier(untrained(modality, role, i), tmp_path / role / modality, {"note": "untrained, for the test"})
     reward = build_scorer("finding_reward", root=tmp_path)
+    verifier = build_scorer("finding_verifier", root=tmp_path)
     evaluator = build_scorer("finding_evaluator", root=tmp_path)
     assert (reward.name, reward.role, sorted(reward.classifiers)) == ("finding_reward", "reward", ["cxr", "oct"])
+    assert (verifier.name, verifier.role) == ("finding_verifier", "verifier") and all(c.role == "verifier" for c in verifier.classifiers.values())
     assert evaluator.role == "evaluator" and all(c.role == "evaluator" for c in evaluator.classifiers.values())
     batch = torch.rand(2, 3, 40, 40) * 2 - 1
     check_result(evaluator.score(batch, ["No pneumothorax.", "Normal macular OCT."], ["cxr", "oct"],
                                  expected=[{"pneumothorax": False}, {"drusen": False}]), 2)
 
 
-SHIPPED_MISSING = [f"{r}/{m}" for r in ("reward", "evaluator") for m in phantom_modalities() if not (DEFAULT_ROOT / r / m / "config.json").is_file()]
+SHIPPED_MISSING = [f"{r}/{m}" for r in ROLES for m in phantom_modalities() if not (DEFAULT_ROOT / r / m / "config.json").is_file()]
 
 
 @pytest.mark.skipif(bool(SHIPPED_MISSING), reason=f"shipped classifiers missing in rlhf/weights/classifiers: {', '.join(SHIPPED_MISSING)}")
 def test_shipped_classifiers_load_for_every_phantom_modality():
-    for role in ("reward", "evaluator"):
+    for role in ROLES:
         scorer = build_scorer(f"finding_{role}")
         assert set(scorer.classifiers) == set(phantom_modalities())
         studies = [make_phantom(m, [list(get_spec(m).findings)[0]], size=64, seed=(9, i)) for i, m in enumerate(phantom_modalities())]

@@ -127,10 +127,11 @@ def test_generate_streams_each_stage_as_it_finishes(served):
     assert trace_id in opened[0] and "round 0: fail" in opened[3] and len(opened[1]) == 4
 
 
-def test_generate_with_reward_guidance_says_the_verifier_is_not_independent(served):
+def test_generate_with_reward_guidance_says_what_guided_and_what_judged(served):
     client = gradio_client.Client(served["url"], verbose=False)
     out = client.predict("Large left pleural effusion.", "cxr", "tiny", "", 5, 2, 4.0, 1, 0.3, api_name="/generate")
     message, trace_id = out[0], out[2]
+    # this app's verifier judges with the reward's own classifier (agents.verifier.role: reward), and the page says so
     assert "reward-guided (scale 0.3)" in message and "not independent evidence" in message
     from agents.traces import show_trace
 

@@ -1,6 +1,7 @@
 """DDPO's pure functions: the PPO-clip loss by hand, advantages, the stat tracker, the KL term, the guard."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -158,6 +159,42 @@ def test_reward_rejects_an_unknown_findings_form():
 
     with pytest.raises(ValueError, match="findings_form must be 'prob' or 'log'"):
         Reward({"quality": 1.0}, {"quality": object()}, findings_form="logit")
+
+
+def test_stage_two_verifier_pass_reads_the_verifiers_own_classifiers():
+    """The reward's findings component comes from the reward role; the verifier pass (what stage 2 keeps) from the verifier's
+    classifiers, whose agreement is logged beside it; the evaluator can be neither."""
+    from generator.phantoms import get_spec
+    from rlhf.classifiers import FindingClassifier, FindingScorer, build_network
+    from rlhf.reward import Reward, verifier_pass
+
+    def scorer(role: str, seed: int) -> FindingScorer:
+        torch.manual_seed(seed)
+        names = list(get_spec("cxr").findings)
+        arch = {"arch": "convnet", "widths": [4, 8], "blocks": 1, "patch": 4}
+        return FindingScorer({"cxr": FindingClassifier(build_network(n_labels=len(names), **arch), names, 32, 1.5, role, "cxr",
+                                                       arch, thresholds=[0.3 + 0.02 * i for i in range(len(names))])}, role)
+
+    reward_side, verifier = scorer("reward", 0), scorer("verifier", 1)
+    items = [SimpleNamespace(prompt="p", modality="cxr", expected=e) for e in
+             ({"pleural_effusion": True}, {"nodule": True, "pneumothorax": False}, {"mass": False}, {})]
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    result = Reward({"findings": 1.0}, {"findings": reward_side}, verifier=verifier)(images, items)
+    _, own = verifier.score(images, ["p"] * 4, ["cxr"] * 4, expected=[it.expected for it in items])
+    _, rewards = reward_side.score(images, ["p"] * 4, ["cxr"] * 4, expected=[it.expected for it in items])
+    np.testing.assert_allclose(result.components["findings"], rewards["agreement"])
+    np.testing.assert_allclose(result.components["findings/verifier_agreement"], own["agreement"])
+    expected = [it.expected for it in items]
+    np.testing.assert_array_equal(result.components["findings/verifier_pass"],
+                                  verifier_pass(own, expected, ["cxr"] * 4, {"cxr": verifier.operating_points("cxr")}))
+    assert not np.allclose(own["agreement"], rewards["agreement"])  # another network's reading
+    # without a verifier the pass reads the findings scorer itself, as before
+    alone = Reward({"findings": 1.0}, {"findings": reward_side})(images, items)
+    np.testing.assert_array_equal(alone.components["findings/verifier_pass"],
+                                  verifier_pass(rewards, expected, ["cxr"] * 4, {"cxr": reward_side.operating_points("cxr")}))
+    assert "findings/verifier_agreement" not in alone.components
+    with pytest.raises(ValueError, match="held-out evaluator never decides what stage 2 keeps"):
+        Reward({"findings": 1.0}, {"findings": reward_side}, verifier=scorer("evaluator", 2))
 
 
 def test_jittered_views_shift_and_zoom_by_the_drawn_amounts_and_pass_the_gradient():

@@ -58,6 +58,14 @@ def reward_scorer():
     return FindingScorer({"cxr": classifier}, "reward")
 
 
+@pytest.fixture(scope="module")
+def verifier_scorer():
+    cfg = ClassifierConfig(image_size=32, epochs=1, batch_size=16, verifier_widths=[12, 24], resnet_widths=[8, 16],
+                           stem_patch=2, benchmark_per_finding=0, augment=False, val_fraction=0.4)
+    classifier, _ = fit_classifier(cfg, "verifier", "cxr", phantom_benchmark_rows("cxr", 2, 32, seed=3), progress=False)
+    return FindingScorer({"cxr": classifier}, "verifier")
+
+
 def verifier_with(scorer, present: float, absent: float) -> Verifier:
     return Verifier(scorer, None, VerifierConfig(present_threshold=present, absent_threshold=absent, use_alignment=False))
 
@@ -343,3 +351,40 @@ def test_reward_guidance_draws_each_candidate_towards_what_the_request_states_an
 
     with pytest.raises(UserError, match="no reward-role finding classifier for modality 'oct'"):
         generator.draw("macular hole", "oct", [0], tmp_path / "o", steps=2, reward_guide=guide, expected={})
+
+
+def test_the_verifiers_own_classifiers_judge_what_the_rewards_guided(tmp_path, reasoner, generator, reward_scorer, verifier_scorer):
+    """With agents.verifier.role "verifier" the draw is guided by the reward's classifiers and judged by another network."""
+    config = VerifierConfig(present_threshold=1.0, absent_threshold=0.0, use_alignment=False)
+    own = Verifier(verifier_scorer, None, config, reward_scorer=reward_scorer)
+    assert own.role == "verifier" and own.reward is reward_scorer and own.independent_of_reward
+    same = verifier_with(reward_scorer, 1.0, 0.0)
+    assert same.reward is reward_scorer and not same.independent_of_reward
+    text = "Chest X-ray: large left pleural effusion. No pneumothorax."
+    cfg = AgentsConfig(candidates=2, steps=3, max_rounds=1, out=str(tmp_path / "images"))
+    states = {name: run(build_graph(reasoner, generator, v), text, "cxr", tmp_path / name, trace_id=name, cfg=cfg, reward_guidance=0.5)
+              for name, v in (("own", own), ("same", same))}
+    from agents.drawing import read_images
+
+    # the same guide (the reward's classifiers) draws the same candidates whichever network then judges them
+    drawn = {name: read_images([c["path"] for c in st["candidates"]]) for name, st in states.items()}
+    assert torch.equal(drawn["own"], drawn["same"])
+    verdicts = {name: st["verdicts"][0] for name, st in states.items()}
+    assert verdicts["own"]["tools"]["finding_classifier"] == "verifier" and verdicts["same"]["tools"]["finding_classifier"] == "reward"
+    own_p = [r["probability"] for c in verdicts["own"]["candidates"] for r in c["findings"] if r["checked"]]
+    same_p = [r["probability"] for c in verdicts["same"]["candidates"] for r in c["findings"] if r["checked"]]
+    assert own_p != same_p  # another network's reading
+    assert any("trained apart from it" in w for w in states["own"]["warnings"])
+    assert not any("not independent evidence" in w for w in states["own"]["warnings"])
+    assert any("not independent evidence" in w for w in states["same"]["warnings"])
+
+    # a verifier without the reward's classifiers cannot guide: the request is refused with the reason (it still draws
+    # without guidance); and only the reward role may guide
+    bare = Verifier(verifier_scorer, None, config)
+    assert bare.reward is None
+    refused = run(build_graph(reasoner, generator, bare), text, "cxr", tmp_path / "bare", trace_id="bare", cfg=cfg, reward_guidance=0.5)
+    assert refused["status"] == "refused" and "reward guidance needs the reward-role finding classifiers" in refused["error"]
+    assert not refused.get("candidates") and [e["node"] for e in refused["events"]][-2:] == ["generate", "finish"]
+    assert run(build_graph(reasoner, generator, bare), text, "cxr", tmp_path / "bare", trace_id="bare2", cfg=cfg)["verdicts"]
+    with pytest.raises(ValueError, match="reward_scorer must hold the reward-role classifiers"):
+        Verifier(verifier_scorer, None, config, reward_scorer=verifier_scorer)

@@ -95,6 +95,9 @@ def test_a_run_writes_its_directory_and_logs(base_model, tmp_path, capsys):
     assert [r["epoch"] for r in epochs] == [1, 2]
     assert set(epochs[0]["reward"]) == {"total", "findings", "alignment", "selector", "quality"}
     assert set(epochs[0]["per_modality"]) == {"cxr", "oct"}
+    # the rollouts read by the verifier's own classifiers (agents.verifier.role "verifier"), beside the reward's findings
+    assert set(epochs[0]["verifier"]) == {"agreement", "pass"} and 0 <= epochs[0]["verifier"]["pass"]["mean"] <= 1
+    assert epochs[0]["verifier"]["agreement"]["mean"] != epochs[0]["reward"]["findings"]["mean"]
     steps = [r for r in records if r["kind"] == "step" and r["stage"] == "ddpo"]
     assert steps and all(k in steps[0] for k in ("loss", "approx_kl", "clipfrac", "kl", "grad_norm", "lr"))
     # the first optimiser step of an epoch is on-policy: every ratio is 1
@@ -108,6 +111,7 @@ def test_a_run_writes_its_directory_and_logs(base_model, tmp_path, capsys):
     assert len(samples) == 2 * 4
     s = samples[0]
     assert {"prompt", "modality", "expected", "seed", "reward", "components", "advantage", "selected"} <= set(s)
+    assert {"findings/verifier_pass", "findings/verifier_agreement"} <= set(s["components"])
     assert "findings/prob/" not in json.dumps(s["expected"])
     # group advantages sum to 0 within each prompt's two images
     for e in (1, 2):
@@ -144,6 +148,7 @@ def test_a_run_writes_its_directory_and_logs(base_model, tmp_path, capsys):
     assert cli(["runs", "show", str(run)]) == 0
     out = capsys.readouterr().out
     assert "reference: phantoms drawn to each held-out request (8 per request)" in out
+    assert "verifier agreement" in out and "verifier pass" in out
     assert "requested findings on the held-out prompts: share of the images asking for each that show it" in out
     # the untouched test prompts: held-out combinations worded apart, judged on the base first and on final/ and best/ last
     test = lines(run / "test_prompts.jsonl")
@@ -258,7 +263,12 @@ def test_bad_input_gives_one_clear_error_and_exit_code_2(base_model, tmp_path, c
     assert "improve.ddpo.lr" in err and "differs" in err
     assert cli(["improve", "--resume", str(tmp_path / "r"), "--config", str(profile), "--lora.rank=2"]) == 2
     assert "lora.rank" in capsys.readouterr().err
+    assert cli(["improve", "--resume", str(tmp_path / "r"), "--improve.ddpo.lr=0.5"]) == 2  # on the run's own settings
+    assert "1 field(s): improve.ddpo.lr" in capsys.readouterr().err
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == before  # nothing lost or added
+    # more epochs for a run made with a profile of its own: the override applies to the run's settings, not the default's
+    assert cli(["improve", "--resume", str(tmp_path / "r"), "--epochs", "2", "--no-progress"]) == 0
+    assert [r["epoch"] for r in lines(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "epoch"] == [1, 2]
 
 
 def test_a_nan_reward_stops_the_loop_naming_the_epoch_and_sample(base_model, tmp_path):

@@ -28,13 +28,13 @@ def draw(tmp_path, modality: str, per_finding: int = 8, size: int = 32) -> str:
     return str(out / "manifest.csv")
 
 
-def test_train_classifier_writes_both_roles_with_the_command(tmp_path, monkeypatch, capsys):
+def test_train_classifier_writes_every_role_with_the_command(tmp_path, monkeypatch, capsys):
     manifest = draw(tmp_path, "oct")
     argv = ["judges", "train", "classifier", "--data", manifest, "--modalities", "oct", "--out", str(tmp_path / "cls"), *TINY]
     monkeypatch.setattr(sys, "argv", ["/somewhere/bin/synthmed", *argv])  # as the console script sees it
     assert main(argv) == 0
     assert "oct" in capsys.readouterr().out  # the summary table
-    for role in ("reward", "evaluator"):
+    for role in ("reward", "verifier", "evaluator"):
         folder = tmp_path / "cls" / role / "oct"
         assert sorted(p.name for p in folder.iterdir()) == ["config.json", "metadata.json", "model.safetensors"]
         meta = json.loads((folder / "metadata.json").read_text())
@@ -43,7 +43,10 @@ def test_train_classifier_writes_both_roles_with_the_command(tmp_path, monkeypat
         assert meta["label_names"] == list(get_spec("oct").findings) and meta["epochs"] == 2 and meta["image_size"] == 32
         assert set(meta["metrics"]) >= {"test", "benchmark"}
         classifier = load_classifier(folder, role=role)
-        assert classifier.label_names == meta["label_names"] and classifier.arch == ("convnet" if role == "reward" else "resnet")
+        assert classifier.label_names == meta["label_names"] and classifier.arch == ("resnet" if role == "evaluator" else "convnet")
+        assert meta["seed"] == {"reward": 0, "verifier": 2, "evaluator": 1}[role]
+    widths = {role: json.loads((tmp_path / "cls" / role / "oct" / "metadata.json").read_text())["widths"] for role in ("reward", "verifier")}
+    assert widths["reward"] != widths["verifier"]  # the verifier is another network than the reward's
     assert not (tmp_path / "cls" / "reward" / "cxr").exists()  # only the modality asked for
 
 

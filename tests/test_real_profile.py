@@ -56,9 +56,11 @@ def test_the_real_judges_roles_share_no_weights():
         evaluator = load_file(folder / "evaluator" / modality / "model.safetensors")
         evaluator_tensors = {(tuple(t.shape), t.flatten()[:16].tolist().__repr__()) for t in evaluator.values()}
         assert not any((tuple(t.shape), t.flatten()[:16].tolist().__repr__()) in evaluator_tensors for t in reward.values() if t.numel() > 1)
-        meta = {role: json.loads((folder / role / modality / "metadata.json").read_text()) for role in ("reward", "evaluator")}
+        meta = {role: json.loads((folder / role / modality / "metadata.json").read_text()) for role in ("reward", "verifier", "evaluator")}
         assert meta["reward"]["seed"] != meta["evaluator"]["seed"] and meta["reward"]["arch"] != meta["evaluator"]["arch"]
-        assert meta["reward"]["label_names"] == meta["evaluator"]["label_names"]
+        assert meta["verifier"]["seed"] not in (meta["reward"]["seed"], meta["evaluator"]["seed"])
+        assert meta["verifier"]["arch"] != meta["evaluator"]["arch"] and meta["verifier"]["widths"] != meta["reward"]["widths"]
+        assert meta["reward"]["label_names"] == meta["verifier"]["label_names"] == meta["evaluator"]["label_names"]
 
 
 def test_config_real_without_its_model_names_the_command_that_makes_it(tmp_path, capsys):

@@ -240,7 +240,7 @@ def _graph_bench(args, extra) -> int:
     try:
         agent.run(requests[0]["text"], requests[0]["modality"], trace_id="warm-up", stop_after="compose_prompt")
         report = {"overhead": overhead(agent, requests, args.repeats, progress=not args.json), "build_seconds": agent.timings,
-                  "reward_guidance": cfg.agents.reward_guidance}
+                  "reward_guidance": cfg.agents.reward_guidance, "verifier_role": cfg.agents.verifier.role}
         if args.compare:
             from rlhf.classifiers import load_finding_scorer
 

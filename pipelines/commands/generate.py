@@ -31,7 +31,7 @@ def register(groups, formatter) -> None:
     p.add_argument("--reward-guidance", type=float, default=None, metavar="SCALE",
                    help="draw every candidate with reward guidance at SCALE (0.1 is the loop's measured setting; 0: off; "
                         "config: agents.reward_guidance). Each step moves the image towards the stated findings by the "
-                        "verifier's own classifier, so the verdict is then not independent evidence")
+                        "reward's classifier; the verifier judges with its own (agents.verifier.role)")
     p.add_argument("--out", default=None, help="folder for the images (default: agents.out/<trace id>)")
     p.add_argument("--model", default=None, help="generator folder (default: train.out, the shipped model)")
     p.add_argument("--lora", nargs="+", help="LoRA adapters on the generator: files, a run's final/ or best/, or a "

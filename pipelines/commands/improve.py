@@ -42,6 +42,8 @@ def _improve(args, extra) -> int:
         if not run.is_dir():
             raise FileNotFoundError(f"--resume {run}: no such run folder; list runs with `synthmed runs list`")
         given = args.config is not None or extra or any(v is not None for v in flags.values())
+        if given and args.config is None:  # overrides apply to the run's own settings, not to the default profile's
+            args.config = str(run / "config.yaml")
         cfg = resume_config(run, resolve_config(args, extra, flags) if given else None)
         end = run_improve(cfg, run, resume=True, progress=not args.no_progress, command="synthmed " + " ".join(sys.argv[1:]))
     else:

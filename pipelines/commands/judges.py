@@ -14,6 +14,8 @@ from generator.errors import UserError
 
 from .common import add_config_argument, classifier_phantoms, phantom_manifest, resolve_config, table
 
+ROLES = ("reward", "verifier", "evaluator")  # rlhf.classifiers.ROLES, spelt here so that the parser imports no torch
+
 
 def register(groups, formatter) -> None:
     parser = groups.add_parser("judges", help="train the finding classifiers, the CLIP alignment model and the selector",
@@ -22,7 +24,7 @@ def register(groups, formatter) -> None:
     train = sub.add_parser("train", help="train one judge (or all) into the shipped folders under rlhf/weights/", formatter_class=formatter)
     kinds = train.add_subparsers(dest="train_judge", metavar="JUDGE", required=True)
     for name, text in (
-        ("classifier", "multi-label finding classifiers, both roles (reward, held-out evaluator) for every modality"),
+        ("classifier", "multi-label finding classifiers, every role (reward, verifier, held-out evaluator) for every modality"),
         ("clip", "the image-text alignment model (open_clip, contrastive) on image-report pairs"),
         ("selector", "the quality selector's head on the alignment model's features"),
         ("all", "classifier, then clip, then selector"),
@@ -33,7 +35,7 @@ def register(groups, formatter) -> None:
         p.add_argument("--out", help="output folder (default: judges.<judge>.out)")
         p.add_argument("--no-progress", action="store_true")
         if name in ("classifier", "all"):
-            p.add_argument("--roles", nargs="+", choices=["reward", "evaluator"], default=["reward", "evaluator"])
+            p.add_argument("--roles", nargs="+", choices=ROLES, default=list(ROLES))
             p.add_argument("--modalities", nargs="+", help="default: every modality in the data")
         p.set_defaults(handler=_train, judge=name)
 

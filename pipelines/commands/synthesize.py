@@ -32,8 +32,8 @@ def register(groups, formatter) -> None:
                    help="draw each request through the agent graph (grounding, verify, refine) instead of straight from the sampler")
     p.add_argument("--reward-guidance", type=float, default=None, metavar="SCALE",
                    help="draw every image with reward guidance at SCALE (0.1 is the loop's measured setting; 0: off): each step moves "
-                        "it towards its request's findings by the reward-role classifiers, the verifier's own, so the verdict is "
-                        "then not independent (config: synthesize.reward_guidance; agents.reward_guidance with --through-graph)")
+                        "it towards its request's findings by the reward-role classifiers; the verifier judges with its own "
+                        "(agents.verifier.role) (config: synthesize.reward_guidance; agents.reward_guidance with --through-graph)")
     p.add_argument("--model", default=None, help="generator folder (default: train.out, the shipped model)")
     p.add_argument("--train-data", nargs="+", help="manifests of the generator's training images for the memorisation gate "
                    "(default: those its metadata.json names, or its phantom set, drawn again if absent)")

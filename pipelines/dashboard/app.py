@@ -226,7 +226,7 @@ def _generate_page(settings: DashboardSettings, agents: AgentCache, guard: FileG
             overrides = {"seed": int(seed_value) if seed_value is not None else None,
                          "steps": int(steps_value) if steps_value else None, "guidance": float(guidance_value) if guidance_value else None,
                          "max_rounds": int(rounds_value) if rounds_value else None,
-                         "reward_guidance": max(0.0, float(reward_value or 0))}  # the verifier's classifier guides; the page says so
+                         "reward_guidance": max(0.0, float(reward_value or 0))}  # the reward's classifier guides; the page says so
             for _nodes, state in stream_request(agent, text_value, modality_value, **overrides):
                 report_text, prompt_text, negative_text = composition_texts(state)
                 image = final_image(state)

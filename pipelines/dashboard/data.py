@@ -193,7 +193,8 @@ def epoch_images(folder: Path) -> list[tuple[int, str]]:
 
 
 def improve_series(run: dict) -> dict[str, dict[str, list]]:
-    """Plot series of a loop run: ``reward`` (each component's mean, and the total, against epoch),
+    """Plot series of a loop run: ``reward`` (each component's mean, and the total, against epoch; with the verifier's
+    own classifiers, their agreement on the same rollouts as ``verifier agreement``),
     ``heldout`` (each held-out metric against epoch), ``per_modality`` (total reward per modality).
     Each is ``{name: [(epoch, value), ...]}`` with missing values left out."""
     reward: dict[str, list] = {}
@@ -202,6 +203,9 @@ def improve_series(run: dict) -> dict[str, dict[str, list]]:
         for name, value in e["reward"].items():
             if _is_number(value):
                 reward.setdefault(name, []).append((e["epoch"], float(value)))
+        value = (e.get("verifier") or {}).get("agreement")  # the verifier's own classifiers on the same rollouts, beside findings
+        if _is_number(value):
+            reward.setdefault("verifier agreement", []).append((e["epoch"], float(value)))
         for m, value in e["per_modality_total"].items():
             if _is_number(value):
                 per_modality.setdefault(m, []).append((e["epoch"], float(value)))

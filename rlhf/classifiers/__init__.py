@@ -5,16 +5,19 @@ classifier: inference, load, save), ``data`` (label space, split, encoding), ``c
 temperature), ``training`` (fit and train every role and modality), ``scorer`` (the finding scorer).
 Everything public is importable from ``rlhf.classifiers``.
 
-Per modality there are two independent classifiers (``ROLES``):
+Per modality there are three independent classifiers (``ROLES``):
 
-- ``reward``: serves the verifier and the finding-agreement reward;
-- ``evaluator``: held out, never enters a reward; the evaluation reads its probabilities and its
+- ``reward``: serves the finding-agreement reward and reward guidance (``rlhf.guidance``);
+- ``verifier``: serves the verifier agent (``agents.verifier.role``), so that what the graph keeps is judged by
+  another network than the one that guided its draw or trained its adapter;
+- ``evaluator``: held out, never enters a reward or a decision; the evaluation reads its probabilities and its
   penultimate-layer features (the project's own image-feature space for a Fréchet distance).
 
 They differ in seed, data split (a hash of each image's path salted with role and seed) and
-architecture (``convnet``: plain conv-BatchNorm-ReLU-pool stages with average and max pooling;
+architecture or width (``convnet``: plain conv-BatchNorm-ReLU-pool stages with average and max pooling;
 ``resnet``: residual blocks of another width and depth, average pooling or, with ``resnet_pool``
 ``avgmax``, average and max), so a generator that learns to fool one has not thereby fooled the other.
+The verifier is a convnet of other widths than the reward's, so the evaluator's architecture stays its own.
 
 Layout of a trained classifier, ``<out>/<role>/<modality>/``::
 
@@ -54,14 +57,14 @@ from .data import (
 from .layout import DEFAULT_ROOT, ECE_BINS, NEUTRAL_AGREEMENT, ROLES, SPLITS, TRAIN_COMMAND, VERSION
 from .model import ClassifierNotFoundError, FindingClassifier, load_classifier, save_classifier, train_command
 from .networks import ARCHITECTURES, DEFAULT_POOL, POOLS, ConvNet, ResidualBlock, ResNet, build_network, role_settings
-from .scorer import FindingScorer, finding_evaluator_scorer, finding_reward_scorer, load_finding_scorer
+from .scorer import FindingScorer, finding_evaluator_scorer, finding_reward_scorer, finding_verifier_scorer, load_finding_scorer
 from .training import fit_classifier, format_summary, load_rows, pair_metrics, pair_of, phantom_benchmark_rows, train_all, train_classifier
 
 __all__ = [
     "ARCHITECTURES", "ClassifierNotFoundError", "ConvNet", "DEFAULT_POOL", "DEFAULT_ROOT", "ECE_BINS", "FindingClassifier", "FindingScorer",
     "LabelledImages", "NEUTRAL_AGREEMENT", "POOLS", "ROLES", "ResNet", "ResidualBlock", "SPLITS", "TRAIN_COMMAND", "VERSION",
     "annotated_labels", "augment_batch", "auroc", "build_network", "classification_metrics", "encode_rows", "expected_calibration_error",
-    "finding_evaluator_scorer", "finding_reward_scorer", "fit_classifier", "fit_operating_points", "fit_temperature", "format_summary", "is_phantom_row",
+    "finding_evaluator_scorer", "finding_reward_scorer", "finding_verifier_scorer", "fit_classifier", "fit_operating_points", "fit_temperature", "format_summary", "is_phantom_row",
     "label_space", "load_classifier", "load_finding_scorer", "load_rows", "masked_nll", "operating_point_metrics", "pair_metrics", "pair_of", "phantom_benchmark_rows", "role_settings",
     "save_classifier", "split_key", "split_of_row", "split_rows", "train_all", "train_classifier", "train_command",
 ]

@@ -108,8 +108,8 @@ def role_settings(cfg: ClassifierConfig, role: str) -> dict[str, Any]:
     """Architecture, widths, blocks and seed of one role, from the config."""
     if role not in ROLES:
         raise UserError(f"unknown classifier role {role!r}; choose one of {', '.join(ROLES)}")
-    arch = cfg.reward_arch if role == "reward" else cfg.evaluator_arch
-    seed = cfg.reward_seed if role == "reward" else cfg.evaluator_seed
-    widths = list(cfg.convnet_widths if arch == "convnet" else cfg.resnet_widths)
+    arch, seed = {"reward": (cfg.reward_arch, cfg.reward_seed), "verifier": (cfg.verifier_arch, cfg.verifier_seed),
+                  "evaluator": (cfg.evaluator_arch, cfg.evaluator_seed)}[role]
+    widths = list(cfg.verifier_widths if role == "verifier" else cfg.convnet_widths if arch == "convnet" else cfg.resnet_widths)
     return {"arch": arch, "seed": seed, "widths": widths, "blocks": cfg.resnet_blocks if arch == "resnet" else 1, "patch": cfg.stem_patch,
             "pool": cfg.resnet_pool if arch == "resnet" else DEFAULT_POOL["convnet"]}

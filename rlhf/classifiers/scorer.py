@@ -128,6 +128,13 @@ def finding_reward_scorer(root: str | os.PathLike | None = None, modalities: Seq
     return load_finding_scorer("reward", root, modalities, device, reader)
 
 
+@register_scorer("finding_verifier")
+def finding_verifier_scorer(root: str | os.PathLike | None = None, modalities: Sequence[str] | None = None, device: str = "cpu",
+                            reader=None) -> FindingScorer:
+    """The verifier's finding scorer (trained apart from the reward's); never part of a reward."""
+    return load_finding_scorer("verifier", root, modalities, device, reader)
+
+
 @register_scorer("finding_evaluator")
 def finding_evaluator_scorer(root: str | os.PathLike | None = None, modalities: Sequence[str] | None = None, device: str = "cpu",
                              reader=None) -> FindingScorer:

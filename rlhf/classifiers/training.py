@@ -71,8 +71,10 @@ def fit_classifier(
     set that no split has seen. Returns the classifier and its metadata (metrics, split sizes,
     seconds, ...); ``out`` only goes into the recorded command. Saves nothing: see :func:`train_classifier`."""
     settings = role_settings(cfg, role)
-    if settings["arch"] == (cfg.evaluator_arch if role == "reward" else cfg.reward_arch):
-        log.warning("reward and evaluator classifiers share the architecture %r: they are less independent", settings["arch"])
+    judged_by = [r for r in ROLES if r != role and "evaluator" in (r, role)]  # the evaluator must differ from every other role
+    for other in judged_by:
+        if settings["arch"] == role_settings(cfg, other)["arch"]:
+            log.warning("%s and %s classifiers share the architecture %r: they are less independent", role, other, settings["arch"])
     start, start_cpu = time.perf_counter(), time.process_time()
     own = [r for r in rows if r.modality == modality]
     if not own:
@@ -295,7 +297,7 @@ def train_all(
 
     ``modalities`` defaults to those in the rows. With phantom labels, a fresh phantom benchmark of
     ``cfg.benchmark_per_finding`` studies per finding (and ``cfg.benchmark_per_pair`` per pair of findings) is drawn once
-    per modality and scored by both roles."""
+    per modality and scored by every role."""
     rows = list(rows)
     out = Path(out if out is not None else cfg.out)
     modalities = list(modalities) if modalities is not None else list(dict.fromkeys(r.modality for r in rows))
