@@ -1118,10 +1118,19 @@ def run_identity(spec_path: Path, slots: Sequence[Slot], cfg, model_info: dict, 
         "sampler": {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance, "guidance_schedule": s.guidance_schedule, "eta": s.eta,
                     "negative": s.negative, "precision": s.precision, **reward_guidance_identity(cfg, through_graph)},
         "gate": {"max_tries": sc.max_tries, "threshold": sc.memorisation_threshold if sc.memorisation_threshold is not None
-                 else cfg.judges.eval.memorisation_pixel_threshold, "require_verifier_pass": sc.require_verifier_pass},
+                 else cfg.judges.eval.memorisation_pixel_threshold, "require_verifier_pass": sc.require_verifier_pass,
+                 **verifier_identity(cfg, through_graph)},
         "spec": str(spec_path), "model": model_info["path"], "adapters": [a["path"] for a in model_info["adapters"]],
         "version": synthmed_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def verifier_identity(cfg, through_graph: bool) -> dict:
+    """The verifier's classifiers where its verdict decides what is kept (the gate's verifier pass, the graph's choice):
+    nothing for the reward's, the only ones before 2026-12-05 (so folders made before resume with them)."""
+    role = cfg.agents.verifier.role
+    decides = cfg.synthesize.require_verifier_pass or through_graph
+    return {"verifier_role": role} if decides and role != "reward" else {}
 
 
 def reward_guidance_identity(cfg, through_graph: bool) -> dict:

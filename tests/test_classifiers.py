@@ -236,6 +236,14 @@ def test_missing_folder_names_the_folder_and_the_command(tmp_path):
     assert "--roles reward --modalities cxr" in message and f"--out {tmp_path}" in message
     with pytest.raises(ClassifierNotFoundError, match="no reward finding classifiers"):
         load_finding_scorer("reward", root=tmp_path)
+    # judges trained before the verifier role: the command that trains it, or the setting that does without it
+    for modalities in (None, ["cxr"]):
+        with pytest.raises(ClassifierNotFoundError, match="--roles verifier") as info:
+            load_finding_scorer("verifier", root=tmp_path, modalities=modalities)
+        assert "--agents.verifier.role=reward" in str(info.value)
+    from pipelines.commands.judges import ROLES as CLI_ROLES
+
+    assert CLI_ROLES == ROLES  # the CLI spells them without importing torch
 
 
 def test_reward_scorer_cannot_be_built_from_evaluator_weights(toy_pair, tmp_path):

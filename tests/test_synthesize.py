@@ -363,3 +363,15 @@ def test_reward_guidance_draws_towards_each_requests_findings_and_is_part_of_the
     assert code == 2 and "sampler" in err
     code, _, err = run(capsys, spec, "--out", work / "rg_bad", "--reward-guidance", "-0.5", *FAST)
     assert code == 2 and "--reward-guidance must be a scale >= 0" in err
+
+
+def test_the_verifiers_classifiers_are_part_of_a_run_only_where_its_verdict_decides():
+    """A folder whose kept images the verifier chose resumes only with the same verifier classifiers; folders made before
+    the verifier role (judged with the reward's) keep their identity."""
+    from pipelines.config import load_config
+    from pipelines.synthesize import verifier_identity
+
+    assert verifier_identity(load_config("tiny"), through_graph=False) == {}  # verdicts reported only
+    assert verifier_identity(load_config("tiny", {"synthesize.require_verifier_pass": True}), False) == {"verifier_role": "verifier"}
+    assert verifier_identity(load_config("tiny"), through_graph=True) == {"verifier_role": "verifier"}  # the graph keeps its choice
+    assert verifier_identity(load_config("tiny", {"agents.verifier.role": "reward"}), True) == {}

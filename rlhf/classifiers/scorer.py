@@ -116,8 +116,15 @@ def load_finding_scorer(
         if not modalities:
             raise ClassifierNotFoundError(
                 f"no {role} finding classifiers in {folder / role}; train them with: " + train_command(role, "all", folder)
+                + ("; or let the verifier judge with the reward's classifiers: --agents.verifier.role=reward" if role == "verifier" else "")
             )
-    classifiers = {m: load_classifier(folder / role / m, role=role, device=device) for m in modalities}
+    try:
+        classifiers = {m: load_classifier(folder / role / m, role=role, device=device) for m in modalities}
+    except ClassifierNotFoundError as exc:
+        if role != "verifier":
+            raise
+        raise ClassifierNotFoundError(f"{exc}; or let the verifier judge with the reward's classifiers: "
+                                      "--agents.verifier.role=reward") from None
     return FindingScorer(classifiers, role, reader=reader)
 
 
