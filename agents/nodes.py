@@ -143,24 +143,19 @@ class Nodes:
         if scale > 0:
             from rlhf.guidance import RewardGuide
 
-            from .reader import project
-
             if self.verifier.reward is None:
                 raise StageError("reward guidance needs the reward-role finding classifiers, and this graph's verifier was "
                                  "built without them; build it with Verifier(..., reward_scorer=...) or draw without reward guidance")
             guide = RewardGuide(self.verifier.reward, scale, int(settings.get("reward_guidance_views") or 4))
-            expected = project(composition["findings"], guide.labels(modality), self.verifier.lineage,
-                               normal=bool(state["pathology"].get("normal")))
-            if r == 0 and not self.verifier.independent_of_reward:
-                warnings.append(f"reward guidance (scale {scale:g}): the candidates were drawn towards the verifier's own "
-                                "finding classifier (agents.verifier.role: reward), so its verdict is not independent evidence; "
-                                "the held-out evaluator judges them in `synthmed bench graph --compare` and in `synthmed "
-                                "synthesize`'s checks")
-            elif r == 0:
-                warnings.append(f"reward guidance (scale {scale:g}): the candidates were drawn towards the reward's finding "
-                                "classifier; the verifier judges them with its own, trained apart from it, which a guided image "
-                                "may still partly fool; the held-out evaluator judges them in `synthmed bench graph --compare` "
-                                "and in `synthmed synthesize`'s checks")
+            expected = self.verifier.expected(composition["findings"], modality, bool(state["pathology"].get("normal")),
+                                              labels=guide.labels(modality))
+            if r == 0:
+                towards = ("the reward's finding classifier; the verifier judges them with its own, trained apart from it, "
+                           "which a guided image may still partly fool" if self.verifier.independent_of_reward else
+                           "the verifier's own finding classifier (agents.verifier.role: reward), so its verdict is not "
+                           "independent evidence")
+                warnings.append(f"reward guidance (scale {scale:g}): the candidates were drawn towards {towards}; the held-out "
+                                "evaluator judges them in `synthmed bench graph --compare` and in `synthmed synthesize`'s checks")
         paths, _, seconds = self.generator.draw(composition["prompt"], modality, seeds, Path(settings["out"]) / f"round{r}",
                                                 negative=composition["negative"], guidance=state["guidance"], steps=settings["steps"],
                                                 findings=composition["findings"], reward_guide=guide, expected=expected)

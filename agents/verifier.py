@@ -65,16 +65,18 @@ class Verifier:
     @property
     def independent_of_reward(self) -> bool:
         """Whether its finding classifiers are another network than the reward's (that guides and trains)."""
-        return self.findings is not self.reward and self.role != "reward"
+        return self.role != "reward"
 
     def labels(self, modality: str) -> list[str]:
         classifier = self.findings.classifiers.get(modality)
         return list(classifier.label_names) if classifier is not None else []
 
-    def expected(self, findings: Sequence[Mapping[str, Any]], modality: str, normal: bool = False) -> dict[str, bool]:
-        """label -> present / absent: what ``findings`` (and a whole-study ``normal``) ask of ``modality``'s classifier
-        (:func:`agents.reader.project`, the one reading every judge and reward guidance share)."""
-        return project(findings, self.labels(modality), self.lineage, normal=normal)
+    def expected(self, findings: Sequence[Mapping[str, Any]], modality: str, normal: bool = False,
+                 labels: Sequence[str] | None = None) -> dict[str, bool]:
+        """label -> present / absent: what ``findings`` (and a whole-study ``normal``) ask of ``modality``'s classifier, or
+        of ``labels`` (another classifier's: the reward's, which guides) (:func:`agents.reader.project`, the one reading
+        every judge and reward guidance share)."""
+        return project(findings, self.labels(modality) if labels is None else labels, self.lineage, normal=normal)
 
     def verify(self, images: torch.Tensor, prompt: str, modality: str, findings: Sequence[Mapping[str, Any]],
                paths: Sequence[str] | None = None, seeds: Sequence[int] | None = None, normal: bool = False) -> dict:

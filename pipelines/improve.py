@@ -702,8 +702,8 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
         lines = [*update.steps, *selection_steps]
         epoch_line = {"kind": "epoch", "epoch": epoch, "n_samples": len(items), "reward": overall, "per_modality": per_modality,
                       "selected": int(selected.sum()), "seconds": seconds}
-        judged = {k.split("/", 1)[1][len("verifier_"):]: _summary(components[k])
-                  for k in ("findings/verifier_agreement", "findings/verifier_pass") if k in components}
+        judged = {name: _summary(components[f"findings/verifier_{name}"])
+                  for name in ("agreement", "pass") if f"findings/verifier_{name}" in components}
         if judged:  # the rollouts read by the verifier's own classifiers (agents.verifier.role): a reward that rises while they do not is fooled
             epoch_line["verifier"] = judged
         if guided:  # what guidance drew, judged by the same reward (the rollouts' figures above are the policy's)

@@ -90,7 +90,8 @@ def plot_reward(epochs: list[dict], title: str) -> Any:
         stats = [(e.get("reward") or {}).get(name) or {} for e in epochs]
         x, mean = _series(xs, [s.get("mean") for s in stats])
         std = dict(zip(*_series(xs, [s.get("std") for s in stats])))
-        ax.plot(x, mean, marker="o", ms=3, color="C0" if name == "total" else "C2")
+        ax.plot(x, mean, marker="o", ms=3, color="C0" if name == "total" else "C2",
+                label="reward's classifiers" if name == "findings" else None)
         band = [(xi, m, std[xi]) for xi, m in zip(x, mean) if xi in std]
         if band:
             ax.fill_between([b[0] for b in band], [b[1] - b[2] for b in band], [b[1] + b[2] for b in band],
@@ -98,7 +99,6 @@ def plot_reward(epochs: list[dict], title: str) -> Any:
         if name == "findings":  # the verifier's own classifiers on the same rollouts, where they are not the reward's
             vx, vy = _series(xs, [((e.get("verifier") or {}).get("agreement") or {}).get("mean") for e in epochs])
             if vx:
-                ax.plot(x, mean, color="C2", label="reward's classifiers")
                 ax.plot(vx, vy, marker="s", ms=3, ls="--", color="C3", label="verifier's classifiers")
                 ax.legend(fontsize=7)
         if not x:

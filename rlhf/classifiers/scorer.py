@@ -111,20 +111,19 @@ def load_finding_scorer(
     from generator.paths import shipped
 
     folder = shipped(root) if root is not None else DEFAULT_ROOT
+    # judges trained before the verifier role can do without it
+    hint = "; or let the verifier judge with the reward's classifiers: --agents.verifier.role=reward" if role == "verifier" else ""
     if modalities is None:
         modalities = sorted(p.name for p in (folder / role).glob("*") if (p / "config.json").is_file())
         if not modalities:
             raise ClassifierNotFoundError(
-                f"no {role} finding classifiers in {folder / role}; train them with: " + train_command(role, "all", folder)
-                + ("; or let the verifier judge with the reward's classifiers: --agents.verifier.role=reward" if role == "verifier" else "")
-            )
+                f"no {role} finding classifiers in {folder / role}; train them with: " + train_command(role, "all", folder) + hint)
     try:
         classifiers = {m: load_classifier(folder / role / m, role=role, device=device) for m in modalities}
     except ClassifierNotFoundError as exc:
-        if role != "verifier":
+        if not hint:
             raise
-        raise ClassifierNotFoundError(f"{exc}; or let the verifier judge with the reward's classifiers: "
-                                      "--agents.verifier.role=reward") from None
+        raise ClassifierNotFoundError(f"{exc}{hint}") from None
     return FindingScorer(classifiers, role, reader=reader)
 
 
