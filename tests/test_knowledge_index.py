@@ -22,8 +22,9 @@ def vectors():
     return synthetic_vectors(4000, 64, seed=0, clusters=50), synthetic_vectors(50, 64, seed=1, clusters=50)
 
 
-@pytest.mark.parametrize("factory, min_recall", [("Flat", 1.0), ("HNSW32", 0.95), ("IVF64,Flat", 0.9),
-                                                 pytest.param("IVF64,PQ16", 0.5, marks=pytest.mark.slow)])  # PQ training: 28 s
+# product quantisation at 4 bits a code (16 centroids per sub-space): 2.6 s to train on these 4,000 vectors, recall 0.71;
+# 8-bit codes (IVF64,PQ16: 256 centroids, fewer training points than FAISS asks for) took 18-41 s for recall 0.76
+@pytest.mark.parametrize("factory, min_recall", [("Flat", 1.0), ("HNSW32", 0.95), ("IVF64,Flat", 0.9), ("IVF64,PQ32x4", 0.6)])
 def test_recall_against_exact_search(vectors, factory, min_recall):
     data, queries = vectors
     index = VectorIndex(64, factory, nprobe=16)
