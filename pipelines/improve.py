@@ -486,6 +486,8 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
     parts = parts or build_parts(cfg, device=device, progress=progress, load_eval=main)
     model, sampler, reward = parts.model, parts.sampler, parts.reward
     trainer = DDPOTrainer(model, reward, ic.ddpo, ic.selection, accelerator, parts.selector_threshold)
+    if ic.eval.guidance_scales:  # refused before anything is written
+        trainer.reward_scorer("improve.eval.guidance_scales (calibrating reward guidance)")
     guard = RewardHackingGuard(ic.guard)
     metrics_path, samples_path = root / "metrics.jsonl", root / "samples.jsonl"
     best: dict | None = None
@@ -632,12 +634,19 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
                 lines.append({"kind": "reference", "epoch": 0, **reference_evaluation(
                     heldout, parts.judges, parts.reference, cfg.judges.eval, ic.eval.reference_per_request,
                     ic.eval.reference_seed, cases)})
-            if ic.selection.draws_guided:
-                lines.append(guided_heldout(trainer, heldout, parts, cfg, progress))
+            guided_lines = [guided_heldout(trainer, heldout, parts, cfg, progress, scale) for scale in guided_scales(ic)]
+            calibrated = calibrate_guidance(guided_lines, guard) if ic.eval.guidance_scales else None
+            lines.extend(guided_lines)
+            # the untouched requests by the guided sampler too (nothing decides by it): at the calibrated scale, or at stage 2's
+            tested_scale = calibrated["scale"] if calibrated else (ic.selection.guidance_scale if ic.selection.draws_guided
+                                                                   and not ic.eval.guidance_scales else None)
             if test:
                 lines.append(test_evaluation(0, "base"))
-                if ic.selection.draws_guided:  # the guided sampler on the untouched requests too (nothing decides by it)
-                    lines.append({"kind": "test", "epoch": 0, "adapter": "guided", **guided_test_set(trainer, test, parts, cfg, progress)})
+                if tested_scale is not None:
+                    lines.append({"kind": "test", "epoch": 0, "adapter": "guided",
+                                  **guided_test_set(trainer, test, parts, cfg, progress, tested_scale)})
+            if ic.eval.guidance_scales:
+                write_guidance_file(root / GUIDANCE_FILE, lines, base_model)
         finish_epoch(0, lines, [])
         start_epoch = 1
     for epoch in range(start_epoch, ic.ddpo.epochs + 1):
@@ -769,28 +778,94 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
     return end
 
 
-def _guided_images(trainer, items: Sequence[Any], seed: int, cfg: SynthmedConfig, progress: bool) -> torch.Tensor:
-    """``items`` drawn by stage 2's reward-guided sampler on the model as it stands, ``improve.eval.images_per_prompt``
-    each, prompt-major; image i from the noise of ``seed + i``, as the held-out evaluation draws its own."""
+def _guided_images(trainer, items: Sequence[Any], seed: int, cfg: SynthmedConfig, progress: bool,
+                   scale: float | None = None) -> torch.Tensor:
+    """``items`` drawn by the reward-guided sampler (at ``scale``, else stage 2's) on the model as it stands,
+    ``improve.eval.images_per_prompt`` each, prompt-major; image i from the noise of ``seed + i``, as the held-out
+    evaluation draws its own."""
     expanded = [it for it in items for _ in range(cfg.improve.eval.images_per_prompt)]
     return trainer.guided_drafts(expanded, list(range(len(expanded))), 0, progress,
-                                 seeds=[seed + i for i in range(len(expanded))]).images
+                                 seeds=[seed + i for i in range(len(expanded))], scale=scale).images
 
 
-def guided_heldout(trainer, heldout: Sequence[Any], parts: Parts, cfg: SynthmedConfig, progress: bool = True) -> dict:
-    """The ``guided`` line: the held-out requests drawn by stage 2's reward-guided sampler on the base model (the held-out
-    seeds, the rollouts' steps and guidance), judged like every evaluation by the evaluator. It says what the drafts the
-    policy distils show: how far distillation could take the policy. Nothing decides by it."""
+GUIDANCE_FILE = "guidance.json"  # a run's calibrated reward guidance (improve.eval.guidance_scales)
+
+
+def guided_scales(ic) -> list[float]:
+    """The scales a run draws its held-out ``guided`` lines at, once at epoch 0: stage 2's when it draws guided drafts,
+    and ``improve.eval.guidance_scales``; ascending, each once."""
+    scales = set(ic.eval.guidance_scales)
+    if ic.selection.draws_guided:
+        scales.add(ic.selection.guidance_scale)
+    return sorted(scales)
+
+
+def guided_heldout(trainer, heldout: Sequence[Any], parts: Parts, cfg: SynthmedConfig, progress: bool = True,
+                   scale: float | None = None) -> dict:
+    """A ``guided`` line: the held-out requests drawn by the reward-guided sampler on the base model at ``scale`` (else
+    stage 2's; the held-out seeds, the rollouts' steps and guidance), judged like every evaluation by the evaluator. At
+    stage 2's scale it says what the drafts the policy distils show; at the calibration's scales, which one the run
+    calibrates (:func:`calibrate_guidance`). Neither best/ nor the guard reads it."""
     from rlhf.heldout import heldout_evaluation
 
     ic = cfg.improve
+    scale = ic.selection.guidance_scale if scale is None else scale
     started = time.perf_counter()
-    images = _guided_images(trainer, heldout, ic.eval.seed, cfg, progress)  # the held-out evaluation's noise
+    images = _guided_images(trainer, heldout, ic.eval.seed, cfg, progress, scale)  # the held-out evaluation's noise
     result = heldout_evaluation(trainer.model, heldout, parts.judges, parts.reference, ic.eval, cfg.judges.eval, ic.ddpo.guidance,
                                 parts.train_images, progress=progress, images=images)
     result.pop("images")
-    return {"kind": "guided", "epoch": 0, "scale": ic.selection.guidance_scale, "views": ic.selection.guidance_views,
+    return {"kind": "guided", "epoch": 0, "scale": scale, "views": ic.selection.guidance_views,
             **result, "seconds": round(time.perf_counter() - started, 2)}
+
+
+def calibrate_guidance(lines: list[dict], guard: "RewardHackingGuard") -> dict | None:
+    """Marks, in place, the ``guided`` line whose scale the run calibrates: the highest held-out share of every requested
+    finding shown (then finding accuracy; a tie goes to the smaller scale) among the lines whose images the gain's terms
+    accept against the base's evaluation (``guard.acceptable``, as best/ is chosen; call after the base's ``observe``).
+    Each line gets ``calibrated`` and, where refused, ``not_calibrated_because``. Returns the chosen line, or None when
+    every scale was refused."""
+    chosen = None
+    for line in sorted(lines, key=lambda r: r["scale"]):
+        overall = line["overall"]
+        refused = guard.acceptable(overall.get("fd"), overall.get("ms_ssim"))
+        line["calibrated"] = False
+        if refused:
+            line["not_calibrated_because"] = refused
+            continue
+        score = (overall.get("all_requested_shown") or 0.0, overall.get("finding_accuracy") or 0.0)
+        if chosen is None or score > chosen[0]:
+            chosen = (score, line)
+    if chosen is None:
+        return None
+    chosen[1]["calibrated"] = True
+    return chosen[1]
+
+
+def write_guidance_file(path: Path, lines: list[dict], base_model: str) -> dict:
+    """``guidance.json``: the calibrated scale (None when every scale was refused), its held-out and untouched-test figures
+    beside the base's, every scale's held-out figures, and the commands that use it."""
+    base = next(r for r in lines if r["kind"] == "eval" and r["epoch"] == 0)
+    guided = sorted((r for r in lines if r["kind"] == "guided"), key=lambda r: r["scale"])
+    chosen = next((r for r in guided if r.get("calibrated")), None)
+    tested = {r.get("adapter"): r for r in lines if r["kind"] == "test"}
+    keys = ("all_requested_shown", "requested_shown", "finding_accuracy", "fd", "ms_ssim", "clip_score")
+    pick = lambda record: {k: (record or {}).get("overall", {}).get(k) for k in keys} if record else None  # noqa: E731
+    out = {
+        "kind": "synthmed reward-guidance calibration", "base_model": base_model,
+        "reward_guidance": chosen["scale"] if chosen else None, "views": guided[0]["views"] if guided else None,
+        "chosen_by": "the held-out evaluator's share of images showing every requested finding, among scales whose FD and "
+                     "MS-SSIM stay within the gain's terms (improve.guard); confirmed once on the untouched test prompts",
+        "heldout": {"base": pick(base), "guided": pick(chosen)},
+        "test": {"base": pick(tested.get("base")), "guided": pick(tested.get("guided"))} if tested else None,
+        "scales": [{"scale": r["scale"], **pick(r), "calibrated": r.get("calibrated", False),
+                    **({"not_calibrated_because": r["not_calibrated_because"]} if r.get("not_calibrated_because") else {})}
+                   for r in guided],
+        "use": (f"synthmed generate ... --reward-guidance {chosen['scale']}; synthmed synthesize ... --reward-guidance "
+                f"{chosen['scale']}" if chosen else "no scale kept the images within the gain's terms; try smaller scales"),
+    }
+    write_json_atomic(path, _clean(out), ensure_ascii=False)
+    return out
 
 
 def load_adapter_folder(model, folder: Path) -> None:
@@ -821,15 +896,17 @@ def judge_test_set(model, test: Sequence[Any], parts: Parts, cfg: SynthmedConfig
     return result
 
 
-def guided_test_set(trainer, test: Sequence[Any], parts: Parts, cfg: SynthmedConfig, progress: bool = True) -> dict:
-    """The untouched test prompts drawn by stage 2's reward-guided sampler on the base (their own seeds, as the
-    held-out set's ``guided`` line draws its own), judged like the other test rows: the ``test`` line of adapter
-    ``guided``. What a user of the guided sampler gets on requests nothing was tuned on."""
+def guided_test_set(trainer, test: Sequence[Any], parts: Parts, cfg: SynthmedConfig, progress: bool = True,
+                    scale: float | None = None) -> dict:
+    """The untouched test prompts drawn by the reward-guided sampler on the base at ``scale`` (the calibrated one, else
+    stage 2's; their own seeds, as the held-out set's ``guided`` lines draw their own), judged like the other test rows:
+    the ``test`` line of adapter ``guided``. What a user of the guided sampler gets on requests nothing was tuned on."""
     ic = cfg.improve
+    scale = ic.selection.guidance_scale if scale is None else scale
     started = time.perf_counter()
     result = judge_test_set(trainer.model, test, parts, cfg, "guided", progress,
-                            images=_guided_images(trainer, test, ic.eval.test_seed, cfg, progress))
-    return {"scale": ic.selection.guidance_scale, "views": ic.selection.guidance_views, **result,
+                            images=_guided_images(trainer, test, ic.eval.test_seed, cfg, progress, scale))
+    return {"scale": scale, "views": ic.selection.guidance_views, **result,
             "seconds": round(time.perf_counter() - started, 2)}
 
 
@@ -850,14 +927,17 @@ def evaluate_test_set(run: Path, progress: bool = True) -> dict:
         raise UserError(f"test combinations {sorted(leaked)[:3]} are training combinations of {run}'s config; not a test set")
     model = parts.model
     results = [{"adapter": "base", "epoch": 0, **judge_test_set(model, test, parts, cfg, "base", progress)}]
-    if cfg.improve.selection.draws_guided:  # the run drew guided drafts: its guided sampler on the base, as its test line
+    ic = cfg.improve
+    scale = ic.selection.guidance_scale if ic.selection.draws_guided and not ic.eval.guidance_scales else None
+    if ic.eval.guidance_scales:  # the calibrated scale, as the run's own test line drew it (none: every scale was refused)
+        scale = json.loads((run / GUIDANCE_FILE).read_text())["reward_guidance"] if (run / GUIDANCE_FILE).is_file() else None
+    if scale is not None:  # the run's guided sampler on the base, as its test line
         from accelerate import Accelerator
 
         from rlhf.trainer import DDPOTrainer
 
-        ic = cfg.improve
         trainer = DDPOTrainer(model, parts.reward, ic.ddpo, ic.selection, Accelerator(cpu=True), parts.selector_threshold)
-        results.append({"adapter": "guided", "epoch": 0, **guided_test_set(trainer, test, parts, cfg, progress)})
+        results.append({"adapter": "guided", "epoch": 0, **guided_test_set(trainer, test, parts, cfg, progress, scale)})
     for name in ("best", "final"):
         folder = run / name
         if not (folder / "lora.safetensors").is_file():

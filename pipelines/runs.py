@@ -174,7 +174,7 @@ def _paths(run_dir: Path, best: int | None) -> dict[str, Any]:
     return {
         "config": existing("config.yaml"), "metadata": existing("metadata.json"), "metrics": existing("metrics.jsonl"),
         "samples": existing("samples.jsonl"), "plots": files("plots", "*.png"), "grids": files("grids", "epoch_*.png"),
-        "final": folder("final"), "best": folder("best"), "best_epoch": best,
+        "final": folder("final"), "best": folder("best"), "best_epoch": best, "guidance": existing("guidance.json"),
         "checkpoints": [str(p) for p in checkpoints],
     }
 
@@ -248,6 +248,7 @@ def show_run(run: str | Path, runs_dir: str | Path = "runs") -> dict[str, Any]:
     for s in steps:
         steps_by_epoch.setdefault(s.get("epoch"), []).append(s)
     timed = [e.get("seconds") or {} for e in epochs]
+    guided = guided_lines(records)
     return {
         **summary,
         "metadata": meta, "components": components, "modalities": modalities,
@@ -255,6 +256,8 @@ def show_run(run: str | Path, runs_dir: str | Path = "runs") -> dict[str, Any]:
         "evals": [_eval_row(e, modalities, summary["best_epoch"]) for e in evals],
         "reference": reference,
         "guided": guided_line(records),
+        # the calibration's scales (improve.eval.guidance_scales), each marked calibrated or why not; None without one
+        "calibration": guided if any(r.get("calibrated") is not None for r in guided) else None,
         "gain": gain_table(evals, summary["best_epoch"], reference),
         "findings": finding_table(evals, summary["best_epoch"], reference),
         "test": test_rows(records, modalities),
@@ -274,14 +277,16 @@ GAIN_METRICS = ("all_requested_shown", "requested_shown", "finding_accuracy", "f
 
 
 def test_rows(records: list[dict], modalities: list[str]) -> list[dict[str, Any]]:
-    """The untouched test prompts' figures (``test`` lines: the base at epoch 0, with guided drafts also the base drawn
-    by the guided sampler (adapter ``guided``), final/ and best/ at the end; the last line per adapter counts), base first: ``[{"adapter", "epoch", "overall", "all_requested_shown": {modality: share}}]``."""
+    """The untouched test prompts' figures (``test`` lines: the base at epoch 0, with guided drafts or a guidance
+    calibration also the base drawn by the guided sampler (adapter ``guided``, with its ``scale``), final/ and best/ at the
+    end; the last line per adapter counts), base first: ``[{"adapter", "epoch", "scale", "overall", "all_requested_shown":
+    {modality: share}}]``."""
     last: dict[str, dict] = {}
     for r in records:
         if r.get("kind") == "test":
             last[r.get("adapter", "?")] = r
     order = {"base": 0, "guided": 1, "best": 2, "final": 3}
-    return [{"adapter": a, "epoch": r.get("epoch"), "overall": dict(r.get("overall") or {}),
+    return [{"adapter": a, "epoch": r.get("epoch"), "scale": r.get("scale"), "overall": dict(r.get("overall") or {}),
              "all_requested_shown": {m: ((r.get("per_modality") or {}).get(m) or {}).get("all_requested_shown") for m in modalities}}
             for a, r in sorted(last.items(), key=lambda kv: order.get(kv[0], len(order)))]
 
@@ -295,13 +300,23 @@ def reference_line(records: list[dict]) -> dict[str, Any] | None:
     return {k: r.get(k) for k in ("source", "per_request", "overall", "per_modality", "missing", "seconds")}
 
 
+GUIDED_KEYS = ("scale", "views", "overall", "per_modality", "seconds", "calibrated", "not_calibrated_because")
+
+
+def guided_lines(records: list[dict]) -> list[dict[str, Any]]:
+    """The held-out metrics of the base drawn by the reward-guided sampler (the loop's ``guided`` lines: stage 2's scale
+    and the calibration's, ``improve.eval.guidance_scales``), one per scale (its last line), ascending."""
+    last: dict[float, dict] = {}
+    for r in records:
+        if r.get("kind") == "guided":
+            last[r.get("scale")] = r
+    return [{k: r.get(k) for k in GUIDED_KEYS} for _, r in sorted(last.items(), key=lambda kv: kv[0] or 0)]
+
+
 def guided_line(records: list[dict]) -> dict[str, Any] | None:
-    """The held-out metrics of stage 2's reward-guided drafts of the base (the loop's ``guided`` line), or None."""
-    lines = [r for r in records if r.get("kind") == "guided"]
-    if not lines:
-        return None
-    r = lines[-1]
-    return {k: r.get(k) for k in ("scale", "views", "overall", "per_modality", "seconds")}
+    """The ``guided`` line a run is read by: the calibrated scale's, else the last drawn (stage 2's drafts), or None."""
+    lines = guided_lines(records)
+    return next((r for r in lines if r.get("calibrated")), lines[-1] if lines else None)
 
 
 def _base_and_after(evals: list[dict], best: int | None) -> tuple[dict | None, dict | None]:

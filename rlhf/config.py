@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Section(BaseModel):
@@ -299,6 +299,23 @@ class HeldoutConfig(Section):
     # time; docs/improve/long_runs.md). 0: not measured.
     reference_per_request: int = Field(8, ge=0)
     reference_seed: int = Field(4343, ge=0)  # seed of the phantoms drawn to the requests (distinct from the classifiers' 4242)
+    # Reward guidance calibrated on the held-out set, once, at epoch 0: the base drawn on the held-out requests by the
+    # reward-guided sampler (the reward's classifiers steer; rlhf.guidance) at each of these scales (and at stage 2's
+    # improve.selection.guidance_scale when it draws guided drafts), a "guided" line each, judged by the evaluator like
+    # every evaluation. The calibrated scale is the one with the highest share among those whose images stay within the
+    # gain's terms (FD and MS-SSIM against the base's, as best/ is chosen: improve.guard); it is judged once on the
+    # untouched test prompts and written to the run's guidance.json, the --reward-guidance that `synthmed generate` and
+    # `synthmed synthesize` take. A sampler setting chosen by the held-out evaluator, not a trained policy. []: none.
+    guidance_scales: list[float] = Field(default_factory=list)
+
+    @field_validator("guidance_scales")
+    @classmethod
+    def _positive_distinct(cls, scales: list[float]) -> list[float]:
+        if any(not (s > 0) for s in scales):
+            raise ValueError(f"every reward-guidance scale must be above 0, got {scales}")
+        if len(set(scales)) != len(scales):
+            raise ValueError(f"reward-guidance scales must be distinct, got {scales}")
+        return scales
 
 
 class GuardConfig(Section):

@@ -116,7 +116,7 @@ class DDPOTrainer:
         model.scheduler.set_timesteps(cfg.steps)
         self.timesteps = model.scheduler.timesteps.clone()
         if selection.draws_guided:  # refused before anything is written
-            self._reward_scorer("improve.selection.source=guided")
+            self.reward_scorer("improve.selection.source=guided")
         if selection.target == "trajectory" and selection.source != "guided":
             raise SynthmedError("improve.selection.target=trajectory fits the guided drafts' own steps; it needs "
                                 "improve.selection.source=guided")
@@ -352,7 +352,7 @@ class DDPOTrainer:
         VAE decodes, and the reward-role classifier's log likelihood of the expected findings is maximised. The
         evaluator never enters: the classifiers come from the reward's findings scorer, which refuses any other role."""
         cfg, model = self.cfg, self.model
-        scorer = self._reward_scorer("the 'draft' objective")
+        scorer = self.reward_scorer("the 'draft' objective")
         started = time.perf_counter()
         stats = UpdateStats()
         n = len(rollout.items)
@@ -450,7 +450,7 @@ class DDPOTrainer:
         out[chosen] = True
         return out
 
-    def _reward_scorer(self, purpose: str):
+    def reward_scorer(self, purpose: str):
         scorer = getattr(self.reward, "finding_scorer", None)
         if scorer is None or getattr(scorer, "role", None) != "reward":
             raise SynthmedError(f"{purpose} needs the reward's findings component (reward-role classifiers); "
@@ -459,15 +459,17 @@ class DDPOTrainer:
 
     @torch.no_grad()
     def guided_drafts(self, items: Sequence[Any], indices: Sequence[int], epoch: int, progress: bool = True,
-                      seeds: Sequence[int] | None = None) -> "GuidedDrafts":
+                      seeds: Sequence[int] | None = None, scale: float | None = None) -> "GuidedDrafts":
         """Stage 2's candidates with ``selection.source="guided"``: per item, a reward-guided DDIM draw
         (:func:`rlhf.guidance.reward_guided_draw`: eta 0, the rollouts' steps and guidance) from the rollout's starting
         noise (``sample_seed`` of its global index; ``seeds``: these), its views keyed by the global index too, so any
         batching or split of ranks draws the same. Returns the final latents, the images and, per step, the state ``x_t``
         and the guided output the step took (for ``selection.target="trajectory"``), all on the CPU. The evaluator never
-        enters: the classifiers are the reward's, which refuses any other role."""
+        enters: the classifiers are the reward's, which refuses any other role. ``scale``: this guidance scale instead of
+        ``selection.guidance_scale`` (the held-out calibration's)."""
         cfg, model = self.cfg, self.model
-        guide = RewardGuide(self._reward_scorer("improve.selection.source=guided"), self.selection.guidance_scale,
+        guide = RewardGuide(self.reward_scorer("improve.selection.source=guided"),
+                            self.selection.guidance_scale if scale is None else scale,
                             self.selection.guidance_views, cfg.draft_view_shift, cfg.draft_view_zoom)
         bar = tqdm(total=len(items), desc=f"epoch {epoch}: guided drafts", unit=" img", disable=not progress, leave=False)
         model.unet.eval()

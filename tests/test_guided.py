@@ -162,8 +162,50 @@ def test_a_guided_run_distils_its_drafts_and_logs_them(base_model, tmp_path, cap
     tested = {r["adapter"]: r for r in records if r["kind"] == "test"}
     assert {"base", "guided", "final"} <= set(tested) and tested["guided"]["epoch"] == 0
     assert tested["guided"]["scale"] == 0.1 and tested["guided"]["overall"] != tested["base"]["overall"]
-    assert "base, reward-guided (epoch 0)" in shown.split("untouched test prompts")[1]
+    assert "base, reward-guided 0.100 (epoch 0)" in shown.split("untouched test prompts")[1]
     assert cli(["runs", "test", str(run), "--json"]) == 0
     again = {r["adapter"]: r for r in json.loads(capsys.readouterr().out)["results"]}
     assert again["guided"]["overall"] == tested["guided"]["overall"] and again["base"]["overall"] == tested["base"]["overall"]
 
+
+
+def test_a_run_calibrates_reward_guidance_on_the_held_out_set_and_confirms_it_on_the_test_set(base_model, tmp_path, capsys):
+    """improve.eval.guidance_scales: a guided line per scale at epoch 0, the best share within the gain's terms calibrated
+    (a scale that wrecks the images is refused, naming why), its untouched test line, guidance.json, and `runs test`."""
+    profile = write_profile(tmp_path, settings(base_model, **{"improve.ddpo.epochs": 1, "improve.eval.reference_per_request": 0,
+                                                             "improve.prompts.test_per_modality": 1,
+                                                             "improve.eval.guidance_scales": [50.0, 0.01]}))
+    run = tmp_path / "run"
+    assert cli(["improve", "--config", str(profile), "--run-dir", str(run), "--no-progress"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    records = lines(run / "metrics.jsonl")
+    guided = {r["scale"]: r for r in records if r["kind"] == "guided"}
+    assert set(guided) == {0.01, 50.0} and all(r["epoch"] == 0 for r in guided.values())  # stage 2 draws none: only these
+    base = next(r for r in records if r["kind"] == "eval" and r["epoch"] == 0)
+    assert guided[50.0]["calibrated"] is False and guided[50.0]["overall"]["fd"] > 1.1 * base["overall"]["fd"]
+    assert guided[50.0]["not_calibrated_because"].startswith("FD ")
+    assert guided[0.01]["calibrated"] is True
+    tested = {r["adapter"]: r for r in records if r["kind"] == "test"}
+    assert tested["guided"]["scale"] == 0.01 and tested["guided"]["epoch"] == 0
+    saved = json.loads((run / "guidance.json").read_text())
+    assert saved["reward_guidance"] == 0.01 and [s["scale"] for s in saved["scales"]] == [0.01, 50.0]
+    assert saved["heldout"]["guided"]["fd"] == guided[0.01]["overall"]["fd"]
+    assert saved["test"]["guided"]["all_requested_shown"] == tested["guided"]["overall"]["all_requested_shown"]
+    assert "--reward-guidance 0.01" in saved["use"]
+    assert "base reward-guided at 0.01" in printed and "guidance.json" in printed
+    assert cli(["runs", "show", str(run)]) == 0
+    shown = capsys.readouterr().out
+    assert "reward guidance calibrated on the held-out prompts" in shown and "calibrated reward guidance: 0.010" in shown
+    assert "FD " in shown.split("reward-guided 50")[1].splitlines()[0]  # the refused scale says why
+    assert "base, reward-guided 0.010 (epoch 0)" in shown
+    assert cli(["runs", "test", str(run), "--json"]) == 0
+    again = {r["adapter"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    assert again["guided"]["scale"] == 0.01 and again["guided"]["overall"] == tested["guided"]["overall"]
+
+
+def test_guidance_calibration_refuses_bad_scales(base_model, tmp_path, capsys):
+    for bad, why in (([0.1, 0.0], "above 0"), ([0.1, 0.1], "distinct")):
+        profile = write_profile(tmp_path, settings(base_model, **{"improve.eval.guidance_scales": bad}), name=f"bad{len(why)}.yaml")
+        assert cli(["improve", "--config", str(profile), "--run-dir", str(tmp_path / "never"), "--no-progress"]) == 2
+        assert why in capsys.readouterr().err
+        assert not (tmp_path / "never").exists()  # refused before the run folder is made

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def register(groups, formatter) -> None:
 
 
 def _improve(args, extra) -> int:
-    from ..improve import resume_config, run_improve
+    from ..improve import GUIDANCE_FILE, resume_config, run_improve
 
     flags = {"improve.ddpo.epochs": args.epochs, "improve.report_to": args.report_to,
              "improve.selection.enabled": False if args.no_selection else None}
@@ -63,10 +64,19 @@ def _improve(args, extra) -> int:
         ceiling = ((reference_line(read_metrics(root)) or {}).get("overall") or {}).get("all_requested_shown")
         print(f"best held-out epoch: {best.get('epoch')}" + ("" if share is None else f" (every requested finding shown: {share:.3f}"
               + ("" if ceiling is None else f"; images that truly show the requests: {ceiling:.3f}") + ")"))
-    tested = {t["adapter"]: t["overall"].get("all_requested_shown") for t in test_rows(read_metrics(root), [])}
-    if tested:
-        print("untouched test prompts, every requested finding shown: "
-              + ", ".join(f"{'base reward-guided' if a == 'guided' else a} {'-' if v is None else f'{v:.3f}'}" for a, v in tested.items()))
+    rows = test_rows(read_metrics(root), [])
+    if rows:
+        def label(t: dict) -> str:
+            return f"base reward-guided at {t['scale']:g}" if t["adapter"] == "guided" and t.get("scale") is not None else (
+                "base reward-guided" if t["adapter"] == "guided" else t["adapter"])
+
+        print("untouched test prompts, every requested finding shown: " + ", ".join(
+            f"{label(t)} {'-' if t['overall'].get('all_requested_shown') is None else format(t['overall']['all_requested_shown'], '.3f')}"
+            for t in rows))
+    if (root / GUIDANCE_FILE).is_file():
+        calibrated = json.loads((root / GUIDANCE_FILE).read_text()).get("reward_guidance")
+        print(f"guidance: {root / GUIDANCE_FILE}  (" + (f"calibrated reward guidance {calibrated:g}: --reward-guidance {calibrated:g} "
+              "with synthmed generate or synthesize" if calibrated is not None else "no scale stayed within the gain's terms") + ")")
     print(f"logs:     {root / 'metrics.jsonl'}, {root / 'samples.jsonl'}")
     print(f"plots:    {root / 'plots'}  (reward.png, heldout.png, training.png)")
     print(f"grids:    {root / 'grids'}, {root / 'heldout'}")
