@@ -21,7 +21,7 @@ from typing import Any
 
 from generator.fileio import atomic_write
 
-from .runs import best_epoch, keys_in_order, lines_by_epoch, read_metrics, reference_line
+from .runs import best_epoch, guided_line, keys_in_order, lines_by_epoch, read_metrics, reference_line
 
 # (key, title): held-out metrics in the order drawn; the arrow says which way is better
 HELDOUT = [
@@ -118,9 +118,10 @@ def plot_reward(epochs: list[dict], title: str) -> Any:
 
 
 # -- held-out ---------------------------------------------------------------------------------
-def plot_heldout(evals: list[dict], title: str, reference: dict | None = None) -> Any:
+def plot_heldout(evals: list[dict], title: str, reference: dict | None = None, guided: dict | None = None) -> Any:
     """Held-out metrics against epoch; ``reference`` (the run's reference line): a dotted line at what images that
-    truly show each request score."""
+    truly show each request score; ``guided`` (the run's calibrated, else stage 2's, ``guided`` line): a dash-dotted line
+    at what the base drawn by the reward-guided sampler scores."""
     fig, axes = _figure(len(HELDOUT))
     xs = [e["epoch"] for e in evals]
     best = best_epoch(evals)
@@ -139,6 +140,9 @@ def plot_heldout(evals: list[dict], title: str, reference: dict | None = None) -
         ref = _number(((reference or {}).get("overall") or {}).get(key))
         if ref is not None:
             ax.axhline(ref, color="C3", ls=":", lw=1.5, label="images that show the request")
+        level = _number(((guided or {}).get("overall") or {}).get(key))
+        if level is not None:
+            ax.axhline(level, color="C9", ls="-.", lw=1.2, label=f"base, reward-guided {guided.get('scale'):g}")
         if best is not None:
             ax.axvline(best, color="C1", ls=":", lw=1.5, label=f"best (epoch {best})")
         if not x:
@@ -193,7 +197,7 @@ def draw_plots(run_dir: str | Path) -> list[Path]:
     epochs, evals = lines_by_epoch(records, "epoch"), lines_by_epoch(records, "eval")
     steps = [r for r in records if r.get("kind") == "step"]
     jobs: list[tuple[str, Callable[[list[dict], str], Any], list[dict]]] = [
-        ("reward.png", plot_reward, epochs), ("heldout.png", partial(plot_heldout, reference=reference_line(records)), evals),
+        ("reward.png", plot_reward, epochs), ("heldout.png", partial(plot_heldout, reference=reference_line(records), guided=guided_line(records)), evals),
         ("training.png", plot_training, steps)]
     written = []
     for name, plot, data in jobs:

@@ -110,6 +110,21 @@ def test_open_run_draws_the_reference_as_a_level_line_across_the_evaluations(tmp
     assert heldout["all_requested_shown (reference)"] == [(0, 0.6), (1, 0.6)]
     assert heldout["finding_accuracy (reference)"] == [(0, 0.9), (1, 0.9)]
     assert "fd (reference)" not in heldout  # a distance has no ceiling; FD keeps its own plot
+    assert not any("reward-guided" in name for name in heldout)  # this run drew no guided line
+
+
+def test_open_run_draws_the_calibrated_reward_guidance_as_a_level_line(tmp_path):
+    from test_runs import epoch_line, eval_line, step_lines, write_run
+
+    def guided(scale, share, calibrated):
+        return {"kind": "guided", "epoch": 0, "scale": scale, "views": 4, "calibrated": calibrated,
+                "overall": {"all_requested_shown": share, "requested_shown": 0.5, "finding_accuracy": 0.7, "fd": 40.0}, "per_modality": {}}
+
+    write_run(tmp_path, "improve-20250105-090000", [eval_line(0, 0.4, 50.0, True), guided(0.05, 0.5, True), guided(0.3, 0.7, False),
+                                                    *step_lines(1), epoch_line(1), eval_line(1, 0.45, 48.0, True)], "2025-01-05T09:00:00")
+    heldout = data.open_run("improve-20250105-090000", tmp_path)["series"]["heldout"]
+    assert heldout["all_requested_shown (reward-guided 0.05)"] == [(0, 0.5), (1, 0.5)]  # the calibrated scale, not the higher refused one
+    assert "fd (reward-guided 0.05)" not in heldout and not any("0.3" in name for name in heldout)
 
 
 def test_open_run_of_a_train_run_plots_its_numbers(runs_dir):  # noqa: F811

@@ -201,6 +201,13 @@ def test_a_run_calibrates_reward_guidance_on_the_held_out_set_and_confirms_it_on
     assert cli(["runs", "test", str(run), "--json"]) == 0
     again = {r["adapter"]: r for r in json.loads(capsys.readouterr().out)["results"]}
     assert again["guided"]["scale"] == 0.01 and again["guided"]["overall"] == tested["guided"]["overall"]
+    # generate and synthesize with this run's adapter, drawing without guidance, are told of the calibrated scale
+    from pipelines.commands.common import calibrated_guidance_note
+
+    for given in (run, run / "best", run / "final" / "lora.safetensors"):
+        assert "add --reward-guidance 0.01 " in calibrated_guidance_note([str(given)], 0.0)
+    assert calibrated_guidance_note([str(run / "best")], 0.05) is None  # a scale given: the user's choice
+    assert calibrated_guidance_note([str(tmp_path / "elsewhere.safetensors")], None) is None
 
 
 def test_guidance_calibration_refuses_bad_scales(base_model, tmp_path, capsys):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from generator.errors import UserError
@@ -30,6 +33,29 @@ def reward_guidance_flag(value: float | None) -> float | None:
     if value is not None and not value >= 0:
         raise UserError(f"--reward-guidance must be a scale >= 0 (0.1 is the measured setting; 0: off), got {value}")
     return value
+
+
+def calibrated_guidance_note(lora: Sequence[str] | None, scale: float | None) -> str | None:
+    """A note for a command drawing with an adapter of a run that calibrated reward guidance (its ``guidance.json``,
+    improve.eval.guidance_scales) while it draws without guidance (``scale`` None or 0); None otherwise. ``lora``: the
+    adapters as given (a run folder, its best/ or final/, or a file in one)."""
+    if scale:
+        return None
+    for given in lora or []:
+        path = Path(given)
+        for folder in (path, path.parent, path.parent.parent):
+            saved = folder / "guidance.json"
+            if not saved.is_file():
+                continue
+            try:
+                calibrated = json.loads(saved.read_text(encoding="utf-8")).get("reward_guidance")
+            except (OSError, ValueError, AttributeError):
+                return None
+            if calibrated is None:
+                return None
+            return (f"note: {folder} calibrated reward guidance on its held-out prompts ({saved}: scale {calibrated:g}); "
+                    f"add --reward-guidance {calibrated:g} to draw with it")
+    return None
 
 
 def table(rows: list[list[Any]], header: list[str]) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from generator.errors import UserError
 
-from .common import add_config_argument, resolve_config, reward_guidance_flag, table
+from .common import add_config_argument, calibrated_guidance_note, resolve_config, reward_guidance_flag, table
 
 
 def register(groups, formatter) -> None:
@@ -62,6 +62,10 @@ def _generate(args, extra) -> int:
 
     reward_guidance_flag(args.reward_guidance)  # checked before anything is built
     cfg = resolve_config(args, extra, {"sample.lora": args.lora})
+    note = calibrated_guidance_note(cfg.sample.lora, args.reward_guidance if args.reward_guidance is not None
+                                    else cfg.agents.reward_guidance)
+    if note:
+        print(note, file=sys.stderr)
     started = time.perf_counter()
     agent = build_agent(cfg, args.model, draw=not args.dry_run)
     try:

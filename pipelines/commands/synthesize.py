@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 
-from .common import add_config_argument, resolve_config, reward_guidance_flag
+from .common import add_config_argument, calibrated_guidance_note, resolve_config, reward_guidance_flag
 
 
 def register(groups, formatter) -> None:
@@ -51,6 +52,9 @@ def _synthesize(args, extra) -> int:
     cfg = resolve_config(args, extra, {"synthesize.seed": args.seed, "synthesize.format": args.format,
                                        "synthesize.batch_size": args.batch_size, "sample.lora": args.lora,
                                        guidance_key: reward_guidance_flag(args.reward_guidance)})
+    note = calibrated_guidance_note(cfg.sample.lora, cfg.agents.reward_guidance if args.through_graph else cfg.synthesize.reward_guidance)
+    if note:
+        print(note, file=sys.stderr)
     result = synthesize(cfg, args.spec, args.out, model_dir=args.model, train_data=args.train_data, through_graph=args.through_graph,
                         resume=args.resume, progress=not (args.no_progress or args.json))
     if result.get("rank"):  # another process's shard: rank 0 reports the run

@@ -220,6 +220,11 @@ def improve_series(run: dict) -> dict[str, dict[str, list]]:
     for name in SHARE_METRICS:
         if epochs and _is_number(reference.get(name)):
             heldout[f"{name} (reference)"] = [(min(epochs), float(reference[name])), (max(epochs), float(reference[name]))]
+        # the base drawn by the reward-guided sampler (the calibrated scale's line, else stage 2's): a level line too
+        guided = run.get("guided") or {}
+        level = (guided.get("overall") or {}).get(name)
+        if epochs and _is_number(level):
+            heldout[f"{name} (reward-guided {guided.get('scale'):g})"] = [(min(epochs), float(level)), (max(epochs), float(level))]
     return {"reward": reward, "heldout": heldout, "per_modality": per_modality}
 
 
