@@ -145,6 +145,9 @@ def _read_profile(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     parent = data.pop("extends", None)
     if parent is None:
         return data
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"{path}: 'extends' names the profile this one builds on (a name like tiny, or a YAML path), "
+                          f"got {_clip(parent)}")
     base = _read_profile(resolve_profile(parent), (*seen, path.resolve()))
     return merge(base, data)
 

@@ -56,6 +56,10 @@ def test_profile_extends_and_cycle(tmp_path):
     (tmp_path / "b.yaml").write_text("extends: " + str(tmp_path / "a.yaml") + "\n")
     with pytest.raises(ConfigError, match="cycle"):
         load_config(tmp_path / "a.yaml")
+    for bad in ("3", "[tiny]", "''"):  # found by the fuzz test: an int crashed in pathlib
+        (tmp_path / "c.yaml").write_text(f"extends: {bad}\n")
+        with pytest.raises(ConfigError, match="'extends' names the profile this one builds on"):
+            load_config(tmp_path / "c.yaml")
     real = load_config("real")
     assert real.run.device == "cpu"  # inherited from tiny
     assert real.data.augment.enabled and real.data.manifests
