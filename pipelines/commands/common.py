@@ -53,8 +53,8 @@ def calibrated_guidance_note(lora: Sequence[str] | None, scale: float | None) ->
                 return None
             if calibrated is None:
                 return None
-            return (f"note: {folder} calibrated reward guidance on its held-out prompts ({saved}: scale {calibrated:g}); "
-                    f"add --reward-guidance {calibrated:g} to draw with it")
+            return (f"note: {folder} calibrated reward guidance on its base model's held-out draws ({saved}: scale "
+                    f"{calibrated:g}); add --reward-guidance {calibrated:g} to draw with it")
     return None
 
 
