@@ -3,8 +3,9 @@ the shifts reward guidance applied to x0_hat on guided drafts of TRAINING reques
 features), then sample the held-out requests with plain DDIM plus the fitted offsets (no classifier at sampling) and
 judge them with the evaluator. The evaluator never enters the fit.
 
-From the repository root: python docs/improve/probes/amortised_guidance.py EPOCHS_OF_DRAFTS GAMMAS, e.g. 36 1.0,1.25,1.5
-(docs/improve/long_runs.md)."""
+From the repository root: python docs/improve/probes/amortised_guidance.py EPOCHS_OF_DRAFTS GAMMAS [LAMBDA] [--heldout-only],
+e.g. 36 1.0,1.25,1.5 (ridge lambda 1; the test set judged at gamma 0 and the chosen gamma unless --heldout-only;
+docs/improve/long_runs.md)."""
 import json, sys, time
 import numpy as np, torch
 from accelerate import Accelerator
@@ -21,6 +22,7 @@ from generator.models import latent_size
 
 torch.set_num_threads(2)
 N_EPOCHS = int(sys.argv[1]) if len(sys.argv) > 1 else 12
+HELDOUT_ONLY = "--heldout-only" in sys.argv
 cfg = load_config("tiny")
 ic = cfg.improve
 parts = build_parts(cfg, device="cpu", progress=False, load_eval=True)
@@ -72,7 +74,8 @@ X = torch.zeros(len(items), len(vocab))
 for i, it in enumerate(items):
     for f in feats(it):
         X[i, index[f]] = 1.0
-lam = 1.0
+args = [a for a in sys.argv[1:] if not a.startswith("--")]
+lam = float(args[2]) if len(args) > 2 else 1.0
 W = []
 for j in range(T):
     Y = shifts[:, j].flatten(1)
@@ -121,12 +124,12 @@ def judge(its, seed0, gamma, tag):
            "per_modality": {m: v.get("all_requested_shown") for m, v in r["per_modality"].items()}}
     print(json.dumps(row), flush=True)
     return row
-GAMMAS = [float(g) for g in sys.argv[2].split(",")] if len(sys.argv) > 2 else [1.0, 2.0, 3.0]
+GAMMAS = [float(g) for g in args[1].split(",")] if len(args) > 1 else [1.0, 2.0, 3.0]
 rows = [judge(heldout, ic.eval.seed, g, "heldout") for g in [0.0, *GAMMAS]]
 ok = [r for r in rows if r["gamma"] > 0 and r["fd"] <= 1.1 * rows[0]["fd"] and r["ms_ssim"] <= rows[0]["ms_ssim"] + 0.05]
 best = max(ok, key=lambda r: r["all_requested_shown"]) if ok else None
 print("chosen on held-out:", best and best["gamma"], flush=True)
 out = {"rows": rows}
-if best:
+if best and not HELDOUT_ONLY:
     out["test"] = [judge(test, ic.eval.test_seed, 0.0, "test"), judge(test, ic.eval.test_seed, best["gamma"], "test")]
 json.dump(out, open(f"amortised_guidance_{N_EPOCHS}.json", "w"), indent=1)  # in the folder it runs from
