@@ -50,6 +50,7 @@ from rlhf.trainer import NonFiniteError, sample_seed
 
 from .config import SynthmedConfig, config_to_dict, load_config, save_config
 from .run_plots import draw_plots
+from .runs import GUIDANCE_FILE, read_guidance
 
 log = logging.getLogger(__name__)
 
@@ -638,8 +639,7 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
             calibrated = calibrate_guidance(guided_lines, guard) if ic.eval.guidance_scales else None
             lines.extend(guided_lines)
             # the untouched requests by the guided sampler too (nothing decides by it): at the calibrated scale, or at stage 2's
-            tested_scale = calibrated["scale"] if calibrated else (ic.selection.guidance_scale if ic.selection.draws_guided
-                                                                   and not ic.eval.guidance_scales else None)
+            tested_scale = guided_test_scale(ic, calibrated["scale"] if calibrated else None)
             if test:
                 lines.append(test_evaluation(0, "base"))
                 if tested_scale is not None:
@@ -778,17 +778,13 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
     return end
 
 
-def _guided_images(trainer, items: Sequence[Any], seed: int, cfg: SynthmedConfig, progress: bool,
-                   scale: float | None = None) -> torch.Tensor:
-    """``items`` drawn by the reward-guided sampler (at ``scale``, else stage 2's) on the model as it stands,
+def _guided_images(trainer, items: Sequence[Any], seed: int, cfg: SynthmedConfig, progress: bool, scale: float) -> torch.Tensor:
+    """``items`` drawn by the reward-guided sampler at ``scale`` on the model as it stands,
     ``improve.eval.images_per_prompt`` each, prompt-major; image i from the noise of ``seed + i``, as the held-out
     evaluation draws its own."""
     expanded = [it for it in items for _ in range(cfg.improve.eval.images_per_prompt)]
     return trainer.guided_drafts(expanded, list(range(len(expanded))), 0, progress,
                                  seeds=[seed + i for i in range(len(expanded))], scale=scale).images
-
-
-GUIDANCE_FILE = "guidance.json"  # a run's calibrated reward guidance (improve.eval.guidance_scales)
 
 
 def guided_scales(ic) -> list[float]:
@@ -800,16 +796,22 @@ def guided_scales(ic) -> list[float]:
     return sorted(scales)
 
 
-def guided_heldout(trainer, heldout: Sequence[Any], parts: Parts, cfg: SynthmedConfig, progress: bool = True,
-                   scale: float | None = None) -> dict:
-    """A ``guided`` line: the held-out requests drawn by the reward-guided sampler on the base model at ``scale`` (else
-    stage 2's; the held-out seeds, the rollouts' steps and guidance), judged like every evaluation by the evaluator. At
-    stage 2's scale it says what the drafts the policy distils show; at the calibration's scales, which one the run
-    calibrates (:func:`calibrate_guidance`). Neither best/ nor the guard reads it."""
+def guided_test_scale(ic, calibrated: float | None) -> float | None:
+    """The scale a run's ``guided`` test line is drawn at: with a calibration, its calibrated scale (``calibrated``; None
+    when every scale was refused: no line); else stage 2's when it draws guided drafts; else none."""
+    if ic.eval.guidance_scales:
+        return calibrated
+    return ic.selection.guidance_scale if ic.selection.draws_guided else None
+
+
+def guided_heldout(trainer, heldout: Sequence[Any], parts: Parts, cfg: SynthmedConfig, progress: bool, scale: float) -> dict:
+    """A ``guided`` line: the held-out requests drawn by the reward-guided sampler on the base model at ``scale`` (the
+    held-out seeds, the rollouts' steps and guidance), judged like every evaluation by the evaluator. At stage 2's scale
+    it says what the drafts the policy distils show; at the calibration's scales, which one the run calibrates
+    (:func:`calibrate_guidance`). Neither best/ nor the guard reads it."""
     from rlhf.heldout import heldout_evaluation
 
     ic = cfg.improve
-    scale = ic.selection.guidance_scale if scale is None else scale
     started = time.perf_counter()
     images = _guided_images(trainer, heldout, ic.eval.seed, cfg, progress, scale)  # the held-out evaluation's noise
     result = heldout_evaluation(trainer.model, heldout, parts.judges, parts.reference, ic.eval, cfg.judges.eval, ic.ddpo.guidance,
@@ -896,13 +898,11 @@ def judge_test_set(model, test: Sequence[Any], parts: Parts, cfg: SynthmedConfig
     return result
 
 
-def guided_test_set(trainer, test: Sequence[Any], parts: Parts, cfg: SynthmedConfig, progress: bool = True,
-                    scale: float | None = None) -> dict:
-    """The untouched test prompts drawn by the reward-guided sampler on the base at ``scale`` (the calibrated one, else
-    stage 2's; their own seeds, as the held-out set's ``guided`` lines draw their own), judged like the other test rows:
-    the ``test`` line of adapter ``guided``. What a user of the guided sampler gets on requests nothing was tuned on."""
+def guided_test_set(trainer, test: Sequence[Any], parts: Parts, cfg: SynthmedConfig, progress: bool, scale: float) -> dict:
+    """The untouched test prompts drawn by the reward-guided sampler on the base at ``scale`` (:func:`guided_test_scale`;
+    their own seeds, as the held-out set's ``guided`` lines draw their own), judged like the other test rows: the
+    ``test`` line of adapter ``guided``. What a user of the guided sampler gets on requests nothing was tuned on."""
     ic = cfg.improve
-    scale = ic.selection.guidance_scale if scale is None else scale
     started = time.perf_counter()
     result = judge_test_set(trainer.model, test, parts, cfg, "guided", progress,
                             images=_guided_images(trainer, test, ic.eval.test_seed, cfg, progress, scale))
@@ -928,9 +928,8 @@ def evaluate_test_set(run: Path, progress: bool = True) -> dict:
     model = parts.model
     results = [{"adapter": "base", "epoch": 0, **judge_test_set(model, test, parts, cfg, "base", progress)}]
     ic = cfg.improve
-    scale = ic.selection.guidance_scale if ic.selection.draws_guided and not ic.eval.guidance_scales else None
-    if ic.eval.guidance_scales:  # the calibrated scale, as the run's own test line drew it (none: every scale was refused)
-        scale = json.loads((run / GUIDANCE_FILE).read_text())["reward_guidance"] if (run / GUIDANCE_FILE).is_file() else None
+    saved_guidance = read_guidance(run) if ic.eval.guidance_scales else None  # the calibrated scale its own test line drew
+    scale = guided_test_scale(ic, (saved_guidance or {}).get("reward_guidance"))
     if scale is not None:  # the run's guided sampler on the base, as its test line
         from accelerate import Accelerator
 

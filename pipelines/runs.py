@@ -174,7 +174,7 @@ def _paths(run_dir: Path, best: int | None) -> dict[str, Any]:
     return {
         "config": existing("config.yaml"), "metadata": existing("metadata.json"), "metrics": existing("metrics.jsonl"),
         "samples": existing("samples.jsonl"), "plots": files("plots", "*.png"), "grids": files("grids", "epoch_*.png"),
-        "final": folder("final"), "best": folder("best"), "best_epoch": best, "guidance": existing("guidance.json"),
+        "final": folder("final"), "best": folder("best"), "best_epoch": best, "guidance": existing(GUIDANCE_FILE),
         "checkpoints": [str(p) for p in checkpoints],
     }
 
@@ -298,6 +298,16 @@ def reference_line(records: list[dict]) -> dict[str, Any] | None:
         return None
     r = lines[-1]
     return {k: r.get(k) for k in ("source", "per_request", "overall", "per_modality", "missing", "seconds")}
+
+
+GUIDANCE_FILE = "guidance.json"  # a run's calibrated reward guidance (improve.eval.guidance_scales)
+
+
+def read_guidance(folder: str | Path) -> dict[str, Any] | None:
+    """A run folder's ``guidance.json`` (its ``reward_guidance``: the calibrated scale, None when every scale was
+    refused), or None when the run calibrated nothing; a file that is not JSON raises ValueError."""
+    path = Path(folder) / GUIDANCE_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 GUIDED_KEYS = ("scale", "views", "overall", "per_modality", "seconds", "calibrated", "not_calibrated_because")

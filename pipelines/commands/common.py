@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,22 +38,24 @@ def calibrated_guidance_note(lora: Sequence[str] | None, scale: float | None) ->
     """A note for a command drawing with an adapter of a run that calibrated reward guidance (its ``guidance.json``,
     improve.eval.guidance_scales) while it draws without guidance (``scale`` None or 0); None otherwise. ``lora``: the
     adapters as given (a run folder, its best/ or final/, or a file in one)."""
+    from ..runs import GUIDANCE_FILE, read_guidance
+
     if scale:
         return None
     for given in lora or []:
         path = Path(given)
         for folder in (path, path.parent, path.parent.parent):
-            saved = folder / "guidance.json"
-            if not saved.is_file():
-                continue
             try:
-                calibrated = json.loads(saved.read_text(encoding="utf-8")).get("reward_guidance")
-            except (OSError, ValueError, AttributeError):
+                saved = read_guidance(folder)
+            except (OSError, ValueError):
                 return None
+            if saved is None:
+                continue
+            calibrated = saved.get("reward_guidance") if isinstance(saved, dict) else None
             if calibrated is None:
                 return None
-            return (f"note: {folder} calibrated reward guidance on its base model's held-out draws ({saved}: scale "
-                    f"{calibrated:g}); add --reward-guidance {calibrated:g} to draw with it")
+            return (f"note: {folder} calibrated reward guidance on its base model's held-out draws ({folder / GUIDANCE_FILE}: "
+                    f"scale {calibrated:g}); add --reward-guidance {calibrated:g} to draw with it")
     return None
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ def register(groups, formatter) -> None:
 
 
 def _improve(args, extra) -> int:
-    from ..improve import GUIDANCE_FILE, resume_config, run_improve
+    from ..improve import resume_config, run_improve
 
     flags = {"improve.ddpo.epochs": args.epochs, "improve.report_to": args.report_to,
              "improve.selection.enabled": False if args.no_selection else None}
@@ -51,7 +50,7 @@ def _improve(args, extra) -> int:
         cfg = resolve_config(args, extra, flags)
         end = run_improve(cfg, Path(args.run_dir) if args.run_dir else None, progress=not args.no_progress,
                           command="synthmed " + " ".join(sys.argv[1:]))
-    from pipelines.runs import read_metrics, reference_line, test_rows
+    from pipelines.runs import GUIDANCE_FILE, read_guidance, read_metrics, reference_line, test_rows
 
     root = Path(end["run"])
     if end["status"] != "finished":
@@ -73,8 +72,9 @@ def _improve(args, extra) -> int:
         print("untouched test prompts, every requested finding shown: " + ", ".join(
             f"{label(t)} {'-' if t['overall'].get('all_requested_shown') is None else format(t['overall']['all_requested_shown'], '.3f')}"
             for t in rows))
-    if (root / GUIDANCE_FILE).is_file():
-        calibrated = json.loads((root / GUIDANCE_FILE).read_text()).get("reward_guidance")
+    saved = read_guidance(root)
+    if saved is not None:
+        calibrated = saved.get("reward_guidance")
         print(f"guidance: {root / GUIDANCE_FILE}  (" + (f"calibrated reward guidance {calibrated:g}: --reward-guidance {calibrated:g} "
               "with synthmed generate or synthesize" if calibrated is not None else "no scale stayed within the gain's terms") + ")")
     print(f"logs:     {root / 'metrics.jsonl'}, {root / 'samples.jsonl'}")

@@ -216,15 +216,16 @@ def improve_series(run: dict) -> dict[str, dict[str, list]]:
                 heldout.setdefault(name, []).append((e["epoch"], float(value)))
     # what images that truly show each request score (the run's reference line): a level line across the evaluations
     reference = (run.get("reference") or {}).get("overall") or {}
+    # the base drawn by the reward-guided sampler (the calibrated scale's line, else stage 2's): a level line too
+    guided = run.get("guided") or {}
+    levels = {"reference": reference}
+    if guided:
+        levels[f"reward-guided {guided.get('scale'):g}"] = guided.get("overall") or {}
     epochs = [e["epoch"] for e in run["evals"]]
     for name in SHARE_METRICS:
-        if epochs and _is_number(reference.get(name)):
-            heldout[f"{name} (reference)"] = [(min(epochs), float(reference[name])), (max(epochs), float(reference[name]))]
-        # the base drawn by the reward-guided sampler (the calibrated scale's line, else stage 2's): a level line too
-        guided = run.get("guided") or {}
-        level = (guided.get("overall") or {}).get(name)
-        if epochs and _is_number(level):
-            heldout[f"{name} (reward-guided {guided.get('scale'):g})"] = [(min(epochs), float(level)), (max(epochs), float(level))]
+        for what, overall in levels.items():
+            if epochs and _is_number(overall.get(name)):
+                heldout[f"{name} ({what})"] = [(min(epochs), float(overall[name])), (max(epochs), float(overall[name]))]
     return {"reward": reward, "heldout": heldout, "per_modality": per_modality}
 
 
