@@ -9,6 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.pop("SYNTHMED_HOME", None)  # a workspace of the person running the tests would move every relative path
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: one thread per worker (and the processes it starts), or the
+    os.environ["OMP_NUM_THREADS"] = "1"  # workers' thread pools fight over the cores and the suite is barely faster
+    os.environ["MKL_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 
