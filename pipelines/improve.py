@@ -689,11 +689,19 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
         guided = None  # stage 2's candidates: the rollouts, or one reward-guided draw per rollout
         candidate_total, candidate_components = total, components
         if ic.selection.draws_guided:
-            drafts = trainer.guided_drafts(items[mine], indices, epoch, progress)
+            by_table = ic.selection.target == "table"
+            drafts = trainer.guided_drafts(items[mine], indices, epoch, progress, base=by_table)
             candidate_total, candidate_components = judged(drafts.images, "reward of a guided draft")
             guided = {"finals": _gather_latents(accelerator, drafts.finals), "images": drafts.images}
             if ic.selection.target == "trajectory":
                 guided["trajectory"] = (_gather_latents(accelerator, drafts.states), _gather_latents(accelerator, drafts.targets))
+            elif by_table:  # the drafts join the table's data; the selected requests' table-steered draws are fitted
+                trainer.keep_offset_drafts(items, _gather_latents(accelerator, trainer.draft_shifts(items[mine], drafts)))
+                table = trainer.offset_table()
+                steered = trainer.table_drafts(items[mine], indices, epoch, table)
+                guided["trajectory"] = (_gather_latents(accelerator, steered.states), _gather_latents(accelerator, steered.targets))
+                guided["offset_table"] = {"drafts": len(trainer.offset_features), "features": len(table.features),
+                                          "r2": [round(v, 4) for v in table.r2(trainer.offset_features, trainer.offset_shifts.float())]}
         t_guided = time.perf_counter()
         selected = trainer.selected(candidate_total, candidate_components)
         selection_steps: list[dict] = []
@@ -718,6 +726,8 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
         if guided:  # what guidance drew, judged by the same reward (the rollouts' figures above are the policy's)
             epoch_line["guided_reward"], epoch_line["guided_per_modality"] = epoch_reward_summary(items, candidate_total,
                                                                                                  candidate_components)
+            if "offset_table" in guided:  # target=table: the drafts it is fitted to so far, and how much of their shifts it holds
+                epoch_line["offset_table"] = guided["offset_table"]
         lines.append(epoch_line)
         samples = [{"epoch": epoch, "index": i, "rank": i // (n_prompts * k), "prompt": it.prompt, "negative": it.negative,
                     "request": it.request, "modality": it.modality, "key": it.key,

@@ -193,6 +193,8 @@ def _epoch_row(epoch: dict, steps: list[dict], modalities: list[str]) -> dict[st
         # stage 2's reward-guided drafts (improve.selection.source=guided), judged by the same reward; None otherwise
         "guided_reward": ({name: _mean_of(stats) for name, stats in epoch["guided_reward"].items()}
                           if epoch.get("guided_reward") else None),
+        # improve.selection.target=table: the guided drafts the offset table is fitted to so far, and its R2 per step
+        "offset_table": epoch.get("offset_table"),
         # the verifier's own classifiers on the rollouts (agreement, pass share); None when the verifier is the reward's
         "verifier": {name: _mean_of(stats) for name, stats in epoch["verifier"].items()} if epoch.get("verifier") else None,
         "per_modality_total": {m: _mean_of((per_modality.get(m) or {}).get("total")) for m in modalities},

@@ -265,7 +265,17 @@ class SelectionConfig(Section):
     # What it is fitted to: the selected samples' final latents, noised at random timesteps (the denoising loss), or, with
     # source=guided, the guided drafts' own steps: at a state x_t the guided sampler passed through, the output it took
     # there (guidance distillation; the guided prediction is fitted whatever ``fit`` says).
-    target: Literal["final", "trajectory"] = "final"
+    # "table" (with source=guided): guidance distilled through its per-request average. The guided drafts are the base's
+    # (adapter disabled); at each of their states, the shift guidance gave x0_hat over the base's own is kept, and the
+    # shifts of every epoch so far are fitted by an offset table (rlhf.amortised: per step, a ridge regression on the
+    # request's stated findings, sides and modality). The policy is then fitted, at the states of the base's
+    # table-steered draw of each selected request (its rollout's starting noise, x0_hat moved by table_gamma x the
+    # table's offset), to that draw's outputs: a fixed target per request, where "trajectory" fits each draft's own,
+    # per-image gradient (docs/improve/long_runs.md: the table's gain carries to untouched requests; the per-image
+    # steps did not).
+    target: Literal["final", "trajectory", "table"] = "final"
+    table_gamma: float = Field(1.75, gt=0)  # target=table: the table's offsets are multiplied by this in the steered draws
+    table_ridge: float = Field(1.0, ge=0)  # target=table: the table's ridge penalty (per step, on the feature weights)
     # Where the candidates come from. "rollouts": the epoch's stage-1 rollouts (MINIM's selection). "guided": one
     # reward-guided draw per rollout (same request, same starting noise, DDIM with eta 0 and the rollouts' steps and
     # guidance), each step's x0_hat moved along the gradient of the reward-role classifier's log likelihood of the

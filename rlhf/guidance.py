@@ -114,6 +114,26 @@ def reward_guided_draw(model, guide: RewardGuide, prompts: Sequence[str], modali
     if not (len(modalities) == len(stated) == len(noise_seeds) == n):
         raise ValueError(f"prompts ({n}), modalities ({len(modalities)}), stated ({len(stated)}) and noise_seeds "
                          f"({len(noise_seeds)}) must be as many")
+
+    def shift(x0: torch.Tensor, rows: list[int], j: int, t: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        grad = guide.gradient(model, x0, [modalities[i] for i in rows], [stated[i] for i in rows], [view_seed(i, j) for i in rows])
+        return guidance_shift(grad, guide.scale, alpha)
+
+    return steered_draw(model, shift, prompts, modalities, noise_seeds, steps, guidance, negatives, findings, batch_size,
+                        keep_trajectory, on_batch)
+
+
+def steered_draw(model, shift: Callable[..., torch.Tensor], prompts: Sequence[str], modalities: Sequence[str],
+                 noise_seeds: Sequence[int], steps: int, guidance: float, negatives: Sequence[str] | None = None,
+                 findings: Sequence[Any] | None = None, batch_size: int = 8, keep_trajectory: bool = False,
+                 on_batch: Callable[[int], None] | None = None) -> GuidedDraw:
+    """A DDIM draw (eta 0, classifier-free ``guidance``) per prompt whose every step's x0_hat is moved by
+    ``shift(x0_hat, rows, j, t, alpha_t)`` (rows: the batch's prompt indices, j: the step) before the step continues
+    from it: reward guidance's gradient (:func:`reward_guided_draw`) or a fitted offset
+    (:func:`rlhf.amortised.table_steered_draw`). The other arguments are :func:`reward_guided_draw`'s."""
+    n = len(prompts)
+    if not (len(modalities) == len(noise_seeds) == n):
+        raise ValueError(f"prompts ({n}), modalities ({len(modalities)}) and noise_seeds ({len(noise_seeds)}) must be as many")
     size = latent_size(model.cfg)
     shape = (model.cfg.latent_channels, size, size)
     scheduler = model.scheduler
@@ -132,9 +152,7 @@ def reward_guided_draw(model, guide: RewardGuide, prompts: Sequence[str], modali
             output = guided_prediction(model, x, t.expand(len(rows)), cond, guidance)
             alpha = scheduler.alphas_cumprod[int(t)].to(x.device)
             x0 = predicted_x0(output.float(), x.float(), alpha, kind)
-            grad = guide.gradient(model, x0, [modalities[i] for i in rows], [stated[i] for i in rows],
-                                  [view_seed(i, j) for i in rows])
-            x0 = x0 + guidance_shift(grad, guide.scale, alpha)
+            x0 = x0 + shift(x0, rows, j, t, alpha)
             moved = output_for_x0(x0, x.float(), alpha, kind)
             if keep_trajectory:
                 chunk_states.append(x.cpu())
@@ -151,4 +169,4 @@ def reward_guided_draw(model, guide: RewardGuide, prompts: Sequence[str], modali
                       torch.cat(targets) if keep_trajectory else None)
 
 
-__all__ = ["GuidedDraw", "RewardGuide", "reward_guided_draw", "views_of_seeds"]
+__all__ = ["GuidedDraw", "RewardGuide", "reward_guided_draw", "steered_draw", "views_of_seeds"]

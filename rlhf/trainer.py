@@ -117,20 +117,28 @@ class DDPOTrainer:
         self.timesteps = model.scheduler.timesteps.clone()
         if selection.draws_guided:  # refused before anything is written
             self.reward_scorer("improve.selection.source=guided")
-        if selection.target == "trajectory" and selection.source != "guided":
-            raise SynthmedError("improve.selection.target=trajectory fits the guided drafts' own steps; it needs "
+        if selection.target in ("trajectory", "table") and selection.source != "guided":
+            what = {"trajectory": "the guided drafts' own steps", "table": "an offset table of the guided drafts' shifts"}
+            raise SynthmedError(f"improve.selection.target={selection.target} fits {what[selection.target]}; it needs "
                                 "improve.selection.source=guided")
+        # target=table: every epoch's guided drafts of the base, as the offset table's data (features and shifts per draft)
+        self.offset_features: list[list[str]] = []
+        self.offset_shifts: torch.Tensor | None = None
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "tracker": self.tracker.state_dict() if self.tracker else None,
-                "global_step": self.global_step}
+                "global_step": self.global_step,
+                "offset_pool": {"features": self.offset_features, "shifts": self.offset_shifts} if self.offset_features else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.tracker is not None and state.get("tracker") is not None:
             self.tracker.load_state_dict(state["tracker"])
         self.global_step = int(state["global_step"])
+        pool = state.get("offset_pool")
+        self.offset_features = [list(f) for f in pool["features"]] if pool else []
+        self.offset_shifts = pool["shifts"] if pool else None
 
     # -- the policy's conditioning and its reference ---------------------------------------------
     def _conditioning(self, items: Sequence[Any]):
@@ -459,21 +467,22 @@ class DDPOTrainer:
 
     @torch.no_grad()
     def guided_drafts(self, items: Sequence[Any], indices: Sequence[int], epoch: int, progress: bool = True,
-                      seeds: Sequence[int] | None = None, scale: float | None = None) -> "GuidedDrafts":
+                      seeds: Sequence[int] | None = None, scale: float | None = None, base: bool = False) -> "GuidedDrafts":
         """Stage 2's candidates with ``selection.source="guided"``: per item, a reward-guided DDIM draw
         (:func:`rlhf.guidance.reward_guided_draw`: eta 0, the rollouts' steps and guidance) from the rollout's starting
         noise (``sample_seed`` of its global index; ``seeds``: these), its views keyed by the global index too, so any
         batching or split of ranks draws the same. Returns the final latents, the images and, per step, the state ``x_t``
         and the guided output the step took (for ``selection.target="trajectory"``), all on the CPU. The evaluator never
         enters: the classifiers are the reward's, which refuses any other role. ``scale``: this guidance scale instead of
-        ``selection.guidance_scale`` (the held-out calibration's)."""
+        ``selection.guidance_scale`` (the held-out calibration's). ``base``: drawn by the base model (the adapter
+        disabled), as ``selection.target="table"`` fits them."""
         cfg, model = self.cfg, self.model
         guide = RewardGuide(self.reward_scorer("improve.selection.source=guided"),
                             self.selection.guidance_scale if scale is None else scale,
                             self.selection.guidance_views, cfg.draft_view_shift, cfg.draft_view_zoom)
         bar = tqdm(total=len(items), desc=f"epoch {epoch}: guided drafts", unit=" img", disable=not progress, leave=False)
         model.unet.eval()
-        with merged_for_sampling(model.unet):
+        with self._base_policy() if base else merged_for_sampling(model.unet):  # a merged adapter cannot be disabled
             draw = reward_guided_draw(
                 model, guide, [it.prompt for it in items], [it.modality for it in items],
                 [guide.stated(dict(it.expected), it.modality) for it in items],
@@ -482,6 +491,50 @@ class DDPOTrainer:
                 cfg.steps, cfg.guidance, negatives=[it.negative for it in items], findings=[it.generator_findings for it in items],
                 batch_size=cfg.sample_batch_size, keep_trajectory=True, on_batch=bar.update)
         bar.close()
+        return GuidedDrafts(draw.finals, draw.images, draw.states, draw.targets)
+
+    @torch.no_grad()
+    def draft_shifts(self, items: Sequence[Any], drafts: "GuidedDrafts") -> torch.Tensor:
+        """(N, T, C, h, w): at every state the base's guided drafts of ``items`` passed, the shift reward guidance gave
+        x0_hat over the base's own there (:func:`rlhf.amortised.guidance_shifts`)."""
+        from .amortised import guidance_shifts
+
+        with self._base_policy():
+            return guidance_shifts(self.model, drafts, [it.prompt for it in items], [it.modality for it in items], self.cfg.steps,
+                                   self.cfg.guidance, [it.negative for it in items], [it.generator_findings for it in items],
+                                   self.cfg.sample_batch_size)
+
+    def keep_offset_drafts(self, items: Sequence[Any], shifts: torch.Tensor) -> None:
+        """``selection.target="table"``: add the drafts of ``items`` (every rank's) and their shifts to the table's data."""
+        from .amortised import request_features
+
+        self.offset_features += [request_features(it.modality, it.findings) for it in items]
+        kept = shifts.cpu().half()  # in half precision: the pool rides in every checkpoint (the shifts' RMS is 1e-2..1e-1)
+        self.offset_shifts = kept if self.offset_shifts is None else torch.cat([self.offset_shifts, kept])
+
+    def offset_table(self):
+        """The offset table fitted to every draft kept so far (:class:`rlhf.amortised.OffsetTable`)."""
+        from .amortised import OffsetTable
+
+        if not self.offset_features:
+            raise SynthmedError("no guided drafts kept yet to fit the offset table to")
+        return OffsetTable.fit(self.offset_features, self.offset_shifts.float(), [int(t) for t in self.timesteps],
+                               self.selection.table_ridge)
+
+    @torch.no_grad()
+    def table_drafts(self, items: Sequence[Any], indices: Sequence[int], epoch: int, table) -> "GuidedDrafts":
+        """Per item, the base's draw (DDIM eta 0, the rollouts' steps and guidance, the rollout's starting noise) with
+        x0_hat moved by ``selection.table_gamma`` x the table's offset for its request: the states it passed and the
+        outputs it took there are what ``selection.target="table"`` fits."""
+        from .amortised import request_features, table_steered_draw
+
+        self.model.unet.eval()
+        with self._base_policy():
+            draw = table_steered_draw(self.model, table, self.selection.table_gamma, [it.prompt for it in items],
+                                      [it.modality for it in items], [request_features(it.modality, it.findings) for it in items],
+                                      [sample_seed(self.cfg.seed, epoch, int(i)) for i in indices], self.cfg.steps, self.cfg.guidance,
+                                      [it.negative for it in items], [it.generator_findings for it in items],
+                                      self.cfg.sample_batch_size, keep_trajectory=True)
         return GuidedDrafts(draw.finals, draw.images, draw.states, draw.targets)
 
     def selection_update(self, final_latents: torch.Tensor, items: Sequence[Any], rewards: np.ndarray, epoch: int,

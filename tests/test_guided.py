@@ -18,7 +18,7 @@ from pipelines.improve import build_parts
 from rlhf.ddpo import findings_log_likelihood, guidance_shift, output_for_x0, predicted_x0
 from rlhf.trainer import DDPOTrainer, sample_seed
 import test_improve
-from test_improve import lines, settings, write_profile
+from test_improve import lines, settings, without_timing, write_profile
 
 base_model = test_improve.base_model  # the tiny five-modality model (a module-scoped fixture)
 
@@ -167,6 +167,40 @@ def test_a_guided_run_distils_its_drafts_and_logs_them(base_model, tmp_path, cap
     again = {r["adapter"]: r for r in json.loads(capsys.readouterr().out)["results"]}
     assert again["guided"]["overall"] == tested["guided"]["overall"] and again["base"]["overall"] == tested["base"]["overall"]
 
+
+
+def test_a_table_target_run_fits_the_offset_table_to_every_epochs_drafts_and_resumes_it(base_model, tmp_path, capsys):
+    """improve.selection.target=table: the base's guided drafts join the offset table's data each epoch (kept in the
+    checkpoint), the selected requests' table-steered draws are fitted, and a run killed mid-epoch resumes to the
+    metrics of an uninterrupted one."""
+    from pipelines.improve import run_improve
+
+    cfg = load_config(write_profile(tmp_path, settings(base_model, **{"improve.selection.source": "guided",
+                                                                      "improve.selection.target": "table",
+                                                                      "improve.selection.max_per_epoch": 2,
+                                                                      "improve.eval.reference_per_request": 0})))
+    run_improve(cfg, tmp_path / "whole", progress=False)
+    records = lines(tmp_path / "whole" / "metrics.jsonl")
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [e["offset_table"]["drafts"] for e in epochs] == [4, 8]  # 2 prompts x 2 images an epoch, every epoch's kept
+    assert all(len(e["offset_table"]["r2"]) == 2 and e["offset_table"]["features"] >= 2 for e in epochs)
+    assert [r["stage"] for r in records if r["kind"] == "step"].count("selection") == 2  # one step of 2 selected an epoch
+    assert cli(["runs", "show", str(tmp_path / "whole")]) == 0
+    assert "table drafts" in capsys.readouterr().out  # the reward table names the offset table's columns
+    state = torch.load(tmp_path / "whole" / "checkpoints" / "epoch_0002" / "trainer_state.pt", weights_only=True)
+    assert len(state["trainer"]["offset_pool"]["features"]) == 8 and state["trainer"]["offset_pool"]["shifts"].shape[:2] == (8, 2)
+
+    killed = tmp_path / "killed"
+    with pytest.raises(SystemExit):
+        run_improve(cfg, killed, progress=False, stop_after=lambda point, epoch: point == "update" and epoch == 2)
+    run_improve(cfg, killed, resume=True, progress=False)
+    assert without_timing(lines(killed / "metrics.jsonl")) == without_timing(records)
+
+
+def test_a_table_or_trajectory_target_needs_guided_drafts(base_model, tmp_path, capsys):
+    profile = write_profile(tmp_path, settings(base_model, **{"improve.selection.target": "table"}))
+    assert cli(["improve", "--config", str(profile), "--no-progress"]) == 2
+    assert "improve.selection.target=table" in capsys.readouterr().err
 
 
 def test_a_run_calibrates_reward_guidance_on_the_held_out_set_and_confirms_it_on_the_test_set(base_model, tmp_path, capsys):

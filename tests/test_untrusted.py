@@ -76,12 +76,14 @@ def test_the_trainer_and_rng_states_load_weights_only_and_restore_the_same_draws
     from rlhf.trainer import DDPOTrainer
 
     net = torch.nn.Linear(3, 2)
-    trainer = object.__new__(DDPOTrainer)  # state_dict needs only these three parts
+    trainer = object.__new__(DDPOTrainer)  # state_dict needs only these parts
     trainer.optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     net(torch.ones(1, 3)).sum().backward()
     trainer.optimizer.step()
     trainer.tracker, trainer.global_step = PerPromptStatTracker(4, 2), 7
     trainer.tracker.update(["a", "a", "b"], np.array([0.1, 0.2, 0.3]))
+    # improve.selection.target=table's pool of drafts: features (lists of strings) and half-precision shifts
+    trainer.offset_features, trainer.offset_shifts = [["cxr|_bias", "cxr|nodule|present|-"]], torch.ones(1, 2, 4, 3, 3).half()
 
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
     np.random.standard_normal()  # leaves a cached gaussian in numpy's legacy state
@@ -92,6 +94,8 @@ def test_the_trainer_and_rng_states_load_weights_only_and_restore_the_same_draws
     loaded = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
     assert loaded["trainer"]["global_step"] == 7 and loaded["trainer"]["tracker"]["stats"] == {"a": [0.1, 0.2], "b": [0.3]}
     assert loaded["trainer"]["optimizer"]["state"][0]["exp_avg"].shape == (2, 3)
+    assert loaded["trainer"]["offset_pool"]["features"] == trainer.offset_features
+    assert torch.equal(loaded["trainer"]["offset_pool"]["shifts"], trainer.offset_shifts)
     _set_rng_state(loaded["rng"])
     again = (torch.rand(3), np.random.standard_normal(3), [random.gauss(0, 1), random.random()])
     assert torch.equal(again[0], expected[0]) and np.array_equal(again[1], expected[1]) and again[2] == expected[2]

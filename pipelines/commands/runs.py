@@ -265,13 +265,19 @@ def _epochs_table(run: dict) -> str:
     mods = run["modalities"]
     guided = ["total", "findings"] if any(e.get("guided_reward") for e in run["epochs"]) else []
     judged = ["agreement", "pass"] if any(e.get("verifier") for e in run["epochs"]) else []
+    tabled = any(e.get("offset_table") for e in run["epochs"])  # target=table: its drafts so far and its mean R2 over the steps
+
+    def table_cells(e: dict) -> list[str]:
+        t = e.get("offset_table")
+        return [_fmt(t["drafts"]), _fmt(sum(t["r2"]) / len(t["r2"]))] if t else ["-", "-"]
+
     rows = [[e["epoch"], _fmt(e["n_samples"]), _fmt(e["selected"]), *(_fmt(e["reward"].get(n)) for n in names),
              *(_fmt((e.get("verifier") or {}).get(n)) for n in judged),
-             *(_fmt((e.get("guided_reward") or {}).get(n)) for n in guided),
+             *(_fmt((e.get("guided_reward") or {}).get(n)) for n in guided), *(table_cells(e) if tabled else []),
              *(_fmt(e["per_modality_total"].get(m)) for m in mods), _fmt(e["approx_kl"]), _fmt(e["clipfrac"]),
              _secs(e["seconds"])] for e in run["epochs"]]
     return table(rows, ["epoch", "samples", "selected", *names, *(f"verifier {n}" for n in judged), *(f"guided {n}" for n in guided),
-                        *(f"{m} total" for m in mods),
+                        *(["table drafts", "table R2"] if tabled else []), *(f"{m} total" for m in mods),
                         "approx_kl", "clipfrac", "s"])
 
 

@@ -7,20 +7,18 @@ From the repository root: python docs/improve/probes/amortised_guidance.py EPOCH
 e.g. 36 1.0,1.25,1.5 (ridge lambda 1; the test set judged at gamma 0 and the chosen gamma unless --heldout-only;
 docs/improve/long_runs.md). SHIFTS_CACHE=path.pt keeps the drafts' shifts between runs (they take most of the time);
 PROBE_OVERRIDES="--lora.rank=16 ..." overrides the tiny profile.
-table_to_lora.py imports the pieces below."""
+The table and the steered draw are rlhf.amortised's; table_to_lora.py imports the pieces below."""
 import json, os, sys, time
 import numpy as np, torch
 from accelerate import Accelerator
 from pipelines.config import load_config
 from pipelines.improve import build_parts
 from rlhf.trainer import DDPOTrainer, sample_seed
-from rlhf.ddpo import predicted_x0, output_for_x0
+from rlhf.amortised import OffsetTable, guidance_shifts, request_features, table_steered_draw
 from rlhf.guidance import RewardGuide, reward_guided_draw
 from rlhf.heldout import heldout_evaluation
 from generator.lora import merged_for_sampling
-from generator.sampling import guided_conditioning, guided_prediction, initial_noise
-from generator.ddim_logprob import ddim_step_with_logprob
-from generator.models import latent_size
+from generator.sampling import guided_conditioning
 
 
 class Probe:
@@ -46,10 +44,6 @@ class Probe:
         return guided_conditioning(self.model, [it.prompt for it in its], [it.modality for it in its],
                                    [it.negative for it in its], g, [it.generator_findings for it in its])
 
-    def x0(self, x, t, cond):
-        out = guided_prediction(self.model, x, t.expand(x.shape[0]), cond, self.ic.ddpo.guidance).float()
-        return predicted_x0(out, x.float(), self.sched.alphas_cumprod[int(t)], self.kind)
-
     def guided_shifts(self, items, cache: str | None = None) -> torch.Tensor:
         """(N, T, C, H, W): at each step of each item's reward-guided draft, guidance's shift of x0_hat."""
         if cache and os.path.exists(cache):
@@ -58,23 +52,14 @@ class Probe:
         guide = RewardGuide(self.trainer.reward_scorer("probe"), 0.1, 4, ic.ddpo.draft_view_shift, ic.ddpo.draft_view_zoom)
         seeds = [sample_seed(7, 0, i) for i in range(len(items))]
         t0 = time.time()
-        with merged_for_sampling(model.unet):
-            draw = reward_guided_draw(model, guide, [it.prompt for it in items], [it.modality for it in items],
-                                      [guide.stated(dict(it.expected), it.modality) for it in items], seeds,
+        args = ([it.prompt for it in items], [it.modality for it in items])
+        kw = dict(negatives=[it.negative for it in items], findings=[it.generator_findings for it in items], batch_size=20)
+        with merged_for_sampling(model.unet), torch.no_grad():
+            draw = reward_guided_draw(model, guide, *args, [guide.stated(dict(it.expected), it.modality) for it in items], seeds,
                                       lambda i, j: int(np.random.default_rng([7, i, j, 29]).integers(2**31 - 1)), self.T, ic.ddpo.guidance,
-                                      negatives=[it.negative for it in items], findings=[it.generator_findings for it in items],
-                                      batch_size=20, keep_trajectory=True)
+                                      keep_trajectory=True, **kw)
             print(f"{len(items)} guided drafts in {time.time() - t0:.0f} s", flush=True)
-            self.sched.set_timesteps(self.T)
-            shifts = torch.zeros(len(items), self.T, *draw.states.shape[2:])
-            with torch.no_grad():
-                for s in range(0, len(items), 20):
-                    rows = list(range(s, min(len(items), s + 20)))
-                    cond = self.conditioning([items[i] for i in rows])
-                    for j, t in enumerate(self.sched.timesteps):
-                        x = draw.states[rows, j]
-                        a = self.sched.alphas_cumprod[int(t)]
-                        shifts[rows, j] = predicted_x0(draw.targets[rows, j].float(), x.float(), a, self.kind) - self.x0(x, t, cond)
+            shifts = guidance_shifts(model, draw, *args, self.T, ic.ddpo.guidance, **kw)
         if cache:
             torch.save(shifts, cache)
         return shifts
@@ -91,71 +76,28 @@ class Probe:
         return row
 
 
-def feats(it):
-    out = [(it.modality, "_bias")]
-    for f in it.findings:
-        if f["present"]:
-            out.append((it.modality, f["name"], "present", f.get("laterality") or "-"))
-        elif f.get("stated", True):
-            out.append((it.modality, f["name"], "absent"))
-    return out
+def features(its):
+    return [request_features(it.modality, it.findings) for it in its]
 
 
-class Table:
-    """Per step, a ridge regression of the shift on the request's indicator features."""
-
-    def __init__(self, items, shifts, lam: float = 1.0):
-        self.vocab = sorted({f for it in items for f in feats(it)}, key=str)
-        self.index = {f: k for k, f in enumerate(self.vocab)}
-        X = self.features(items)
-        T = shifts.shape[1]
-        A = X.T @ X + lam * torch.eye(len(self.vocab))
-        self.W = torch.stack([torch.linalg.solve(A, X.T @ shifts[:, j].flatten(1)) for j in range(T)])  # (T, F, D)
-        pred = torch.einsum("nf,tfd->ntd", X, self.W)
-        self.r2 = [1 - float((shifts[:, j].flatten(1) - pred[:, j]).pow(2).sum() / shifts[:, j].flatten(1).pow(2).sum()) for j in range(T)]
-        print("features", len(self.vocab), "train R2 per step", [round(v, 3) for v in self.r2], flush=True)
-
-    def features(self, its):
-        X = torch.zeros(len(its), len(self.vocab))
-        for i, it in enumerate(its):
-            for f in feats(it):
-                if f in self.index:
-                    X[i, self.index[f]] = 1.0
-        return X
-
-    def offset(self, its, j, shape):
-        return (self.features(its) @ self.W[j]).view(len(its), *shape)
+def fit_table(p: Probe, items, shifts, ridge: float = 1.0) -> OffsetTable:
+    p.sched.set_timesteps(p.T)
+    table = OffsetTable.fit(features(items), shifts, [int(t) for t in p.sched.timesteps], ridge)
+    print("features", len(table.features), "train R2 per step", [round(v, 3) for v in table.r2(features(items), shifts)], flush=True)
+    return table
 
 
-def table_draw(p: Probe, table: Table, its, seed0, gamma, keep=False):
-    """Plain DDIM (the held-out sampler) with x0_hat moved by gamma x the table's offset; ``keep``: also each step's
-    state and the x0_hat it moved to."""
-    ic, model, sched = p.ic, p.model, p.sched
-    k = ic.eval.images_per_prompt
+def table_draw(p: Probe, table: OffsetTable, its, seed0, gamma, keep=False):
+    """The held-out sampler (DDIM eta 0, its steps and guidance, images_per_prompt per request, image i from seed0 + i)
+    with x0_hat moved by gamma x the table's offset: the images, or with ``keep`` the requests as drawn and the draw."""
+    k = p.ic.eval.images_per_prompt
     expanded = [it for it in its for _ in range(k)]
-    size = latent_size(model.cfg)
-    shape = (model.cfg.latent_channels, size, size)
-    sched.set_timesteps(ic.eval.steps)
-    imgs, states, targets = [], [], []
-    with torch.no_grad(), merged_for_sampling(model.unet):
-        for s in range(0, len(expanded), 20):
-            rows = list(range(s, min(len(expanded), s + 20)))
-            sub = [expanded[i] for i in rows]
-            x = torch.cat([initial_noise(1, shape, seed0 + i)[0] for i in rows]) * sched.init_noise_sigma
-            cond = p.conditioning(sub)
-            st, tg = [], []
-            for j, t in enumerate(sched.timesteps):
-                a = sched.alphas_cumprod[int(t)]
-                x0 = p.x0(x, t, cond) + gamma * table.offset(sub, j, shape)
-                st.append(x.clone()), tg.append(x0)
-                x = ddim_step_with_logprob(sched, output_for_x0(x0, x.float(), a, p.kind), t, x, eta=0.0).prev_sample
-            if keep:
-                states.append(torch.stack(st, 1)), targets.append(torch.stack(tg, 1))
-            else:
-                imgs.append(model.decode(x).float().cpu())
-    if keep:
-        return expanded, torch.cat(states), torch.cat(targets)
-    return torch.cat(imgs)
+    with torch.no_grad(), merged_for_sampling(p.model.unet):
+        draw = table_steered_draw(p.model, table, gamma, [it.prompt for it in expanded], [it.modality for it in expanded],
+                                  features(expanded), [seed0 + i for i in range(len(expanded))], p.ic.eval.steps, p.ic.ddpo.guidance,
+                                  negatives=[it.negative for it in expanded], findings=[it.generator_findings for it in expanded],
+                                  batch_size=20, keep_trajectory=keep)
+    return (expanded, draw) if keep else draw.images
 
 
 def choose(rows, base):
@@ -173,7 +115,7 @@ if __name__ == "__main__":
     items = p.training_items(n_epochs)
     shifts = p.guided_shifts(items, os.environ.get("SHIFTS_CACHE"))
     print("shift rms per step", [round(float(shifts[:, j].pow(2).mean().sqrt()), 4) for j in range(p.T)], flush=True)
-    table = Table(items, shifts, lam)
+    table = fit_table(p, items, shifts, lam)
     heldout, test = p.parts.sampler.heldout(), p.parts.sampler.test()
     rows = [p.judge(heldout, p.ic.eval.seed, "heldout", table_draw(p, table, heldout, p.ic.eval.seed, g), gamma=g) for g in [0.0, *gammas]]
     best = choose(rows[1:], rows[0])

@@ -15,7 +15,7 @@ import json, os, random, sys, time
 import torch
 from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(__file__))
-from amortised_guidance import Probe, Table, table_draw, choose  # noqa: E402
+from amortised_guidance import Probe, choose, features, fit_table, table_draw  # noqa: E402
 from generator.sampling import guided_prediction  # noqa: E402
 from rlhf.ddpo import predicted_x0  # noqa: E402
 
@@ -27,17 +27,19 @@ LR = float(args[4]) if len(args) > 4 else 1e-3
 BATCH = 32
 
 p = Probe()
-table = Table(p.training_items(72), p.guided_shifts(p.training_items(72), os.environ.get("SHIFTS_CACHE")))
+table = fit_table(p, p.training_items(72), p.guided_shifts(p.training_items(72), os.environ.get("SHIFTS_CACHE")))
 train = p.training_items(TRAIN_EPOCHS)
 t0 = time.time()
-expanded, states, targets = table_draw(p, table, train, 55555, GAMMA, keep=True)
+expanded, draw = table_draw(p, table, train, 55555, GAMMA, keep=True)
+states = draw.states
 N, T = states.shape[:2]
-shape = states.shape[2:]
-norm = torch.stack([(GAMMA * table.offset(expanded, j, shape)).pow(2).mean() for j in range(T)])
-print(f"{N} table-steered draws ({T} states each) in {time.time() - t0:.0f} s; offset ms per step", [f"{float(v):.2e}" for v in norm], flush=True)
-
 p.sched.set_timesteps(T)
 ts = p.sched.timesteps
+alphas = p.sched.alphas_cumprod[ts].view(1, T, 1, 1, 1)
+targets = predicted_x0(draw.targets.float(), states.float(), alphas, p.kind)  # the steered x0_hat at each state
+norm = torch.stack([(GAMMA * table.offset(features(expanded), int(t))).pow(2).mean() for t in ts])
+print(f"{N} table-steered draws ({T} states each) in {time.time() - t0:.0f} s; offset ms per step", [f"{float(v):.2e}" for v in norm], flush=True)
+
 params = p.trainer.params
 opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
 pairs = [(i, j) for i in range(N) for j in range(T) if norm[j] > 1e-3 * norm.max()]  # guidance barely moves the first step

@@ -1,0 +1,113 @@
+"""Amortised reward guidance (rlhf.amortised): the request's features, the offset table's ridge fit, its lookup between
+fitted timesteps, its file, and the table-steered draw (gamma 0: the plain sampler; the shifts measured along a steered
+draw are the table's own offsets, so a table refitted to them is the table)."""
+
+import pytest
+import torch
+
+from generator.errors import UserError
+from generator.models import LatentDiffusion, latent_size
+from rlhf.amortised import OffsetTable, guidance_shifts, request_features, table_steered_draw
+from test_improve import TINY
+
+
+def test_request_features_name_present_findings_with_their_side_and_stated_absences_only():
+    findings = [{"name": "pleural_effusion", "present": True, "laterality": "left"},
+                {"name": "nodule", "present": True, "laterality": None},
+                {"name": "pneumothorax", "present": False, "stated": True},
+                {"name": "cardiomegaly", "present": False, "stated": False}]
+    assert request_features("cxr", findings) == ["cxr|_bias", "cxr|pleural_effusion|present|left", "cxr|nodule|present|-",
+                                                 "cxr|pneumothorax|absent"]
+
+
+def _additive(seed=0, steps=(900, 500, 100)):
+    g = torch.Generator().manual_seed(seed)
+    vocab = ["cxr|_bias", "cxr|a|present|-", "cxr|b|present|-", "cxr|b|absent"]
+    truth = torch.randn(len(steps), len(vocab), 2, 3, 3, generator=g)
+    combos = [[0], [0, 1], [0, 2], [0, 3], [0, 1, 2], [0, 1, 3]]
+    features = [[vocab[k] for k in c] for c in combos for _ in range(3)]
+    shifts = torch.stack([truth[:, [vocab.index(f) for f in fs]].sum(1) for fs in features])
+    return vocab, truth, features, shifts, list(steps)
+
+
+def test_the_fit_recovers_an_additive_table_and_a_ridge_shrinks_it():
+    vocab, truth, features, shifts, steps = _additive()
+    table = OffsetTable.fit(features, shifts, steps, ridge=0.0)
+    assert table.features == sorted(vocab)
+    order = [table.index[f] for f in vocab]
+    assert torch.allclose(table.weights[:, order], truth, atol=1e-4)
+    assert min(table.r2(features, shifts)) > 0.9999
+    noisy = shifts + 0.5 * torch.randn(shifts.shape, generator=torch.Generator().manual_seed(1))
+    assert max(OffsetTable.fit(features, noisy, steps, ridge=0.0).r2(features, noisy)) < 0.99
+    shrunk = OffsetTable.fit(features, shifts, steps, ridge=100.0)
+    assert shrunk.weights.norm() < 0.5 * table.weights.norm()
+    # a request's offset is the sum of its features' rows; a feature the table never saw adds nothing
+    assert torch.allclose(table.offset([["cxr|_bias", "cxr|a|present|-", "cxr|c|present|left"]], 500),
+                          truth[1, 0] + truth[1, 1], atol=1e-4)
+
+
+def test_bad_fits_are_refused():
+    vocab, truth, features, shifts, steps = _additive()
+    with pytest.raises(UserError, match="ridge"):
+        OffsetTable.fit(features, shifts, steps, ridge=-1.0)
+    with pytest.raises(ValueError, match="do not match"):
+        OffsetTable.fit(features[:-1], shifts, steps)
+    with pytest.raises(UserError, match="no drafts"):
+        OffsetTable.fit([], shifts[:0], steps)
+
+
+def test_the_table_is_read_between_and_beyond_its_fitted_timesteps():
+    vocab, truth, features, shifts, steps = _additive()
+    table = OffsetTable(vocab, steps, truth)
+    assert torch.equal(table.at(500), truth[1])
+    assert torch.allclose(table.at(700), 0.5 * (truth[0] + truth[1]))
+    assert torch.allclose(table.at(200), 0.25 * truth[1] + 0.75 * truth[2])
+    assert torch.equal(table.at(999), truth[0]) and torch.equal(table.at(0), truth[2])
+
+
+def test_the_table_file_round_trips_and_a_damaged_or_foreign_one_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    vocab, truth, features, shifts, steps = _additive()
+    table = OffsetTable.fit(features, shifts, steps, ridge=0.5)
+    path = table.save(tmp_path / "offsets.safetensors")
+    back = OffsetTable.load(path)
+    assert back.features == table.features and back.timesteps == steps and back.ridge == 0.5
+    assert torch.equal(back.weights, table.weights)
+    assert not list(tmp_path.glob("*.tmp*"))
+    (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(UserError, match="damaged"):
+        OffsetTable.load(tmp_path / "cut.safetensors")
+    save_file({"weights": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(UserError, match="not a synthmed offset table"):
+        OffsetTable.load(tmp_path / "foreign.safetensors")
+
+
+def test_a_steered_draw_at_gamma_0_is_the_plain_sampler_and_its_shifts_are_the_tables_offsets():
+    from generator.sampling import sample
+
+    torch.manual_seed(0)
+    model = LatentDiffusion(TINY, ["cxr"])
+    prompts = ["left pleural effusion", "no pneumothorax", "cardiomegaly"]
+    features = [["cxr|_bias", "cxr|pleural_effusion|present|left"], ["cxr|_bias", "cxr|pneumothorax|absent"],
+                ["cxr|_bias", "cxr|cardiomegaly|present|-"]]
+    modalities, seeds, steps, guidance = ["cxr"] * 3, [11, 12, 13], 3, 3.0
+    model.scheduler.set_timesteps(steps)
+    timesteps = [int(t) for t in model.scheduler.timesteps]
+    vocab = sorted({f for fs in features for f in fs})
+    latent = (TINY.latent_channels, latent_size(model.cfg), latent_size(model.cfg))
+    table = OffsetTable(vocab, timesteps, 0.05 * torch.randn(steps, len(vocab), *latent, generator=torch.Generator().manual_seed(3)))
+
+    with torch.no_grad():
+        plain = table_steered_draw(model, table, 0.0, prompts, modalities, features, seeds, steps, guidance, batch_size=2)
+        reference = torch.cat([sample(model, [p], ["cxr"], guidance=guidance, steps=steps, seed=s, eta=0.0).images
+                               for p, s in zip(prompts, seeds)])
+        assert torch.allclose(plain.images, reference, atol=1e-4)
+        steered = table_steered_draw(model, table, 2.0, prompts, modalities, features, seeds, steps, guidance, batch_size=2,
+                                     keep_trajectory=True)
+        assert not torch.allclose(steered.images, plain.images, atol=1e-3)
+        shifts = guidance_shifts(model, steered, prompts, modalities, steps, guidance, batch_size=3)
+    for j, t in enumerate(timesteps):
+        assert torch.allclose(shifts[:, j], 2.0 * table.offset(features, t), atol=1e-4)
+    refit = OffsetTable.fit(features, shifts / 2.0, timesteps, ridge=0.0)
+    assert torch.allclose(refit.offset(features, timesteps[1]), table.offset(features, timesteps[1]), atol=1e-4)
