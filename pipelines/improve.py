@@ -696,10 +696,11 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
             if ic.selection.target == "trajectory":
                 guided["trajectory"] = (_gather_latents(accelerator, drafts.states), _gather_latents(accelerator, drafts.targets))
             elif by_table:  # the drafts join the table's data; the selected requests' table-steered draws are fitted
-                trainer.keep_offset_drafts(items, _gather_latents(accelerator, trainer.draft_shifts(items[mine], drafts)))
+                trainer.keep_offset_drafts(items, _gather_latents(accelerator, drafts.shifts))
                 table = trainer.offset_table()
                 steered = trainer.table_drafts(items[mine], indices, epoch, table)
                 guided["trajectory"] = (_gather_latents(accelerator, steered.states), _gather_latents(accelerator, steered.targets))
+                guided["steered_shifts"] = _gather_latents(accelerator, steered.shifts)
                 guided["offset_table"] = {"drafts": len(trainer.offset_features), "features": len(table.features),
                                           "r2": [round(v, 4) for v in table.r2(trainer.offset_features, trainer.offset_shifts.float())]}
         t_guided = time.perf_counter()
@@ -709,8 +710,10 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
             finals = guided["finals"] if guided else _gather_latents(accelerator, rollout.latents[:, -1])
             idx = np.flatnonzero(selected)
             path = (guided or {}).get("trajectory")
+            steered_shifts = (guided or {}).get("steered_shifts")  # target=table: each step's share of the regression
             sel = trainer.selection_update(finals[torch.as_tensor(idx)], [items[i] for i in idx], candidate_total[idx], epoch, progress,
-                                           tuple(x[torch.as_tensor(idx)] for x in path) if path else None)
+                                           tuple(x[torch.as_tensor(idx)] for x in path) if path else None,
+                                           steered_shifts[torch.as_tensor(idx)].pow(2).mean(dim=(0, 2, 3, 4)) if steered_shifts is not None else None)
             selection_steps = sel.steps
         t4 = time.perf_counter()
         overall, per_modality = epoch_reward_summary(items, total, components)

@@ -25,7 +25,6 @@ import torch
 
 from generator.errors import UserError
 
-from .ddpo import predicted_x0
 from .guidance import GuidedDraw, steered_draw
 
 FORMAT = "synthmed-offset-table-1"
@@ -139,32 +138,6 @@ class OffsetTable:
 
 
 @torch.no_grad()
-def guidance_shifts(model, draw: GuidedDraw, prompts: Sequence[str], modalities: Sequence[str], steps: int, guidance: float,
-                    negatives: Sequence[str] | None = None, findings: Sequence[Any] | None = None, batch_size: int = 8) -> torch.Tensor:
-    """(N, T, C, h, w): at every state a steered draw (``keep_trajectory``) passed through, how far its step moved x0_hat
-    from the model's own guided x0_hat there: the steering's shift (reward guidance's, for a reward-guided draw)."""
-    if draw.states is None or draw.targets is None:
-        raise ValueError("guidance_shifts needs a draw made with keep_trajectory=True")
-    from generator.sampling import guided_conditioning, guided_prediction
-
-    scheduler = model.scheduler
-    scheduler.set_timesteps(steps)
-    kind = scheduler.config.prediction_type
-    out = torch.zeros(draw.states.shape, dtype=torch.float32)
-    for start in range(0, len(prompts), batch_size):
-        rows = list(range(start, min(len(prompts), start + batch_size)))
-        cond = guided_conditioning(model, [prompts[i] for i in rows], [modalities[i] for i in rows],
-                                   [negatives[i] if negatives is not None else "" for i in rows], guidance,
-                                   [findings[i] for i in rows] if findings is not None else None)
-        for j, t in enumerate(scheduler.timesteps):
-            x = draw.states[rows, j].to(model.device).float()
-            alpha = scheduler.alphas_cumprod[int(t)].to(x.device)
-            own = predicted_x0(guided_prediction(model, x.to(next(model.unet.parameters()).dtype), t.expand(len(rows)), cond,
-                                                 guidance).float(), x, alpha, kind)
-            out[rows, j] = (predicted_x0(draw.targets[rows, j].to(x.device).float(), x, alpha, kind) - own).cpu()
-    return out
-
-
 def table_steered_draw(model, table: OffsetTable, gamma: float, prompts: Sequence[str], modalities: Sequence[str],
                        features: Sequence[Sequence[str]], noise_seeds: Sequence[int], steps: int, guidance: float,
                        negatives: Sequence[str] | None = None, findings: Sequence[Any] | None = None, batch_size: int = 8,
@@ -178,4 +151,4 @@ def table_steered_draw(model, table: OffsetTable, gamma: float, prompts: Sequenc
                         keep_trajectory, on_batch)
 
 
-__all__ = ["FORMAT", "OffsetTable", "guidance_shifts", "request_features", "table_steered_draw"]
+__all__ = ["FORMAT", "OffsetTable", "request_features", "table_steered_draw"]

@@ -270,9 +270,11 @@ class SelectionConfig(Section):
     # shifts of every epoch so far are fitted by an offset table (rlhf.amortised: per step, a ridge regression on the
     # request's stated findings, sides and modality). The policy is then fitted, at the states of the base's
     # table-steered draw of each selected request (its rollout's starting noise, x0_hat moved by table_gamma x the
-    # table's offset), to that draw's outputs: a fixed target per request, where "trajectory" fits each draft's own,
-    # per-image gradient (docs/improve/long_runs.md: the table's gain carries to untouched requests; the per-image
-    # steps did not).
+    # table's offset), to that draw's: a fixed target per request, where "trajectory" fits each draft's own, per-image
+    # gradient (docs/improve/long_runs.md: the table's gain carries to untouched requests; the per-image steps did not).
+    # The fit is the probe's regression: x0_hat against the steered draw's, each step's error divided by its mean squared
+    # offset (1.0: the adapter gives nothing of the table; the selection's step loss), only the steps the table moves,
+    # every selected request alike; ``noise_draws`` of at least the steps' count visits each of them once a pass.
     target: Literal["final", "trajectory", "table"] = "final"
     table_gamma: float = Field(1.75, gt=0)  # target=table: the table's offsets are multiplied by this in the steered draws
     table_ridge: float = Field(1.0, ge=0)  # target=table: the table's ridge penalty (per step, on the feature weights)

@@ -34,6 +34,7 @@ class GuidedDraw:
     images: torch.Tensor  # (B, 3, H, W) in [-1, 1], float32
     states: torch.Tensor | None = None  # (B, T, C, h, w): x_t before each step (keep_trajectory)
     targets: torch.Tensor | None = None  # (B, T, C, h, w): the guided output each step took (keep_trajectory)
+    shifts: torch.Tensor | None = None  # (B, T, C, h, w): how far each step's steering moved x0_hat (keep_trajectory)
 
 
 class RewardGuide:
@@ -130,7 +131,9 @@ def steered_draw(model, shift: Callable[..., torch.Tensor], prompts: Sequence[st
     """A DDIM draw (eta 0, classifier-free ``guidance``) per prompt whose every step's x0_hat is moved by
     ``shift(x0_hat, rows, j, t, alpha_t)`` (rows: the batch's prompt indices, j: the step) before the step continues
     from it: reward guidance's gradient (:func:`reward_guided_draw`) or a fitted offset
-    (:func:`rlhf.amortised.table_steered_draw`). The other arguments are :func:`reward_guided_draw`'s."""
+    (:func:`rlhf.amortised.table_steered_draw`). With ``keep_trajectory`` the draw keeps, per step, the state, the output
+    the step took and the shift it applied (what an offset table is fitted to). The other arguments are
+    :func:`reward_guided_draw`'s."""
     n = len(prompts)
     if not (len(modalities) == len(noise_seeds) == n):
         raise ValueError(f"prompts ({n}), modalities ({len(modalities)}) and noise_seeds ({len(noise_seeds)}) must be as many")
@@ -139,7 +142,7 @@ def steered_draw(model, shift: Callable[..., torch.Tensor], prompts: Sequence[st
     scheduler = model.scheduler
     scheduler.set_timesteps(steps)
     kind = scheduler.config.prediction_type
-    finals, images, states, targets = [], [], [], []
+    finals, images, states, targets, shifts = [], [], [], [], []
     for start in range(0, n, batch_size):
         rows = list(range(start, min(n, start + batch_size)))
         x = torch.cat([initial_noise(1, shape, int(noise_seeds[i]))[0] for i in rows]).to(model.device)
@@ -147,26 +150,28 @@ def steered_draw(model, shift: Callable[..., torch.Tensor], prompts: Sequence[st
         cond = guided_conditioning(model, [prompts[i] for i in rows], [modalities[i] for i in rows],
                                    [negatives[i] if negatives is not None else "" for i in rows], guidance,
                                    [findings[i] for i in rows] if findings is not None else None)
-        chunk_states, chunk_targets = [], []
+        chunk_states, chunk_targets, chunk_shifts = [], [], []
         for j, t in enumerate(scheduler.timesteps):
             output = guided_prediction(model, x, t.expand(len(rows)), cond, guidance)
             alpha = scheduler.alphas_cumprod[int(t)].to(x.device)
             x0 = predicted_x0(output.float(), x.float(), alpha, kind)
-            x0 = x0 + shift(x0, rows, j, t, alpha)
-            moved = output_for_x0(x0, x.float(), alpha, kind)
+            delta = shift(x0, rows, j, t, alpha)
+            moved = output_for_x0(x0 + delta, x.float(), alpha, kind)
             if keep_trajectory:
                 chunk_states.append(x.cpu())
                 chunk_targets.append(moved.cpu())
+                chunk_shifts.append(delta.float().cpu())
             x = ddim_step_with_logprob(scheduler, moved, t, x, eta=0.0).prev_sample
         if keep_trajectory:
             states.append(torch.stack(chunk_states, dim=1))  # (b, T, C, h, w)
             targets.append(torch.stack(chunk_targets, dim=1))
+            shifts.append(torch.stack(chunk_shifts, dim=1))
         finals.append(x.cpu())
         images.append(model.decode(x).float().cpu())
         if on_batch is not None:
             on_batch(len(rows))
-    return GuidedDraw(torch.cat(finals), torch.cat(images), torch.cat(states) if keep_trajectory else None,
-                      torch.cat(targets) if keep_trajectory else None)
+    kept = [torch.cat(part) if keep_trajectory else None for part in (states, targets, shifts)]
+    return GuidedDraw(torch.cat(finals), torch.cat(images), *kept)
 
 
 __all__ = ["GuidedDraw", "RewardGuide", "reward_guided_draw", "steered_draw", "views_of_seeds"]

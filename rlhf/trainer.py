@@ -37,8 +37,8 @@ from generator.sampling import guided_conditioning, guided_prediction, initial_n
 
 from .config import DDPOConfig, SelectionConfig
 from .ddpo import (PerPromptStatTracker, batch_advantages, clip_advantages, findings_log_likelihood, gaussian_kl, group_advantages,
-                   jittered_views, ppo_clip_loss, stated_vector)
-from .guidance import RewardGuide, reward_guided_draw
+                   jittered_views, ppo_clip_loss, predicted_x0, stated_vector)
+from .guidance import GuidedDraw, RewardGuide, reward_guided_draw
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +59,6 @@ class Rollout:
     timesteps: torch.Tensor  # (T,)
     images: torch.Tensor  # (B, 3, H, W) in [-1, 1], float32 on the CPU
     seconds: float = 0.0
-
-
-@dataclass
-class GuidedDrafts:
-    """One rank's reward-guided drafts of an epoch (stage 2's candidates with ``selection.source="guided"``)."""
-
-    finals: torch.Tensor  # (B, C, h, w): the final latents
-    images: torch.Tensor  # (B, 3, H, W) in [-1, 1], float32
-    states: torch.Tensor  # (B, T, C, h, w): x_t before each step
-    targets: torch.Tensor  # (B, T, C, h, w): the guided output each step took (what the guided sampler predicted there)
 
 
 @dataclass
@@ -467,12 +457,13 @@ class DDPOTrainer:
 
     @torch.no_grad()
     def guided_drafts(self, items: Sequence[Any], indices: Sequence[int], epoch: int, progress: bool = True,
-                      seeds: Sequence[int] | None = None, scale: float | None = None, base: bool = False) -> "GuidedDrafts":
+                      seeds: Sequence[int] | None = None, scale: float | None = None, base: bool = False) -> GuidedDraw:
         """Stage 2's candidates with ``selection.source="guided"``: per item, a reward-guided DDIM draw
         (:func:`rlhf.guidance.reward_guided_draw`: eta 0, the rollouts' steps and guidance) from the rollout's starting
         noise (``sample_seed`` of its global index; ``seeds``: these), its views keyed by the global index too, so any
-        batching or split of ranks draws the same. Returns the final latents, the images and, per step, the state ``x_t``
-        and the guided output the step took (for ``selection.target="trajectory"``), all on the CPU. The evaluator never
+        batching or split of ranks draws the same. Returns the final latents, the images and, per step, the state ``x_t``,
+        the guided output the step took (for ``selection.target="trajectory"``) and the shift guidance gave x0_hat there
+        (for ``selection.target="table"``), all on the CPU. The evaluator never
         enters: the classifiers are the reward's, which refuses any other role. ``scale``: this guidance scale instead of
         ``selection.guidance_scale`` (the held-out calibration's). ``base``: drawn by the base model (the adapter
         disabled), as ``selection.target="table"`` fits them."""
@@ -491,18 +482,7 @@ class DDPOTrainer:
                 cfg.steps, cfg.guidance, negatives=[it.negative for it in items], findings=[it.generator_findings for it in items],
                 batch_size=cfg.sample_batch_size, keep_trajectory=True, on_batch=bar.update)
         bar.close()
-        return GuidedDrafts(draw.finals, draw.images, draw.states, draw.targets)
-
-    @torch.no_grad()
-    def draft_shifts(self, items: Sequence[Any], drafts: "GuidedDrafts") -> torch.Tensor:
-        """(N, T, C, h, w): at every state the base's guided drafts of ``items`` passed, the shift reward guidance gave
-        x0_hat over the base's own there (:func:`rlhf.amortised.guidance_shifts`)."""
-        from .amortised import guidance_shifts
-
-        with self._base_policy():
-            return guidance_shifts(self.model, drafts, [it.prompt for it in items], [it.modality for it in items], self.cfg.steps,
-                                   self.cfg.guidance, [it.negative for it in items], [it.generator_findings for it in items],
-                                   self.cfg.sample_batch_size)
+        return draw
 
     def keep_offset_drafts(self, items: Sequence[Any], shifts: torch.Tensor) -> None:
         """``selection.target="table"``: add the drafts of ``items`` (every rank's) and their shifts to the table's data."""
@@ -522,7 +502,7 @@ class DDPOTrainer:
                                self.selection.table_ridge)
 
     @torch.no_grad()
-    def table_drafts(self, items: Sequence[Any], indices: Sequence[int], epoch: int, table) -> "GuidedDrafts":
+    def table_drafts(self, items: Sequence[Any], indices: Sequence[int], epoch: int, table) -> GuidedDraw:
         """Per item, the base's draw (DDIM eta 0, the rollouts' steps and guidance, the rollout's starting noise) with
         x0_hat moved by ``selection.table_gamma`` x the table's offset for its request: the states it passed and the
         outputs it took there are what ``selection.target="table"`` fits."""
@@ -535,10 +515,11 @@ class DDPOTrainer:
                                       [sample_seed(self.cfg.seed, epoch, int(i)) for i in indices], self.cfg.steps, self.cfg.guidance,
                                       [it.negative for it in items], [it.generator_findings for it in items],
                                       self.cfg.sample_batch_size, keep_trajectory=True)
-        return GuidedDrafts(draw.finals, draw.images, draw.states, draw.targets)
+        return draw
 
     def selection_update(self, final_latents: torch.Tensor, items: Sequence[Any], rewards: np.ndarray, epoch: int,
-                         progress: bool = True, trajectory: tuple[torch.Tensor, torch.Tensor] | None = None) -> UpdateStats:
+                         progress: bool = True, trajectory: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         step_norm: torch.Tensor | None = None) -> UpdateStats:
         """Reward-weighted denoising loss on the selected samples' final latents (gathered: every rank
         holds all of them and trains on its share of each step's batch).
 
@@ -551,7 +532,14 @@ class DDPOTrainer:
         ``trajectory`` (``selection.target="trajectory"``: the selected guided drafts' states and guided outputs,
         (N, T, C, h, w) each) replaces the noised final latent by a state the guided sampler passed through and the
         target by the output it took there: the guided prediction is fitted to reward guidance's own (guidance
-        distillation), ``noise_draws`` of the T steps per sample per pass."""
+        distillation), ``noise_draws`` of the T steps per sample per pass.
+
+        ``step_norm`` (``selection.target="table"``: (T,), the mean squared shift the table's steering gave x0_hat at each
+        step) makes it the table's regression: the guided prediction's x0_hat is fitted to the steered draw's, each
+        step's squared error divided by that step's ``step_norm`` so every step counts alike (1.0: the adapter gives
+        nothing of the offsets); the steps drawn are those the table moves (``step_norm`` above a thousandth of its
+        largest), each sample's in a fresh order per pass, so ``noise_draws`` of at least their count visits every one;
+        and every selected request weighs alike (the target is the table's, for the request, not a draft's)."""
         cfg = self.selection
         started = time.perf_counter()
         stats = UpdateStats()
@@ -562,6 +550,10 @@ class DDPOTrainer:
         shifted = rewards - rewards.min() + 1e-3 if rewards.min() <= 0 else rewards.copy()
         weights = torch.as_tensor(shifted / shifted.mean(), dtype=torch.float32)
         scheduler = model.scheduler
+        moved = None
+        if step_norm is not None:
+            weights = torch.ones(n)
+            moved = np.flatnonzero((step_norm > 1e-3 * step_norm.max()).numpy())
         model.unet.train()
         per_pass = math.ceil(n / cfg.batch_size)
         n_steps = per_pass * cfg.passes
@@ -585,8 +577,13 @@ class DDPOTrainer:
                     rows = torch.as_tensor(mine)
                     if trajectory is not None:  # a step of the guided draft, drawn per sample (keyed by its global index)
                         states, outputs = trajectory
-                        j = torch.as_tensor([int(np.random.default_rng([self.cfg.seed, epoch, int(i), d, 17]).integers(
-                            states.shape[1])) for i in mine])
+                        if moved is not None:  # the table's steps, each sample's in its own order per pass
+                            k = d - pass_index * cfg.noise_draws
+                            j = torch.as_tensor([int(np.random.default_rng([self.cfg.seed, epoch, int(i), pass_index, 23]).permutation(
+                                moved)[k % len(moved)]) for i in mine])
+                        else:
+                            j = torch.as_tensor([int(np.random.default_rng([self.cfg.seed, epoch, int(i), d, 17]).integers(
+                                states.shape[1])) for i in mine])
                         noisy = states[rows, j].to(model.device)
                         t = self.timesteps[j].to(model.device)
                         target = outputs[rows, j].to(model.device)
@@ -604,7 +601,13 @@ class DDPOTrainer:
                     else:
                         pred = model.unet(noisy, t, encoder_hidden_states=cond.tokens, encoder_attention_mask=cond.mask,
                                           class_labels=cond.class_emb).sample
+                    if moved is not None:  # x0_hat against the steered draw's, per step relative to the table's shift
+                        kind, alpha = scheduler.config.prediction_type, scheduler.alphas_cumprod[t.cpu()].view(-1, 1, 1, 1).to(noisy.device)
+                        pred = predicted_x0(pred.float(), noisy.float(), alpha, kind)
+                        target = predicted_x0(target.float(), noisy.float(), alpha, kind)
                     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                    if moved is not None:
+                        per_sample = per_sample / step_norm[j].to(per_sample.device)
                     loss = (weights[torch.as_tensor(mine)].to(per_sample.device) * per_sample).sum() * cfg.loss_weight
                     if not torch.isfinite(loss):
                         raise NonFiniteError(f"non-finite selection loss in epoch {epoch} on selected samples {list(map(int, mine))}")
@@ -628,4 +631,4 @@ class DDPOTrainer:
         return stats
 
 
-__all__ = ["DDPOTrainer", "GuidedDrafts", "NonFiniteError", "Rollout", "UpdateStats", "sample_seed"]
+__all__ = ["DDPOTrainer", "NonFiniteError", "Rollout", "UpdateStats", "sample_seed"]

@@ -1,13 +1,15 @@
 """Amortised reward guidance (rlhf.amortised): the request's features, the offset table's ridge fit, its lookup between
 fitted timesteps, its file, and the table-steered draw (gamma 0: the plain sampler; the shifts measured along a steered
-draw are the table's own offsets, so a table refitted to them is the table)."""
+draw, recorded by the draw and measured against the model's own x0_hat at its states alike, are the table's own offsets,
+so a table refitted to them is the table)."""
 
 import pytest
 import torch
 
 from generator.errors import UserError
 from generator.models import LatentDiffusion, latent_size
-from rlhf.amortised import OffsetTable, guidance_shifts, request_features, table_steered_draw
+from rlhf.amortised import OffsetTable, request_features, table_steered_draw
+from rlhf.ddpo import predicted_x0
 from test_improve import TINY
 
 
@@ -84,7 +86,7 @@ def test_the_table_file_round_trips_and_a_damaged_or_foreign_one_is_refused(tmp_
 
 
 def test_a_steered_draw_at_gamma_0_is_the_plain_sampler_and_its_shifts_are_the_tables_offsets():
-    from generator.sampling import sample
+    from generator.sampling import guided_conditioning, guided_prediction, sample
 
     torch.manual_seed(0)
     model = LatentDiffusion(TINY, ["cxr"])
@@ -106,7 +108,13 @@ def test_a_steered_draw_at_gamma_0_is_the_plain_sampler_and_its_shifts_are_the_t
         steered = table_steered_draw(model, table, 2.0, prompts, modalities, features, seeds, steps, guidance, batch_size=2,
                                      keep_trajectory=True)
         assert not torch.allclose(steered.images, plain.images, atol=1e-3)
-        shifts = guidance_shifts(model, steered, prompts, modalities, steps, guidance, batch_size=3)
+        shifts = steered.shifts
+        cond = guided_conditioning(model, prompts, modalities, [""] * 3, guidance)
+        kind = model.scheduler.config.prediction_type
+        for j, t in enumerate(model.scheduler.timesteps):  # the recorded shift is what the step's output carries over the model's own
+            alpha = model.scheduler.alphas_cumprod[int(t)]
+            own = predicted_x0(guided_prediction(model, steered.states[:, j], t.expand(3), cond, guidance).float(), steered.states[:, j], alpha, kind)
+            assert torch.allclose(predicted_x0(steered.targets[:, j], steered.states[:, j], alpha, kind) - own, shifts[:, j], atol=1e-4)
     for j, t in enumerate(timesteps):
         assert torch.allclose(shifts[:, j], 2.0 * table.offset(features, t), atol=1e-4)
     refit = OffsetTable.fit(features, shifts / 2.0, timesteps, ridge=0.0)

@@ -197,6 +197,31 @@ def test_a_table_target_run_fits_the_offset_table_to_every_epochs_drafts_and_res
     assert without_timing(lines(killed / "metrics.jsonl")) == without_timing(records)
 
 
+def test_the_table_regression_starts_at_1_with_the_adapter_at_zero_and_falls(base_model, tmp_path):
+    """selection.target=table: the base's guided drafts record guidance's shift at every state; the table fitted to them
+    steers the base's draws, and the selection fits the policy's x0_hat to those draws' with each step's error divided by
+    its mean squared offset: 1.0 while the adapter gives nothing (every selected request in one batch, every moved step
+    visited once), less as it learns."""
+    trainer, parts = _trainer(tmp_path, base_model, **{"improve.selection.target": "table", "improve.selection.batch_size": 4,
+                                                        "improve.selection.guidance_scale": 0.5})
+    items = [p for p in parts.sampler.draw(8, 1, 0) if p.expected][:4]
+    indices = [0, 1, 2, 3]
+    drafts = trainer.guided_drafts(items, indices, 1, progress=False, base=True)
+    assert drafts.shifts.shape == drafts.states.shape and drafts.shifts[:, 1:].abs().amax() > 0
+    trainer.keep_offset_drafts(items, drafts.shifts)
+    table = trainer.offset_table()
+    steered = trainer.table_drafts(items, indices, 1, table)
+    norm = steered.shifts.pow(2).mean(dim=(0, 2, 3, 4))
+    moved = int((norm > 1e-3 * norm.max()).sum())
+    trainer.selection = trainer.selection.model_copy(update={"noise_draws": moved})
+    trainer.optimizer.param_groups[0]["lr"] = 1e-2
+    losses = [trainer.selection_update(steered.finals, items, np.linspace(0.1, 2.0, 4), epoch, progress=False,
+                                       trajectory=(steered.states, steered.targets), step_norm=norm).steps[0]["loss"]
+              for epoch in range(4)]
+    assert losses[0] == pytest.approx(1.0, abs=1e-4), losses  # the rewards do not weigh: the target is the request's
+    assert losses[-1] < losses[0], losses
+
+
 def test_a_table_or_trajectory_target_needs_guided_drafts(base_model, tmp_path, capsys):
     profile = write_profile(tmp_path, settings(base_model, **{"improve.selection.target": "table"}))
     assert cli(["improve", "--config", str(profile), "--no-progress"]) == 2

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from pipelines.config import load_config
 from pipelines.improve import build_parts
 from rlhf.trainer import DDPOTrainer, sample_seed
-from rlhf.amortised import OffsetTable, guidance_shifts, request_features, table_steered_draw
+from rlhf.amortised import OffsetTable, request_features, table_steered_draw
 from rlhf.guidance import RewardGuide, reward_guided_draw
 from rlhf.heldout import heldout_evaluation
 from generator.lora import merged_for_sampling
@@ -59,7 +59,7 @@ class Probe:
                                       lambda i, j: int(np.random.default_rng([7, i, j, 29]).integers(2**31 - 1)), self.T, ic.ddpo.guidance,
                                       keep_trajectory=True, **kw)
             print(f"{len(items)} guided drafts in {time.time() - t0:.0f} s", flush=True)
-            shifts = guidance_shifts(model, draw, *args, self.T, ic.ddpo.guidance, **kw)
+            shifts = draw.shifts
         if cache:
             torch.save(shifts, cache)
         return shifts
