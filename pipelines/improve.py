@@ -46,7 +46,7 @@ from generator.errors import UserError
 from generator.fileio import append_whole, atomic_folder, json_default, write_json_atomic
 from generator.paths import shipped
 from generator.runlock import RunFolderInUseError, RunLock
-from rlhf.trainer import NonFiniteError, sample_seed
+from rlhf.trainer import NonFiniteError, UpdateStats, sample_seed
 
 from .config import SynthmedConfig, config_to_dict, load_config, save_config
 from .run_plots import draw_plots
@@ -679,7 +679,9 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
         total, components = judged(rollout.images, "reward")
         t2 = time.perf_counter()
         advantages = trainer.advantages(total, groups, [it.prompt for it in items])
-        if ic.ddpo.objective == "draft":
+        if ic.ddpo.objective == "none":  # stage 2 alone trains: the rollouts are the reward logs and its candidates
+            update = UpdateStats()
+        elif ic.ddpo.objective == "draft":
             update = trainer.draft_update(rollout, epoch, progress)
         else:
             update = trainer.update(rollout, advantages[mine], epoch, progress)
@@ -702,7 +704,7 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
                 guided["trajectory"] = (_gather_latents(accelerator, steered.states), _gather_latents(accelerator, steered.targets))
                 guided["steered_shifts"] = _gather_latents(accelerator, steered.shifts)
                 guided["offset_table"] = {"drafts": len(trainer.offset_features), "features": len(table.features),
-                                          "r2": [round(v, 4) for v in table.r2(trainer.offset_features, trainer.offset_shifts.float())]}
+                                          "r2": [round(v, 4) for v in table.fit_r2]}
         t_guided = time.perf_counter()
         selected = trainer.selected(candidate_total, candidate_components)
         selection_steps: list[dict] = []

@@ -202,6 +202,9 @@ def trl_settings(ddpo) -> tuple[dict, dict]:
         raise UserError("improve.ddpo.logprob_reduce: trl averages the log density over the latent; bench with 'mean'")
     if ddpo.kl_weight > 0:
         raise UserError("improve.ddpo.kl_weight: trl's DDPOTrainer has no KL penalty; bench with 0")
+    if ddpo.objective == "none":
+        raise UserError("improve.ddpo.objective=none trains nothing in stage 1, which is what the bench times against trl; "
+                        "bench with 'ppo'")
     if ddpo.trainable != "lora":
         raise UserError(f"improve.ddpo.trainable={ddpo.trainable}: trl's DDPOTrainer trains the UNet's LoRA only; bench with 'lora'")
     samples = ddpo.prompts_per_epoch * ddpo.images_per_prompt

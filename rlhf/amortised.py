@@ -56,6 +56,7 @@ class OffsetTable:
         self.timesteps = [int(t) for t in timesteps]
         self.weights = weights.float()
         self.ridge = float(ridge)
+        self.fit_r2: list[float] | None = None  # per step, R2 on the drafts :meth:`fit` was fitted to
 
     @classmethod
     def fit(cls, features: Sequence[Sequence[str]], shifts: torch.Tensor, timesteps: Sequence[int], ridge: float = 1.0) -> "OffsetTable":
@@ -70,9 +71,12 @@ class OffsetTable:
         table = cls(vocab, timesteps, torch.zeros(len(timesteps), len(vocab), *shifts.shape[2:]), ridge)
         X = table.design(features).double()
         gram = X.T @ X + ridge * torch.eye(len(vocab), dtype=X.dtype)
-        flat = shifts.flatten(2).double()  # (N, T, D)
-        for j in range(len(timesteps)):  # lstsq, not solve: with no ridge a feature that always comes with another is not singular
-            table.weights[j] = torch.linalg.lstsq(gram, X.T @ flat[:, j]).solution.float().view(len(vocab), *shifts.shape[2:])
+        n, steps = shifts.shape[:2]
+        rhs = X.T @ shifts.reshape(n, -1).double()  # every step's right-hand sides at once: (F, T x D)
+        # lstsq, not solve: with no ridge a feature that always comes with another is not singular
+        solution = torch.linalg.lstsq(gram, rhs).solution.float().view(len(vocab), steps, *shifts.shape[2:])
+        table.weights = solution.transpose(0, 1).contiguous()
+        table.fit_r2 = table.r2(features, shifts)  # what it holds of the data it was fitted to
         return table
 
     def design(self, features: Sequence[Sequence[str]]) -> torch.Tensor:

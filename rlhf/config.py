@@ -224,7 +224,10 @@ class DDPOConfig(Section):
     # through the VAE decoder and the last ``draft_steps`` denoising steps of each stored rollout (DRaFT-K, Clark et al.
     # 2024), with each step's noise held at the rollout's, so the image it differentiates is the one the reward scored.
     # "draft" uses only the findings component for its gradient; the other components are still measured and logged.
-    objective: Literal["ppo", "draft"] = "ppo"
+    # "none": no stage-1 update; the rollouts are still drawn and judged (the reward logs, the guard, stage 2's
+    # candidates), so stage 2 alone trains the policy (e.g. selection.target=table, whose regression a PPO step between
+    # its epochs pushes back: docs/improve/long_runs.md).
+    objective: Literal["ppo", "draft", "none"] = "ppo"
     draft_steps: int = Field(2, ge=1)  # K of DRaFT-K: the last K of the ``steps`` denoising steps carry the gradient
     kl_weight: float = Field(0.0, ge=0)  # beta of the KL penalty to the base model (adapter disabled); 0: no penalty (and no extra forward pass)
     # draft: the classifier's likelihood is averaged over this many views of each decoded image, each shifted and zoomed a

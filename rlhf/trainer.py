@@ -111,6 +111,9 @@ class DDPOTrainer:
             what = {"trajectory": "the guided drafts' own steps", "table": "an offset table of the guided drafts' shifts"}
             raise SynthmedError(f"improve.selection.target={selection.target} fits {what[selection.target]}; it needs "
                                 "improve.selection.source=guided")
+        if cfg.objective == "none" and not (selection.enabled and selection.max_per_epoch > 0):
+            raise SynthmedError("improve.ddpo.objective=none leaves stage 1 without an update and stage 2 is off "
+                                "(improve.selection.enabled / max_per_epoch): nothing would be trained; turn one of them on")
         # target=table: every epoch's guided drafts of the base, as the offset table's data (features and shifts per draft)
         self.offset_features: list[list[str]] = []
         self.offset_shifts: torch.Tensor | None = None
