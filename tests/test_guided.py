@@ -170,21 +170,24 @@ def test_a_guided_run_distils_its_drafts_and_logs_them(base_model, tmp_path, cap
 
 
 def test_a_table_target_run_fits_the_offset_table_to_every_epochs_drafts_and_resumes_it(base_model, tmp_path, capsys):
-    """improve.selection.target=table: the base's guided drafts join the offset table's data each epoch (kept in the
-    checkpoint), the selected requests' table-steered draws are fitted, and a run killed mid-epoch resumes to the
-    metrics of an uninterrupted one."""
+    """improve.selection.target=table with stage 1 off (objective none): the base's guided drafts join the offset table's
+    data each epoch (kept in the checkpoint), the selected requests' table-steered draws are fitted, and a run killed
+    mid-epoch resumes to the metrics of an uninterrupted one."""
     from pipelines.improve import run_improve
 
     cfg = load_config(write_profile(tmp_path, settings(base_model, **{"improve.selection.source": "guided",
                                                                       "improve.selection.target": "table",
                                                                       "improve.selection.max_per_epoch": 2,
+                                                                      "improve.ddpo.objective": "none",
                                                                       "improve.eval.reference_per_request": 0})))
     run_improve(cfg, tmp_path / "whole", progress=False)
     records = lines(tmp_path / "whole" / "metrics.jsonl")
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [e["offset_table"]["drafts"] for e in epochs] == [4, 8]  # 2 prompts x 2 images an epoch, every epoch's kept
     assert all(len(e["offset_table"]["r2"]) == 2 and e["offset_table"]["features"] >= 2 for e in epochs)
-    assert [r["stage"] for r in records if r["kind"] == "step"].count("selection") == 2  # one step of 2 selected an epoch
+    # objective none: no stage-1 step, the rollouts judged all the same; one selection step of 2 selected an epoch
+    assert [r["stage"] for r in records if r["kind"] == "step"] == ["selection"] * 2
+    assert all(e["n_samples"] == 4 and e["reward"]["total"]["mean"] is not None for e in epochs)
     assert cli(["runs", "show", str(tmp_path / "whole")]) == 0
     assert "table drafts" in capsys.readouterr().out  # the reward table names the offset table's columns
     state = torch.load(tmp_path / "whole" / "checkpoints" / "epoch_0002" / "trainer_state.pt", weights_only=True)
@@ -222,10 +225,15 @@ def test_the_table_regression_starts_at_1_with_the_adapter_at_zero_and_falls(bas
     assert losses[-1] < losses[0], losses
 
 
-def test_a_table_or_trajectory_target_needs_guided_drafts(base_model, tmp_path, capsys):
+def test_a_table_or_trajectory_target_needs_guided_drafts_and_a_run_needs_something_to_train(base_model, tmp_path, capsys):
     profile = write_profile(tmp_path, settings(base_model, **{"improve.selection.target": "table"}))
     assert cli(["improve", "--config", str(profile), "--no-progress"]) == 2
     assert "improve.selection.target=table" in capsys.readouterr().err
+    (tmp_path / "idle").mkdir()
+    idle = write_profile(tmp_path / "idle", settings(base_model, **{"improve.ddpo.objective": "none", "improve.selection.enabled": False}))
+    assert cli(["improve", "--config", str(idle), "--run-dir", str(tmp_path / "idle_run"), "--no-progress"]) == 2
+    assert "nothing would be trained" in capsys.readouterr().err
+    assert not (tmp_path / "idle_run" / "metrics.jsonl").exists()
 
 
 def test_a_run_calibrates_reward_guidance_on_the_held_out_set_and_confirms_it_on_the_test_set(base_model, tmp_path, capsys):
