@@ -175,6 +175,7 @@ def _paths(run_dir: Path, best: int | None) -> dict[str, Any]:
         "config": existing("config.yaml"), "metadata": existing("metadata.json"), "metrics": existing("metrics.jsonl"),
         "samples": existing("samples.jsonl"), "plots": files("plots", "*.png"), "grids": files("grids", "epoch_*.png"),
         "final": folder("final"), "best": folder("best"), "best_epoch": best, "guidance": existing(GUIDANCE_FILE),
+        "scale": existing(SCALE_FILE), "scaled": folder(SCALED_ADAPTER),  # `synthmed runs scale` (pipelines.adapter_scale)
         "checkpoints": [str(p) for p in checkpoints],
     }
 
@@ -303,6 +304,7 @@ def reference_line(records: list[dict]) -> dict[str, Any] | None:
 
 
 GUIDANCE_FILE = "guidance.json"  # a run's calibrated reward guidance (improve.eval.guidance_scales)
+SCALE_FILE, SCALED_ADAPTER = "scale.json", "scaled"  # a run's adapter strength chosen on its held-out set, and that adapter
 
 
 def read_guidance(folder: str | Path) -> dict[str, Any] | None:

@@ -466,10 +466,10 @@ class DDPOTrainer:
         noise (``sample_seed`` of its global index; ``seeds``: these), its views keyed by the global index too, so any
         batching or split of ranks draws the same. Returns the final latents, the images and, per step, the state ``x_t``,
         the guided output the step took (for ``selection.target="trajectory"``) and the shift guidance gave x0_hat there
-        (for ``selection.target="table"``), all on the CPU. The evaluator never
-        enters: the classifiers are the reward's, which refuses any other role. ``scale``: this guidance scale instead of
-        ``selection.guidance_scale`` (the held-out calibration's). ``base``: drawn by the base model (the adapter
-        disabled), as ``selection.target="table"`` fits them."""
+        (for ``selection.target="table"``), all on the CPU. The evaluator never enters: the classifiers are the reward's,
+        which refuses any other role. ``scale``: this guidance scale instead of ``selection.guidance_scale`` (the held-out
+        calibration's). ``base``: drawn by the base model (the adapter disabled), as ``selection.target="table"`` fits
+        them."""
         cfg, model = self.cfg, self.model
         guide = RewardGuide(self.reward_scorer("improve.selection.source=guided"),
                             self.selection.guidance_scale if scale is None else scale,
@@ -557,6 +557,9 @@ class DDPOTrainer:
         if step_norm is not None:
             weights = torch.ones(n)
             moved = np.flatnonzero((step_norm > 1e-3 * step_norm.max()).numpy())
+            if not len(moved):  # the table moves no step (no shift yet): nothing to fit
+                log.warning("epoch %d: the offset table moves no step; the selection has nothing to fit", epoch)
+                return stats
         model.unet.train()
         per_pass = math.ceil(n / cfg.batch_size)
         n_steps = per_pass * cfg.passes

@@ -172,6 +172,30 @@ def test_a_run_writes_its_directory_and_logs(base_model, tmp_path, capsys):
         assert again[r["adapter"]]["overall"] == r["overall"], r["adapter"]
     assert (run / "metrics.jsonl").read_bytes() == before  # nothing of the run's log changes
 
+    # `runs scale`: final/ at each scale on the held-out set, scale 1 its own last evaluation figure for figure; the kept
+    # scale (the best share within the gain's terms) baked into scaled/ and judged once on the test prompts
+    from safetensors.torch import load_file
+
+    assert cli(["runs", "scale", str(run), "--adapter", "final", "--scales", "2,1", "--json"]) == 0
+    scaled = json.loads(capsys.readouterr().out)
+    assert [r["scale"] for r in scaled["scales"]] == [1.0, 2.0] and scaled["epoch"] == 2
+    one = scaled["scales"][0]
+    assert all(one[k] == evals[-1]["overall"][k] for k in ("all_requested_shown", "fd", "ms_ssim")), (one, evals[-1]["overall"])
+    assert scaled["scales"][1]["fd"] != one["fd"]  # twice the change: other images
+    kept = [r for r in scaled["scales"] if "refused" not in r]
+    assert scaled["scale"] == max(kept, key=lambda r: (r["all_requested_shown"], r["finding_accuracy"], -r["scale"]))["scale"]
+    assert [r["chosen"] for r in scaled["scales"]].count(True) == 1 and (run / "scale.json").is_file()
+    assert scaled["test"]["base"] == {k: tested[0]["overall"].get(k) for k in scaled["test"]["base"]} and scaled["test"]["scaled"]
+    meta = json.loads((run / "scaled" / "metadata.json").read_text())
+    assert meta["scale"] == scaled["scale"] and meta["adapter"] == "final"
+    own, baked = load_file(str(run / "final" / "lora.safetensors")), load_file(str(run / "scaled" / "lora.safetensors"))
+    assert own.keys() == baked.keys()
+    for key in own:
+        assert torch.allclose(baked[key], own[key] * (scaled["scale"] if "lora_B" in key else 1.0), atol=1e-6), key
+    assert (run / "metrics.jsonl").read_bytes() == before
+    assert cli(["runs", "scale", str(run), "--scales", "0,1"]) == 2
+    assert "adapter scales must be positive" in capsys.readouterr().err
+
 
 def test_kl_to_the_base_is_zero_while_the_lora_weights_are_zero(base_model):
     from generator.ddim_logprob import ddim_step_with_logprob

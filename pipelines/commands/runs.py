@@ -1,4 +1,4 @@
-"""`synthmed runs list|show|plot`: what the self-improvement runs (`synthmed improve`) did, from their run directories."""
+"""`synthmed runs list|show|test|scale|plot`: what the self-improvement runs (`synthmed improve`) did, from their run directories."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def register(groups, formatter) -> None:
         "runs", formatter_class=formatter, help="inspect self-improvement runs: list them, show one, draw its plots",
         description="Reads the run directories that `synthmed improve` writes (runs/<id>/: metadata.json, metrics.jsonl, "
                     "grids/, plots/, checkpoints/, final/, best/). Nothing here changes a run except `plot` and "
-                    "`show --plots`, which redraw its plots/ from metrics.jsonl, and `test`, which writes its test.json.",
+                    "`show --plots`, which redraw its plots/ from metrics.jsonl, `test`, which writes its test.json, and `scale`, "
+                    "which writes its scaled/ adapter and scale.json.",
     )
     sub = r.add_subparsers(dest="runs_command", metavar="SUBCOMMAND", required=True)
     ls = sub.add_parser("list", formatter_class=formatter,
@@ -39,6 +40,19 @@ def register(groups, formatter) -> None:
     test.add_argument("run", help="run id (a folder in --runs-dir) or a path to a run directory")
     _common(test)
     test.set_defaults(handler=_test)
+    scale = sub.add_parser("scale", formatter_class=formatter,
+                           help="choose the strength of a run's adapter on its held-out set; writes <run>/scaled/ and scale.json",
+                           description="Draws the run's adapter (lora_B multiplied by each scale) on the held-out requests "
+                                       "with the run's sampler and seeds, keeps the scale with the highest share of images "
+                                       "showing every requested finding among those within the gain's terms (FD, MS-SSIM "
+                                       "against the run's base), bakes it into <run>/scaled/ (a peft adapter --lora loads) "
+                                       "and judges that once on the untouched test prompts. Scale 1 is the adapter as the "
+                                       "run evaluated it.")
+    scale.add_argument("run", help="run id (a folder in --runs-dir) or a path to a run directory")
+    scale.add_argument("--scales", default="0.75,1,1.25,1.5", help="comma-separated positive scales to try")
+    scale.add_argument("--adapter", choices=["best", "final"], default="best", help="which of the run's adapters to scale")
+    _common(scale)
+    scale.set_defaults(handler=_scale)
     plot = sub.add_parser("plot", formatter_class=formatter,
                           help="redraw a run's plots/reward.png, heldout.png and training.png from metrics.jsonl")
     plot.add_argument("run", help="run id (a folder in --runs-dir) or a path to a run directory")
@@ -126,6 +140,36 @@ def _test(args, extra) -> int:
     print(_test_table({"modalities": modalities, "test": rows}))
     print(f"{out['prompts']} test prompts x {out['images_per_prompt']} images (seed {out['seed']}, from {out['drawn']}) -> "
           f"{Path(out['run']) / 'test.json'}")
+    return 0
+
+
+def _scale(args, extra) -> int:
+    from generator.errors import UserError
+
+    from ..adapter_scale import calibrate_adapter_scale
+    from ..runs import resolve_run
+
+    try:
+        scales = [float(v) for v in args.scales.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--scales {args.scales!r}: comma-separated numbers, e.g. 0.75,1,1.25,1.5") from None
+    out = calibrate_adapter_scale(resolve_run(args.run, _runs_dir(args, extra)), scales, args.adapter)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    mods = list(dict.fromkeys(m for r in out["scales"] for m in r["per_modality"]))
+    keys = [k for k, _ in EVAL_COLUMNS if k in out["scales"][0]]
+    base = out["heldout"]["base"]
+    rows = [["base", *(_fmt(base.get(k)) for k in keys), *(_fmt(out["heldout"]["base_per_modality"].get(m)) for m in mods), ""]]
+    rows += [[f"{out['adapter']} x{r['scale']:g}", *(_fmt(r.get(k)) for k in keys), *(_fmt(r["per_modality"].get(m)) for m in mods),
+              "chosen" if r["chosen"] else r.get("refused", "")] for r in out["scales"]]
+    headers = [dict(EVAL_COLUMNS)[k] for k in keys]
+    print(f"held-out prompts, {out['adapter']}/ (epoch {_fmt(out['epoch'])}) at each scale\n"
+          + table(rows, ["adapter", *headers, *(f"{m} shown" for m in mods), "kept"]))
+    if out["test"]:
+        test_rows_ = [[name, *(_fmt((values or {}).get(k)) for k in keys)] for name, values in out["test"].items()]
+        print("untouched test prompts, once (nothing decides by them)\n" + table(test_rows_, ["adapter", *headers]))
+    print(f"scale {_fmt(out['scale'])}: {out['use']} -> {Path(out['run']) / 'scale.json'}")
     return 0
 
 
@@ -314,6 +358,8 @@ def _files(run: dict) -> str:
     adapters = [f"final {paths['final']}"] if paths["final"] else []
     if paths["best"]:
         adapters.append(f"best {paths['best']}" + (f" (epoch {paths['best_epoch']})" if paths["best_epoch"] is not None else ""))
+    if paths.get("scaled"):
+        adapters.append(f"scaled {paths['scaled']} (strength chosen on the held-out set: {paths['scale']})")
     lines.append("adapters: " + (", ".join(adapters) if adapters else "none yet"))
     if paths.get("guidance"):
         lines.append(f"calibrated reward guidance: {paths['guidance']}")

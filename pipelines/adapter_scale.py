@@ -1,0 +1,133 @@
+"""`synthmed runs scale`: the strength of a run's adapter, chosen on its held-out set.
+
+A LoRA's update is ``B A``; multiplying ``B`` by s draws with s times the change the run learnt. Where the loop's
+regression has fitted only part of its target (``improve.selection.target=table``: docs/improve/long_runs.md), a
+scale above 1 can give more of it. The scale is chosen like the calibrated reward guidance (:func:`calibrate_guidance`):
+the run's adapter (best/ by default) is drawn on the held-out requests at each scale with the run's own sampler and
+seeds, judged by the evaluator, and the highest share of images showing every requested finding among the scales whose
+FD and MS-SSIM stay within the gain's terms against the run's base evaluation (``improve.guard``) is kept. Scale 1 is
+the adapter as the run evaluated it, figure for figure.
+
+The kept scale is baked into a peft adapter of its own, ``<run>/scaled/`` (``B`` multiplied by it; what ``--lora``,
+stock diffusers and peft load), judged once on the run's untouched test prompts. ``<run>/scale.json`` holds every
+scale's held-out figures, the choice and the test figures beside the run's base and adapter test lines. Nothing of the
+run's own log changes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from generator.errors import UserError
+
+from .runs import SCALE_FILE, SCALED_ADAPTER, read_metrics
+
+KEYS = ("all_requested_shown", "requested_shown", "finding_accuracy", "fd", "ms_ssim", "clip_score")
+
+
+def _lora_b(unet) -> list[torch.nn.Parameter]:
+    return [p for name, p in unet.named_parameters() if "lora_B" in name]
+
+
+def calibrate_adapter_scale(run: str | Path, scales: Sequence[float], adapter: str = "best", progress: bool = True) -> dict[str, Any]:
+    """Held-out figures of ``run``'s ``adapter`` (best or final) at each of ``scales``, the kept scale baked into
+    ``<run>/scaled/`` and judged on the untouched test prompts; returns (and writes to ``<run>/scale.json``) the lot."""
+    from agents.requests import load_prompts
+    from generator.lora import merged_for_sampling
+    from generator.models import FINDING_TABLE_FILE
+    from rlhf.heldout import heldout_evaluation
+
+    from .config import load_config
+    from .improve import (RewardHackingGuard, _clean, build_parts, calibrate_guidance, judge_test_set, load_adapter_folder,
+                          save_adapter, write_json_atomic)
+
+    run = Path(run)
+    scales = sorted({float(s) for s in scales})
+    if not scales or any(not s > 0 for s in scales):
+        raise UserError(f"adapter scales must be positive numbers, got {list(scales)}; e.g. --scales 0.75,1,1.25,1.5")
+    if adapter not in ("best", "final"):
+        raise UserError(f"--adapter must be best or final, got {adapter!r}")
+    folder = run / adapter
+    if not (folder / "lora.safetensors").is_file():
+        raise UserError(f"{folder} holds no adapter (lora.safetensors); scale a run that has evaluated one "
+                        "(best/ appears at its first evaluation past the base, final/ when it finishes)")
+    records = read_metrics(run)
+    base = next((r for r in records if r.get("kind") == "eval" and r.get("epoch") == 0), None)
+    if base is None:
+        raise UserError(f"{run}/metrics.jsonl has no base evaluation (epoch 0) to hold the scales' images against")
+    cfg = load_config(run / "config.yaml")
+    ic = cfg.improve
+    heldout = load_prompts(run / "heldout_prompts.jsonl")
+    test_path = run / "test_prompts.jsonl"
+    test = load_prompts(test_path) if test_path.is_file() else []
+    meta = json.loads((folder / "metadata.json").read_text()) if (folder / "metadata.json").is_file() else {}
+
+    guard = RewardHackingGuard(ic.guard)  # the gain's terms against the run's own base evaluation, as best/ was chosen
+    guard.observe(0, None, base["overall"].get("all_requested_shown"), base["overall"].get("fd"), None,
+                  base["overall"].get("ms_ssim"))
+    parts = build_parts(cfg, progress=progress)
+    model = parts.model
+    load_adapter_folder(model, folder)
+    weights = _lora_b(model.unet)
+    trained = [p.detach().clone() for p in weights]
+
+    def at_scale(s: float) -> None:
+        with torch.no_grad():
+            for p, w in zip(weights, trained):
+                p.copy_(w * s)
+
+    lines = []
+    for s in scales:
+        at_scale(s)
+        with merged_for_sampling(model.unet):
+            result = heldout_evaluation(model, heldout, parts.judges, parts.reference, ic.eval, cfg.judges.eval, ic.ddpo.guidance,
+                                        parts.train_images, ic.ddpo.sample_batch_size, progress, label=f"held-out eval (x{s:g})")
+        result.pop("images")
+        lines.append({"scale": s, "overall": result["overall"], "per_modality": result["per_modality"]})
+    chosen = calibrate_guidance(lines, guard)
+
+    tested = {r.get("adapter"): r for r in records if r.get("kind") == "test"}
+    test_result = None
+    if chosen is not None:
+        at_scale(chosen["scale"])
+        save_adapter(model, run / SCALED_ADAPTER,
+                     {"run": str(run), "adapter": adapter, "epoch": meta.get("epoch"), "scale": chosen["scale"],
+                      "heldout": chosen["overall"], "base_model": meta.get("base_model"),
+                      "kind": f"synthmed LoRA adapter ({adapter}/ with lora_B x {chosen['scale']:g}, the scale chosen on the "
+                              "held-out set)"},
+                     findings=(folder / FINDING_TABLE_FILE).is_file())
+        if test:
+            test_result = judge_test_set(model, test, parts, cfg, f"{adapter} x{chosen['scale']:g}", progress)
+    pick = lambda record: {k: (record or {}).get("overall", {}).get(k) for k in KEYS} if record else None  # noqa: E731
+    out = {
+        "kind": "synthmed adapter scale", "run": str(run), "adapter": adapter, "epoch": meta.get("epoch"),
+        "chosen_by": "the held-out evaluator's share of images showing every requested finding, among scales whose FD and "
+                     "MS-SSIM stay within the gain's terms against the run's base (improve.guard); confirmed once on the "
+                     "untouched test prompts",
+        "scale": chosen["scale"] if chosen else None,
+        "heldout": {"base": pick(base), "chosen": pick(chosen),
+                    "base_per_modality": {m: row.get("all_requested_shown") for m, row in base.get("per_modality", {}).items()}},
+        "test": ({"base": pick(tested.get("base")), adapter: pick(tested.get(adapter)),
+                  "scaled": {k: test_result["overall"].get(k) for k in KEYS}} if test_result else None),
+        "test_per_modality": ({m: {"base": (tested.get("base") or {}).get("per_modality", {}).get(m, {}).get("all_requested_shown"),
+                                   "scaled": row.get("all_requested_shown")}
+                               for m, row in test_result["per_modality"].items()} if test_result else None),
+        "scales": [{"scale": r["scale"], **pick(r), "chosen": r.get("calibrated", False),
+                    **({"refused": r["not_calibrated_because"]} if r.get("not_calibrated_because") else {}),
+                    "per_modality": {m: row.get("all_requested_shown") for m, row in r["per_modality"].items()}}
+                   for r in lines],
+        "adapter_folder": str(run / SCALED_ADAPTER) if chosen else None,
+        "use": (f"synthmed generate ... --lora {run / SCALED_ADAPTER}; synthmed eval --lora {run / SCALED_ADAPTER}" if chosen
+                else "no scale kept the images within the gain's terms; try smaller scales"),
+    }
+    out = _clean(out)
+    write_json_atomic(run / SCALE_FILE, out, ensure_ascii=False)
+    return out
+
+
+__all__ = ["SCALED_ADAPTER", "SCALE_FILE", "calibrate_adapter_scale"]
