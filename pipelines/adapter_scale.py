@@ -27,7 +27,9 @@ from generator.errors import UserError
 
 from .runs import SCALE_FILE, SCALED_ADAPTER, read_metrics
 
-KEYS = ("all_requested_shown", "requested_shown", "finding_accuracy", "fd", "ms_ssim", "clip_score")
+def _shares(per_modality: dict) -> dict:
+    """Per modality, the share of images showing every requested finding."""
+    return {m: (row or {}).get("all_requested_shown") for m, row in (per_modality or {}).items()}
 
 
 def _lora_b(unet) -> list[torch.nn.Parameter]:
@@ -43,8 +45,8 @@ def calibrate_adapter_scale(run: str | Path, scales: Sequence[float], adapter: s
     from rlhf.heldout import heldout_evaluation
 
     from .config import load_config
-    from .improve import (RewardHackingGuard, _clean, build_parts, calibrate_guidance, judge_test_set, load_adapter_folder,
-                          save_adapter, write_json_atomic)
+    from .improve import (RewardHackingGuard, _clean, build_parts, calibrate_guidance, calibration_figures, judge_test_set,
+                          load_adapter_folder, save_adapter, write_json_atomic)
 
     run = Path(run)
     scales = sorted({float(s) for s in scales})
@@ -103,7 +105,7 @@ def calibrate_adapter_scale(run: str | Path, scales: Sequence[float], adapter: s
                      findings=(folder / FINDING_TABLE_FILE).is_file())
         if test:
             test_result = judge_test_set(model, test, parts, cfg, f"{adapter} x{chosen['scale']:g}", progress)
-    pick = lambda record: {k: (record or {}).get("overall", {}).get(k) for k in KEYS} if record else None  # noqa: E731
+    pick = calibration_figures
     out = {
         "kind": "synthmed adapter scale", "run": str(run), "adapter": adapter, "epoch": meta.get("epoch"),
         "chosen_by": "the held-out evaluator's share of images showing every requested finding, among scales whose FD and "
@@ -111,15 +113,14 @@ def calibrate_adapter_scale(run: str | Path, scales: Sequence[float], adapter: s
                      "untouched test prompts",
         "scale": chosen["scale"] if chosen else None,
         "heldout": {"base": pick(base), "chosen": pick(chosen),
-                    "base_per_modality": {m: row.get("all_requested_shown") for m, row in base.get("per_modality", {}).items()}},
-        "test": ({"base": pick(tested.get("base")), adapter: pick(tested.get(adapter)),
-                  "scaled": {k: test_result["overall"].get(k) for k in KEYS}} if test_result else None),
-        "test_per_modality": ({m: {"base": (tested.get("base") or {}).get("per_modality", {}).get(m, {}).get("all_requested_shown"),
-                                   "scaled": row.get("all_requested_shown")}
-                               for m, row in test_result["per_modality"].items()} if test_result else None),
+                    "base_per_modality": _shares(base.get("per_modality"))},
+        "test": ({"base": pick(tested.get("base")), adapter: pick(tested.get(adapter)), "scaled": pick(test_result)}
+                 if test_result else None),
+        "test_per_modality": ({m: {"base": _shares((tested.get("base") or {}).get("per_modality")).get(m), "scaled": share}
+                               for m, share in _shares(test_result["per_modality"]).items()} if test_result else None),
         "scales": [{"scale": r["scale"], **pick(r), "chosen": r.get("calibrated", False),
                     **({"refused": r["not_calibrated_because"]} if r.get("not_calibrated_because") else {}),
-                    "per_modality": {m: row.get("all_requested_shown") for m, row in r["per_modality"].items()}}
+                    "per_modality": _shares(r["per_modality"])}
                    for r in lines],
         "adapter_folder": str(run / SCALED_ADAPTER) if chosen else None,
         "use": (f"synthmed generate ... --lora {run / SCALED_ADAPTER}; synthmed eval --lora {run / SCALED_ADAPTER}" if chosen

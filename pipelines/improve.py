@@ -859,6 +859,15 @@ def calibrate_guidance(lines: list[dict], guard: "RewardHackingGuard") -> dict |
     return chosen[1]
 
 
+CALIBRATION_KEYS = ("all_requested_shown", "requested_shown", "finding_accuracy", "fd", "ms_ssim", "clip_score")
+
+
+def calibration_figures(record: dict | None) -> dict | None:
+    """The overall figures a calibration file (guidance.json, the adapter scale's scale.json) keeps of an evaluation
+    line or result; None for none."""
+    return {k: record.get("overall", {}).get(k) for k in CALIBRATION_KEYS} if record else None
+
+
 def write_guidance_file(path: Path, lines: list[dict], base_model: str) -> dict:
     """``guidance.json``: the calibrated scale (None when every scale was refused), its held-out and untouched-test figures
     beside the base's, every scale's held-out figures, and the commands that use it."""
@@ -866,8 +875,7 @@ def write_guidance_file(path: Path, lines: list[dict], base_model: str) -> dict:
     guided = sorted((r for r in lines if r["kind"] == "guided"), key=lambda r: r["scale"])
     chosen = next((r for r in guided if r.get("calibrated")), None)
     tested = {r.get("adapter"): r for r in lines if r["kind"] == "test"}
-    keys = ("all_requested_shown", "requested_shown", "finding_accuracy", "fd", "ms_ssim", "clip_score")
-    pick = lambda record: {k: (record or {}).get("overall", {}).get(k) for k in keys} if record else None  # noqa: E731
+    pick = calibration_figures
     out = {
         "kind": "synthmed reward-guidance calibration", "base_model": base_model,
         "reward_guidance": chosen["scale"] if chosen else None, "views": guided[0]["views"] if guided else None,
