@@ -50,7 +50,7 @@ from rlhf.trainer import NonFiniteError, UpdateStats, sample_seed
 
 from .config import SynthmedConfig, config_to_dict, load_config, save_config
 from .run_plots import draw_plots
-from .runs import GUIDANCE_FILE, read_guidance
+from .runs import GUIDANCE_FILE, OFFSET_TABLE_FILE, read_guidance
 
 log = logging.getLogger(__name__)
 
@@ -689,6 +689,7 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
             raise SystemExit(f"stopped after the update of epoch {epoch}")
         t3 = time.perf_counter()
         guided = None  # stage 2's candidates: the rollouts, or one reward-guided draw per rollout
+        table, warm = None, True  # target=table: the offset table fitted this epoch, and whether the selection fits it yet
         candidate_total, candidate_components = total, components
         if ic.selection.draws_guided:
             by_table = ic.selection.target == "table"
@@ -700,13 +701,17 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
             elif by_table:  # the drafts join the table's data; the selected requests' table-steered draws are fitted
                 trainer.keep_offset_drafts(items, _gather_latents(accelerator, drafts.shifts))
                 table = trainer.offset_table()
-                steered = trainer.table_drafts(items[mine], indices, epoch, table)
-                guided["trajectory"] = (_gather_latents(accelerator, steered.states), _gather_latents(accelerator, steered.targets))
-                guided["steered_shifts"] = _gather_latents(accelerator, steered.shifts)
+                warm = len(trainer.offset_features) >= ic.selection.table_warmup  # before: the epoch only adds its drafts
+                if warm:
+                    steered = trainer.table_drafts(items[mine], indices, epoch, table)
+                    guided["trajectory"] = (_gather_latents(accelerator, steered.states), _gather_latents(accelerator, steered.targets))
+                    guided["steered_shifts"] = _gather_latents(accelerator, steered.shifts)
                 guided["offset_table"] = {"drafts": len(trainer.offset_features), "features": len(table.features),
-                                          "r2": [round(v, 4) for v in table.fit_r2]}
+                                          "r2": [round(v, 4) for v in table.fit_r2], "fitted": warm}
         t_guided = time.perf_counter()
         selected = trainer.selected(candidate_total, candidate_components)
+        if table is not None and not warm:  # target=table, still warming up: no selection this epoch
+            selected[:] = False
         selection_steps: list[dict] = []
         if selected.any():
             finals = guided["finals"] if guided else _gather_latents(accelerator, rollout.latents[:, -1])
@@ -760,6 +765,8 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
             stopped = flag[0]
         seconds["total"] = time.perf_counter() - t0
         finish_epoch(epoch, lines, samples)
+        if main and table is not None:  # the table as of this epoch's checkpoint (a resumed run refits the same one)
+            table.save(root / OFFSET_TABLE_FILE)
         if main:
             guided_part = f"guided drafts {seconds['guided']:.0f}, " if guided else ""
             print(f"epoch {epoch}/{ic.ddpo.epochs}: reward {overall['total']['mean']:.4f} (findings "

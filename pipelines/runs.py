@@ -176,6 +176,7 @@ def _paths(run_dir: Path, best: int | None) -> dict[str, Any]:
         "samples": existing("samples.jsonl"), "plots": files("plots", "*.png"), "grids": files("grids", "epoch_*.png"),
         "final": folder("final"), "best": folder("best"), "best_epoch": best, "guidance": existing(GUIDANCE_FILE),
         "scale": existing(SCALE_FILE), "scaled": folder(SCALED_ADAPTER),  # `synthmed runs scale` (pipelines.adapter_scale)
+        "offset_table": existing(OFFSET_TABLE_FILE),
         "checkpoints": [str(p) for p in checkpoints],
     }
 
@@ -305,6 +306,7 @@ def reference_line(records: list[dict]) -> dict[str, Any] | None:
 
 GUIDANCE_FILE = "guidance.json"  # a run's calibrated reward guidance (improve.eval.guidance_scales)
 SCALE_FILE, SCALED_ADAPTER = "scale.json", "scaled"  # a run's adapter strength chosen on its held-out set, and that adapter
+OFFSET_TABLE_FILE = "offset_table.safetensors"  # improve.selection.target=table: the table as of the last epoch (rlhf.amortised)
 
 
 def read_guidance(folder: str | Path) -> dict[str, Any] | None:

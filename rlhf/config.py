@@ -281,6 +281,10 @@ class SelectionConfig(Section):
     target: Literal["final", "trajectory", "table"] = "final"
     table_gamma: float = Field(1.75, gt=0)  # target=table: the table's offsets are multiplied by this in the steered draws
     table_ridge: float = Field(1.0, ge=0)  # target=table: the table's ridge penalty (per step, on the feature weights)
+    # target=table: the selection waits until the table holds this many drafts; the epochs before only add their drafts
+    # (a table of a few dozen drafts memorises its requests, so fitting the policy to it early chases a moving, noisy
+    # target). 0: fit from the first epoch.
+    table_warmup: int = Field(0, ge=0)
     # Where the candidates come from. "rollouts": the epoch's stage-1 rollouts (MINIM's selection). "guided": one
     # reward-guided draw per rollout (same request, same starting noise, DDIM with eta 0 and the rollouts' steps and
     # guidance), each step's x0_hat moved along the gradient of the reward-role classifier's log likelihood of the

@@ -171,13 +171,16 @@ def test_a_guided_run_distils_its_drafts_and_logs_them(base_model, tmp_path, cap
 
 def test_a_table_target_run_fits_the_offset_table_to_every_epochs_drafts_and_resumes_it(base_model, tmp_path, capsys):
     """improve.selection.target=table with stage 1 off (objective none): the base's guided drafts join the offset table's
-    data each epoch (kept in the checkpoint), the selected requests' table-steered draws are fitted, and a run killed
-    mid-epoch resumes to the metrics of an uninterrupted one."""
+    data each epoch (kept in the checkpoint), the selection waits for table_warmup drafts and then fits the selected
+    requests' table-steered draws, the table as of the last epoch is saved in the run folder, and a run killed mid-epoch
+    resumes to the metrics of an uninterrupted one."""
     from pipelines.improve import run_improve
+    from rlhf.amortised import OffsetTable
 
     cfg = load_config(write_profile(tmp_path, settings(base_model, **{"improve.selection.source": "guided",
                                                                       "improve.selection.target": "table",
                                                                       "improve.selection.max_per_epoch": 2,
+                                                                      "improve.selection.table_warmup": 5,
                                                                       "improve.ddpo.objective": "none",
                                                                       "improve.eval.reference_per_request": 0})))
     run_improve(cfg, tmp_path / "whole", progress=False)
@@ -185,13 +188,23 @@ def test_a_table_target_run_fits_the_offset_table_to_every_epochs_drafts_and_res
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [e["offset_table"]["drafts"] for e in epochs] == [4, 8]  # 2 prompts x 2 images an epoch, every epoch's kept
     assert all(len(e["offset_table"]["r2"]) == 2 and e["offset_table"]["features"] >= 2 for e in epochs)
-    # objective none: no stage-1 step, the rollouts judged all the same; one selection step of 2 selected an epoch
-    assert [r["stage"] for r in records if r["kind"] == "step"] == ["selection"] * 2
+    # the warm-up: 4 drafts < 5, so epoch 1 selects nothing and trains nothing; epoch 2 (8 drafts) fits 2 selected
+    assert [e["offset_table"]["fitted"] for e in epochs] == [False, True] and [e["selected"] for e in epochs] == [0, 2]
+    samples = lines(tmp_path / "whole" / "samples.jsonl")
+    assert not any(s["selected"] for s in samples if s["epoch"] == 1)
+    # objective none: no stage-1 step, the rollouts judged all the same; one selection step, in epoch 2
+    assert [(r["stage"], r["epoch"]) for r in records if r["kind"] == "step"] == [("selection", 2)]
     assert all(e["n_samples"] == 4 and e["reward"]["total"]["mean"] is not None for e in epochs)
     assert cli(["runs", "show", str(tmp_path / "whole")]) == 0
-    assert "table drafts" in capsys.readouterr().out  # the reward table names the offset table's columns
+    shown = capsys.readouterr().out
+    assert "table drafts" in shown and "offset_table.safetensors" in shown  # the reward table's columns; the table's file
     state = torch.load(tmp_path / "whole" / "checkpoints" / "epoch_0002" / "trainer_state.pt", weights_only=True)
-    assert len(state["trainer"]["offset_pool"]["features"]) == 8 and state["trainer"]["offset_pool"]["shifts"].shape[:2] == (8, 2)
+    pool = state["trainer"]["offset_pool"]
+    assert len(pool["features"]) == 8 and pool["shifts"].shape[:2] == (8, 2)
+    # the saved table is the one the last checkpoint's drafts give: refitted from them, it is the same to the last bit
+    saved = OffsetTable.load(tmp_path / "whole" / "offset_table.safetensors")
+    refit = OffsetTable.fit(pool["features"], pool["shifts"].float(), saved.timesteps, cfg.improve.selection.table_ridge)
+    assert saved.features == refit.features and torch.equal(saved.weights, refit.weights)
 
     killed = tmp_path / "killed"
     with pytest.raises(SystemExit):

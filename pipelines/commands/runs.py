@@ -363,6 +363,8 @@ def _files(run: dict) -> str:
     lines.append("adapters: " + (", ".join(adapters) if adapters else "none yet"))
     if paths.get("guidance"):
         lines.append(f"calibrated reward guidance: {paths['guidance']}")
+    if paths.get("offset_table"):
+        lines.append(f"offset table (improve.selection.target=table, as of the last epoch): {paths['offset_table']}")
     if paths["checkpoints"]:
         lines.append(f"checkpoints: {listing(paths['checkpoints'], 'checkpoints')}")
     lines.append(f"samples: {paths['samples'] or 'none yet'}; config: {paths['config'] or '-'}")
