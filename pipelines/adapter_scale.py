@@ -11,12 +11,13 @@ the adapter as the run evaluated it, figure for figure.
 The kept scale is baked into a peft adapter of its own, ``<run>/scaled/`` (``B`` multiplied by it; what ``--lora``,
 stock diffusers and peft load), judged once on the run's untouched test prompts. ``<run>/scale.json`` holds every
 scale's held-out figures, the choice and the test figures beside the run's base and adapter test lines. Nothing of the
-run's own log changes.
+run's own log changes. A rerun that keeps no scale removes an earlier ``scaled/`` (scale.json says so).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -126,8 +127,16 @@ def calibrate_adapter_scale(run: str | Path, scales: Sequence[float], adapter: s
         "use": (f"synthmed generate ... --lora {run / SCALED_ADAPTER}; synthmed eval --lora {run / SCALED_ADAPTER}" if chosen
                 else "no scale kept the images within the gain's terms; try smaller scales"),
     }
+    stale = run / SCALED_ADAPTER
+    if chosen is None and stale.is_dir():  # an earlier run of this command's adapter: scale.json no longer vouches for it
+        out["removed"] = str(stale)
     out = _clean(out)
     write_json_atomic(run / SCALE_FILE, out, ensure_ascii=False)
+    if out.get("removed"):  # after scale.json says so; moved aside first, so a half-removed folder is never left as scaled/
+        aside = stale.with_name(stale.name + ".removed")
+        shutil.rmtree(aside, ignore_errors=True)
+        stale.rename(aside)
+        shutil.rmtree(aside)
     return out
 
 

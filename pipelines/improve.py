@@ -713,14 +713,32 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
         if table is not None and not warm:  # target=table, still warming up: no selection this epoch
             selected[:] = False
         selection_steps: list[dict] = []
-        if selected.any():
+        if selected.any() and table is not None:  # the table's regression, with the replayed requests of earlier epochs
+            idx = torch.as_tensor(np.flatnonzero(selected))
+            states, targets = (x[idx] for x in guided["trajectory"])
+            norm = guided["steered_shifts"][idx].pow(2).mean(dim=(0, 2, 3, 4))  # each step's share of the regression
+            fitted, rewards = [items[i] for i in idx.tolist()], candidate_total[idx.numpy()]
+            norms = [norm.expand(len(idx), -1)]
+            for past in trainer.replay:  # earlier epochs' requests, redrawn by the sampler, with their kept steered draws
+                drawn = sampler.draw(n_prompts * world, past["epoch"], ic.ddpo.seed)
+                fitted += [drawn[i // k] for i in past["indices"]]
+                states, targets = torch.cat([states, past["states"].float()]), torch.cat([targets, past["targets"].float()])
+                norms.append(past["step_norm"].expand(len(past["indices"]), -1))
+                rewards = np.concatenate([rewards, np.ones(len(past["indices"]))])  # unused: the table's requests weigh alike
+            if len(fitted) > len(idx):  # mixed in a seeded order, so each step's batch holds requests of several epochs
+                order = torch.as_tensor(np.random.default_rng([ic.ddpo.seed, epoch, 31]).permutation(len(fitted)))
+                fitted, rewards = [fitted[i] for i in order.tolist()], rewards[order.numpy()]
+                states, targets, norms = states[order], targets[order], [torch.cat(norms)[order]]
+            sel = trainer.selection_update(None, fitted, rewards, epoch, progress, (states, targets), torch.cat(norms))
+            trainer.keep_replay(epoch, idx.tolist(), *(x[idx] for x in guided["trajectory"]), norm)
+            guided["offset_table"]["replayed"] = len(fitted) - len(idx)
+            selection_steps = sel.steps
+        elif selected.any():
             finals = guided["finals"] if guided else _gather_latents(accelerator, rollout.latents[:, -1])
             idx = np.flatnonzero(selected)
             path = (guided or {}).get("trajectory")
-            steered_shifts = (guided or {}).get("steered_shifts")  # target=table: each step's share of the regression
             sel = trainer.selection_update(finals[torch.as_tensor(idx)], [items[i] for i in idx], candidate_total[idx], epoch, progress,
-                                           tuple(x[torch.as_tensor(idx)] for x in path) if path else None,
-                                           steered_shifts[torch.as_tensor(idx)].pow(2).mean(dim=(0, 2, 3, 4)) if steered_shifts is not None else None)
+                                           tuple(x[torch.as_tensor(idx)] for x in path) if path else None)
             selection_steps = sel.steps
         t4 = time.perf_counter()
         overall, per_modality = epoch_reward_summary(items, total, components)

@@ -20,11 +20,14 @@ the later line wins.
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from generator.errors import UserError
+
+log = logging.getLogger(__name__)
 
 RUN_KIND = "synthmed improve run"  # metadata.json "kind" of a run directory
 LINE_KINDS = ("step", "epoch", "eval", "reference", "guided", "test", "guard", "end")  # the "kind"s of metrics.jsonl lines
@@ -181,6 +184,17 @@ def _paths(run_dir: Path, best: int | None) -> dict[str, Any]:
     }
 
 
+def _read_json(path: Path) -> Any:
+    """A JSON file of the run folder, None when it is absent or unreadable (said once, in the log)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("%s is unreadable (%s); it is left out", path, exc)
+        return None
+
+
 def _mean_of(stats: Any) -> Any:
     return stats.get("mean") if isinstance(stats, dict) else stats
 
@@ -265,6 +279,7 @@ def show_run(run: str | Path, runs_dir: str | Path = "runs") -> dict[str, Any]:
         "gain": gain_table(evals, summary["best_epoch"], reference),
         "findings": finding_table(evals, summary["best_epoch"], reference),
         "test": test_rows(records, modalities),
+        "scale": _read_json(run_dir / SCALE_FILE),  # `synthmed runs scale`: the adapter's strength chosen on the held-out set
         "guards": [{"epoch": r.get("epoch"), "message": r.get("message", "")} for r in records if r.get("kind") == "guard"],
         "end": {k: ends[-1].get(k) for k in ("epoch", "status", "message")} if ends else None,
         "steps": {"count": len(steps),

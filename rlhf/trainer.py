@@ -117,12 +117,15 @@ class DDPOTrainer:
         # target=table: every epoch's guided drafts of the base, as the offset table's data (features and shifts per draft)
         self.offset_features: list[list[str]] = []
         self.offset_shifts: torch.Tensor | None = None
+        # target=table with table_replay: the selected requests' table-steered draws of the last epochs, revisited
+        self.replay: list[dict] = []
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "tracker": self.tracker.state_dict() if self.tracker else None,
                 "global_step": self.global_step,
-                "offset_pool": {"features": self.offset_features, "shifts": self.offset_shifts} if self.offset_features else None}
+                "offset_pool": {"features": self.offset_features, "shifts": self.offset_shifts} if self.offset_features else None,
+                "replay": self.replay}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -132,6 +135,7 @@ class DDPOTrainer:
         pool = state.get("offset_pool")
         self.offset_features = [list(f) for f in pool["features"]] if pool else []
         self.offset_shifts = pool["shifts"] if pool else None
+        self.replay = [dict(entry) for entry in state.get("replay") or []]
 
     # -- the policy's conditioning and its reference ---------------------------------------------
     def _conditioning(self, items: Sequence[Any]):
@@ -504,6 +508,17 @@ class DDPOTrainer:
         return OffsetTable.fit(self.offset_features, self.offset_shifts.float(), [int(t) for t in self.timesteps],
                                self.selection.table_ridge)
 
+    def keep_replay(self, epoch: int, indices: Sequence[int], states: torch.Tensor, targets: torch.Tensor,
+                    step_norm: torch.Tensor) -> None:
+        """``selection.table_replay``: keep an epoch's selected requests (their global sample ``indices``) with their
+        table-steered draws' states and targets (half precision: they ride in every checkpoint) and the epoch's
+        per-step norm, dropping the epochs beyond the last ``table_replay``."""
+        if self.selection.table_replay == 0 or not len(indices):
+            return
+        self.replay.append({"epoch": int(epoch), "indices": [int(i) for i in indices], "states": states.cpu().half(),
+                            "targets": targets.cpu().half(), "step_norm": step_norm.cpu().float()})
+        self.replay = self.replay[-self.selection.table_replay:]
+
     @torch.no_grad()
     def table_drafts(self, items: Sequence[Any], indices: Sequence[int], epoch: int, table) -> GuidedDraw:
         """Per item, the base's draw (DDIM eta 0, the rollouts' steps and guidance, the rollout's starting noise) with
@@ -520,11 +535,11 @@ class DDPOTrainer:
                                       self.cfg.sample_batch_size, keep_trajectory=True)
         return draw
 
-    def selection_update(self, final_latents: torch.Tensor, items: Sequence[Any], rewards: np.ndarray, epoch: int,
+    def selection_update(self, final_latents: torch.Tensor | None, items: Sequence[Any], rewards: np.ndarray, epoch: int,
                          progress: bool = True, trajectory: tuple[torch.Tensor, torch.Tensor] | None = None,
                          step_norm: torch.Tensor | None = None) -> UpdateStats:
         """Reward-weighted denoising loss on the selected samples' final latents (gathered: every rank
-        holds all of them and trains on its share of each step's batch).
+        holds all of them and trains on its share of each step's batch; None with ``trajectory``, which replaces them).
 
         loss_i = w_i * || f(x_t, t, prompt_i) - target ||^2 with weights ``w = r / mean(r)`` over the
         selected (rewards shifted to be positive), at ``noise_draws`` random timesteps per sample, ``passes`` times
@@ -537,8 +552,9 @@ class DDPOTrainer:
         target by the output it took there: the guided prediction is fitted to reward guidance's own (guidance
         distillation), ``noise_draws`` of the T steps per sample per pass.
 
-        ``step_norm`` (``selection.target="table"``: (T,), the mean squared shift the table's steering gave x0_hat at each
-        step) makes it the table's regression: the guided prediction's x0_hat is fitted to the steered draw's, each
+        ``step_norm`` (``selection.target="table"``: (T,), or (N, T) per sample when requests of several epochs are
+        fitted together, the mean squared shift the table's steering gave x0_hat at each step) makes it the table's
+        regression: the guided prediction's x0_hat is fitted to the steered draw's, each
         step's squared error divided by that step's ``step_norm`` so every step counts alike (1.0: the adapter gives
         nothing of the offsets); the steps drawn are those the table moves (``step_norm`` above a thousandth of its
         largest), each sample's in a fresh order per pass, so ``noise_draws`` of at least their count visits every one;
@@ -556,7 +572,9 @@ class DDPOTrainer:
         moved = None
         if step_norm is not None:
             weights = torch.ones(n)
-            moved = np.flatnonzero((step_norm > 1e-3 * step_norm.max()).numpy())
+            step_norm = step_norm.float().expand(n, -1) if step_norm.dim() == 1 else step_norm.float()
+            mean_norm = step_norm.mean(dim=0)
+            moved = np.flatnonzero((mean_norm > 1e-3 * mean_norm.max()).numpy())
             if not len(moved):  # the table moves no step (no shift yet): nothing to fit
                 log.warning("epoch %d: the offset table moves no step; the selection has nothing to fit", epoch)
                 return stats
@@ -613,7 +631,7 @@ class DDPOTrainer:
                         target = predicted_x0(target.float(), noisy.float(), alpha, kind)
                     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                     if moved is not None:
-                        per_sample = per_sample / step_norm[j].to(per_sample.device)
+                        per_sample = per_sample / step_norm[rows, j].to(per_sample.device)
                     loss = (weights[torch.as_tensor(mine)].to(per_sample.device) * per_sample).sum() * cfg.loss_weight
                     if not torch.isfinite(loss):
                         raise NonFiniteError(f"non-finite selection loss in epoch {epoch} on selected samples {list(map(int, mine))}")

@@ -172,8 +172,8 @@ def test_a_guided_run_distils_its_drafts_and_logs_them(base_model, tmp_path, cap
 def test_a_table_target_run_fits_the_offset_table_to_every_epochs_drafts_and_resumes_it(base_model, tmp_path, capsys):
     """improve.selection.target=table with stage 1 off (objective none): the base's guided drafts join the offset table's
     data each epoch (kept in the checkpoint), the selection waits for table_warmup drafts and then fits the selected
-    requests' table-steered draws, the table as of the last epoch is saved in the run folder, and a run killed mid-epoch
-    resumes to the metrics of an uninterrupted one."""
+    requests' table-steered draws, with the last epoch's again (table_replay, kept in the checkpoint too), the table as of
+    the last epoch is saved in the run folder, and a run killed mid-epoch resumes to the metrics of an uninterrupted one."""
     from pipelines.improve import run_improve
     from rlhf.amortised import OffsetTable
 
@@ -181,26 +181,34 @@ def test_a_table_target_run_fits_the_offset_table_to_every_epochs_drafts_and_res
                                                                       "improve.selection.target": "table",
                                                                       "improve.selection.max_per_epoch": 2,
                                                                       "improve.selection.table_warmup": 5,
+                                                                      "improve.selection.table_replay": 1,
+                                                                      "improve.ddpo.epochs": 3,
                                                                       "improve.ddpo.objective": "none",
                                                                       "improve.eval.reference_per_request": 0})))
     run_improve(cfg, tmp_path / "whole", progress=False)
     records = lines(tmp_path / "whole" / "metrics.jsonl")
     epochs = [r for r in records if r["kind"] == "epoch"]
-    assert [e["offset_table"]["drafts"] for e in epochs] == [4, 8]  # 2 prompts x 2 images an epoch, every epoch's kept
+    assert [e["offset_table"]["drafts"] for e in epochs] == [4, 8, 12]  # 2 prompts x 2 images an epoch, every epoch's kept
     assert all(len(e["offset_table"]["r2"]) == 2 and e["offset_table"]["features"] >= 2 for e in epochs)
-    # the warm-up: 4 drafts < 5, so epoch 1 selects nothing and trains nothing; epoch 2 (8 drafts) fits 2 selected
-    assert [e["offset_table"]["fitted"] for e in epochs] == [False, True] and [e["selected"] for e in epochs] == [0, 2]
+    # the warm-up: 4 drafts < 5, so epoch 1 selects nothing and trains nothing; epochs 2 and 3 fit 2 selected each, and
+    # epoch 3 epoch 2's 2 again (the replay): 1 step of 2, then 2 of 2
+    assert [e["offset_table"]["fitted"] for e in epochs] == [False, True, True] and [e["selected"] for e in epochs] == [0, 2, 2]
+    assert [e["offset_table"].get("replayed") for e in epochs] == [None, 0, 2]
     samples = lines(tmp_path / "whole" / "samples.jsonl")
     assert not any(s["selected"] for s in samples if s["epoch"] == 1)
-    # objective none: no stage-1 step, the rollouts judged all the same; one selection step, in epoch 2
-    assert [(r["stage"], r["epoch"]) for r in records if r["kind"] == "step"] == [("selection", 2)]
+    # objective none: no stage-1 step, the rollouts judged all the same
+    assert [(r["stage"], r["epoch"]) for r in records if r["kind"] == "step"] == [("selection", 2), ("selection", 3), ("selection", 3)]
     assert all(e["n_samples"] == 4 and e["reward"]["total"]["mean"] is not None for e in epochs)
     assert cli(["runs", "show", str(tmp_path / "whole")]) == 0
     shown = capsys.readouterr().out
     assert "table drafts" in shown and "offset_table.safetensors" in shown  # the reward table's columns; the table's file
-    state = torch.load(tmp_path / "whole" / "checkpoints" / "epoch_0002" / "trainer_state.pt", weights_only=True)
+    state = torch.load(tmp_path / "whole" / "checkpoints" / "epoch_0003" / "trainer_state.pt", weights_only=True)
     pool = state["trainer"]["offset_pool"]
-    assert len(pool["features"]) == 8 and pool["shifts"].shape[:2] == (8, 2)
+    assert len(pool["features"]) == 12 and pool["shifts"].shape[:2] == (12, 2)
+    # the replay keeps the last epoch's selected requests (their sample indices) with their steered draws' steps
+    (kept,) = state["trainer"]["replay"]
+    assert kept["epoch"] == 3 and kept["indices"] == [s["index"] for s in samples if s["epoch"] == 3 and s["selected"]]
+    assert kept["states"].shape[:2] == (2, 2) and kept["states"].dtype == torch.float16 and kept["step_norm"].shape == (2,)
     # the saved table is the one the last checkpoint's drafts give: refitted from them, it is the same to the last bit
     saved = OffsetTable.load(tmp_path / "whole" / "offset_table.safetensors")
     refit = OffsetTable.fit(pool["features"], pool["shifts"].float(), saved.timesteps, cfg.improve.selection.table_ridge)
@@ -208,7 +216,7 @@ def test_a_table_target_run_fits_the_offset_table_to_every_epochs_drafts_and_res
 
     killed = tmp_path / "killed"
     with pytest.raises(SystemExit):
-        run_improve(cfg, killed, progress=False, stop_after=lambda point, epoch: point == "update" and epoch == 2)
+        run_improve(cfg, killed, progress=False, stop_after=lambda point, epoch: point == "update" and epoch == 3)
     run_improve(cfg, killed, resume=True, progress=False)
     assert without_timing(lines(killed / "metrics.jsonl")) == without_timing(records)
 

@@ -75,7 +75,7 @@ def without_timing(records: list[dict]) -> list[dict]:
     return out
 
 
-def test_a_run_writes_its_directory_and_logs(base_model, tmp_path, capsys):
+def test_a_run_writes_its_directory_and_logs(base_model, tmp_path, capsys, monkeypatch):
     profile = write_profile(tmp_path, settings(base_model, **{"improve.prompts.test_per_modality": 1}))
     assert cli(["improve", "--config", str(profile), "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 0
     printed = capsys.readouterr().out
@@ -192,6 +192,18 @@ def test_a_run_writes_its_directory_and_logs(base_model, tmp_path, capsys):
     assert own.keys() == baked.keys()
     for key in own:
         assert torch.allclose(baked[key], own[key] * (scaled["scale"] if "lora_B" in key else 1.0), atol=1e-6), key
+    assert (run / "metrics.jsonl").read_bytes() == before
+    assert cli(["runs", "show", str(run)]) == 0  # scale.json tabulated by runs show, the kept scale marked
+    shown = capsys.readouterr().out.split("adapter strength (synthmed runs scale)")[1]
+    assert f"final x{scaled['scale']:g}" in shown and "chosen" in shown and "untouched test prompts, once" in shown
+    # a rerun that keeps no scale (every one refused): scale.json says so, and the earlier scaled/ goes with it
+    import pipelines.improve as improve_module
+
+    monkeypatch.setattr(improve_module, "calibrate_guidance", lambda lines, guard: None)
+    assert cli(["runs", "scale", str(run), "--adapter", "final", "--scales", "1", "--json"]) == 0
+    none_kept = json.loads(capsys.readouterr().out)
+    assert none_kept["scale"] is None and none_kept["removed"] == str(run / "scaled") and not (run / "scaled").exists()
+    assert json.loads((run / "scale.json").read_text())["scale"] is None and not (run / "scaled.removed").exists()
     assert (run / "metrics.jsonl").read_bytes() == before
     assert cli(["runs", "scale", str(run), "--scales", "0,1"]) == 2
     assert "adapter scales must be positive" in capsys.readouterr().err

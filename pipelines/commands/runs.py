@@ -157,20 +157,28 @@ def _scale(args, extra) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
+    print(_scale_table(out))
+    print(f"scale {_fmt(out['scale'])}: {out['use']} -> {Path(out['run']) / 'scale.json'}")
+    return 0
+
+
+def _scale_table(out: dict) -> str:
+    """A run's ``scale.json`` (``synthmed runs scale``): the held-out figures at each scale, which was kept, and the
+    untouched test prompts' once-only reading of the kept one."""
     mods = list(dict.fromkeys(m for r in out["scales"] for m in r["per_modality"]))
     keys = [k for k, _ in EVAL_COLUMNS if k in out["scales"][0]]
     base = out["heldout"]["base"]
-    rows = [["base", *(_fmt(base.get(k)) for k in keys), *(_fmt(out["heldout"]["base_per_modality"].get(m)) for m in mods), ""]]
+    base_shares = out["heldout"].get("base_per_modality") or {}  # absent in the files of an earlier synthmed
+    rows = [["base", *(_fmt(base.get(k)) for k in keys), *(_fmt(base_shares.get(m)) for m in mods), ""]]
     rows += [[f"{out['adapter']} x{r['scale']:g}", *(_fmt(r.get(k)) for k in keys), *(_fmt(r["per_modality"].get(m)) for m in mods),
               "chosen" if r["chosen"] else r.get("refused", "")] for r in out["scales"]]
     headers = [dict(EVAL_COLUMNS)[k] for k in keys]
-    print(f"held-out prompts, {out['adapter']}/ (epoch {_fmt(out['epoch'])}) at each scale\n"
-          + table(rows, ["adapter", *headers, *(f"{m} shown" for m in mods), "kept"]))
-    if out["test"]:
+    text = (f"adapter strength (synthmed runs scale): held-out prompts, {out['adapter']}/ (epoch {_fmt(out['epoch'])}) at each "
+            f"scale\n" + table(rows, ["adapter", *headers, *(f"{m} shown" for m in mods), "kept"]))
+    if out.get("test"):
         test_rows_ = [[name, *(_fmt((values or {}).get(k)) for k in keys)] for name, values in out["test"].items()]
-        print("untouched test prompts, once (nothing decides by them)\n" + table(test_rows_, ["adapter", *headers]))
-    print(f"scale {_fmt(out['scale'])}: {out['use']} -> {Path(out['run']) / 'scale.json'}")
-    return 0
+        text += "\nuntouched test prompts, once (nothing decides by them)\n" + table(test_rows_, ["adapter", *headers])
+    return text
 
 
 def _plot(args, extra) -> int:
@@ -216,6 +224,8 @@ def format_run(run: dict) -> str:
         parts.append(_guided_note(run["guided"]))
     if run.get("findings"):
         parts.append(_findings_table(run["findings"]))
+    if run.get("scale"):
+        parts.append(_scale_table(run["scale"]))
     notes = [f"guard (epoch {g['epoch']}): {g['message']}" for g in run["guards"]]
     if run["end"]:
         end = run["end"]
