@@ -714,25 +714,8 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
             selected[:] = False
         selection_steps: list[dict] = []
         if selected.any() and table is not None:  # the table's regression, with the replayed requests of earlier epochs
-            idx = torch.as_tensor(np.flatnonzero(selected))
-            states, targets = (x[idx] for x in guided["trajectory"])
-            norm = guided["steered_shifts"][idx].pow(2).mean(dim=(0, 2, 3, 4))  # each step's share of the regression
-            fitted, rewards = [items[i] for i in idx.tolist()], candidate_total[idx.numpy()]
-            norms = [norm.expand(len(idx), -1)]
-            for past in trainer.replay:  # earlier epochs' requests, redrawn by the sampler, with their kept steered draws
-                drawn = sampler.draw(n_prompts * world, past["epoch"], ic.ddpo.seed)
-                fitted += [drawn[i // k] for i in past["indices"]]
-                states, targets = torch.cat([states, past["states"].float()]), torch.cat([targets, past["targets"].float()])
-                norms.append(past["step_norm"].expand(len(past["indices"]), -1))
-                rewards = np.concatenate([rewards, np.ones(len(past["indices"]))])  # unused: the table's requests weigh alike
-            if len(fitted) > len(idx):  # mixed in a seeded order, so each step's batch holds requests of several epochs
-                order = torch.as_tensor(np.random.default_rng([ic.ddpo.seed, epoch, 31]).permutation(len(fitted)))
-                fitted, rewards = [fitted[i] for i in order.tolist()], rewards[order.numpy()]
-                states, targets, norms = states[order], targets[order], [torch.cat(norms)[order]]
-            sel = trainer.selection_update(None, fitted, rewards, epoch, progress, (states, targets), torch.cat(norms))
-            trainer.keep_replay(epoch, idx.tolist(), *(x[idx] for x in guided["trajectory"]), norm)
-            guided["offset_table"]["replayed"] = len(fitted) - len(idx)
-            selection_steps = sel.steps
+            selection_steps = _table_regression(trainer, sampler, items, selected, candidate_total, guided, epoch,
+                                                n_prompts * world, k, ic.ddpo.seed, progress).steps
         elif selected.any():
             finals = guided["finals"] if guided else _gather_latents(accelerator, rollout.latents[:, -1])
             idx = np.flatnonzero(selected)
@@ -816,6 +799,34 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
     accelerator.end_training()  # last: it also ends the process group of a multi-process run
     end["run"] = str(root)
     return end
+
+
+def _table_regression(trainer, sampler, items: Sequence[Any], selected: np.ndarray, rewards: np.ndarray, guided: dict,
+                      epoch: int, n_prompts: int, k: int, seed: int, progress: bool) -> UpdateStats:
+    """``selection.target="table"``: the selection update on the epoch's selected requests (their table-steered draws in
+    ``guided``) and, with ``selection.table_replay``, the kept ones of the last epochs (their requests redrawn by the
+    prompt sampler: ``n_prompts`` an epoch, ``k`` images each), mixed in a seeded order so each step's batch holds
+    requests of several epochs; then keeps this epoch's for the next epochs' replay."""
+    idx = torch.as_tensor(np.flatnonzero(selected))
+    states, targets = (x[idx] for x in guided["trajectory"])
+    norm = guided["steered_shifts"][idx].pow(2).mean(dim=(0, 2, 3, 4))  # each step's share of the regression
+    fitted, weights = [items[i] for i in idx.tolist()], rewards[idx.numpy()]
+    norms = [norm.expand(len(idx), -1)]
+    for past in trainer.replay:
+        drawn = sampler.draw(n_prompts, past["epoch"], seed)
+        fitted += [drawn[i // k] for i in past["indices"]]
+        states, targets = torch.cat([states, past["states"].float()]), torch.cat([targets, past["targets"].float()])
+        norms.append(past["step_norm"].expand(len(past["indices"]), -1))
+        weights = np.concatenate([weights, np.ones(len(past["indices"]))])  # not used: the table's requests weigh alike
+    step_norm = torch.cat(norms)
+    if len(fitted) > len(idx):
+        order = torch.as_tensor(np.random.default_rng([seed, epoch, 31]).permutation(len(fitted)))
+        fitted, weights = [fitted[i] for i in order.tolist()], weights[order.numpy()]
+        states, targets, step_norm = states[order], targets[order], step_norm[order]
+    stats = trainer.selection_update(None, fitted, weights, epoch, progress, (states, targets), step_norm)
+    trainer.keep_replay(epoch, idx.tolist(), *(x[idx] for x in guided["trajectory"]), norm)
+    guided["offset_table"]["replayed"] = len(fitted) - len(idx)
+    return stats
 
 
 def _guided_images(trainer, items: Sequence[Any], seed: int, cfg: SynthmedConfig, progress: bool, scale: float) -> torch.Tensor:
