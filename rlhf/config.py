@@ -283,11 +283,13 @@ class SelectionConfig(Section):
     table_ridge: float = Field(1.0, ge=0)  # target=table: the table's ridge penalty (per step, on the feature weights)
     # target=table: the selection waits until the table holds this many drafts; the epochs before only add their drafts
     # (a table of a few dozen drafts memorises its requests, so fitting the policy to it early chases a moving, noisy
-    # target). 0: fit from the first epoch.
+    # target; measured, 512 drafts of warm-up left the held-out curve where it was: docs/improve/long_runs.md). 0: fit
+    # from the first epoch.
     table_warmup: int = Field(0, ge=0)
     # target=table: each epoch's selection also revisits the selected requests of this many earlier epochs (their
     # table-steered draws kept, in half precision, in the trainer's checkpoint): each request is fitted in (1 + this)
-    # epochs, as the probe fitted its draws over several passes. 0: every epoch's requests are fitted in that epoch only.
+    # epochs, as the probe fitted its draws over several passes (measured with 3 and passes=1: no change against 4 passes
+    # in one epoch, docs/improve/long_runs.md). 0: every epoch's requests are fitted in that epoch only.
     table_replay: int = Field(0, ge=0)
     # Where the candidates come from. "rollouts": the epoch's stage-1 rollouts (MINIM's selection). "guided": one
     # reward-guided draw per rollout (same request, same starting noise, DDIM with eta 0 and the rollouts' steps and

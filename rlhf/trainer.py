@@ -111,6 +111,9 @@ class DDPOTrainer:
             what = {"trajectory": "the guided drafts' own steps", "table": "an offset table of the guided drafts' shifts"}
             raise SynthmedError(f"improve.selection.target={selection.target} fits {what[selection.target]}; it needs "
                                 "improve.selection.source=guided")
+        if (selection.table_warmup or selection.table_replay) and selection.target != "table":
+            raise SynthmedError(f"improve.selection.table_warmup / table_replay shape the offset table's fit; they need "
+                                f"improve.selection.target=table (it is {selection.target}); set them to 0 or use the table")
         if cfg.objective == "none" and not (selection.enabled and selection.max_per_epoch > 0):
             raise SynthmedError("improve.ddpo.objective=none leaves stage 1 without an update and stage 2 is off "
                                 "(improve.selection.enabled / max_per_epoch): nothing would be trained; turn one of them on")

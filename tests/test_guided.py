@@ -254,6 +254,11 @@ def test_a_table_or_trajectory_target_needs_guided_drafts_and_a_run_needs_someth
     idle = write_profile(tmp_path / "idle", settings(base_model, **{"improve.ddpo.objective": "none", "improve.selection.enabled": False}))
     assert cli(["improve", "--config", str(idle), "--run-dir", str(tmp_path / "idle_run"), "--no-progress"]) == 2
     assert "nothing would be trained" in capsys.readouterr().err
+    (tmp_path / "replay").mkdir()  # the table's warm-up and replay without the table: refused, not ignored
+    replay = write_profile(tmp_path / "replay", settings(base_model, **{"improve.selection.table_replay": 2}))
+    assert cli(["improve", "--config", str(replay), "--run-dir", str(tmp_path / "replay_run"), "--no-progress"]) == 2
+    assert "need improve.selection.target=table" in capsys.readouterr().err
+    assert not (tmp_path / "replay_run" / "metrics.jsonl").exists()
     assert not (tmp_path / "idle_run" / "metrics.jsonl").exists()
 
 
