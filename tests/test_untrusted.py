@@ -84,6 +84,9 @@ def test_the_trainer_and_rng_states_load_weights_only_and_restore_the_same_draws
     trainer.tracker.update(["a", "a", "b"], np.array([0.1, 0.2, 0.3]))
     # improve.selection.target=table's pool of drafts: features (lists of strings) and half-precision shifts
     trainer.offset_features, trainer.offset_shifts = [["cxr|_bias", "cxr|nodule|present|-"]], torch.ones(1, 2, 4, 3, 3).half()
+    # selection.table_replay's kept epochs: ints, lists and tensors only
+    trainer.replay = [{"epoch": 3, "indices": [0, 2], "states": torch.ones(2, 2, 4, 3, 3).half(),
+                       "targets": torch.zeros(2, 2, 4, 3, 3).half(), "step_norm": torch.tensor([0.5, 0.25])}]
 
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
     np.random.standard_normal()  # leaves a cached gaussian in numpy's legacy state
@@ -96,6 +99,9 @@ def test_the_trainer_and_rng_states_load_weights_only_and_restore_the_same_draws
     assert loaded["trainer"]["optimizer"]["state"][0]["exp_avg"].shape == (2, 3)
     assert loaded["trainer"]["offset_pool"]["features"] == trainer.offset_features
     assert torch.equal(loaded["trainer"]["offset_pool"]["shifts"], trainer.offset_shifts)
+    (kept,) = loaded["trainer"]["replay"]
+    assert kept["epoch"] == 3 and kept["indices"] == [0, 2] and torch.equal(kept["step_norm"], trainer.replay[0]["step_norm"])
+    assert torch.equal(kept["states"], trainer.replay[0]["states"]) and kept["states"].dtype == torch.float16
     _set_rng_state(loaded["rng"])
     again = (torch.rand(3), np.random.standard_normal(3), [random.gauss(0, 1), random.random()])
     assert torch.equal(again[0], expected[0]) and np.array_equal(again[1], expected[1]) and again[2] == expected[2]
