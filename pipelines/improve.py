@@ -714,8 +714,8 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
             selected[:] = False
         selection_steps: list[dict] = []
         if selected.any() and table is not None:  # the table's regression, with the replayed requests of earlier epochs
-            selection_steps = _table_regression(trainer, sampler, items, selected, candidate_total, guided, epoch,
-                                                n_prompts * world, k, ic.ddpo.seed, progress).steps
+            selection_steps = _table_regression(trainer, sampler, items, selected, guided, epoch, n_prompts * world, k,
+                                                ic.ddpo.seed, progress).steps
         elif selected.any():
             finals = guided["finals"] if guided else _gather_latents(accelerator, rollout.latents[:, -1])
             idx = np.flatnonzero(selected)
@@ -801,8 +801,8 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
     return end
 
 
-def _table_regression(trainer, sampler, items: Sequence[Any], selected: np.ndarray, rewards: np.ndarray, guided: dict,
-                      epoch: int, n_prompts: int, k: int, seed: int, progress: bool) -> UpdateStats:
+def _table_regression(trainer, sampler, items: Sequence[Any], selected: np.ndarray, guided: dict, epoch: int,
+                      n_prompts: int, k: int, seed: int, progress: bool) -> UpdateStats:
     """``selection.target="table"``: the selection update on the epoch's selected requests (their table-steered draws in
     ``guided``) and, with ``selection.table_replay``, the kept ones of the last epochs (their requests redrawn by the
     prompt sampler: ``n_prompts`` an epoch, ``k`` images each), mixed in a seeded order so each step's batch holds
@@ -810,20 +810,20 @@ def _table_regression(trainer, sampler, items: Sequence[Any], selected: np.ndarr
     idx = torch.as_tensor(np.flatnonzero(selected))
     states, targets = (x[idx] for x in guided["trajectory"])
     norm = guided["steered_shifts"][idx].pow(2).mean(dim=(0, 2, 3, 4))  # each step's share of the regression
-    fitted, weights = [items[i] for i in idx.tolist()], rewards[idx.numpy()]
+    fitted = [items[i] for i in idx.tolist()]
     norms = [norm.expand(len(idx), -1)]
     for past in trainer.replay:
         drawn = sampler.draw(n_prompts, past["epoch"], seed)
         fitted += [drawn[i // k] for i in past["indices"]]
         states, targets = torch.cat([states, past["states"].float()]), torch.cat([targets, past["targets"].float()])
         norms.append(past["step_norm"].expand(len(past["indices"]), -1))
-        weights = np.concatenate([weights, np.ones(len(past["indices"]))])  # not used: the table's requests weigh alike
     step_norm = torch.cat(norms)
     if len(fitted) > len(idx):
         order = torch.as_tensor(np.random.default_rng([seed, epoch, 31]).permutation(len(fitted)))
-        fitted, weights = [fitted[i] for i in order.tolist()], weights[order.numpy()]
+        fitted = [fitted[i] for i in order.tolist()]
         states, targets, step_norm = states[order], targets[order], step_norm[order]
-    stats = trainer.selection_update(None, fitted, weights, epoch, progress, (states, targets), step_norm)
+    # the rewards are not read: with a step norm every request weighs alike (the target is the table's, not a draft's)
+    stats = trainer.selection_update(None, fitted, np.ones(len(fitted)), epoch, progress, (states, targets), step_norm)
     trainer.keep_replay(epoch, idx.tolist(), *(x[idx] for x in guided["trajectory"]), norm)
     guided["offset_table"]["replayed"] = len(fitted) - len(idx)
     return stats
