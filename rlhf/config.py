@@ -258,7 +258,11 @@ class SelectionConfig(Section):
     max_per_epoch: int = Field(16, ge=0)  # selected samples used per epoch, highest reward first
     loss_weight: float = Field(1.0, ge=0)  # scale of the reward-weighted denoising loss
     batch_size: int = Field(8, ge=1)  # selected samples per optimiser step
-    noise_draws: int = Field(2, ge=1)  # noise levels drawn per selected sample per pass
+    # noise levels (target=trajectory / table: steps of the draft) drawn per selected sample per pass. With target=table,
+    # many requests a step at one step each (batch_size 32, noise_draws 1, passes 36: the `table` profile) fitted the
+    # table where 8 requests at all 9 of their steps (noise_draws 9, passes 4: the same terms) or 2 at 9 did not
+    # (docs/improve/long_runs.md, eleventh session)
+    noise_draws: int = Field(2, ge=1)
     passes: int = Field(1, ge=1)  # passes over the epoch's selected samples (optimiser steps: passes x ceil(selected / batch_size))
     # What the denoising loss fits: the conditional branch (MINIM's fine-tuning), or the classifier-free-guided prediction
     # the policy samples with (improve.ddpo.guidance). Fitting the conditional branch alone, whatever the LoRA learns for a

@@ -177,14 +177,18 @@ def test_a_table_target_run_fits_the_offset_table_to_every_epochs_drafts_and_res
     from pipelines.improve import run_improve
     from rlhf.amortised import OffsetTable
 
-    cfg = load_config(write_profile(tmp_path, settings(base_model, **{"improve.selection.source": "guided",
-                                                                      "improve.selection.target": "table",
-                                                                      "improve.selection.max_per_epoch": 2,
+    # the shipped `table` profile (objective none, guided drafts, target table, 32 requests x 1 step a batch), at the
+    # tiny loop's sizes: 2 selected a batch, one pass
+    cfg = load_config(write_profile(tmp_path, settings(base_model, **{"improve.selection.max_per_epoch": 2,
+                                                                      "improve.selection.passes": 1,
                                                                       "improve.selection.table_warmup": 5,
                                                                       "improve.selection.table_replay": 1,
                                                                       "improve.ddpo.epochs": 3,
-                                                                      "improve.ddpo.objective": "none",
-                                                                      "improve.eval.reference_per_request": 0})))
+                                                                      "improve.eval.reference_per_request": 0,
+                                                                      "improve.num_threads": 0}),  # the worker's 1 thread
+                                    extends="table"))
+    ic = cfg.improve
+    assert (ic.ddpo.objective, ic.selection.source, ic.selection.target, cfg.lora.include_out) == ("none", "guided", "table", True)
     run_improve(cfg, tmp_path / "whole", progress=False)
     records = lines(tmp_path / "whole" / "metrics.jsonl")
     epochs = [r for r in records if r["kind"] == "epoch"]

@@ -57,9 +57,9 @@ def settings(base: Path, **extra) -> dict:
     return tree
 
 
-def write_profile(tmp_path: Path, tree: dict, name: str = "loop.yaml") -> Path:
+def write_profile(tmp_path: Path, tree: dict, name: str = "loop.yaml", extends: str = "tiny") -> Path:
     path = tmp_path / name
-    path.write_text(yaml.safe_dump({"extends": "tiny", **tree}))
+    path.write_text(yaml.safe_dump({"extends": extends, **tree}))
     return path
 
 
