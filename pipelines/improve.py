@@ -808,7 +808,8 @@ def _table_regression(trainer, sampler, items: Sequence[Any], selected: np.ndarr
     prompt sampler: ``n_prompts`` an epoch, ``k`` images each), mixed in a seeded order so each step's batch holds
     requests of several epochs; then keeps this epoch's for the next epochs' replay."""
     idx = torch.as_tensor(np.flatnonzero(selected))
-    states, targets = (x[idx] for x in guided["trajectory"])
+    own = tuple(x[idx] for x in guided["trajectory"])  # this epoch's steered draws: fitted now, kept for the replay
+    states, targets = own
     norm = guided["steered_shifts"][idx].pow(2).mean(dim=(0, 2, 3, 4))  # each step's share of the regression
     fitted = [items[i] for i in idx.tolist()]
     norms = [norm.expand(len(idx), -1)]
@@ -824,7 +825,7 @@ def _table_regression(trainer, sampler, items: Sequence[Any], selected: np.ndarr
         states, targets, step_norm = states[order], targets[order], step_norm[order]
     # the rewards are not read: with a step norm every request weighs alike (the target is the table's, not a draft's)
     stats = trainer.selection_update(None, fitted, np.ones(len(fitted)), epoch, progress, (states, targets), step_norm)
-    trainer.keep_replay(epoch, idx.tolist(), *(x[idx] for x in guided["trajectory"]), norm)
+    trainer.keep_replay(epoch, idx.tolist(), *own, norm)
     guided["offset_table"]["replayed"] = len(fitted) - len(idx)
     return stats
 
