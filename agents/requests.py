@@ -311,6 +311,16 @@ class PromptSampler:
             return []
         return self._heldout_draw("test-prompts", self.cfg.test_per_modality, avoid={p.prompt for p in self.heldout()})
 
+    def test_split(self, number: int, per_modality: int, avoid: Iterable[str] = ()) -> list[ImagePrompt]:
+        """A further untouched test split, ``number`` 1, 2, ... (``synthmed runs test --split``): ``per_modality`` requests
+        per modality over the held-out combinations, drawn by a stream of their own and worded apart from the held-out and
+        test requests and from ``avoid`` (a run's saved ones). Nothing in a run draws or reads it."""
+        if number < 1 or per_modality < 1:
+            raise UserError(f"a test split needs a number >= 1 and >= 1 request per modality, got split {number}, "
+                            f"{per_modality} per modality")
+        avoid = {*avoid, *(p.prompt for p in self.heldout()), *(p.prompt for p in self.test())}
+        return self._heldout_draw(f"test-split-{number}", per_modality, avoid=avoid)
+
     def _heldout_draw(self, stream: str, per_modality: int, avoid: set[str] = frozenset()) -> list[ImagePrompt]:
         out = []
         for m in self.cfg.modalities:

@@ -50,7 +50,7 @@ from rlhf.trainer import NonFiniteError, UpdateStats, sample_seed
 
 from .config import SynthmedConfig, config_to_dict, load_config, save_config
 from .run_plots import draw_plots
-from .runs import GUIDANCE_FILE, OFFSET_TABLE_FILE, read_guidance
+from .runs import GUIDANCE_FILE, OFFSET_TABLE_FILE, SCALED_ADAPTER, read_guidance
 
 log = logging.getLogger(__name__)
 
@@ -873,16 +873,25 @@ def guided_heldout(trainer, heldout: Sequence[Any], parts: Parts, cfg: SynthmedC
             **result, "seconds": round(time.perf_counter() - started, 2)}
 
 
-def calibrate_guidance(lines: list[dict], guard: "RewardHackingGuard") -> dict | None:
+def calibrate_guidance(lines: list[dict], guard: "RewardHackingGuard", margin: bool = False) -> dict | None:
     """Marks, in place, the ``guided`` line whose scale the run calibrates: the highest held-out share of every requested
     finding shown (then finding accuracy; a tie goes to the smaller scale) among the lines whose images the gain's terms
     accept against the base's evaluation (``guard.acceptable``, as best/ is chosen; call after the base's ``observe``).
-    Each line gets ``calibrated`` and, where refused, ``not_calibrated_because``. Returns the chosen line, or None when
-    every scale was refused."""
+    With ``margin``, a scale is eligible only when the next larger scale tried is accepted as well: the kept strength is
+    then not at the edge past which FD falls off (``synthmed runs scale``; the largest scale tried is never kept under
+    it, as nothing above it shows a margin). Each line gets ``calibrated`` and, where refused,
+    ``not_calibrated_because``. Returns the chosen line, or None when every scale was refused."""
+    ordered = sorted(lines, key=lambda r: r["scale"])
+    refusals = [guard.acceptable(line["overall"].get("fd"), line["overall"].get("ms_ssim")) for line in ordered]
     chosen = None
-    for line in sorted(lines, key=lambda r: r["scale"]):
+    for i, line in enumerate(ordered):
         overall = line["overall"]
-        refused = guard.acceptable(overall.get("fd"), overall.get("ms_ssim"))
+        refused = refusals[i]
+        if margin and not refused:
+            if i + 1 == len(ordered):
+                refused = "no margin: the largest scale tried (add a larger one to show its neighbour stays within the terms)"
+            elif refusals[i + 1]:
+                refused = f"no margin: the next scale up, x{ordered[i + 1]['scale']:g}, is refused ({refusals[i + 1]})"
         line["calibrated"] = False
         if refused:
             line["not_calibrated_because"] = refused
@@ -942,52 +951,89 @@ def load_adapter_folder(model, folder: Path) -> None:
 
 
 def judge_test_set(model, test: Sequence[Any], parts: Parts, cfg: SynthmedConfig, adapter: str, progress: bool = True,
-                   images=None) -> dict:
+                   images=None, seed: int | None = None) -> dict:
     """The untouched test prompts with the model as it stands (``adapter`` names it: base, best or final), judged as the
-    held-out set is but with their own image seeds (``improve.eval.test_seed``); ``images``: judge these instead (drawn
-    for the test prompts, ``images_per_prompt`` each). Nothing reads these figures to decide."""
+    held-out set is but with their own image seeds (``seed``, by default ``improve.eval.test_seed``); ``images``: judge
+    these instead (drawn for the test prompts, ``images_per_prompt`` each). Nothing reads these figures to decide."""
     from generator.lora import merged_for_sampling
     from rlhf.heldout import heldout_evaluation
 
     ic = cfg.improve
+    seed = ic.eval.test_seed if seed is None else seed
     with merged_for_sampling(model.unet):
-        result = heldout_evaluation(model, test, parts.judges, parts.reference, ic.eval.model_copy(update={"seed": ic.eval.test_seed}),
+        result = heldout_evaluation(model, test, parts.judges, parts.reference, ic.eval.model_copy(update={"seed": seed}),
                                     cfg.judges.eval, ic.ddpo.guidance, parts.train_images, ic.ddpo.sample_batch_size, progress,
                                     label=f"test eval ({adapter})", images=images)
     result.pop("images")
     return result
 
 
-def guided_test_set(trainer, test: Sequence[Any], parts: Parts, cfg: SynthmedConfig, progress: bool, scale: float) -> dict:
+def guided_test_set(trainer, test: Sequence[Any], parts: Parts, cfg: SynthmedConfig, progress: bool, scale: float,
+                    seed: int | None = None) -> dict:
     """The untouched test prompts drawn by the reward-guided sampler on the base at ``scale`` (:func:`guided_test_scale`;
     their own seeds, as the held-out set's ``guided`` lines draw their own), judged like the other test rows: the
     ``test`` line of adapter ``guided``. What a user of the guided sampler gets on requests nothing was tuned on."""
     ic = cfg.improve
+    seed = ic.eval.test_seed if seed is None else seed
     started = time.perf_counter()
-    result = judge_test_set(trainer.model, test, parts, cfg, "guided", progress,
-                            images=_guided_images(trainer, test, ic.eval.test_seed, cfg, progress, scale))
+    result = judge_test_set(trainer.model, test, parts, cfg, "guided", progress, seed=seed,
+                            images=_guided_images(trainer, test, seed, cfg, progress, scale))
     return {"scale": scale, "views": ic.selection.guidance_views, **result,
             "seconds": round(time.perf_counter() - started, 2)}
 
 
-def evaluate_test_set(run: Path, progress: bool = True) -> dict:
-    """``synthmed runs test``: a run's base, best/ and final/ judged on its untouched test prompts (its
-    test_prompts.jsonl, or for a run from before the test set, the ones its config draws), written to <run>/test.json
-    (nothing else of the run changes). The figures equal the run's own ``test`` lines where it has them."""
-    from agents.requests import load_prompts
+SPLIT_SEED_STRIDE = 100_000  # a test split's image seeds start this far from the test set's, per split number
+
+
+def test_split_paths(run: Path, split: int) -> tuple[Path, Path]:
+    """Where ``synthmed runs test --split N`` keeps the split's prompts and its figures."""
+    return run / f"test_split{split}_prompts.jsonl", run / f"test_split{split}.json"
+
+
+def evaluate_test_set(run: Path, progress: bool = True, split: int | None = None, per_modality: int | None = None) -> dict:
+    """``synthmed runs test``: a run's base, best/ and final/ (and scaled/, where ``runs scale`` kept one) judged on its
+    untouched test prompts (its test_prompts.jsonl, or for a run from before the test set, the ones its config draws),
+    written to <run>/test.json (nothing else of the run changes). The figures equal the run's own ``test`` lines where it
+    has them.
+
+    ``split`` N (1, 2, ...): a further untouched split instead, which nothing in the run drew or read: ``per_modality``
+    requests per modality (default: the run's test_per_modality) over the held-out combinations, worded apart from the
+    run's held-out and test requests, with image seeds of their own; its prompts are saved beside its figures
+    (:func:`test_split_paths`). For a final claim on more images than the run's own test set holds."""
+    from agents.requests import load_prompts, save_prompts
 
     cfg = load_config(run / "config.yaml")
+    ic = cfg.improve
     saved = run / "test_prompts.jsonl"
-    if not saved.is_file() and not cfg.improve.prompts.test_per_modality:
-        raise UserError(f"{run} has no test_prompts.jsonl and its config draws none (improve.prompts.test_per_modality 0)")
+    seed = ic.eval.test_seed
+    if split is None:
+        if per_modality is not None:
+            raise UserError("--per-modality sizes a test split: give --split N with it (the run's own test set is fixed)")
+        if not saved.is_file() and not ic.prompts.test_per_modality:
+            raise UserError(f"{run} has no test_prompts.jsonl and its config draws none (improve.prompts.test_per_modality 0)")
+    elif split < 1:
+        raise UserError(f"--split must be 1 or more (each number draws its own untouched split), got {split}")
+    else:
+        per_modality = per_modality if per_modality is not None else (ic.prompts.test_per_modality or 8)
+        if per_modality < 1:
+            raise UserError(f"--per-modality must be 1 or more, got {per_modality}")
+        seed = ic.eval.test_seed + SPLIT_SEED_STRIDE * split
     parts = build_parts(cfg, progress=progress)
-    test = load_prompts(saved) if saved.is_file() else parts.sampler.test()
+    if split is None:
+        test = load_prompts(saved) if saved.is_file() else parts.sampler.test()
+        drawn, out_path = ("test_prompts.jsonl" if saved.is_file() else "PromptSampler.test()"), run / "test.json"
+    else:
+        run_texts = [p.prompt for name in ("heldout_prompts.jsonl", "test_prompts.jsonl") if (run / name).is_file()
+                     for p in load_prompts(run / name)]
+        test = parts.sampler.test_split(split, per_modality, avoid=run_texts)
+        prompts_path, out_path = test_split_paths(run, split)
+        save_prompts(test, prompts_path)
+        drawn = prompts_path.name
     leaked = {p.key for p in test} & parts.sampler.combination_keys("train")
     if leaked:
         raise UserError(f"test combinations {sorted(leaked)[:3]} are training combinations of {run}'s config; not a test set")
     model = parts.model
-    results = [{"adapter": "base", "epoch": 0, **judge_test_set(model, test, parts, cfg, "base", progress)}]
-    ic = cfg.improve
+    results = [{"adapter": "base", "epoch": 0, **judge_test_set(model, test, parts, cfg, "base", progress, seed=seed)}]
     saved_guidance = read_guidance(run) if ic.eval.guidance_scales else None  # the calibrated scale its own test line drew
     scale = guided_test_scale(ic, (saved_guidance or {}).get("reward_guidance"))
     if scale is not None:  # the run's guided sampler on the base, as its test line
@@ -996,19 +1042,19 @@ def evaluate_test_set(run: Path, progress: bool = True) -> dict:
         from rlhf.trainer import DDPOTrainer
 
         trainer = DDPOTrainer(model, parts.reward, ic.ddpo, ic.selection, Accelerator(cpu=True), parts.selector_threshold)
-        results.append({"adapter": "guided", "epoch": 0, **guided_test_set(trainer, test, parts, cfg, progress, scale)})
-    for name in ("best", "final"):
+        results.append({"adapter": "guided", "epoch": 0, **guided_test_set(trainer, test, parts, cfg, progress, scale, seed=seed)})
+    for name in ("best", "final", SCALED_ADAPTER):
         folder = run / name
         if not (folder / "lora.safetensors").is_file():
             continue
-        epoch = json.loads((folder / "metadata.json").read_text()).get("epoch") if (folder / "metadata.json").is_file() else None
+        meta = json.loads((folder / "metadata.json").read_text()) if (folder / "metadata.json").is_file() else {}
         load_adapter_folder(model, folder)
-        results.append({"adapter": name, "epoch": epoch, **judge_test_set(model, test, parts, cfg, name, progress)})
-    out = {"run": str(run), "prompts": len(test), "images_per_prompt": cfg.improve.eval.images_per_prompt,
-           "seed": cfg.improve.eval.test_seed, "drawn": "test_prompts.jsonl" if saved.is_file() else "PromptSampler.test()",
-           "results": results}
+        results.append({"adapter": name, "epoch": meta.get("epoch"), **({"scale": meta["scale"]} if "scale" in meta else {}),
+                        **judge_test_set(model, test, parts, cfg, name, progress, seed=seed)})
+    out = {"run": str(run), **({"split": split} if split is not None else {}), "prompts": len(test),
+           "images_per_prompt": ic.eval.images_per_prompt, "seed": seed, "drawn": drawn, "results": results}
     out = _clean(out)  # rounded as metrics.jsonl is: the figures equal the run's own test lines
-    write_json_atomic(run / "test.json", out, ensure_ascii=False)
+    write_json_atomic(out_path, out, ensure_ascii=False)
     return out
 
 

@@ -180,6 +180,7 @@ def _paths(run_dir: Path, best: int | None) -> dict[str, Any]:
         "final": folder("final"), "best": folder("best"), "best_epoch": best, "guidance": existing(GUIDANCE_FILE),
         "scale": existing(SCALE_FILE), "scaled": folder(SCALED_ADAPTER),  # `synthmed runs scale` (pipelines.adapter_scale)
         "offset_table": existing(OFFSET_TABLE_FILE),
+        "tests": [str(p) for p in sorted(run_dir.glob("test*.json")) if p.is_file()],  # `synthmed runs test [--split N]`
         "checkpoints": [str(p) for p in checkpoints],
     }
 

@@ -122,6 +122,38 @@ def test_guard_stops_a_run_whose_reward_rises_while_the_evaluator_falls():
     assert off.observe(1, 9.0, 0.0, 99.0) is None
 
 
+def test_scale_calibration_with_a_margin_keeps_clear_of_the_fd_cliff():
+    from pipelines.improve import RewardHackingGuard, calibrate_guidance
+
+    # held-out figures shaped like the 32-epoch table run's best/ (docs/improve/long_runs.md): x1.5 the best share within
+    # 10% of the base's FD, x2 four times worse
+    figures = {1.0: (0.163, 476.6), 1.25: (0.200, 450.7), 1.5: (0.288, 543.2), 2.0: (0.288, 2200.0)}
+
+    def lines():
+        return [{"scale": s, "overall": {"all_requested_shown": share, "finding_accuracy": 0.5, "fd": fd, "ms_ssim": 0.78}}
+                for s, (share, fd) in figures.items()]
+
+    def guard():
+        g = RewardHackingGuard(GuardConfig(fd_tolerance=0.1, best_ms_ssim_rise=0.05))
+        g.observe(0, None, 0.100, 550.6, None, 0.81)  # the base
+        return g
+
+    plain = lines()
+    assert calibrate_guidance(plain, guard())["scale"] == 1.5  # at the edge
+    assert plain[3]["not_calibrated_because"].startswith("FD 2200.00 more than 10% worse")
+    careful = lines()
+    chosen = calibrate_guidance(careful, guard(), margin=True)
+    assert chosen["scale"] == 1.25 and chosen["calibrated"] and [r["calibrated"] for r in careful] == [False, True, False, False]
+    by_scale = {r["scale"]: r.get("not_calibrated_because") for r in careful}
+    assert by_scale[1.0] is None and by_scale[1.25] is None  # x1 eligible, beaten on the share
+    assert by_scale[1.5].startswith("no margin: the next scale up, x2, is refused (FD 2200.00")
+    assert by_scale[2.0].startswith("FD 2200.00")
+    lone = [{"scale": 1.0, "overall": {"all_requested_shown": 0.2, "fd": 500.0, "ms_ssim": 0.78}}]
+    assert calibrate_guidance(lone, guard(), margin=True) is None
+    assert lone[0]["not_calibrated_because"].startswith("no margin: the largest scale tried")
+    assert calibrate_guidance(lone, guard())["scale"] == 1.0  # without the margin it is kept
+
+
 def test_log_findings_reward_by_hand_and_ranks_what_the_probability_form_cannot():
     from rlhf.reward import log_agreement
 

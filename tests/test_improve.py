@@ -75,7 +75,7 @@ def without_timing(records: list[dict]) -> list[dict]:
     return out
 
 
-def test_a_run_writes_its_directory_and_logs(base_model, tmp_path, capsys, monkeypatch):
+def test_a_run_writes_its_directory_and_logs(base_model, tmp_path, capsys):
     profile = write_profile(tmp_path, settings(base_model, **{"improve.prompts.test_per_modality": 1}))
     assert cli(["improve", "--config", str(profile), "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 0
     printed = capsys.readouterr().out
@@ -171,13 +171,30 @@ def test_a_run_writes_its_directory_and_logs(base_model, tmp_path, capsys, monke
     for r in tested:
         assert again[r["adapter"]]["overall"] == r["overall"], r["adapter"]
     assert (run / "metrics.jsonl").read_bytes() == before  # nothing of the run's log changes
+    # `runs test --split 1`: a further untouched split, over the held-out combinations, worded apart from the run's
+    # held-out and test requests, with its own image seeds; its prompts saved beside its figures
+    from agents.requests import load_prompts
+
+    assert cli(["runs", "test", str(run), "--split", "1", "--per-modality", "2", "--json"]) == 0
+    split = json.loads(capsys.readouterr().out)
+    split_prompts = load_prompts(run / "test_split1_prompts.jsonl")
+    own = [*load_prompts(run / "heldout_prompts.jsonl"), *load_prompts(run / "test_prompts.jsonl")]
+    assert split["split"] == 1 and split["prompts"] == len(split_prompts) == 4  # 2 each for cxr and oct
+    assert {p.key for p in split_prompts} <= set(combos["heldout"]) and not {p.prompt for p in split_prompts} & {p.prompt for p in own}
+    assert split["seed"] != json.loads((run / "test.json").read_text())["seed"]
+    assert [r["adapter"] for r in split["results"]] == ["base", "best", "final"]
+    assert json.loads((run / "test_split1.json").read_text())["results"] == split["results"]
+    assert (run / "metrics.jsonl").read_bytes() == before
+    assert cli(["runs", "test", str(run), "--per-modality", "2"]) == 2
+    assert "give --split N" in capsys.readouterr().err
 
     # `runs scale`: final/ at each scale on the held-out set, scale 1 its own last evaluation figure for figure; the kept
     # scale (the best share within the gain's terms) baked into scaled/ and judged once on the test prompts
     from safetensors.torch import load_file
 
-    assert cli(["runs", "scale", str(run), "--adapter", "final", "--scales", "2,1", "--json"]) == 0
+    assert cli(["runs", "scale", str(run), "--adapter", "final", "--scales", "2,1", "--no-margin", "--json"]) == 0
     scaled = json.loads(capsys.readouterr().out)
+    assert scaled["margin"] is False
     assert [r["scale"] for r in scaled["scales"]] == [1.0, 2.0] and scaled["epoch"] == 2
     one = scaled["scales"][0]
     assert all(one[k] == evals[-1]["overall"][k] for k in ("all_requested_shown", "fd", "ms_ssim")), (one, evals[-1]["overall"])
@@ -196,12 +213,11 @@ def test_a_run_writes_its_directory_and_logs(base_model, tmp_path, capsys, monke
     assert cli(["runs", "show", str(run)]) == 0  # scale.json tabulated by runs show, the kept scale marked
     shown = capsys.readouterr().out.split("adapter strength (synthmed runs scale)")[1]
     assert f"final x{scaled['scale']:g}" in shown and "chosen" in shown and "untouched test prompts, once" in shown
-    # a rerun that keeps no scale (every one refused): scale.json says so, and the earlier scaled/ goes with it
-    import pipelines.improve as improve_module
-
-    monkeypatch.setattr(improve_module, "calibrate_guidance", lambda lines, guard: None)
+    # a rerun that keeps no scale: with the margin (the default), a lone scale is the largest tried and never kept;
+    # scale.json says so, and the earlier scaled/ goes with it
     assert cli(["runs", "scale", str(run), "--adapter", "final", "--scales", "1", "--json"]) == 0
     none_kept = json.loads(capsys.readouterr().out)
+    assert none_kept["margin"] is True and none_kept["scales"][0]["refused"].startswith("no margin: the largest scale tried")
     assert none_kept["scale"] is None and none_kept["removed"] == str(run / "scaled") and not (run / "scaled").exists()
     assert json.loads((run / "scale.json").read_text())["scale"] is None and not (run / "scaled.removed").exists()
     assert (run / "metrics.jsonl").read_bytes() == before

@@ -36,8 +36,19 @@ def register(groups, formatter) -> None:
     _common(show)
     show.set_defaults(handler=_show)
     test = sub.add_parser("test", formatter_class=formatter,
-                          help="judge a run's base, best/ and final/ on its untouched test prompts; writes <run>/test.json")
+                          help="judge a run's base, best/ and final/ (and scaled/) on its untouched test prompts; writes "
+                               "<run>/test.json, or with --split N a further untouched split's test_splitN.json",
+                          description="Judges the run's base, best/, final/ and scaled/ (where `runs scale` kept one) with "
+                                      "the evaluator on the run's untouched test prompts, with the run's own sampler and "
+                                      "image seeds (the run's own test lines, figure for figure). --split N draws a "
+                                      "further split that nothing in the run drew or read: --per-modality requests per "
+                                      "modality over the held-out combinations, worded apart from the run's held-out and "
+                                      "test requests, with image seeds of their own; a larger set for a final claim.")
     test.add_argument("run", help="run id (a folder in --runs-dir) or a path to a run directory")
+    test.add_argument("--split", type=int, default=None, help="judge a further untouched split, numbered 1, 2, ... "
+                                                              "(<run>/test_splitN_prompts.jsonl and test_splitN.json)")
+    test.add_argument("--per-modality", type=int, default=None,
+                      help="requests per modality in the --split (default: the run's improve.prompts.test_per_modality)")
     _common(test)
     test.set_defaults(handler=_test)
     scale = sub.add_parser("scale", formatter_class=formatter,
@@ -45,12 +56,16 @@ def register(groups, formatter) -> None:
                            description="Draws the run's adapter (lora_B multiplied by each scale) on the held-out requests "
                                        "with the run's sampler and seeds, keeps the scale with the highest share of images "
                                        "showing every requested finding among those within the gain's terms (FD, MS-SSIM "
-                                       "against the run's base), bakes it into <run>/scaled/ (a peft adapter --lora loads) "
-                                       "and judges that once on the untouched test prompts. Scale 1 is the adapter as the "
-                                       "run evaluated it.")
+                                       "against the run's base) whose next scale up stays within them too (a margin from the "
+                                       "edge where FD falls off; --no-margin drops it), bakes it into <run>/scaled/ (a peft "
+                                       "adapter --lora loads) and judges that once on the untouched test prompts. Scale 1 is "
+                                       "the adapter as the run evaluated it.")
     scale.add_argument("run", help="run id (a folder in --runs-dir) or a path to a run directory")
-    scale.add_argument("--scales", default="0.75,1,1.25,1.5", help="comma-separated positive scales to try")
+    scale.add_argument("--scales", default="0.75,1,1.25,1.5,1.75,2", help="comma-separated positive scales to try")
     scale.add_argument("--adapter", choices=["best", "final"], default="best", help="which of the run's adapters to scale")
+    scale.add_argument("--no-margin", dest="margin", action="store_false",
+                       help="keep the best scale within the gain's terms even where the next scale up is refused (by default a "
+                            "scale needs that margin from the FD cliff, and the largest scale tried is never kept)")
     _common(scale)
     scale.set_defaults(handler=_scale)
     plot = sub.add_parser("plot", formatter_class=formatter,
@@ -128,18 +143,20 @@ def _show(args, extra) -> int:
 
 
 def _test(args, extra) -> int:
-    from ..improve import evaluate_test_set
+    from ..improve import evaluate_test_set, test_split_paths
     from ..runs import resolve_run, test_rows
 
-    out = evaluate_test_set(resolve_run(args.run, _runs_dir(args, extra)))
+    out = evaluate_test_set(resolve_run(args.run, _runs_dir(args, extra)), split=args.split, per_modality=args.per_modality)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
     modalities = list(dict.fromkeys(m for r in out["results"] for m in r["per_modality"]))
     rows = test_rows([{"kind": "test", **r} for r in out["results"]], modalities)
     print(_test_table({"modalities": modalities, "test": rows}))
-    print(f"{out['prompts']} test prompts x {out['images_per_prompt']} images (seed {out['seed']}, from {out['drawn']}) -> "
-          f"{Path(out['run']) / 'test.json'}")
+    split = out.get("split")
+    written = test_split_paths(Path(out["run"]), split)[1] if split else Path(out["run"]) / "test.json"
+    print(f"{out['prompts']} {f'test split {split}' if split else 'test'} prompts x {out['images_per_prompt']} images "
+          f"(seed {out['seed']}, from {out['drawn']}) -> {written}")
     return 0
 
 
@@ -153,7 +170,7 @@ def _scale(args, extra) -> int:
         scales = [float(v) for v in args.scales.split(",") if v.strip()]
     except ValueError:
         raise UserError(f"--scales {args.scales!r}: comma-separated numbers, e.g. 0.75,1,1.25,1.5") from None
-    out = calibrate_adapter_scale(resolve_run(args.run, _runs_dir(args, extra)), scales, args.adapter)
+    out = calibrate_adapter_scale(resolve_run(args.run, _runs_dir(args, extra)), scales, args.adapter, margin=args.margin)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -173,8 +190,9 @@ def _scale_table(out: dict) -> str:
     rows += [[f"{out['adapter']} x{r['scale']:g}", *(_fmt(r.get(k)) for k in keys), *(_fmt(r["per_modality"].get(m)) for m in mods),
               "chosen" if r["chosen"] else r.get("refused", "")] for r in out["scales"]]
     headers = [dict(EVAL_COLUMNS)[k] for k in keys]
+    margin = ", kept only with the next scale up within the terms too" if out.get("margin") else ""
     text = (f"adapter strength (synthmed runs scale): held-out prompts, {out['adapter']}/ (epoch {_fmt(out['epoch'])}) at each "
-            f"scale\n" + table(rows, ["adapter", *headers, *(f"{m} shown" for m in mods), "kept"]))
+            f"scale{margin}\n" + table(rows, ["adapter", *headers, *(f"{m} shown" for m in mods), "kept"]))
     if out.get("test"):
         test_rows_ = [[name, *(_fmt((values or {}).get(k)) for k in keys)] for name, values in out["test"].items()]
         text += "\nuntouched test prompts, once (nothing decides by them)\n" + table(test_rows_, ["adapter", *headers])
@@ -375,6 +393,8 @@ def _files(run: dict) -> str:
         lines.append(f"calibrated reward guidance: {paths['guidance']}")
     if paths.get("offset_table"):
         lines.append(f"offset table (improve.selection.target=table, as of the last epoch): {paths['offset_table']}")
+    if paths.get("tests"):
+        lines.append(f"test readings (synthmed runs test [--split N]): {', '.join(paths['tests'])}")
     if paths["checkpoints"]:
         lines.append(f"checkpoints: {listing(paths['checkpoints'], 'checkpoints')}")
     lines.append(f"samples: {paths['samples'] or 'none yet'}; config: {paths['config'] or '-'}")
