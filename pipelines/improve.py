@@ -985,7 +985,7 @@ def guided_test_set(trainer, test: Sequence[Any], parts: Parts, cfg: SynthmedCon
 SPLIT_SEED_STRIDE = 100_000  # a test split's image seeds start this far from the test set's, per split number
 
 
-def test_split_paths(run: Path, split: int) -> tuple[Path, Path]:
+def split_paths(run: Path, split: int) -> tuple[Path, Path]:
     """Where ``synthmed runs test --split N`` keeps the split's prompts and its figures."""
     return run / f"test_split{split}_prompts.jsonl", run / f"test_split{split}.json"
 
@@ -999,7 +999,7 @@ def evaluate_test_set(run: Path, progress: bool = True, split: int | None = None
     ``split`` N (1, 2, ...): a further untouched split instead, which nothing in the run drew or read: ``per_modality``
     requests per modality (default: the run's test_per_modality) over the held-out combinations, worded apart from the
     run's held-out and test requests, with image seeds of their own; its prompts are saved beside its figures
-    (:func:`test_split_paths`). For a final claim on more images than the run's own test set holds."""
+    (:func:`split_paths`). For a final claim on more images than the run's own test set holds."""
     from agents.requests import load_prompts, save_prompts
 
     cfg = load_config(run / "config.yaml")
@@ -1026,7 +1026,7 @@ def evaluate_test_set(run: Path, progress: bool = True, split: int | None = None
         run_texts = [p.prompt for name in ("heldout_prompts.jsonl", "test_prompts.jsonl") if (run / name).is_file()
                      for p in load_prompts(run / name)]
         test = parts.sampler.test_split(split, per_modality, avoid=run_texts)
-        prompts_path, out_path = test_split_paths(run, split)
+        prompts_path, out_path = split_paths(run, split)
         save_prompts(test, prompts_path)
         drawn = prompts_path.name
     leaked = {p.key for p in test} & parts.sampler.combination_keys("train")

@@ -143,7 +143,7 @@ def _show(args, extra) -> int:
 
 
 def _test(args, extra) -> int:
-    from ..improve import evaluate_test_set, test_split_paths
+    from ..improve import evaluate_test_set, split_paths
     from ..runs import resolve_run, test_rows
 
     out = evaluate_test_set(resolve_run(args.run, _runs_dir(args, extra)), split=args.split, per_modality=args.per_modality)
@@ -154,7 +154,7 @@ def _test(args, extra) -> int:
     rows = test_rows([{"kind": "test", **r} for r in out["results"]], modalities)
     print(_test_table({"modalities": modalities, "test": rows}))
     split = out.get("split")
-    written = test_split_paths(Path(out["run"]), split)[1] if split else Path(out["run"]) / "test.json"
+    written = split_paths(Path(out["run"]), split)[1] if split else Path(out["run"]) / "test.json"
     print(f"{out['prompts']} {f'test split {split}' if split else 'test'} prompts x {out['images_per_prompt']} images "
           f"(seed {out['seed']}, from {out['drawn']}) -> {written}")
     return 0
