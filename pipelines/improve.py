@@ -91,6 +91,16 @@ def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def pin_lr_horizon(cfg: SynthmedConfig) -> SynthmedConfig:
+    """A new run's config with a cosine learning-rate schedule's horizon written down (``improve.ddpo.lr_schedule_epochs``
+    = its epochs, where unset), so a run resumed to more epochs keeps the rates it ran with and goes on at the floor."""
+    ddpo = cfg.improve.ddpo
+    if ddpo.lr_schedule != "cosine" or ddpo.lr_schedule_epochs is not None:
+        return cfg
+    improve = cfg.improve.model_copy(update={"ddpo": ddpo.model_copy(update={"lr_schedule_epochs": ddpo.epochs})})
+    return cfg.model_copy(update={"improve": improve})
+
+
 def resume_config(run: Path, cfg: SynthmedConfig | None) -> SynthmedConfig:
     """The run's own config, or ``cfg`` when it differs from it only in fields that may change."""
     saved_path = run / "config.yaml"
@@ -454,6 +464,8 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
 
     from generator.devices import device_name
 
+    if not resume:
+        cfg = pin_lr_horizon(cfg)
     ic = cfg.improve
     accelerator = accelerator or Accelerator(log_with=_trackers(ic.report_to) or None,
                                              project_dir=str(run_dir) if run_dir else None,
@@ -653,6 +665,7 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
         if stopped:
             break
         t0 = time.perf_counter()
+        trainer.set_epoch_lr(epoch)
         prompts = sampler.draw(n_prompts * world, epoch, ic.ddpo.seed)  # the global batch; this rank takes its slice
         items = [p for p in prompts for _ in range(k)]
         groups = [f"{epoch}:{i // k}" for i in range(len(items))]

@@ -243,6 +243,14 @@ class DDPOConfig(Section):
     # KL penalty's reference is then the base model's own table (kept frozen), with the adapter disabled.
     trainable: Literal["lora", "findings", "lora+findings"] = "lora"
     lr: float = Field(5e-4, gt=0)  # AdamW learning rate of the trained weights
+    # The learning rate over the run's epochs (stage 1 and stage 2 share the optimiser): "constant", or "cosine" from ``lr``
+    # at epoch 1 down to ``lr * lr_min_ratio`` at epoch ``lr_schedule_epochs`` (default: ``epochs``), held there after.
+    # A pure function of the epoch (:func:`rlhf.ddpo.epoch_lr`), so a resumed run sets the same rates. A constant rate
+    # left the table stage's held-out share moving by a few images between evaluations and falling past epoch 32, where
+    # the guard stopped it at 44 (docs/improve/long_runs.md).
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_min_ratio: float = Field(0.1, ge=0, le=1)
+    lr_schedule_epochs: int | None = Field(None, ge=1)
     weight_decay: float = Field(1e-4, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)  # gradient clipping, L2 over the trained parameters
     seed: int = Field(0, ge=0)  # rollout noise and timestep draws (each process offsets it by its rank)

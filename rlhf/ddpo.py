@@ -43,10 +43,23 @@ from generator.errors import UserError
 __all__ = [
     "findings_log_likelihood", "guidance_shift", "output_for_x0", "predicted_x0", "stated_vector",
     "PerPromptStatTracker", "PPOTerms", "batch_advantages", "clip_advantages", "gaussian_kl", "group_advantages",
-    "ppo_clip_loss",
+    "epoch_lr", "ppo_clip_loss",
 ]
 
 EPS = 1e-6
+
+
+def epoch_lr(lr: float, epoch: int, schedule: str = "constant", horizon: int = 1, min_ratio: float = 0.1) -> float:
+    """The learning rate of ``epoch`` (1, 2, ...): ``lr`` throughout for "constant"; for "cosine", from ``lr`` at epoch 1
+    along half a cosine to ``lr * min_ratio`` at epoch ``horizon``, and that floor after it."""
+    if epoch < 1:
+        raise ValueError(f"epochs count from 1, got {epoch}")
+    if schedule == "constant":
+        return float(lr)
+    if schedule != "cosine":
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; use constant or cosine")
+    progress = min(1.0, (epoch - 1) / max(1, horizon - 1))
+    return float(lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + np.cos(np.pi * progress))))
 
 
 def _as_float(x: np.ndarray | Sequence[float]) -> np.ndarray:

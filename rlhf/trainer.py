@@ -36,7 +36,7 @@ from generator.models import LatentDiffusion, latent_size
 from generator.sampling import guided_conditioning, guided_prediction, initial_noise
 
 from .config import DDPOConfig, SelectionConfig
-from .ddpo import (PerPromptStatTracker, batch_advantages, clip_advantages, findings_log_likelihood, gaussian_kl, group_advantages,
+from .ddpo import (PerPromptStatTracker, batch_advantages, clip_advantages, epoch_lr, findings_log_likelihood, gaussian_kl, group_advantages,
                    jittered_views, ppo_clip_loss, predicted_x0, stated_vector)
 from .guidance import GuidedDraw, RewardGuide, reward_guided_draw
 
@@ -129,6 +129,15 @@ class DDPOTrainer:
                 "global_step": self.global_step,
                 "offset_pool": {"features": self.offset_features, "shifts": self.offset_shifts} if self.offset_features else None,
                 "replay": self.replay}
+
+    def set_epoch_lr(self, epoch: int) -> float:
+        """Sets the optimiser's learning rate for ``epoch`` by ``improve.ddpo.lr_schedule`` (:func:`rlhf.ddpo.epoch_lr`) and
+        returns it; called at the start of each epoch, so a resumed run's rates are the uninterrupted run's."""
+        cfg = self.cfg
+        lr = epoch_lr(cfg.lr, epoch, cfg.lr_schedule, cfg.lr_schedule_epochs or cfg.epochs, cfg.lr_min_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])

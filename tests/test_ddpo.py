@@ -122,6 +122,20 @@ def test_guard_stops_a_run_whose_reward_rises_while_the_evaluator_falls():
     assert off.observe(1, 9.0, 0.0, 99.0) is None
 
 
+def test_epoch_lr_by_hand():
+    from rlhf.ddpo import epoch_lr
+
+    assert [epoch_lr(2e-3, e) for e in (1, 5, 99)] == [2e-3] * 3  # constant
+    # cosine over 5 epochs to 0.1: lr * (0.1 + 0.9 * (1 + cos(pi * (e - 1) / 4)) / 2)
+    got = [epoch_lr(2e-3, e, "cosine", horizon=5, min_ratio=0.1) for e in range(1, 8)]
+    want = [2e-3 * (0.1 + 0.9 * (1 + math.cos(math.pi * min(1.0, (e - 1) / 4))) / 2) for e in range(1, 8)]
+    assert got == pytest.approx(want) and got[0] == pytest.approx(2e-3) and got[2] == pytest.approx(1.1e-3)
+    assert got[4] == got[5] == got[6] == pytest.approx(2e-4)  # the floor from the horizon on
+    assert epoch_lr(1.0, 1, "cosine", horizon=1, min_ratio=0.5) == 1.0  # a one-epoch horizon starts at the peak
+    with pytest.raises(ValueError, match="epochs count from 1"):
+        epoch_lr(1.0, 0, "cosine", horizon=3)
+
+
 def test_scale_calibration_with_a_margin_keeps_clear_of_the_fd_cliff():
     from pipelines.improve import RewardHackingGuard, calibrate_guidance
 

@@ -258,10 +258,16 @@ def test_kill_then_resume_gives_the_metrics_of_an_uninterrupted_run(base_model, 
     from pipelines.improve import run_improve
 
     cfg = load_config(write_profile(tmp_path, settings(base_model, **{"improve.ddpo.kl_weight": 0.01,
-                                                                      "improve.prompts.test_per_modality": 1})))
+                                                                      "improve.prompts.test_per_modality": 1,
+                                                                      "improve.ddpo.lr_schedule": "cosine",
+                                                                      "improve.ddpo.lr_min_ratio": 0.25})))
     whole = run_improve(cfg, tmp_path / "whole", progress=False)
     assert [r["adapter"] for r in lines(tmp_path / "whole" / "metrics.jsonl") if r["kind"] == "test"][:2] == ["base", "final"]
     assert whole["status"] == "finished"
+    # the cosine schedule: 1e-3 at epoch 1, the floor (x0.25) at the last epoch; its horizon written into the run's config
+    rates = sorted({(r["epoch"], round(r["lr"], 9)) for r in lines(tmp_path / "whole" / "metrics.jsonl") if r["kind"] == "step"})
+    assert rates == [(1, 1e-3), (2, 2.5e-4)], rates
+    assert load_config(tmp_path / "whole" / "config.yaml").improve.ddpo.lr_schedule_epochs == 2
 
     killed = tmp_path / "killed"
     with pytest.raises(SystemExit):  # mid-epoch 2, after its update: nothing of epoch 2 written
