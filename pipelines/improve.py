@@ -706,11 +706,14 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
         candidate_total, candidate_components = total, components
         if ic.selection.draws_guided:
             by_table = ic.selection.target == "table"
-            drafts = trainer.guided_drafts(items[mine], indices, epoch, progress, base=by_table)
+            # table and drafts fit the base's drafts (a fixed target, not one that moves with what the policy learnt)
+            drafts = trainer.guided_drafts(items[mine], indices, epoch, progress, base=by_table or ic.selection.target == "drafts")
             candidate_total, candidate_components = judged(drafts.images, "reward of a guided draft")
             guided = {"finals": _gather_latents(accelerator, drafts.finals), "images": drafts.images}
-            if ic.selection.target == "trajectory":
+            if ic.selection.target in ("trajectory", "drafts"):
                 guided["trajectory"] = (_gather_latents(accelerator, drafts.states), _gather_latents(accelerator, drafts.targets))
+            if ic.selection.target == "drafts":  # the shift guidance gave each step: the regression's per-step norm
+                guided["draft_shifts"] = _gather_latents(accelerator, drafts.shifts)
             elif by_table:  # the drafts join the table's data; the selected requests' table-steered draws are fitted
                 trainer.keep_offset_drafts(items, _gather_latents(accelerator, drafts.shifts))
                 table = trainer.offset_table()
@@ -733,8 +736,10 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
             finals = guided["finals"] if guided else _gather_latents(accelerator, rollout.latents[:, -1])
             idx = np.flatnonzero(selected)
             path = (guided or {}).get("trajectory")
+            shifts = (guided or {}).get("draft_shifts")  # target=drafts: each step's mean squared shift over the selected
             sel = trainer.selection_update(finals[torch.as_tensor(idx)], [items[i] for i in idx], candidate_total[idx], epoch, progress,
-                                           tuple(x[torch.as_tensor(idx)] for x in path) if path else None)
+                                           tuple(x[torch.as_tensor(idx)] for x in path) if path else None,
+                                           shifts[torch.as_tensor(idx)].pow(2).mean(dim=(0, 2, 3, 4)) if shifts is not None else None)
             selection_steps = sel.steps
         t4 = time.perf_counter()
         overall, per_modality = epoch_reward_summary(items, total, components)

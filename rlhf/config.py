@@ -290,7 +290,13 @@ class SelectionConfig(Section):
     # The fit is the probe's regression: x0_hat against the steered draw's, each step's error divided by its mean squared
     # offset (1.0: the adapter gives nothing of the table; the selection's step loss), only the steps the table moves,
     # every selected request alike; ``noise_draws`` of at least the steps' count visits each of them once a pass.
-    target: Literal["final", "trajectory", "table"] = "final"
+    # "drafts" (with source=guided): the base's guided drafts themselves, fitted by the table's regression: at each state
+    # a draft passed, the policy's guided x0_hat against the draft's (the base's plus guidance's shift), each step's error
+    # divided by that step's mean squared shift over the selected drafts, every draft alike. The per-image target
+    # "trajectory" fits in the output's units (where the late steps' errors swamp the early ones and its loss did not
+    # fall); "table" fits the shifts' per-request average, a function of the request and step only, where a draft's
+    # shift also depends on the state it was taken at.
+    target: Literal["final", "trajectory", "table", "drafts"] = "final"
     table_gamma: float = Field(1.75, gt=0)  # target=table: the table's offsets are multiplied by this in the steered draws
     table_ridge: float = Field(1.0, ge=0)  # target=table: the table's ridge penalty (per step, on the feature weights)
     # target=table: the selection waits until the table holds this many drafts; the epochs before only add their drafts

@@ -107,8 +107,9 @@ class DDPOTrainer:
         self.timesteps = model.scheduler.timesteps.clone()
         if selection.draws_guided:  # refused before anything is written
             self.reward_scorer("improve.selection.source=guided")
-        if selection.target in ("trajectory", "table") and selection.source != "guided":
-            what = {"trajectory": "the guided drafts' own steps", "table": "an offset table of the guided drafts' shifts"}
+        if selection.target in ("trajectory", "table", "drafts") and selection.source != "guided":
+            what = {"trajectory": "the guided drafts' own steps", "table": "an offset table of the guided drafts' shifts",
+                    "drafts": "the base's guided drafts"}
             raise SynthmedError(f"improve.selection.target={selection.target} fits {what[selection.target]}; it needs "
                                 "improve.selection.source=guided")
         if (selection.table_warmup or selection.table_replay) and selection.target != "table":

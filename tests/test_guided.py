@@ -250,10 +250,55 @@ def test_the_table_regression_starts_at_1_with_the_adapter_at_zero_and_falls(bas
     assert losses[-1] < losses[0], losses
 
 
+def test_the_drafts_regression_starts_at_1_with_the_adapter_at_zero_and_falls(base_model, tmp_path):
+    """selection.target=drafts: the table's regression on the base's guided drafts themselves: the policy's x0_hat at each
+    state a draft passed against the draft's (the base's plus guidance's shift there), each step's error divided by the
+    step's mean squared shift: 1.0 while the adapter gives nothing, whatever the rewards, and less as it learns."""
+    trainer, parts = _trainer(tmp_path, base_model, **{"improve.selection.target": "drafts", "improve.selection.batch_size": 4,
+                                                        "improve.selection.guidance_scale": 0.5})
+    items = [p for p in parts.sampler.draw(8, 1, 0) if p.expected][:4]
+    drafts = trainer.guided_drafts(items, [0, 1, 2, 3], 1, progress=False, base=True)
+    norm = drafts.shifts.pow(2).mean(dim=(0, 2, 3, 4))
+    moved = int((norm > 1e-3 * norm.max()).sum())
+    assert moved >= 2
+    trainer.selection = trainer.selection.model_copy(update={"noise_draws": moved})
+    trainer.optimizer.param_groups[0]["lr"] = 1e-2
+    losses = [trainer.selection_update(drafts.finals, items, np.linspace(0.1, 2.0, 4), epoch, progress=False,
+                                       trajectory=(drafts.states, drafts.targets), step_norm=norm).steps[0]["loss"]
+              for epoch in range(4)]
+    assert losses[0] == pytest.approx(1.0, abs=1e-4), losses
+    assert losses[-1] < losses[0], losses
+
+
+def test_a_drafts_target_run_fits_the_base_drafts_in_the_regressions_units(base_model, tmp_path, capsys):
+    """The loop's wiring of target=drafts: the drafts are the base's (objective none: nothing trains before the selection)
+    and, in one batch, every draft is visited once at each of the steps guidance moved (3 steps; the first, at t=999,
+    moves x0_hat by ~sqrt(alpha_t), nothing): the selection's first step is exactly the regression's 1.0."""
+    profile = write_profile(tmp_path, settings(base_model, **{
+        "improve.selection.source": "guided", "improve.selection.target": "drafts", "improve.ddpo.objective": "none",
+        "improve.ddpo.steps": 3, "improve.ddpo.epochs": 1, "improve.selection.max_per_epoch": 4,
+        "improve.selection.batch_size": 4, "improve.selection.noise_draws": 2, "improve.selection.passes": 2,
+        "improve.selection.threshold": 0, "improve.selection.require_verifier_pass": False,
+        "improve.selection.guidance_scale": 0.5, "improve.eval.reference_per_request": 0,
+        "improve.prompts.test_per_modality": 0}))
+    run = tmp_path / "run"
+    assert cli(["improve", "--config", str(profile), "--run-dir", str(run), "--no-progress"]) == 0, capsys.readouterr().err
+    records = lines(run / "metrics.jsonl")
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["stage"] for r in steps] == ["selection"] * 2 and all(r["samples"] == 4 for r in steps)
+    assert steps[0]["loss"] == pytest.approx(1.0, abs=1e-4), steps  # not the output's units ("trajectory": ~1e-2)
+    assert steps[1]["loss"] < steps[0]["loss"], steps
+    assert next(r for r in records if r["kind"] == "epoch")["selected"] == 4
+    samples = lines(run / "samples.jsonl")
+    assert all("guided" in s for s in samples) and sum(s["selected"] for s in samples) == 4
+
+
 def test_a_table_or_trajectory_target_needs_guided_drafts_and_a_run_needs_something_to_train(base_model, tmp_path, capsys):
-    profile = write_profile(tmp_path, settings(base_model, **{"improve.selection.target": "table"}))
-    assert cli(["improve", "--config", str(profile), "--no-progress"]) == 2
-    assert "improve.selection.target=table" in capsys.readouterr().err
+    for target in ("table", "drafts"):
+        (tmp_path / target).mkdir()
+        profile = write_profile(tmp_path / target, settings(base_model, **{"improve.selection.target": target}))
+        assert cli(["improve", "--config", str(profile), "--run-dir", str(tmp_path / target / "run"), "--no-progress"]) == 2
+        assert f"improve.selection.target={target}" in capsys.readouterr().err
     (tmp_path / "idle").mkdir()
     idle = write_profile(tmp_path / "idle", settings(base_model, **{"improve.ddpo.objective": "none", "improve.selection.enabled": False}))
     assert cli(["improve", "--config", str(idle), "--run-dir", str(tmp_path / "idle_run"), "--no-progress"]) == 2
