@@ -281,6 +281,7 @@ def show_run(run: str | Path, runs_dir: str | Path = "runs") -> dict[str, Any]:
         "findings": finding_table(evals, summary["best_epoch"], reference),
         "test": test_rows(records, modalities),
         "scale": _read_json(run_dir / SCALE_FILE),  # `synthmed runs scale`: the adapter's strength chosen on the held-out set
+        "splits": split_readings(run_dir, modalities),  # `synthmed runs test --split N`: further untouched splits
         "guards": [{"epoch": r.get("epoch"), "message": r.get("message", "")} for r in records if r.get("kind") == "guard"],
         "end": {k: ends[-1].get(k) for k in ("epoch", "status", "message")} if ends else None,
         "steps": {"count": len(steps),
@@ -305,10 +306,69 @@ def test_rows(records: list[dict], modalities: list[str]) -> list[dict[str, Any]
     for r in records:
         if r.get("kind") == "test":
             last[r.get("adapter", "?")] = r
-    order = {"base": 0, "guided": 1, "best": 2, "final": 3}
+    order = {"base": 0, "guided": 1, "best": 2, "final": 3, "scaled": 4}
     return [{"adapter": a, "epoch": r.get("epoch"), "scale": r.get("scale"), "overall": dict(r.get("overall") or {}),
              "all_requested_shown": {m: ((r.get("per_modality") or {}).get(m) or {}).get("all_requested_shown") for m in modalities}}
             for a, r in sorted(last.items(), key=lambda kv: order.get(kv[0], len(order)))]
+
+
+def _gain_terms(run_dir: Path) -> tuple[float, float | None]:
+    """The run's gain terms (improve.guard: FD no more than ``fd_tolerance`` worse than the base's, MS-SSIM within a
+    prompt no more than ``best_ms_ssim_rise`` above it), read from its config.yaml; the defaults where it says nothing."""
+    from rlhf.config import GuardConfig
+
+    default = GuardConfig()
+    try:
+        import yaml
+
+        guard = ((yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("improve") or {}).get("guard") or {}
+    except (OSError, ValueError, AttributeError, ImportError) as exc:  # yaml.YAMLError is a ValueError
+        log.warning("%s/config.yaml is unreadable (%s); the gain's default terms are used", run_dir, exc)
+        guard = {}
+    fd = guard.get("fd_tolerance", default.fd_tolerance)
+    rise = guard.get("best_ms_ssim_rise", default.best_ms_ssim_rise)
+    return float(fd), (None if rise is None else float(rise))
+
+
+def split_readings(run_dir: Path, modalities: list[str]) -> list[dict[str, Any]]:
+    """The run's further untouched splits (``test_splitN.json``, by N), each adapter against the split's own base:
+    ``[{"split", "prompts", "images_per_prompt", "path", "rows": [test_rows' row + "change" (the share of images
+    showing every requested finding, minus the base's), "fd_change" (relative), "ms_ssim_change", "within_terms" (FD and
+    MS-SSIM within the run's gain terms, None for the base), "outside" (which term it broke)]}]``."""
+    found = []
+    for path in run_dir.glob("test_split*.json"):
+        n = path.stem[len("test_split"):]
+        data = _read_json(path) if n.isdigit() else None
+        if isinstance(data, dict) and isinstance(data.get("results"), list):
+            found.append((int(n), path, data))
+    if not found:
+        return []
+    fd_tolerance, ms_ssim_rise = _gain_terms(run_dir)
+    out = []
+    for n, path, data in sorted(found, key=lambda f: f[0]):
+        mods = modalities or list(dict.fromkeys(m for r in data["results"] for m in (r.get("per_modality") or {})))
+        rows = test_rows([{"kind": "test", **r} for r in data["results"] if isinstance(r, dict)], mods)
+        base = next((r["overall"] for r in rows if r["adapter"] == "base"), {})
+        for row in rows:
+            now = row["overall"]
+
+            def diff(key: str, relative: bool = False) -> float | None:
+                a, b = now.get(key), base.get(key)
+                if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or (relative and not b):
+                    return None
+                return a / b - 1 if relative else a - b
+
+            row.update(change=diff("all_requested_shown"), fd_change=diff("fd", True), ms_ssim_change=diff("ms_ssim"))
+            outside = []
+            if row["fd_change"] is not None and row["fd_change"] > fd_tolerance:
+                outside.append(f"FD {row['fd_change']:+.0%} (at most {fd_tolerance:+.0%})")
+            if ms_ssim_rise is not None and row["ms_ssim_change"] is not None and row["ms_ssim_change"] > ms_ssim_rise:
+                outside.append(f"MS-SSIM {row['ms_ssim_change']:+.3f} (at most +{ms_ssim_rise:.3f})")
+            row["within_terms"] = None if row["adapter"] == "base" else not outside
+            row["outside"] = outside
+        out.append({"split": n, "prompts": data.get("prompts"), "images_per_prompt": data.get("images_per_prompt"),
+                    "path": str(path), "rows": rows})
+    return out
 
 
 def reference_line(records: list[dict]) -> dict[str, Any] | None:

@@ -185,6 +185,19 @@ def test_a_run_writes_its_directory_and_logs(base_model, tmp_path, capsys):
     assert [r["adapter"] for r in split["results"]] == ["base", "best", "final"]
     assert json.loads((run / "test_split1.json").read_text())["results"] == split["results"]
     assert (run / "metrics.jsonl").read_bytes() == before
+    # `runs show` tabulates the split: each adapter against the split's own base, and whether it stays within the terms
+    assert cli(["runs", "show", str(run), "--json"]) == 0
+    (reading,) = json.loads(capsys.readouterr().out)["splits"]
+    assert reading["split"] == 1 and [r["adapter"] for r in reading["rows"]] == ["base", "best", "final"]
+    base_row, final_row = reading["rows"][0], reading["rows"][-1]
+    assert base_row["within_terms"] is None and base_row["change"] == 0
+    shares = [r["overall"]["all_requested_shown"] for r in split["results"]]
+    assert final_row["change"] == pytest.approx(shares[-1] - shares[0])
+    fd_change = split["results"][-1]["overall"]["fd"] / split["results"][0]["overall"]["fd"] - 1
+    assert final_row["fd_change"] == pytest.approx(fd_change) and final_row["within_terms"] == (
+        fd_change <= 0.10 and final_row["ms_ssim_change"] <= 0.05)
+    assert cli(["runs", "show", str(run)]) == 0
+    assert "untouched test split 1 (4 prompts x 2 images" in capsys.readouterr().out
     assert cli(["runs", "test", str(run), "--per-modality", "2"]) == 2
     assert "give --split N" in capsys.readouterr().err
 

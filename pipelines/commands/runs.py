@@ -234,6 +234,8 @@ def format_run(run: dict) -> str:
         parts.append(_gain_table(run["gain"]))
     if run.get("test"):
         parts.append(_test_table(run))
+    for split in run.get("splits") or []:
+        parts.append(_split_table(split, run["modalities"]))
     if run.get("reference"):
         parts.append(_reference_note(run))
     if run.get("calibration"):
@@ -360,6 +362,28 @@ def _test_table(run: dict) -> str:
              *(_fmt(t["all_requested_shown"].get(m)) for m in mods)] for t in run["test"]]
     return ("untouched test prompts (the held-out combinations worded and seeded apart; nothing that decides reads them: "
             "not best/, not the guard)\n" + table(rows, ["adapter", *(h for _, h in EVAL_COLUMNS), *(f"{m} shown" for m in mods)]))
+
+
+def _split_table(split: dict, modalities: list[str]) -> str:
+    """A further untouched split (``synthmed runs test --split N``): each adapter's share of images showing every
+    requested finding against the split's base, its FD and MS-SSIM against the base's, and whether both stay within the
+    gain's terms."""
+    mods = modalities or list(dict.fromkeys(m for r in split["rows"] for m in r["all_requested_shown"]))
+    rows = []
+    for r in split["rows"]:
+        o = r["overall"]
+        label = (f"base, reward-guided {_fmt(r.get('scale'))}" if r["adapter"] == "guided" else r["adapter"]) + f" (epoch {r['epoch']})"
+        terms = "-" if r["within_terms"] is None else ("yes" if r["within_terms"] else "no: " + "; ".join(r["outside"]))
+        rows.append([label, _fmt(o.get("all_requested_shown")),
+                     "-" if r["change"] is None or r["adapter"] == "base" else f"{r['change'] * 100:+.1f}",
+                     _fmt(o.get("requested_shown")), _fmt(o.get("finding_accuracy")),
+                     _fmt(o.get("fd")) + ("" if r["fd_change"] is None or r["adapter"] == "base" else f" ({r['fd_change']:+.0%})"),
+                     _fmt(o.get("ms_ssim")) + ("" if r["ms_ssim_change"] is None or r["adapter"] == "base" else f" ({r['ms_ssim_change']:+.3f})"),
+                     _fmt(o.get("clip_score")), *(_fmt(r["all_requested_shown"].get(m)) for m in mods), terms])
+    size = f"{_fmt(split['prompts'])} prompts x {_fmt(split['images_per_prompt'])} images"
+    return (f"untouched test split {split['split']} ({size}; synthmed runs test --split {split['split']}: {split['path']})\n"
+            + table(rows, ["adapter", "all shown ↑", "points", "req. shown ↑", "finding acc ↑", "FD ↓", "MS-SSIM ↓", "CLIP ↑",
+                           *(f"{m} shown" for m in mods), "FD, MS-SSIM within the gain's terms"]))
 
 
 def _evals_table(run: dict) -> str:
