@@ -295,7 +295,8 @@ class SelectionConfig(Section):
     # divided by that step's mean squared shift over the selected drafts, every draft alike. The per-image target
     # "trajectory" fits in the output's units (where the late steps' errors swamp the early ones and its loss did not
     # fall); "table" fits the shifts' per-request average, a function of the request and step only, where a draft's
-    # shift also depends on the state it was taken at.
+    # shift also depends on the state it was taken at. Measured over 16 epochs of the `table` profile: behind the table at
+    # every evaluation from epoch 8 (0.125 against 0.163 held out at best; docs/improve/long_runs.md, thirteenth session).
     target: Literal["final", "trajectory", "table", "drafts"] = "final"
     table_gamma: float = Field(1.75, gt=0)  # target=table: the table's offsets are multiplied by this in the steered draws
     table_ridge: float = Field(1.0, ge=0)  # target=table: the table's ridge penalty (per step, on the feature weights)
