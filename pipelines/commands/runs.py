@@ -372,7 +372,8 @@ def _split_table(split: dict, modalities: list[str]) -> str:
     rows = []
     for r in split["rows"]:
         o = r["overall"]
-        label = (f"base, reward-guided {_fmt(r.get('scale'))}" if r["adapter"] == "guided" else r["adapter"]) + f" (epoch {r['epoch']})"
+        label = (f"base, reward-guided {_fmt(r.get('scale'))}" if r["adapter"] == "guided" else
+                 f"{r['adapter']} x{r['scale']:g}" if isinstance(r.get("scale"), (int, float)) else r["adapter"]) + f" (epoch {r['epoch']})"
         terms = "-" if r["within_terms"] is None else ("yes" if r["within_terms"] else "no: " + "; ".join(r["outside"]))
         rows.append([label, _fmt(o.get("all_requested_shown")),
                      "-" if r["change"] is None or r["adapter"] == "base" else f"{r['change'] * 100:+.1f}",
