@@ -8,7 +8,8 @@ seed, `images_per_prompt` drafts each) and checked against the features the chec
 
 From the repository root:
     python docs/improve/probes/table_features.py RUN [GAMMAS]     e.g. RUN = a `synthmed improve --config table` run,
-GAMMAS = 1.25,1.75,2.25. Reads RUN/checkpoints/<last>/trainer_state.pt; writes nothing but its printout."""
+GAMMAS = 1.25,1.75,2.25; --only loop|rich; --split N --split-gamma G: also the steered draws of an untouched split
+(`synthmed runs test RUN --split N` drew its prompts) at G, with the split's seeds, once. Reads RUN/checkpoints/<last>/trainer_state.pt; writes nothing but its printout."""
 import json
 import sys
 from pathlib import Path
@@ -22,8 +23,18 @@ from pipelines.improve import build_parts
 from rlhf.amortised import OffsetTable, request_features, table_steered_draw
 from rlhf.heldout import heldout_evaluation
 
-run = Path(sys.argv[1])
-gammas = [float(g) for g in sys.argv[2].split(",")] if len(sys.argv) > 2 else [1.25, 1.75, 2.25]
+args = sys.argv[1:]
+options = {}
+for flag in ("--only", "--split", "--split-gamma"):
+    if flag in args:
+        i = args.index(flag)
+        options[flag] = args[i + 1]
+        del args[i:i + 2]
+only = options.get("--only")
+split = int(options["--split"]) if "--split" in options else None
+split_gamma = float(options["--split-gamma"]) if "--split-gamma" in options else None
+run = Path(args[0])
+gammas = [float(g) for g in args[1].split(",")] if len(args) > 1 else [1.25, 1.75, 2.25]
 cfg = load_config(run / "config.yaml")
 ic = cfg.improve
 parts = build_parts(cfg, progress=False)
@@ -56,8 +67,8 @@ expanded = [it for it in heldout for _ in range(k)]
 KEYS = ("all_requested_shown", "requested_shown", "finding_accuracy", "fd", "ms_ssim", "clip_score")
 
 
-def judge(images, tag):
-    r = heldout_evaluation(model, heldout, parts.judges, parts.reference, ic.eval, cfg.judges.eval, ic.ddpo.guidance,
+def judge(images, tag, prompts=None):
+    r = heldout_evaluation(model, prompts or heldout, parts.judges, parts.reference, ic.eval, cfg.judges.eval, ic.ddpo.guidance,
                            parts.train_images, progress=False, images=images)
     row = {"table": tag, **{key: round(r["overall"][key], 4) for key in KEYS},
            "per_modality": {m: v["all_requested_shown"] for m, v in r["per_modality"].items()}}
@@ -65,7 +76,18 @@ def judge(images, tag):
     return row
 
 
+def steered(table, gamma, prompts, featurise, seed0):
+    drawn = [it for it in prompts for _ in range(k)]
+    with torch.no_grad(), merged_for_sampling(model.unet):
+        return table_steered_draw(model, table, gamma, [it.prompt for it in drawn], [it.modality for it in drawn],
+                                  [featurise(it.modality, it.findings) for it in drawn], [seed0 + i for i in range(len(drawn))],
+                                  ic.eval.steps, ic.ddpo.guidance, [it.negative for it in drawn],
+                                  [it.generator_findings for it in drawn], batch_size=20).images
+
+
 for name, featurise in (("loop", request_features), ("rich", rich)):
+    if only and name != only:
+        continue
     feats = [featurise(it.modality, it.findings) for it in items]
     table = OffsetTable.fit(feats, shifts, timesteps, ic.selection.table_ridge)
     print(name, "features", len(table.features), "R2 per step", [round(v, 3) for v in table.r2(feats, shifts)], flush=True)
@@ -73,9 +95,10 @@ for name, featurise in (("loop", request_features), ("rich", rich)):
     unseen = sorted({f for fs in held_feats for f in fs} - set(table.features))
     print(name, "held-out features the table has no offset for:", len(unseen), unseen[:6], flush=True)
     for gamma in gammas:
-        with torch.no_grad(), merged_for_sampling(model.unet):
-            draw = table_steered_draw(model, table, gamma, [it.prompt for it in expanded], [it.modality for it in expanded],
-                                      held_feats, [ic.eval.seed + i for i in range(len(expanded))], ic.eval.steps,
-                                      ic.ddpo.guidance, [it.negative for it in expanded],
-                                      [it.generator_findings for it in expanded], batch_size=20)
-        judge(draw.images, f"{name} x{gamma:g}")
+        judge(steered(table, gamma, heldout, featurise, ic.eval.seed), f"{name} x{gamma:g}")
+    if split and split_gamma:
+        from pipelines.improve import SPLIT_SEED_STRIDE, split_paths
+
+        prompts = load_prompts(split_paths(run, split)[0])
+        seed0 = ic.eval.test_seed + SPLIT_SEED_STRIDE * split
+        judge(steered(table, split_gamma, prompts, featurise, seed0), f"{name} x{split_gamma:g}, split {split}", prompts)
