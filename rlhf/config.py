@@ -298,7 +298,11 @@ class SelectionConfig(Section):
     # shift also depends on the state it was taken at. Measured over 16 epochs of the `table` profile: behind the table at
     # every evaluation from epoch 8 (0.125 against 0.163 held out at best; docs/improve/long_runs.md, thirteenth session).
     target: Literal["final", "trajectory", "table", "drafts"] = "final"
-    table_gamma: float = Field(1.75, gt=0)  # target=table: the table's offsets are multiplied by this in the steered draws
+    # target=table: the table's offsets are multiplied by this in the steered draws. 1.75 is the seventh session's probe's
+    # choice; the 32-epoch table run's own table (2,048 drafts) steering the base is past the held-out FD edge there
+    # (+12%) and within it at 1.25 (0.300 held out; 0.279 on 240 untouched images, FD -10%: docs/improve/long_runs.md,
+    # thirteenth session), the gamma a table-stage run of the adapter has not yet been measured at
+    table_gamma: float = Field(1.75, gt=0)
     table_ridge: float = Field(1.0, ge=0)  # target=table: the table's ridge penalty (per step, on the feature weights)
     # target=table: the selection waits until the table holds this many drafts; the epochs before only add their drafts
     # (a table of a few dozen drafts memorises its requests, so fitting the policy to it early chases a moving, noisy
