@@ -40,7 +40,7 @@ ic = cfg.improve
 parts = build_parts(cfg, progress=False)
 model = parts.model
 last = sorted(p for p in (run / "checkpoints").glob("epoch_*") if p.name[6:].isdigit())[-1]
-pool = torch.load(last / "trainer_state.pt", weights_only=False)["trainer"]["offset_pool"]
+pool = torch.load(last / "trainer_state.pt", weights_only=True)["trainer"]["offset_pool"]
 kept, shifts = pool["features"], pool["shifts"].float()
 per_epoch = ic.ddpo.prompts_per_epoch * ic.ddpo.images_per_prompt
 epochs = len(kept) // per_epoch
