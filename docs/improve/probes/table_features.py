@@ -71,7 +71,8 @@ def judge(images, tag, prompts=None):
     r = heldout_evaluation(model, prompts or heldout, parts.judges, parts.reference, ic.eval, cfg.judges.eval, ic.ddpo.guidance,
                            parts.train_images, progress=False, images=images)
     row = {"table": tag, **{key: round(r["overall"][key], 4) for key in KEYS},
-           "per_modality": {m: v["all_requested_shown"] for m, v in r["per_modality"].items()}}
+           "per_modality": {m: v["all_requested_shown"] for m, v in r["per_modality"].items()},
+           "fd_per_modality": {m: round(v["fd"], 1) for m, v in r["per_modality"].items() if "fd" in v}}
     print(json.dumps(row), flush=True)
     return row
 
