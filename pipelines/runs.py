@@ -315,14 +315,14 @@ def test_rows(records: list[dict], modalities: list[str]) -> list[dict[str, Any]
 def _gain_terms(run_dir: Path) -> tuple[float, float | None]:
     """The run's gain terms (improve.guard: FD no more than ``fd_tolerance`` worse than the base's, MS-SSIM within a
     prompt no more than ``best_ms_ssim_rise`` above it), read from its config.yaml; the defaults where it says nothing."""
+    import yaml
+
     from rlhf.config import GuardConfig
 
     default = GuardConfig()
     try:
-        import yaml
-
         guard = ((yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("improve") or {}).get("guard") or {}
-    except (OSError, ValueError, AttributeError, ImportError) as exc:  # yaml.YAMLError is a ValueError
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError) as exc:  # AttributeError: not a mapping
         log.warning("%s/config.yaml is unreadable (%s); the gain's default terms are used", run_dir, exc)
         guard = {}
     fd = guard.get("fd_tolerance", default.fd_tolerance)
