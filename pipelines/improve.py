@@ -50,7 +50,7 @@ from rlhf.trainer import NonFiniteError, UpdateStats, sample_seed
 
 from .config import SynthmedConfig, config_to_dict, load_config, save_config
 from .run_plots import draw_plots
-from .runs import GUIDANCE_FILE, OFFSET_TABLE_FILE, SCALED_ADAPTER, read_guidance
+from .runs import GUIDANCE_FILE, OFFSET_TABLE_FILE, SCALED_ADAPTER, outside_gain_terms, read_guidance
 
 log = logging.getLogger(__name__)
 
@@ -316,12 +316,8 @@ class RewardHackingGuard:
         base = self.history[0] if self.history else None
         if base is None or not self.cfg.best_within_tolerance:
             return None
-        if fd is not None and base.get("fd") is not None and fd > base["fd"] * (1 + self.cfg.fd_tolerance):
-            return f"FD {fd:.2f} more than {self.cfg.fd_tolerance:.0%} worse than the base's {base['fd']:.2f}"
-        rise = self.cfg.best_ms_ssim_rise
-        if rise is not None and ms_ssim is not None and base.get("ms_ssim") is not None and ms_ssim > base["ms_ssim"] + rise:
-            return f"MS-SSIM {ms_ssim:.3f} more than {rise} above the base's {base['ms_ssim']:.3f}"
-        return None
+        return outside_gain_terms(fd, ms_ssim, base.get("fd"), base.get("ms_ssim"), self.cfg.fd_tolerance,
+                                  self.cfg.best_ms_ssim_rise)
 
     def observe(self, epoch: int, reward: float | None, share: float | None, fd: float | None,
                 fd_by_modality: dict[str, float | None] | None = None, ms_ssim: float | None = None) -> str | None:
@@ -1003,6 +999,11 @@ def guided_test_set(trainer, test: Sequence[Any], parts: Parts, cfg: SynthmedCon
 SPLIT_SEED_STRIDE = 100_000  # a test split's image seeds start this far from the test set's, per split number
 
 
+def split_seed(test_seed: int, split: int) -> int:
+    """The first image seed of untouched test split ``split`` (the run's test set's ``test_seed`` moved by a stride per split)."""
+    return test_seed + SPLIT_SEED_STRIDE * split
+
+
 def split_paths(run: Path, split: int) -> tuple[Path, Path]:
     """Where ``synthmed runs test --split N`` keeps the split's prompts and its figures."""
     return run / f"test_split{split}_prompts.jsonl", run / f"test_split{split}.json"
@@ -1035,7 +1036,7 @@ def evaluate_test_set(run: Path, progress: bool = True, split: int | None = None
         per_modality = per_modality if per_modality is not None else (ic.prompts.test_per_modality or 8)
         if per_modality < 1:
             raise UserError(f"--per-modality must be 1 or more, got {per_modality}")
-        seed = ic.eval.test_seed + SPLIT_SEED_STRIDE * split
+        seed = split_seed(ic.eval.test_seed, split)
     parts = build_parts(cfg, progress=progress)
     if split is None:
         test = load_prompts(saved) if saved.is_file() else parts.sampler.test()

@@ -330,11 +330,23 @@ def _gain_terms(run_dir: Path) -> tuple[float, float | None]:
     return float(fd), (None if rise is None else float(rise))
 
 
+def outside_gain_terms(fd: float | None, ms_ssim: float | None, base_fd: float | None, base_ms_ssim: float | None,
+                       fd_tolerance: float, ms_ssim_rise: float | None) -> str | None:
+    """Which of the gain's terms images break against the base's (FD more than ``fd_tolerance`` worse, MS-SSIM within a
+    prompt more than ``ms_ssim_rise`` above; None: no MS-SSIM term), or None when they keep both; an unknown figure breaks
+    nothing."""
+    if fd is not None and base_fd is not None and fd > base_fd * (1 + fd_tolerance):
+        return f"FD {fd:.2f} more than {fd_tolerance:.0%} worse than the base's {base_fd:.2f}"
+    if ms_ssim_rise is not None and ms_ssim is not None and base_ms_ssim is not None and ms_ssim > base_ms_ssim + ms_ssim_rise:
+        return f"MS-SSIM {ms_ssim:.3f} more than {ms_ssim_rise} above the base's {base_ms_ssim:.3f}"
+    return None
+
+
 def split_readings(run_dir: Path, modalities: list[str]) -> list[dict[str, Any]]:
     """The run's further untouched splits (``test_splitN.json``, by N), each adapter against the split's own base:
     ``[{"split", "prompts", "images_per_prompt", "path", "rows": [test_rows' row + "change" (the share of images
     showing every requested finding, minus the base's), "fd_change" (relative), "ms_ssim_change", "within_terms" (FD and
-    MS-SSIM within the run's gain terms, None for the base), "outside" (which term it broke)]}]``."""
+    MS-SSIM within the run's gain terms, None for the base), "outside" (which term it broke, :func:`outside_gain_terms`)]}]``."""
     found = []
     for path in run_dir.glob("test_split*.json"):
         n = path.stem[len("test_split"):]
@@ -359,12 +371,9 @@ def split_readings(run_dir: Path, modalities: list[str]) -> list[dict[str, Any]]
                 return a / b - 1 if relative else a - b
 
             row.update(change=diff("all_requested_shown"), fd_change=diff("fd", True), ms_ssim_change=diff("ms_ssim"))
-            outside = []
-            if row["fd_change"] is not None and row["fd_change"] > fd_tolerance:
-                outside.append(f"FD {row['fd_change']:+.0%} (at most {fd_tolerance:+.0%})")
-            if ms_ssim_rise is not None and row["ms_ssim_change"] is not None and row["ms_ssim_change"] > ms_ssim_rise:
-                outside.append(f"MS-SSIM {row['ms_ssim_change']:+.3f} (at most +{ms_ssim_rise:.3f})")
-            row["within_terms"] = None if row["adapter"] == "base" else not outside
+            outside = outside_gain_terms(now.get("fd"), now.get("ms_ssim"), base.get("fd"), base.get("ms_ssim"),
+                                         fd_tolerance, ms_ssim_rise)
+            row["within_terms"] = None if row["adapter"] == "base" else outside is None
             row["outside"] = outside
         out.append({"split": n, "prompts": data.get("prompts"), "images_per_prompt": data.get("images_per_prompt"),
                     "path": str(path), "rows": rows})

@@ -374,7 +374,7 @@ def _split_table(split: dict, modalities: list[str]) -> str:
         o = r["overall"]
         label = (f"base, reward-guided {_fmt(r.get('scale'))}" if r["adapter"] == "guided" else
                  f"{r['adapter']} x{r['scale']:g}" if isinstance(r.get("scale"), (int, float)) else r["adapter"]) + f" (epoch {r['epoch']})"
-        terms = "-" if r["within_terms"] is None else ("yes" if r["within_terms"] else "no: " + "; ".join(r["outside"]))
+        terms = "-" if r["within_terms"] is None else ("yes" if r["within_terms"] else f"no: {r['outside']}")
         rows.append([label, _fmt(o.get("all_requested_shown")),
                      "-" if r["change"] is None or r["adapter"] == "base" else f"{r['change'] * 100:+.1f}",
                      _fmt(o.get("requested_shown")), _fmt(o.get("finding_accuracy")),

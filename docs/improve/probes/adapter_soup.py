@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from agents.requests import load_prompts
 from generator.lora import load_lora, merged_for_sampling, read_lora_metadata
 from pipelines.config import load_config
-from pipelines.improve import SPLIT_SEED_STRIDE, build_parts, judge_test_set, save_adapter, split_paths
+from pipelines.improve import build_parts, judge_test_set, save_adapter, split_paths, split_seed
 from rlhf.heldout import heldout_evaluation
 
 args = sys.argv[1:]
@@ -65,7 +65,7 @@ for name, folders in soups.items():
            "heldout": {k: held["overall"][k] for k in KEYS},
            "heldout_per_modality": {m: v["all_requested_shown"] for m, v in held["per_modality"].items()}}
     if split and name in split_for:
-        got = judge_test_set(model, test, parts, cfg, name, True, seed=ic.eval.test_seed + SPLIT_SEED_STRIDE * split)
+        got = judge_test_set(model, test, parts, cfg, name, True, seed=split_seed(ic.eval.test_seed, split))
         row[f"split{split}"] = {k: got["overall"][k] for k in KEYS}
         row[f"split{split}_per_modality"] = {m: v["all_requested_shown"] for m, v in got["per_modality"].items()}
     save_adapter(model, out / name, {"run": str(run), "soup_of": row["folders"], "kind": "synthmed LoRA adapter (an average)"})

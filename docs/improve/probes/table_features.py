@@ -98,8 +98,8 @@ for name, featurise in (("loop", request_features), ("rich", rich)):
     for gamma in gammas:
         judge(steered(table, gamma, heldout, featurise, ic.eval.seed), f"{name} x{gamma:g}")
     if split and split_gamma:
-        from pipelines.improve import SPLIT_SEED_STRIDE, split_paths
+        from pipelines.improve import split_paths, split_seed
 
         prompts = load_prompts(split_paths(run, split)[0])
-        seed0 = ic.eval.test_seed + SPLIT_SEED_STRIDE * split
+        seed0 = split_seed(ic.eval.test_seed, split)
         judge(steered(table, split_gamma, prompts, featurise, seed0), f"{name} x{split_gamma:g}, split {split}", prompts)
