@@ -708,8 +708,8 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
             guided = {"finals": _gather_latents(accelerator, drafts.finals), "images": drafts.images}
             if ic.selection.target in ("trajectory", "drafts"):
                 guided["trajectory"] = (_gather_latents(accelerator, drafts.states), _gather_latents(accelerator, drafts.targets))
-            if ic.selection.target == "drafts":  # the shift guidance gave each step: the regression's per-step norm
-                guided["draft_shifts"] = _gather_latents(accelerator, drafts.shifts)
+                if ic.selection.target == "drafts":  # the shift guidance gave each step: the regression's per-step norm
+                    guided["draft_shifts"] = _gather_latents(accelerator, drafts.shifts)
             elif by_table:  # the drafts join the table's data; the selected requests' table-steered draws are fitted
                 trainer.keep_offset_drafts(items, _gather_latents(accelerator, drafts.shifts))
                 table = trainer.offset_table()
