@@ -68,7 +68,7 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-__all__ = ["DDIMStepOutput", "ddim_step_with_logprob"]
+__all__ = ["DDIMStepOutput", "ddim_step_with_logprob", "output_for_x0", "predicted_x0"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -228,3 +228,30 @@ def _gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, r
     per_element = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - _HALF_LOG_2PI  # (B, C, h, w)
     dims = tuple(range(1, per_element.ndim))
     return per_element.mean(dim=dims) if reduce == "mean" else per_element.sum(dim=dims)
+
+
+def predicted_x0(output: torch.Tensor, x_t: torch.Tensor, alpha_t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """x0_hat of DDIM eq. 12 from the UNet's ``output`` at ``x_t``; ``alpha_t`` is ``alphas_cumprod[t]`` (scalar or
+    broadcastable per sample). ``prediction_type``: epsilon, sample or v_prediction."""
+    a = alpha_t.to(x_t.dtype)
+    if prediction_type == "epsilon":
+        return (x_t - (1 - a).sqrt() * output) / a.sqrt()
+    if prediction_type == "sample":
+        return output
+    if prediction_type == "v_prediction":
+        return a.sqrt() * x_t - (1 - a).sqrt() * output
+    raise ValueError(f"prediction_type {prediction_type!r} must be 'epsilon', 'sample' or 'v_prediction'")
+
+
+def output_for_x0(x0: torch.Tensor, x_t: torch.Tensor, alpha_t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The UNet output that makes a DDIM step at ``x_t`` predict ``x0`` (and the noise ``(x_t - sqrt(a) x0) / sqrt(1 - a)``
+    consistent with it): the inverse of :func:`predicted_x0` at fixed ``x_t``."""
+    a = alpha_t.to(x_t.dtype)
+    if prediction_type == "sample":
+        return x0
+    eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+    raise ValueError(f"prediction_type {prediction_type!r} must be 'epsilon', 'sample' or 'v_prediction'")

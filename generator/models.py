@@ -142,6 +142,7 @@ class LatentDiffusion(torch.nn.Module):
                                        findings=findings if cfg.finding_tokens else None)
         self.scheduler = build_scheduler(cfg)
         self.scaling_factor = float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
+        self.steering = None  # a generator.steering.TableSteering the sampler moves every step's x0_hat by (a steered folder)
 
     @property
     def modalities(self) -> list[str]:
@@ -276,16 +277,28 @@ def load_finding_table(model: LatentDiffusion, path: str | os.PathLike) -> None:
 
 def apply_model_adapters(model: LatentDiffusion, paths: list[str] | tuple[str, ...]) -> list[str]:
     """`generator.lora.apply_adapters` on the model's UNet, and for an adapter written with a tuned finding table
-    (``findings.safetensors`` beside its ``lora.safetensors``) that table too. Two tuned tables cannot be combined:
-    naming two such adapters is an error."""
+    (``findings.safetensors`` beside its ``lora.safetensors``) that table too. A steered folder (``synthmed runs steer``:
+    ``steering.json``, generator.steering) sets the model's steering and loads the LoRA it holds, where it holds one.
+    Two tuned tables, or two steered folders, cannot be combined: naming two is an error."""
     from .lora import apply_adapters, resolve_lora_path
+    from .steering import is_steered_folder, load_steering
 
-    tables = [resolve_lora_path(p).with_name(FINDING_TABLE_FILE) for p in paths]
+    steered = [p for p in paths if is_steered_folder(p)]
+    if len(steered) > 1:
+        raise UserError(f"{len(steered)} of the adapters are steered folders ({', '.join(map(str, steered))}); a model "
+                        "steers by one offset table: name one of them")
+    loras = [p for p in paths if p not in steered or (Path(p) / "lora.safetensors").is_file()]
+    tables = [resolve_lora_path(p).with_name(FINDING_TABLE_FILE) for p in loras]
     tables = [t for t in tables if t.is_file()]
     if len(tables) > 1:
         raise UserError(f"{len(tables)} of the adapters carry a tuned finding table ({', '.join(map(str, tables))}); "
                         "a model holds one: name one of them")
-    names = apply_adapters(model.unet, paths)
+    steering = load_steering(steered[0]) if steered else None
+    if steering is not None:
+        steering.check(model)
+    names = apply_adapters(model.unet, loras)
     for table in tables:
         load_finding_table(model, table)
+    if steering is not None:
+        model.steering = steering
     return names

@@ -125,7 +125,9 @@ def sample(
     """Draw one image per prompt. With ``return_trajectory`` (DDIM, eta > 0) also the latents of
     every step and the log probability of each transition (always in fp32). ``precision``: fp32, bf16
     or auto (see the module's docstring); images come back as float32 either way. ``findings``: per
-    prompt, the structured findings it states, for a model with finding tokens (others ignore them)."""
+    prompt, the structured findings it states, for a model with finding tokens (others ignore them) and for a
+    steered model (``model.steering``, a steered folder's offset table: generator.steering), whose every step's
+    x0_hat moves by gamma x the table's offset for those findings."""
     compute = torch.float32 if return_trajectory else sampling_dtype(precision, model.device)
     args = (model, prompts, modalities, negative, guidance, steps, seed)
     if compute == torch.float32 or next(model.unet.parameters()).dtype != torch.float32:
@@ -166,10 +168,14 @@ def _sample(model: LatentDiffusion, prompts: list[str], modalities: list[str], n
     latents = latents * scheduler.init_noise_sigma
     scales = guidance_scales(guidance, len(scheduler.timesteps), guidance_schedule)
 
+    steering = model.steering  # a steered folder's offset table (generator.steering): x0_hat moved at every step
+    features = steering.features(modalities, findings) if steering is not None else None
     trajectory, log_probs = [latents], []
     for i, t in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(latents, t)
         prediction = guided_prediction(model, model_input, t.expand(n) if t.ndim == 0 else t, cond, scales[i])
+        if steering is not None:
+            prediction = steering.steer(prediction, latents, t, scheduler.alphas_cumprod, scheduler.config.prediction_type, features)
         if sampler == "ddim":
             step = ddim_step_with_logprob(scheduler, prediction, t, latents, eta=eta, generator=generators)
             latents = step.prev_sample.to(dtype)

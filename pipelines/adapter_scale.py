@@ -43,19 +43,111 @@ def _lora_b(unet) -> list[torch.nn.Parameter]:
     return [p for name, p in unet.named_parameters() if "lora_B" in name]
 
 
+class HeldoutSweep:
+    """A run's held-out set judged at several strengths of what it learnt, and the strength kept: ``synthmed runs scale``
+    (its adapter's ``lora_B`` x s) and ``synthmed runs steer`` (gamma x its offset table, pipelines.table_steer). Each
+    strength is drawn with the run's own sampler and seeds, judged by the evaluator, and chosen by
+    :func:`pipelines.improve.calibrate_guidance` against the run's base evaluation (the gain's terms, ``improve.guard``),
+    with a margin by default; the kept one is judged once on the run's untouched test prompts."""
+
+    def __init__(self, run: str | Path, progress: bool = True):
+        from agents.requests import load_prompts
+
+        from .config import load_config
+        from .improve import RewardHackingGuard, build_parts
+
+        self.run = Path(run)
+        self.progress = progress
+        self.records = read_metrics(self.run)
+        self.base = next((r for r in self.records if r.get("kind") == "eval" and r.get("epoch") == 0), None)
+        if self.base is None:
+            raise UserError(f"{self.run}/metrics.jsonl has no base evaluation (epoch 0) to hold the strengths' images against")
+        self.cfg = load_config(self.run / "config.yaml")
+        self.heldout = load_prompts(self.run / "heldout_prompts.jsonl")
+        test_path = self.run / "test_prompts.jsonl"
+        self.test = load_prompts(test_path) if test_path.is_file() else []
+        # the gain's terms against the run's own base evaluation, as best/ was chosen
+        self.guard = RewardHackingGuard(self.cfg.improve.guard)
+        overall = self.base["overall"]
+        self.guard.observe(0, None, overall.get("all_requested_shown"), overall.get("fd"), None, overall.get("ms_ssim"))
+        self.parts = build_parts(self.cfg, progress=progress)
+        self.model = self.parts.model
+
+    def judge(self, strength: float, label: str) -> dict[str, Any]:
+        """The held-out figures of the model as it stands, as a calibration line of scale ``strength``."""
+        from generator.lora import merged_for_sampling
+        from rlhf.heldout import heldout_evaluation
+
+        ic = self.cfg.improve
+        with merged_for_sampling(self.model.unet):
+            result = heldout_evaluation(self.model, self.heldout, self.parts.judges, self.parts.reference, ic.eval,
+                                        self.cfg.judges.eval, ic.ddpo.guidance, self.parts.train_images,
+                                        ic.ddpo.sample_batch_size, self.progress, label=f"held-out eval ({label})")
+        return {"scale": strength, "overall": result["overall"], "per_modality": result["per_modality"]}
+
+    def choose(self, lines: list[dict], margin: bool) -> dict | None:
+        from .improve import calibrate_guidance
+
+        return calibrate_guidance(lines, self.guard, margin=margin)
+
+    def judge_test(self, label: str) -> dict | None:
+        """The model as it stands on the run's untouched test prompts (None for a run without them)."""
+        from .improve import judge_test_set
+
+        return judge_test_set(self.model, self.test, self.parts, self.cfg, label, self.progress) if self.test else None
+
+    def report(self, name: str, lines: list[dict], chosen: dict | None, test_result: dict | None, adapter: str,
+               margin: bool) -> dict[str, Any]:
+        """What both commands write of the sweep: each strength's held-out figures (under ``name``: scale, gamma), the
+        choice, and the kept one's test figures beside the run's base and ``adapter`` test lines."""
+        from .improve import calibration_figures as pick
+
+        tested = {r.get("adapter"): r for r in self.records if r.get("kind") == "test"}
+        test_key = "scaled" if name == "scale" else "steered"
+        return {
+            "chosen_by": f"the held-out evaluator's share of images showing every requested finding, among {name}s whose FD "
+                         "and MS-SSIM stay within the gain's terms against the run's base (improve.guard); confirmed once on "
+                         "the untouched test prompts" + (f"; with a margin: the next {name} up must stay within those terms "
+                                                         "too" if margin else ""),
+            "margin": margin,
+            name: chosen["scale"] if chosen else None,
+            "heldout": {"base": pick(self.base), "chosen": pick(chosen), "base_per_modality": _shares(self.base.get("per_modality"))},
+            "test": ({"base": pick(tested.get("base")), **({adapter: pick(tested.get(adapter))} if adapter in ("best", "final") else {}),
+                      test_key: pick(test_result)} if test_result else None),
+            "test_per_modality": ({m: {"base": _shares((tested.get("base") or {}).get("per_modality")).get(m), test_key: share}
+                                   for m, share in _shares(test_result["per_modality"]).items()} if test_result else None),
+            f"{name}s": [{name: r["scale"], **pick(r), "chosen": r.get("calibrated", False),
+                          **({"refused": r["not_calibrated_because"]} if r.get("not_calibrated_because") else {}),
+                          "per_modality": _shares(r["per_modality"])}
+                         for r in lines],
+        }
+
+    def write(self, folder_name: str, file_name: str, out: dict[str, Any], kept: bool) -> dict[str, Any]:
+        """``out`` to ``<run>/<file_name>``; where nothing was kept, an earlier ``<run>/<folder_name>`` is removed after
+        the file says so (moved aside first, so a half-removed folder is never left in its place)."""
+        from .improve import _clean, write_json_atomic
+
+        stale = self.run / folder_name
+        if not kept and stale.is_dir():  # an earlier run of the command's folder: the file no longer vouches for it
+            out["removed"] = str(stale)
+        out = _clean(out)
+        write_json_atomic(self.run / file_name, out, ensure_ascii=False)
+        if out.get("removed"):
+            aside = stale.with_name(stale.name + ".removed")
+            shutil.rmtree(aside, ignore_errors=True)
+            stale.rename(aside)
+            shutil.rmtree(aside)
+        return out
+
+
 def calibrate_adapter_scale(run: str | Path, scales: Sequence[float], adapter: str = "best", progress: bool = True,
                             margin: bool = True) -> dict[str, Any]:
     """Held-out figures of ``run``'s ``adapter`` (best or final) at each of ``scales``, the kept scale baked into
     ``<run>/scaled/`` and judged on the untouched test prompts; returns (and writes to ``<run>/scale.json``) the lot.
     ``margin``: keep only a scale whose next larger scale tried also stays within the gain's terms (see the module)."""
-    from agents.requests import load_prompts
-    from generator.lora import merged_for_sampling
     from generator.models import FINDING_TABLE_FILE
-    from rlhf.heldout import heldout_evaluation
 
-    from .config import load_config
-    from .improve import (RewardHackingGuard, _clean, build_parts, calibrate_guidance, calibration_figures, judge_test_set,
-                          load_adapter_folder, save_adapter, write_json_atomic)
+    from .improve import load_adapter_folder, save_adapter
 
     run = Path(run)
     scales = sorted({float(s) for s in scales})
@@ -67,22 +159,9 @@ def calibrate_adapter_scale(run: str | Path, scales: Sequence[float], adapter: s
     if not (folder / "lora.safetensors").is_file():
         raise UserError(f"{folder} holds no adapter (lora.safetensors); scale a run that has evaluated one "
                         "(best/ appears at its first evaluation past the base, final/ when it finishes)")
-    records = read_metrics(run)
-    base = next((r for r in records if r.get("kind") == "eval" and r.get("epoch") == 0), None)
-    if base is None:
-        raise UserError(f"{run}/metrics.jsonl has no base evaluation (epoch 0) to hold the scales' images against")
-    cfg = load_config(run / "config.yaml")
-    ic = cfg.improve
-    heldout = load_prompts(run / "heldout_prompts.jsonl")
-    test_path = run / "test_prompts.jsonl"
-    test = load_prompts(test_path) if test_path.is_file() else []
+    sweep = HeldoutSweep(run, progress)
     meta = json.loads((folder / "metadata.json").read_text()) if (folder / "metadata.json").is_file() else {}
-
-    guard = RewardHackingGuard(ic.guard)  # the gain's terms against the run's own base evaluation, as best/ was chosen
-    guard.observe(0, None, base["overall"].get("all_requested_shown"), base["overall"].get("fd"), None,
-                  base["overall"].get("ms_ssim"))
-    parts = build_parts(cfg, progress=progress)
-    model = parts.model
+    model = sweep.model
     load_adapter_folder(model, folder)
     weights = _lora_b(model.unet)
     trained = [p.detach().clone() for p in weights]
@@ -95,14 +174,8 @@ def calibrate_adapter_scale(run: str | Path, scales: Sequence[float], adapter: s
     lines = []
     for s in scales:
         at_scale(s)
-        with merged_for_sampling(model.unet):
-            result = heldout_evaluation(model, heldout, parts.judges, parts.reference, ic.eval, cfg.judges.eval, ic.ddpo.guidance,
-                                        parts.train_images, ic.ddpo.sample_batch_size, progress, label=f"held-out eval (x{s:g})")
-        result.pop("images")
-        lines.append({"scale": s, "overall": result["overall"], "per_modality": result["per_modality"]})
-    chosen = calibrate_guidance(lines, guard, margin=margin)
-
-    tested = {r.get("adapter"): r for r in records if r.get("kind") == "test"}
+        lines.append(sweep.judge(s, f"x{s:g}"))
+    chosen = sweep.choose(lines, margin)
     test_result = None
     if chosen is not None:
         at_scale(chosen["scale"])
@@ -112,42 +185,14 @@ def calibrate_adapter_scale(run: str | Path, scales: Sequence[float], adapter: s
                       "kind": f"synthmed LoRA adapter ({adapter}/ with lora_B x {chosen['scale']:g}, the scale chosen on the "
                               "held-out set)"},
                      findings=(folder / FINDING_TABLE_FILE).is_file())
-        if test:
-            test_result = judge_test_set(model, test, parts, cfg, f"{adapter} x{chosen['scale']:g}", progress)
-    pick = calibration_figures
-    out = {
-        "kind": "synthmed adapter scale", "run": str(run), "adapter": adapter, "epoch": meta.get("epoch"),
-        "chosen_by": "the held-out evaluator's share of images showing every requested finding, among scales whose FD and "
-                     "MS-SSIM stay within the gain's terms against the run's base (improve.guard); confirmed once on the "
-                     "untouched test prompts" + ("; with a margin: the next scale up must stay within those terms too" if margin else ""),
-        "margin": margin,
-        "scale": chosen["scale"] if chosen else None,
-        "heldout": {"base": pick(base), "chosen": pick(chosen),
-                    "base_per_modality": _shares(base.get("per_modality"))},
-        "test": ({"base": pick(tested.get("base")), adapter: pick(tested.get(adapter)), "scaled": pick(test_result)}
-                 if test_result else None),
-        "test_per_modality": ({m: {"base": _shares((tested.get("base") or {}).get("per_modality")).get(m), "scaled": share}
-                               for m, share in _shares(test_result["per_modality"]).items()} if test_result else None),
-        "scales": [{"scale": r["scale"], **pick(r), "chosen": r.get("calibrated", False),
-                    **({"refused": r["not_calibrated_because"]} if r.get("not_calibrated_because") else {}),
-                    "per_modality": _shares(r["per_modality"])}
-                   for r in lines],
-        "adapter_folder": str(run / SCALED_ADAPTER) if chosen else None,
-        "use": (f"synthmed generate ... --lora {run / SCALED_ADAPTER}; synthmed eval --lora {run / SCALED_ADAPTER}" if chosen
-                else "no scale kept the images within the gain's terms" + (" with a margin (the next scale up within them too)" if margin else "")
-                + "; try smaller scales, or a finer grid"),
-    }
-    stale = run / SCALED_ADAPTER
-    if chosen is None and stale.is_dir():  # an earlier run of this command's adapter: scale.json no longer vouches for it
-        out["removed"] = str(stale)
-    out = _clean(out)
-    write_json_atomic(run / SCALE_FILE, out, ensure_ascii=False)
-    if out.get("removed"):  # after scale.json says so; moved aside first, so a half-removed folder is never left as scaled/
-        aside = stale.with_name(stale.name + ".removed")
-        shutil.rmtree(aside, ignore_errors=True)
-        stale.rename(aside)
-        shutil.rmtree(aside)
-    return out
+        test_result = sweep.judge_test(f"{adapter} x{chosen['scale']:g}")
+    out = {"kind": "synthmed adapter scale", "run": str(run), "adapter": adapter, "epoch": meta.get("epoch"),
+           **sweep.report("scale", lines, chosen, test_result, adapter, margin),
+           "adapter_folder": str(run / SCALED_ADAPTER) if chosen else None,
+           "use": (f"synthmed generate ... --lora {run / SCALED_ADAPTER}; synthmed eval --lora {run / SCALED_ADAPTER}" if chosen
+                   else "no scale kept the images within the gain's terms" + (" with a margin (the next scale up within them too)" if margin else "")
+                   + "; try smaller scales, or a finer grid")}
+    return sweep.write(SCALED_ADAPTER, SCALE_FILE, out, chosen is not None)
 
 
-__all__ = ["SCALED_ADAPTER", "SCALE_FILE", "calibrate_adapter_scale"]
+__all__ = ["HeldoutSweep", "SCALED_ADAPTER", "SCALE_FILE", "calibrate_adapter_scale"]

@@ -97,6 +97,11 @@ def build_generator(cfg, model_path: str | None = None, device: str = "cpu"):
         from generator.models import apply_model_adapters
 
         apply_model_adapters(model, list(cfg.sample.lora))
+        if model.steering is not None:  # the graph names kinds of findings ("plate atelectasis"): the table's by lineage
+            from agents.reader import lexicon_lineage
+            from knowledge.open import lexicon_for
+
+            model.steering.lineage = lexicon_lineage(lexicon_for(cfg))
     channels = {m: spec.channels for m, spec in cfg.data.modalities.items()}
     s = cfg.sample
     return ImageGenerator(model, channels, s.sampler, s.eta, s.batch_size, s.guidance_schedule, source=str(path), precision=s.precision)

@@ -50,7 +50,7 @@ from rlhf.trainer import NonFiniteError, UpdateStats, sample_seed
 
 from .config import SynthmedConfig, config_to_dict, load_config, save_config
 from .run_plots import draw_plots
-from .runs import GUIDANCE_FILE, OFFSET_TABLE_FILE, SCALED_ADAPTER, outside_gain_terms, read_guidance
+from .runs import GUIDANCE_FILE, OFFSET_TABLE_FILE, SCALED_ADAPTER, STEERED_ADAPTER, outside_gain_terms, read_guidance
 
 log = logging.getLogger(__name__)
 
@@ -182,11 +182,13 @@ def append_lines(path: Path, records: Sequence[dict]) -> None:
 
 
 # -- adapters -------------------------------------------------------------------------------
-def save_adapter(model, folder: Path, metadata: dict, findings: bool = False) -> Path:
+def save_adapter(model, folder: Path, metadata: dict, findings: bool = False, lora: bool = True,
+                 extra: Callable[[Path], object] | None = None) -> Path:
     """``folder`` with the adapter as synthmed reads it (lora.safetensors), as diffusers reads it
     (pytorch_lora_weights.safetensors: ``unet.``-prefixed peft keys, ``pipe.load_lora_weights``) and
     metadata.json, and with ``findings`` the tuned finding table (findings.safetensors, read by --lora with the
-    adapter; diffusers has no place for it); written beside and renamed into place."""
+    adapter; diffusers has no place for it); written beside and renamed into place. ``lora`` False leaves the LoRA's
+    files out (a steered folder that steers the base); ``extra(tmp)`` writes more into it before it is renamed."""
     from safetensors.torch import save_file
 
     from generator.lora import _adapter_state_dict, save_lora
@@ -194,11 +196,14 @@ def save_adapter(model, folder: Path, metadata: dict, findings: bool = False) ->
 
     unet = model.unet
     with atomic_folder(folder, folder.with_name(folder.name + ".tmp")) as tmp:
-        save_lora(unet, tmp / "lora.safetensors", metadata={"synthmed_run": metadata.get("run", "")})
-        state = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in _adapter_state_dict(unet, "default").items()}
-        save_file(state, str(tmp / "pytorch_lora_weights.safetensors"))
+        if lora:
+            save_lora(unet, tmp / "lora.safetensors", metadata={"synthmed_run": metadata.get("run", "")})
+            state = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in _adapter_state_dict(unet, "default").items()}
+            save_file(state, str(tmp / "pytorch_lora_weights.safetensors"))
         if findings:
             save_finding_table(model, tmp / FINDING_TABLE_FILE, {"synthmed_run": metadata.get("run", "")})
+        if extra is not None:
+            extra(tmp)
         write_json_atomic(tmp / "metadata.json", {**metadata, "finding_table": findings}, ensure_ascii=False)
     return folder
 
@@ -1010,7 +1015,8 @@ def split_paths(run: Path, split: int) -> tuple[Path, Path]:
 
 
 def evaluate_test_set(run: Path, progress: bool = True, split: int | None = None, per_modality: int | None = None) -> dict:
-    """``synthmed runs test``: a run's base, best/ and final/ (and scaled/, where ``runs scale`` kept one) judged on its
+    """``synthmed runs test``: a run's base, best/ and final/ (and scaled/ and steered/, where ``runs scale`` and ``runs
+    steer`` kept them) judged on its
     untouched test prompts (its test_prompts.jsonl, or for a run from before the test set, the ones its config draws),
     written to <run>/test.json (nothing else of the run changes). The figures equal the run's own ``test`` lines where it
     has them.
@@ -1020,6 +1026,7 @@ def evaluate_test_set(run: Path, progress: bool = True, split: int | None = None
     run's held-out and test requests, with image seeds of their own; its prompts are saved beside its figures
     (:func:`split_paths`). For a final claim on more images than the run's own test set holds."""
     from agents.requests import load_prompts, save_prompts
+    from generator.steering import is_steered_folder
 
     cfg = load_config(run / "config.yaml")
     ic = cfg.improve
@@ -1070,6 +1077,14 @@ def evaluate_test_set(run: Path, progress: bool = True, split: int | None = None
         load_adapter_folder(model, folder)
         results.append({"adapter": name, "epoch": meta.get("epoch"), **({"scale": meta["scale"]} if "scale" in meta else {}),
                         **judge_test_set(model, test, parts, cfg, name, progress, seed=seed)})
+    if is_steered_folder(run / STEERED_ADAPTER):  # `synthmed runs steer`: the base (or an adapter) steered by the run's table
+        from .table_steer import load_steered_folder
+
+        meta = load_steered_folder(model, run / STEERED_ADAPTER)
+        results.append({"adapter": STEERED_ADAPTER, "epoch": meta.get("epoch"), "table_epoch": meta.get("table_epoch"),
+                        "gamma": model.steering.gamma, "steers": meta.get("adapter"),
+                        **judge_test_set(model, test, parts, cfg, STEERED_ADAPTER, progress, seed=seed)})
+        model.steering = None
     out = {"run": str(run), **({"split": split} if split is not None else {}), "prompts": len(test),
            "images_per_prompt": ic.eval.images_per_prompt, "seed": seed, "drawn": drawn, "results": results}
     out = _clean(out)  # rounded as metrics.jsonl is: the figures equal the run's own test lines

@@ -180,6 +180,7 @@ def _paths(run_dir: Path, best: int | None) -> dict[str, Any]:
         "final": folder("final"), "best": folder("best"), "best_epoch": best, "guidance": existing(GUIDANCE_FILE),
         "scale": existing(SCALE_FILE), "scaled": folder(SCALED_ADAPTER),  # `synthmed runs scale` (pipelines.adapter_scale)
         "offset_table": existing(OFFSET_TABLE_FILE),
+        "steer": existing(STEER_FILE), "steered": folder(STEERED_ADAPTER),  # `synthmed runs steer` (pipelines.table_steer)
         "tests": [str(p) for p in sorted(run_dir.glob("test*.json")) if p.is_file()],  # `synthmed runs test [--split N]`
         "checkpoints": [str(p) for p in checkpoints],
     }
@@ -281,6 +282,7 @@ def show_run(run: str | Path, runs_dir: str | Path = "runs") -> dict[str, Any]:
         "findings": finding_table(evals, summary["best_epoch"], reference),
         "test": test_rows(records, modalities),
         "scale": _read_json(run_dir / SCALE_FILE),  # `synthmed runs scale`: the adapter's strength chosen on the held-out set
+        "steer": _read_json(run_dir / STEER_FILE),  # `synthmed runs steer`: the offset table's gamma chosen on the held-out set
         "splits": split_readings(run_dir, modalities),  # `synthmed runs test --split N`: further untouched splits
         "guards": [{"epoch": r.get("epoch"), "message": r.get("message", "")} for r in records if r.get("kind") == "guard"],
         "end": {k: ends[-1].get(k) for k in ("epoch", "status", "message")} if ends else None,
@@ -306,8 +308,9 @@ def test_rows(records: list[dict], modalities: list[str]) -> list[dict[str, Any]
     for r in records:
         if r.get("kind") == "test":
             last[r.get("adapter", "?")] = r
-    order = {"base": 0, "guided": 1, "best": 2, "final": 3, "scaled": 4}
+    order = {"base": 0, "guided": 1, "best": 2, "final": 3, "scaled": 4, "steered": 5}
     return [{"adapter": a, "epoch": r.get("epoch"), "scale": r.get("scale"), "overall": dict(r.get("overall") or {}),
+             **({"gamma": r["gamma"], "steers": r.get("steers"), "table_epoch": r.get("table_epoch")} if "gamma" in r else {}),
              "all_requested_shown": {m: ((r.get("per_modality") or {}).get(m) or {}).get("all_requested_shown") for m in modalities}}
             for a, r in sorted(last.items(), key=lambda kv: order.get(kv[0], len(order)))]
 
@@ -392,6 +395,7 @@ def reference_line(records: list[dict]) -> dict[str, Any] | None:
 GUIDANCE_FILE = "guidance.json"  # a run's calibrated reward guidance (improve.eval.guidance_scales)
 SCALE_FILE, SCALED_ADAPTER = "scale.json", "scaled"  # a run's adapter strength chosen on its held-out set, and that adapter
 OFFSET_TABLE_FILE = "offset_table.safetensors"  # improve.selection.target=table: the table as of the last epoch (rlhf.amortised)
+STEER_FILE, STEERED_ADAPTER = "steer.json", "steered"  # `synthmed runs steer`: gamma x the table chosen on the held-out set
 
 
 def read_guidance(folder: str | Path) -> dict[str, Any] | None:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from generator.ddim_logprob import output_for_x0, predicted_x0  # noqa: F401  (reward guidance's arithmetic, re-exported)
 from generator.errors import UserError
 
 __all__ = [
@@ -227,33 +228,6 @@ def stated_vector(expected: Mapping[str, bool], labels: Sequence[str]) -> torch.
 
 
 # -- reward guidance (stage 2's guided candidates) ---------------------------------------------------------
-def predicted_x0(output: torch.Tensor, x_t: torch.Tensor, alpha_t: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """x0_hat of DDIM eq. 12 from the UNet's ``output`` at ``x_t``; ``alpha_t`` is ``alphas_cumprod[t]`` (scalar or
-    broadcastable per sample). ``prediction_type``: epsilon, sample or v_prediction."""
-    a = alpha_t.to(x_t.dtype)
-    if prediction_type == "epsilon":
-        return (x_t - (1 - a).sqrt() * output) / a.sqrt()
-    if prediction_type == "sample":
-        return output
-    if prediction_type == "v_prediction":
-        return a.sqrt() * x_t - (1 - a).sqrt() * output
-    raise ValueError(f"prediction_type {prediction_type!r} must be 'epsilon', 'sample' or 'v_prediction'")
-
-
-def output_for_x0(x0: torch.Tensor, x_t: torch.Tensor, alpha_t: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """The UNet output that makes a DDIM step at ``x_t`` predict ``x0`` (and the noise ``(x_t - sqrt(a) x0) / sqrt(1 - a)``
-    consistent with it): the inverse of :func:`predicted_x0` at fixed ``x_t``."""
-    a = alpha_t.to(x_t.dtype)
-    if prediction_type == "sample":
-        return x0
-    eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
-    if prediction_type == "epsilon":
-        return eps
-    if prediction_type == "v_prediction":
-        return a.sqrt() * eps - (1 - a).sqrt() * x0
-    raise ValueError(f"prediction_type {prediction_type!r} must be 'epsilon', 'sample' or 'v_prediction'")
-
-
 def guidance_shift(grad: torch.Tensor, scale: float, alpha_t: torch.Tensor) -> torch.Tensor:
     """The step reward guidance adds to x0_hat: ``scale * sqrt(alpha_t) * g / rms(g)``, ``g`` the reward's gradient at
     x0_hat and its RMS taken per sample. Normalised, the step's size does not depend on how steep the classifier is

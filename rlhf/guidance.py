@@ -142,6 +142,8 @@ def steered_draw(model, shift: Callable[..., torch.Tensor], prompts: Sequence[st
     scheduler = model.scheduler
     scheduler.set_timesteps(steps)
     kind = scheduler.config.prediction_type
+    steering = getattr(model, "steering", None)
+    features = steering.features(modalities, findings) if steering is not None else None
     finals, images, states, targets, shifts = [], [], [], [], []
     for start in range(0, n, batch_size):
         rows = list(range(start, min(n, start + batch_size)))
@@ -156,6 +158,8 @@ def steered_draw(model, shift: Callable[..., torch.Tensor], prompts: Sequence[st
             alpha = scheduler.alphas_cumprod[int(t)].to(x.device)
             x0 = predicted_x0(output.float(), x.float(), alpha, kind)
             delta = shift(x0, rows, j, t, alpha)
+            if steering is not None:  # a steered model's own table (generator.steering) moves the guided step too
+                delta = delta + steering.gamma * steering.table.offset([features[i] for i in rows], int(t)).to(x0.device)
             moved = output_for_x0(x0 + delta, x.float(), alpha, kind)
             if keep_trajectory:
                 chunk_states.append(x.cpu())

@@ -119,3 +119,84 @@ def test_a_steered_draw_at_gamma_0_is_the_plain_sampler_and_its_shifts_are_the_t
         assert torch.allclose(shifts[:, j], 2.0 * table.offset(features, t), atol=1e-4)
     refit = OffsetTable.fit(features, shifts / 2.0, timesteps, ridge=0.0)
     assert torch.allclose(refit.offset(features, timesteps[1]), table.offset(features, timesteps[1]), atol=1e-4)
+
+
+# -- steering the sampler by a table (generator.steering: a steered folder, `synthmed runs steer`) ------------------
+def _steering_parts(gamma: float = 1.5):
+    torch.manual_seed(0)
+    model = LatentDiffusion(TINY, ["cxr"])
+    steps = 3
+    model.scheduler.set_timesteps(steps)
+    timesteps = [int(t) for t in model.scheduler.timesteps]
+    vocab = ["cxr|_bias", "cxr|atelectasis|present|-", "cxr|pleural_effusion|present|left", "cxr|pneumothorax|absent"]
+    latent = (TINY.latent_channels, latent_size(model.cfg), latent_size(model.cfg))
+    table = OffsetTable(vocab, timesteps, 0.1 * torch.randn(steps, len(vocab), *latent, generator=torch.Generator().manual_seed(5)))
+    findings = [[{"name": "pleural_effusion", "present": True, "laterality": "left"}, {"name": "pneumothorax", "present": False}],
+                [{"name": "atelectasis", "present": True, "location": "left_lower_lobe"}],
+                []]
+    return model, table, findings, steps
+
+
+def test_a_steered_sampler_draws_what_the_table_steered_draw_draws_and_at_gamma_0_the_base_bit_for_bit():
+    from generator.sampling import sample
+    from generator.steering import TableSteering
+
+    model, table, findings, steps = _steering_parts()
+    prompts, modalities = ["left pleural effusion, no pneumothorax", "atelectasis", "normal"], ["cxr"] * 3
+    with torch.no_grad():
+        base = sample(model, prompts, modalities, guidance=3.0, steps=steps, seed=20, findings=findings).images
+        model.steering = TableSteering(table, 0.0)
+        assert torch.equal(sample(model, prompts, modalities, guidance=3.0, steps=steps, seed=20, findings=findings).images, base)
+        model.steering = TableSteering(table, 1.5)
+        steered = sample(model, prompts, modalities, guidance=3.0, steps=steps, seed=20, findings=findings).images
+        model.steering = None
+        features = [request_features("cxr", f) for f in findings]
+        drawn = table_steered_draw(model, table, 1.5, prompts, modalities, features, [20, 21, 22], steps, 3.0, batch_size=2).images
+    assert torch.allclose(steered, drawn, atol=1e-5)
+    assert (steered - base).abs().mean() > 1e-3
+
+
+def test_steering_features_take_the_tables_side_free_offset_and_a_kinds_parent():
+    from generator.steering import TableSteering
+
+    model, table, findings, steps = _steering_parts()
+    steering = TableSteering(table, 1.0)
+    # the graph's reader gives atelectasis the side its lobe implies; the table knows it side-free
+    read = [{"name": "atelectasis", "present": True, "laterality": "left"}, {"name": "pleural_effusion", "present": True, "side": "left"},
+            {"name": "consolidation", "present": True, "uncertain": True}]
+    assert steering.features(["cxr"], [read]) == [["cxr|_bias", "cxr|atelectasis|present|-", "cxr|pleural_effusion|present|left"]]
+    # a kind the table lacks takes the kind of it the table has, where a lineage says which
+    kind = [{"name": "plate_atelectasis", "present": True}]
+    assert steering.features(["cxr"], [kind]) == [["cxr|_bias", "cxr|plate_atelectasis|present|-"]]
+    steering.lineage = lambda name: {name, "atelectasis"} if name == "plate_atelectasis" else {name}
+    assert steering.features(["cxr"], [kind]) == [["cxr|_bias", "cxr|atelectasis|present|-"]]
+    assert steering.features(["cxr"], None) == [["cxr|_bias"]]
+
+
+def test_a_steered_folder_loads_through_lora_and_bad_ones_are_refused(tmp_path):
+    import json
+
+    from generator.models import apply_model_adapters
+    from generator.steering import STEERING_FILE, load_steering, save_steering
+
+    model, table, findings, steps = _steering_parts()
+    folder = save_steering(tmp_path / "steered", table, 1.25, {"run": "r"})
+    assert sorted(p.name for p in folder.iterdir()) == ["offset_table.safetensors", "steering.json"]
+    assert apply_model_adapters(model, [str(folder)]) == []  # no LoRA: the base, steered
+    assert model.steering.gamma == 1.25 and torch.equal(model.steering.table.weights, table.weights)
+    assert json.loads((folder / STEERING_FILE).read_text())["run"] == "r"
+    other = save_steering(tmp_path / "other", table, 1.0)
+    with pytest.raises(UserError, match="steered folders"):
+        apply_model_adapters(LatentDiffusion(TINY, ["cxr"]), [str(folder), str(other)])
+    (other / STEERING_FILE).write_text(json.dumps({"format": "synthmed-steering-1", "gamma": -1, "table": "offset_table.safetensors"}))
+    with pytest.raises(UserError, match="gamma must be a number"):
+        load_steering(other)
+    (other / STEERING_FILE).write_text("{not json")
+    with pytest.raises(UserError, match="cannot be read"):
+        load_steering(other)
+    (other / STEERING_FILE).write_text(json.dumps({"format": "synthmed-steering-1", "gamma": 1, "table": "gone.safetensors"}))
+    with pytest.raises(UserError, match="holds no such file"):
+        load_steering(other)
+    wrong = OffsetTable(table.features, table.timesteps, torch.zeros(steps, len(table.features), 3, 2, 2))
+    with pytest.raises(UserError, match="fitted for another model"):
+        apply_model_adapters(LatentDiffusion(TINY, ["cxr"]), [str(save_steering(tmp_path / "wrong", wrong, 1.0))])

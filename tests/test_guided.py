@@ -9,6 +9,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from diffusers import DDIMScheduler
+from PIL import Image
 
 from generator.ddim_logprob import ddim_step_with_logprob
 from generator.errors import SynthmedError
@@ -185,6 +186,7 @@ def test_a_table_target_run_fits_the_offset_table_to_every_epochs_drafts_and_res
                                                                       "improve.selection.table_replay": 1,
                                                                       "improve.ddpo.epochs": 3,
                                                                       "improve.eval.reference_per_request": 0,
+                                                                      "improve.prompts.test_per_modality": 1,
                                                                       "improve.num_threads": 0}),  # the worker's 1 thread
                                     extends="table"))
     ic = cfg.improve
@@ -217,12 +219,59 @@ def test_a_table_target_run_fits_the_offset_table_to_every_epochs_drafts_and_res
     saved = OffsetTable.load(tmp_path / "whole" / "offset_table.safetensors")
     refit = OffsetTable.fit(pool["features"], pool["shifts"].float(), saved.timesteps, cfg.improve.selection.table_ridge)
     assert saved.features == refit.features and torch.equal(saved.weights, refit.weights)
+    _steer_the_run(tmp_path / "whole", saved, base_model, tmp_path, capsys)
 
     killed = tmp_path / "killed"
     with pytest.raises(SystemExit):
         run_improve(cfg, killed, progress=False, stop_after=lambda point, epoch: point == "update" and epoch == 3)
     run_improve(cfg, killed, resume=True, progress=False)
     assert without_timing(lines(killed / "metrics.jsonl")) == without_timing(records)
+
+
+def _steer_the_run(run, saved, base_model, tmp_path, capsys):
+    """`synthmed runs steer` on a table-stage run: gamma x its table chosen on the held-out set, written to steered/,
+    judged once on the test prompts as `runs test` judges it, shown by `runs show`, drawn by `synthmed sample --lora`."""
+    from rlhf.amortised import OffsetTable
+
+    assert cli(["runs", "steer", str(run), "--gammas", "0.02,0.01", "--no-margin", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [g["gamma"] for g in out["gammas"]] == [0.01, 0.02] and out["gamma"] in (0.01, 0.02)
+    assert out["heldout"]["base"]["all_requested_shown"] == next(r for r in lines(run / "metrics.jsonl")
+                                                                 if r["kind"] == "eval")["overall"]["all_requested_shown"]
+    steered = run / "steered"
+    assert sorted(p.name for p in steered.iterdir()) == ["metadata.json", "offset_table.safetensors", "steering.json"]
+    assert json.loads((steered / "steering.json").read_text())["gamma"] == out["gamma"]
+    assert torch.equal(OffsetTable.load(steered / "offset_table.safetensors").weights, saved.weights)
+    # `runs test` judges it beside the run's base and adapters, figure for figure as `runs steer` did once
+    assert cli(["runs", "test", str(run)]) == 0
+    assert f"steered: base + table x{out['gamma']:g} (table of epoch 3)" in capsys.readouterr().out
+    rows = {r["adapter"]: r for r in json.loads((run / "test.json").read_text())["results"]}
+    assert list(rows)[0] == "base" and list(rows)[-1] == "steered" and rows["steered"]["gamma"] == out["gamma"]
+    for key in ("all_requested_shown", "fd", "ms_ssim"):
+        assert rows["steered"]["overall"][key] == pytest.approx(out["test"]["steered"][key])
+    assert cli(["runs", "show", str(run)]) == 0
+    shown = capsys.readouterr().out
+    assert "table steering (synthmed runs steer)" in shown and f"base + table x{out['gamma']:g} " in shown
+    # `synthmed sample --lora steered/`: the base moved by the table at the kept gamma, for the findings it is given
+    _, finding, _, side = next(f.split("|") for f in saved.features if f.startswith("cxr|") and "|present|" in f)
+    stated = {"name": finding, "present": True, **({"laterality": side} if side != "-" else {})}
+    finding += f":laterality={side}" if side != "-" else ""
+    drawn = {}
+    for name, lora in (("plain", []), ("steered", ["--lora", str(steered), "--finding", finding])):  # the base reads text alone
+        assert cli(["sample", "A finding.", "--modality", "cxr", "--n", "2", "--steps", "2", "--model", str(base_model), *lora,
+                    "--out", str(tmp_path / name)]) == 0
+        drawn[name] = [np.asarray(Image.open(p)) for p in sorted((tmp_path / name).glob("*.png"))]
+    record = lines(tmp_path / "steered" / "samples.jsonl")[-1]
+    assert record["steering"]["gamma"] == out["gamma"] and record["findings"] == [stated]
+    assert any((a != b).any() for a, b in zip(drawn["plain"], drawn["steered"]))
+    assert cli(["sample", "A finding.", "--modality", "cxr", "--n", "1", "--steps", "2", "--model", str(base_model),
+                "--lora", str(steered), "--finding", "no_such_finding", "--out", str(tmp_path / "bad")]) == 2
+    assert "steering table" in capsys.readouterr().err
+    # a run without a table has nothing to steer by
+    (run / "offset_table.safetensors").rename(run / "aside.safetensors")
+    assert cli(["runs", "steer", str(run)]) == 2
+    assert "has no offset table" in capsys.readouterr().err
+    (run / "aside.safetensors").rename(run / "offset_table.safetensors")
 
 
 def test_the_table_regression_starts_at_1_with_the_adapter_at_zero_and_falls(base_model, tmp_path):

@@ -1,4 +1,4 @@
-"""`synthmed runs list|show|test|scale|plot`: what the self-improvement runs (`synthmed improve`) did, from their run directories."""
+"""`synthmed runs list|show|test|scale|steer|plot`: what the self-improvement runs (`synthmed improve`) did, from their run directories."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ def register(groups, formatter) -> None:
         "runs", formatter_class=formatter, help="inspect self-improvement runs: list them, show one, draw its plots",
         description="Reads the run directories that `synthmed improve` writes (runs/<id>/: metadata.json, metrics.jsonl, "
                     "grids/, plots/, checkpoints/, final/, best/). Nothing here changes a run except `plot` and "
-                    "`show --plots`, which redraw its plots/ from metrics.jsonl, `test`, which writes its test.json, and `scale`, "
-                    "which writes its scaled/ adapter and scale.json.",
+                    "`show --plots`, which redraw its plots/ from metrics.jsonl, `test`, which writes its test.json, `scale`, "
+                    "which writes its scaled/ adapter and scale.json, and `steer`, which writes its steered/ folder and "
+                    "steer.json.",
     )
     sub = r.add_subparsers(dest="runs_command", metavar="SUBCOMMAND", required=True)
     ls = sub.add_parser("list", formatter_class=formatter,
@@ -36,9 +37,10 @@ def register(groups, formatter) -> None:
     _common(show)
     show.set_defaults(handler=_show)
     test = sub.add_parser("test", formatter_class=formatter,
-                          help="judge a run's base, best/ and final/ (and scaled/) on its untouched test prompts; writes "
+                          help="judge a run's base, best/ and final/ (and scaled/, steered/) on its untouched test prompts; writes "
                                "<run>/test.json, or with --split N a further untouched split's test_splitN.json",
-                          description="Judges the run's base, best/, final/ and scaled/ (where `runs scale` kept one) with "
+                          description="Judges the run's base, best/, final/, scaled/ and steered/ (where `runs scale` and `runs "
+                                      "steer` kept them) with "
                                       "the evaluator on the run's untouched test prompts, with the run's own sampler and "
                                       "image seeds (the run's own test lines, figure for figure). --split N draws a "
                                       "further split that nothing in the run drew or read: --per-modality requests per "
@@ -68,6 +70,26 @@ def register(groups, formatter) -> None:
                             "scale needs that margin from the FD cliff, and the largest scale tried is never kept)")
     _common(scale)
     scale.set_defaults(handler=_scale)
+    steer = sub.add_parser("steer", formatter_class=formatter,
+                           help="make a table-stage run's offset table part of its policy, gamma chosen on its held-out "
+                                "set; writes <run>/steered/ and steer.json",
+                           description="Draws the run's held-out requests with every sampling step's x0_hat moved by gamma x "
+                                       "the offset table the run learnt (improve.selection.target=table: "
+                                       "<run>/offset_table.safetensors), on the base or on --adapter, with the run's sampler "
+                                       "and seeds; keeps the gamma with the highest share of images showing every requested "
+                                       "finding among those within the gain's terms whose next gamma up stays within them "
+                                       "too (--no-margin drops that), writes <run>/steered/ (steering.json, the table, the "
+                                       "LoRA where it steers one: what --lora loads in sample, generate, eval, synthesize and "
+                                       "bench graph) and judges it once on the untouched test prompts. `runs test` then "
+                                       "judges it beside the run's other adapters.")
+    steer.add_argument("run", help="run id (a folder in --runs-dir) or a path to a run directory")
+    steer.add_argument("--gammas", default="1,1.25,1.5,1.75,2", help="comma-separated positive gammas to try")
+    steer.add_argument("--adapter", choices=["none", "best", "final"], default="none",
+                       help="what the table steers: the base (none) or one of the run's adapters")
+    steer.add_argument("--no-margin", dest="margin", action="store_false",
+                       help="keep the best gamma within the gain's terms even where the next gamma up is refused")
+    _common(steer)
+    steer.set_defaults(handler=_steer)
     plot = sub.add_parser("plot", formatter_class=formatter,
                           help="redraw a run's plots/reward.png, heldout.png and training.png from metrics.jsonl")
     plot.add_argument("run", help="run id (a folder in --runs-dir) or a path to a run directory")
@@ -160,17 +182,21 @@ def _test(args, extra) -> int:
     return 0
 
 
-def _scale(args, extra) -> int:
+def _numbers(text: str, flag: str) -> list[float]:
     from generator.errors import UserError
 
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: comma-separated numbers, e.g. 0.75,1,1.25,1.5") from None
+
+
+def _scale(args, extra) -> int:
     from ..adapter_scale import calibrate_adapter_scale
     from ..runs import resolve_run
 
-    try:
-        scales = [float(v) for v in args.scales.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--scales {args.scales!r}: comma-separated numbers, e.g. 0.75,1,1.25,1.5") from None
-    out = calibrate_adapter_scale(resolve_run(args.run, _runs_dir(args, extra)), scales, args.adapter, margin=args.margin)
+    out = calibrate_adapter_scale(resolve_run(args.run, _runs_dir(args, extra)), _numbers(args.scales, "--scales"),
+                                  args.adapter, margin=args.margin)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -179,22 +205,50 @@ def _scale(args, extra) -> int:
     return 0
 
 
+def _steer(args, extra) -> int:
+    from ..runs import resolve_run
+    from ..table_steer import calibrate_table_steering
+
+    out = calibrate_table_steering(resolve_run(args.run, _runs_dir(args, extra)), _numbers(args.gammas, "--gammas"),
+                                   args.adapter, margin=args.margin)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(_steer_table(out))
+    print(f"gamma {_fmt(out['gamma'])}: {out['use']} -> {Path(out['run']) / 'steer.json'}")
+    return 0
+
+
 def _scale_table(out: dict) -> str:
     """A run's ``scale.json`` (``synthmed runs scale``): the held-out figures at each scale, which was kept, and the
     untouched test prompts' once-only reading of the kept one."""
-    mods = list(dict.fromkeys(m for r in out["scales"] for m in r["per_modality"]))
-    keys = [k for k, _ in EVAL_COLUMNS if k in out["scales"][0]]
+    return _strength_table(out, "scale", f"{out['adapter']}", "adapter strength (synthmed runs scale): held-out prompts, "
+                           f"{out['adapter']}/ (epoch {_fmt(out['epoch'])}) at each scale")
+
+
+def _steer_table(out: dict) -> str:
+    """A run's ``steer.json`` (``synthmed runs steer``): the held-out figures at each gamma, which was kept, and the
+    untouched test prompts' once-only reading of the kept one."""
+    steered = "base" if out["adapter"] == "none" else f"{out['adapter']}/ (epoch {_fmt(out['epoch'])})"
+    return _strength_table(out, "gamma", f"{'base' if out['adapter'] == 'none' else out['adapter']} + table",
+                           f"table steering (synthmed runs steer): held-out prompts, {steered} steered by gamma x the run's "
+                           f"offset table (epoch {_fmt(out.get('table_epoch'))}, {_fmt(out.get('features'))} features)")
+
+
+def _strength_table(out: dict, name: str, label: str, title: str) -> str:
+    lines = out[f"{name}s"]
+    mods = list(dict.fromkeys(m for r in lines for m in r["per_modality"]))
+    keys = [k for k, _ in EVAL_COLUMNS if k in lines[0]]
     base = out["heldout"]["base"]
     base_shares = out["heldout"].get("base_per_modality") or {}  # absent in the files of an earlier synthmed
     rows = [["base", *(_fmt(base.get(k)) for k in keys), *(_fmt(base_shares.get(m)) for m in mods), ""]]
-    rows += [[f"{out['adapter']} x{r['scale']:g}", *(_fmt(r.get(k)) for k in keys), *(_fmt(r["per_modality"].get(m)) for m in mods),
-              "chosen" if r["chosen"] else r.get("refused", "")] for r in out["scales"]]
+    rows += [[f"{label} x{r[name]:g}", *(_fmt(r.get(k)) for k in keys), *(_fmt(r["per_modality"].get(m)) for m in mods),
+              "chosen" if r["chosen"] else r.get("refused", "")] for r in lines]
     headers = [dict(EVAL_COLUMNS)[k] for k in keys]
-    margin = ", kept only with the next scale up within the terms too" if out.get("margin") else ""
-    text = (f"adapter strength (synthmed runs scale): held-out prompts, {out['adapter']}/ (epoch {_fmt(out['epoch'])}) at each "
-            f"scale{margin}\n" + table(rows, ["adapter", *headers, *(f"{m} shown" for m in mods), "kept"]))
+    margin = f", kept only with the next {name} up within the terms too" if out.get("margin") else ""
+    text = f"{title}{margin}\n" + table(rows, ["adapter", *headers, *(f"{m} shown" for m in mods), "kept"])
     if out.get("test"):
-        test_rows_ = [[name, *(_fmt((values or {}).get(k)) for k in keys)] for name, values in out["test"].items()]
+        test_rows_ = [[key, *(_fmt((values or {}).get(k)) for k in keys)] for key, values in out["test"].items()]
         text += "\nuntouched test prompts, once (nothing decides by them)\n" + table(test_rows_, ["adapter", *headers])
     return text
 
@@ -246,6 +300,8 @@ def format_run(run: dict) -> str:
         parts.append(_findings_table(run["findings"]))
     if run.get("scale"):
         parts.append(_scale_table(run["scale"]))
+    if run.get("steer") and run["steer"].get("gammas"):
+        parts.append(_steer_table(run["steer"]))
     notes = [f"guard (epoch {g['epoch']}): {g['message']}" for g in run["guards"]]
     if run["end"]:
         end = run["end"]
@@ -355,9 +411,22 @@ def _epochs_table(run: dict) -> str:
                         "approx_kl", "clipfrac", "s"])
 
 
+def _adapter_label(r: dict) -> str:
+    """A test row's adapter as the tables name it: the guided sampler's scale, a scaled adapter's scale, a steered
+    folder's gamma and what it steers."""
+    if r["adapter"] == "guided":
+        return f"base, reward-guided {_fmt(r.get('scale'))} (epoch 0)"
+    if isinstance(r.get("gamma"), (int, float)):
+        steers = r.get("steers") if r.get("steers") not in (None, "none") else "base"
+        return f"{r['adapter']}: {steers} + table x{r['gamma']:g} (table of epoch {_fmt(r.get('table_epoch'))})"
+    if isinstance(r.get("scale"), (int, float)):
+        return f"{r['adapter']} x{r['scale']:g} (epoch {r['epoch']})"
+    return f"{r['adapter']} (epoch {r['epoch']})"
+
+
 def _test_table(run: dict) -> str:
     mods = run["modalities"]
-    rows = [[f"base, reward-guided {_fmt(t.get('scale'))} (epoch 0)" if t["adapter"] == "guided" else f"{t['adapter']} (epoch {t['epoch']})",
+    rows = [[_adapter_label(t),
              *(_fmt(t["overall"].get(k)) for k, _ in EVAL_COLUMNS),
              *(_fmt(t["all_requested_shown"].get(m)) for m in mods)] for t in run["test"]]
     return ("untouched test prompts (the held-out combinations worded and seeded apart; nothing that decides reads them: "
@@ -372,8 +441,7 @@ def _split_table(split: dict, modalities: list[str]) -> str:
     rows = []
     for r in split["rows"]:
         o = r["overall"]
-        label = (f"base, reward-guided {_fmt(r.get('scale'))}" if r["adapter"] == "guided" else
-                 f"{r['adapter']} x{r['scale']:g}" if isinstance(r.get("scale"), (int, float)) else r["adapter"]) + f" (epoch {r['epoch']})"
+        label = _adapter_label(r)
         terms = "-" if r["within_terms"] is None else ("yes" if r["within_terms"] else f"no: {r['outside']}")
         rows.append([label, _fmt(o.get("all_requested_shown")),
                      "-" if r["change"] is None or r["adapter"] == "base" else f"{r['change'] * 100:+.1f}",
@@ -413,6 +481,8 @@ def _files(run: dict) -> str:
         adapters.append(f"best {paths['best']}" + (f" (epoch {paths['best_epoch']})" if paths["best_epoch"] is not None else ""))
     if paths.get("scaled"):
         adapters.append(f"scaled {paths['scaled']} (strength chosen on the held-out set: {paths['scale']})")
+    if paths.get("steered"):
+        adapters.append(f"steered {paths['steered']} (the offset table's gamma chosen on the held-out set: {paths['steer']})")
     lines.append("adapters: " + (", ".join(adapters) if adapters else "none yet"))
     if paths.get("guidance"):
         lines.append(f"calibrated reward guidance: {paths['guidance']}")

@@ -50,9 +50,12 @@ def register(groups, formatter) -> None:
     s.add_argument("--seed", type=int, help="image i uses seed + i (config: sample.seed)")
     s.add_argument("--model", help="model folder (default: the shipped model, train.out)")
     s.add_argument("--lora", nargs="*", default=[], help="LoRA adapters to apply: files, a run's final/ or best/, or a "
-                   "`synthmed improve` run folder (its best/); default: sample.lora")
+                   "`synthmed improve` run folder (its best/), or a steered folder (`synthmed runs steer`: its offset "
+                   "table moves every step by what the request states: --finding, else the text as the graph reads it); "
+                   "default: sample.lora")
     s.add_argument("--finding", action="append", default=[], metavar="NAME[:key=value,...]",
-                   help="a finding the images must state, for a model with finding tokens (model.finding_tokens), which "
+                   help="a finding the images must state, for a model with finding tokens (model.finding_tokens) or a steered "
+                   "folder in --lora, which "
                    "reads it as the graph and the loop give it: e.g. pleural_effusion:laterality=left,severity=moderate or "
                    "pneumothorax:present=false; repeat for more (keys: present, laterality, severity, location)")
     s.add_argument("--out", default="samples", help="output folder")
@@ -266,21 +269,42 @@ def _sample_sheet(args, extra) -> int:
 
 
 def _finding_arguments(texts: list[str], model, modality: str) -> list[dict]:
-    """``--finding`` values as structured findings, each one the model's finding table knows for ``modality``."""
+    """``--finding`` values as structured findings, each one the model's finding table knows for ``modality`` (or, for a
+    model without finding tokens steered by an offset table, one the table has an offset for)."""
     from generator.conditioning import finding_key, parse_finding
 
     if not texts:
         return []
-    if model.finding_keys is None:
-        raise UserError("--finding needs a model with finding tokens (trained with --model.finding_tokens=true); this model "
-                        "reads the text alone: state the findings in the text")
+    steering = model.steering
+    if model.finding_keys is None and steering is None:
+        raise UserError("--finding needs a model with finding tokens (trained with --model.finding_tokens=true) or a "
+                        "steered folder in --lora (synthmed runs steer); this model reads the text alone: state the "
+                        "findings in the text")
     findings = [parse_finding(t) for t in texts]
-    known = sorted(k.split(":", 1)[1] for k in model.finding_keys if k.startswith(modality + ":"))
-    unknown = [f["name"] for f in findings if finding_key(modality, f["name"]) not in model.finding_keys]
+    if model.finding_keys is not None:
+        known = sorted(k.split(":", 1)[1] for k in model.finding_keys if k.startswith(modality + ":"))
+        unknown = [f["name"] for f in findings if finding_key(modality, f["name"]) not in model.finding_keys]
+        source = "the model has"
+    else:
+        names = {feature.split("|")[1] for feature in steering.table.features if feature.startswith(modality + "|")} - {"_bias"}
+        known = sorted(names)
+        unknown = [f["name"] for f in findings if f["name"] not in names]
+        source = f"the steering table of {steering.source} has an offset for"
     if unknown:
-        raise UserError(f"--finding {', '.join(unknown)}: the model has no {modality} finding of that name; it knows "
+        raise UserError(f"--finding {', '.join(unknown)}: {source} no {modality} finding of that name; it knows "
                         f"{', '.join(known) or 'none for this modality'}")
     return findings
+
+
+def _text_findings(cfg, model, text: str, modality: str) -> list[dict]:
+    """What ``text`` states, read by the graph's one reader of findings (hedged findings state nothing): a steered
+    model's request features when ``--finding`` names none (a kind of finding the table lacks takes its parent's)."""
+    from ..agent import finding_reader
+
+    reader = finding_reader(cfg, progress=False)
+    model.steering.lineage = reader.lineage
+    pathology = reader.read(text, modality)
+    return [f.model_dump(exclude_none=True) for f in pathology.findings if not f.uncertain]
 
 
 def _sample(args, extra) -> int:
@@ -302,6 +326,9 @@ def _sample(args, extra) -> int:
 
     apply_model_adapters(model, list(args.lora) or list(cfg.sample.lora))
     findings = _finding_arguments(args.finding, model, modality)
+    read_from_text = model.steering is not None and not findings
+    if read_from_text:  # the table steers by what the request states: the text's findings, as the graph reads them
+        findings = _text_findings(cfg, model, args.text, modality)
     sc = cfg.sample
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -320,7 +347,9 @@ def _sample(args, extra) -> int:
             Image.fromarray(image).save(path)
             paths.append(str(path))
     seconds = time.perf_counter() - started
-    record = {"text": args.text, "modality": modality, **({"findings": findings} if findings else {}), "images": paths,
+    record = {"text": args.text, "modality": modality, **({"findings": findings} if findings else {}),
+              **({"findings_read_from_text": True} if read_from_text else {}),
+              **({"steering": model.steering.describe()} if model.steering is not None else {}), "images": paths,
               "steps": sc.steps, "guidance": sc.guidance, "sampler": sc.sampler, "precision": str(sampling_dtype(sc.precision, model.device)).removeprefix("torch."),
               "negative": sc.negative, "seed": sc.seed, "seconds": round(seconds, 2),
               "seconds_per_image": round(seconds / max(1, args.n), 3), "model": str(args.model or cfg.train.out)}

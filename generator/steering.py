@@ -1,0 +1,255 @@
+"""Steering a sampler by an offset table: every DDIM step's x0_hat moved by gamma x the table's offset for what the
+request states, with no classifier and no gradient at sampling (one lookup per step).
+
+The table (:class:`OffsetTable`) is what ``synthmed improve --config table`` learns: per (DDIM step, feature of a
+request's structured expectation) an offset, fitted by ridge regression to the shifts the reward classifiers' guidance
+applied on drafts of training requests (:mod:`rlhf.amortised` fits and draws with it; the held-out evaluator never
+enters it). ``synthmed runs steer RUN`` chooses gamma on the run's held-out set and writes a *steered folder*
+(``<run>/steered/``: ``steering.json``, the table, and the LoRA it steers when it steers one). Naming that folder with
+``--lora`` (sample, generate, eval, synthesize, bench graph) sets :attr:`LatentDiffusion.steering`, and
+:func:`generator.sampling.sample` then moves every step's x0_hat by it (:meth:`TableSteering.steer`): gamma 0 is the
+plain sampler, image for image. Stock diffusers and peft load a steered folder's LoRA (where it has one) but not the
+table: the steering is synthmed's sampler's.
+
+A request's features come from the structured findings the sampler is given (:func:`request_features`): the graph's
+composition for ``synthmed generate``, the request's expectation for the loop's held-out and test sets, ``--finding``
+or the graph's reader of the text for ``synthmed sample``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .ddim_logprob import output_for_x0, predicted_x0
+from .errors import UserError
+
+FORMAT = "synthmed-offset-table-1"
+
+
+def request_features(modality: str, findings: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The table's features of one request: its modality's bias, each present finding with its side, each finding it
+    states absent ("stated": False, the absences a normal study implies without naming them, are left out). A finding's
+    side is its ``laterality`` (the request sampler's and the graph's findings) or ``side`` (an eval case's labels)."""
+    out = [f"{modality}|_bias"]
+    for f in findings or ():
+        if f.get("uncertain"):  # a hedged finding ("possible consolidation") states nothing (agents.reader)
+            continue
+        if f["present"]:
+            out.append(f"{modality}|{f['name']}|present|{f.get('laterality') or f.get('side') or '-'}")
+        elif f.get("stated", True):
+            out.append(f"{modality}|{f['name']}|absent")
+    return out
+
+
+class OffsetTable:
+    """``weights`` (T, F, C, h, w): the offset of feature f at fitted step t, for the scheduler's ``timesteps`` (T, in
+    sampling order); ``features`` name the F columns."""
+
+    def __init__(self, features: Sequence[str], timesteps: Sequence[int], weights: torch.Tensor, ridge: float = 0.0):
+        if weights.dim() < 3 or weights.shape[:2] != (len(timesteps), len(features)):
+            raise ValueError(f"weights of shape {tuple(weights.shape)} do not match {len(timesteps)} timesteps x {len(features)} features")
+        if len(set(features)) != len(features):
+            raise ValueError("the table's features repeat")
+        self.features = list(features)
+        self.index = {f: k for k, f in enumerate(self.features)}
+        self.timesteps = [int(t) for t in timesteps]
+        self.weights = weights.float()
+        self.ridge = float(ridge)
+        self.fit_r2: list[float] | None = None  # per step, R2 on the drafts :meth:`fit` was fitted to
+
+    @classmethod
+    def fit(cls, features: Sequence[Sequence[str]], shifts: torch.Tensor, timesteps: Sequence[int], ridge: float = 1.0) -> "OffsetTable":
+        """Per step, the ridge regression of the N drafts' shifts (N, T, C, h, w) on their features' indicators."""
+        if not ridge >= 0:
+            raise UserError(f"the offset table's ridge penalty must be 0 or more, got {ridge!r}")
+        if shifts.dim() < 3 or shifts.shape[0] != len(features) or shifts.shape[1] != len(timesteps):
+            raise ValueError(f"shifts of shape {tuple(shifts.shape)} do not match {len(features)} drafts x {len(timesteps)} steps")
+        if not len(features):
+            raise UserError("no drafts to fit the offset table to")
+        vocab = sorted({f for fs in features for f in fs})
+        table = cls(vocab, timesteps, torch.zeros(len(timesteps), len(vocab), *shifts.shape[2:]), ridge)
+        X = table.design(features).double()
+        gram = X.T @ X + ridge * torch.eye(len(vocab), dtype=X.dtype)
+        n, steps = shifts.shape[:2]
+        rhs = X.T @ shifts.reshape(n, -1).double()  # every step's right-hand sides at once: (F, T x D)
+        # lstsq, not solve: with no ridge a feature that always comes with another is not singular
+        solution = torch.linalg.lstsq(gram, rhs).solution.float().view(len(vocab), steps, *shifts.shape[2:])
+        table.weights = solution.transpose(0, 1).contiguous()
+        table.fit_r2 = table.r2(features, shifts)  # what it holds of the data it was fitted to
+        return table
+
+    def design(self, features: Sequence[Sequence[str]]) -> torch.Tensor:
+        """(N, F) indicators; a feature the table never saw adds nothing."""
+        X = torch.zeros(len(features), len(self.features))
+        for i, fs in enumerate(features):
+            for f in fs:
+                k = self.index.get(f)
+                if k is not None:
+                    X[i, k] = 1.0
+        return X
+
+    def r2(self, features: Sequence[Sequence[str]], shifts: torch.Tensor) -> list[float]:
+        """Per step, the share of the shifts' energy the table explains."""
+        pred = torch.einsum("nf,tfd->ntd", self.design(features), self.weights.flatten(2))
+        flat = shifts.flatten(2).float()
+        return [1 - float((flat[:, j] - pred[:, j]).pow(2).sum() / flat[:, j].pow(2).sum().clamp_min(1e-30))
+                for j in range(len(self.timesteps))]
+
+    def at(self, t: int | torch.Tensor) -> torch.Tensor:
+        """(F, C, h, w): the offsets at timestep ``t``, linear between the two fitted timesteps around it (the first or
+        last fitted one outside them), so a sampler with other steps than the fit's can use the table."""
+        t = float(t)
+        ts = self.timesteps
+        order = sorted(range(len(ts)), key=lambda k: ts[k])
+        lo = max((k for k in order if ts[k] <= t), key=lambda k: ts[k], default=order[0])
+        hi = min((k for k in order if ts[k] >= t), key=lambda k: ts[k], default=order[-1])
+        if ts[lo] == ts[hi]:
+            return self.weights[lo]
+        w = (t - ts[lo]) / (ts[hi] - ts[lo])
+        return (1 - w) * self.weights[lo] + w * self.weights[hi]
+
+    def offset(self, features: Sequence[Sequence[str]], t: int | torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w): each request's offset at timestep ``t``."""
+        return torch.einsum("nf,fd->nd", self.design(features), self.at(t).flatten(1)).view(len(features), *self.weights.shape[2:])
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from safetensors.torch import save_file
+
+        from generator.fileio import atomic_write
+
+        meta = {"format": FORMAT, "features": json.dumps(self.features), "timesteps": json.dumps(self.timesteps),
+                "ridge": repr(self.ridge)}
+        return atomic_write(path, lambda tmp: save_file({"weights": self.weights.contiguous()}, str(tmp), metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "OffsetTable":
+        from safetensors import safe_open
+
+        from generator.safeload import check_safetensors
+
+        fix = "refit it (docs/improve/probes/amortised_guidance.py) or remove it"
+        check_safetensors(path, "offset table", fix)
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT or "weights" not in f.keys():
+                raise UserError(f"{path} is not a synthmed offset table (format {meta.get('format')!r}, want {FORMAT!r}); {fix}")
+            weights = f.get_tensor("weights")
+        try:
+            return cls(json.loads(meta["features"]), json.loads(meta["timesteps"]), weights, float(meta.get("ridge", 0)))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise UserError(f"offset table {path} is damaged ({exc}); {fix}") from None
+
+STEERING_FILE = "steering.json"  # marks a steered folder (`synthmed runs steer`): gamma and the table's file
+STEERING_FORMAT = "synthmed-steering-1"
+OFFSET_TABLE_FILE = "offset_table.safetensors"
+
+
+class TableSteering:
+    """``gamma`` x ``table``'s offset for each request added to every sampling step's x0_hat (:meth:`steer`)."""
+
+    def __init__(self, table: OffsetTable, gamma: float, source: str | None = None):
+        if not (isinstance(gamma, (int, float)) and gamma >= 0):
+            raise UserError(f"a steering's gamma must be a number, 0 or more, got {gamma!r}")
+        self.table = table
+        self.gamma = float(gamma)
+        self.source = source  # the folder it was loaded from, for messages and records
+        # a finding's is-a ancestors (agents.reader's lineage): a kind the table has no offset for ("plate atelectasis", as
+        # the graph's reader names it) takes its nearest kind the table has ("atelectasis"); set by those who read text
+        self.lineage: Callable[[str], set[str]] | None = None
+        self._names = {tuple(f.split("|")[:2]) for f in table.features if f.count("|") >= 2}
+
+    def features(self, modalities: Sequence[str], findings: Sequence[Sequence[Mapping[str, Any]] | None] | None) -> list[list[str]]:
+        """Each sample's table features; a sample without findings gets its modality's bias alone."""
+        findings = findings if findings is not None else [None] * len(modalities)
+        return [[self._known(feature) for feature in request_features(m, [self._named(m, x) for x in f or ()])]
+                for m, f in zip(modalities, findings)]
+
+    def _named(self, modality: str, finding: Mapping[str, Any]) -> Mapping[str, Any]:
+        name = finding.get("name")
+        if self.lineage is None or (modality, name) in self._names:
+            return finding
+        kinds = sorted(a for a in self.lineage(name) if (modality, a) in self._names)
+        return {**finding, "name": kinds[0]} if kinds else finding
+
+    def _known(self, feature: str) -> str:
+        """A present finding's side the table has no offset for takes the finding's side-free offset, where it has one:
+        the graph's reader gives a finding the side its location implies ("left lower lobe"), where the loop's requests
+        (the table's fit) state the location alone."""
+        if feature in self.table.index or not feature.count("|") == 3:
+            return feature
+        sideless = feature.rsplit("|", 1)[0] + "|-"
+        return sideless if sideless in self.table.index else feature
+
+    def check(self, model) -> None:
+        """A clear error where the table's offsets cannot move ``model``'s latents."""
+        from .models import latent_size
+
+        size = latent_size(model.cfg)
+        want = (model.cfg.latent_channels, size, size)
+        if tuple(self.table.weights.shape[2:]) != want:
+            raise UserError(f"the offset table of {self.source or 'the steering'} holds offsets of shape "
+                            f"{tuple(self.table.weights.shape[2:])} but this model's latents are {want}: it was fitted for "
+                            "another model; steer the model its run trained (its config.yaml's model)")
+
+    def steer(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, alphas_cumprod: torch.Tensor,
+              prediction_type: str, features: Sequence[Sequence[str]]) -> torch.Tensor:
+        """The UNet ``output`` at ``x_t`` whose x0_hat is moved by gamma x each sample's offset at timestep ``t``."""
+        if self.gamma == 0:
+            return output
+        t = int(t)
+        alpha = alphas_cumprod[t].to(x_t.device)
+        x0 = predicted_x0(output.float(), x_t.float(), alpha, prediction_type)
+        delta = self.gamma * self.table.offset(features, t).to(x0.device)
+        return output_for_x0(x0 + delta, x_t.float(), alpha, prediction_type).to(output.dtype)
+
+    def describe(self) -> dict[str, Any]:
+        return {"gamma": self.gamma, "features": len(self.table.features), "timesteps": self.table.timesteps,
+                **({"folder": self.source} if self.source else {})}
+
+
+def is_steered_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / STEERING_FILE).is_file()
+
+
+def save_steering(folder: str | os.PathLike, table: OffsetTable, gamma: float, record: Mapping[str, Any] | None = None) -> Path:
+    """The table and ``steering.json`` (gamma, the table's file, ``record``) in ``folder``; steering.json is written last,
+    so a folder is a steered folder only once its table is whole."""
+    from .fileio import write_text_atomic
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    table.save(folder / OFFSET_TABLE_FILE)
+    info = {"format": STEERING_FORMAT, "gamma": float(gamma), "table": OFFSET_TABLE_FILE, "features": len(table.features),
+            "timesteps": table.timesteps, **dict(record or {})}
+    write_text_atomic(folder / STEERING_FILE, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    return folder
+
+
+def load_steering(folder: str | os.PathLike) -> TableSteering:
+    """A steered folder's :class:`TableSteering` (see :func:`save_steering`)."""
+    folder = Path(folder)
+    fix = "rewrite it with `synthmed runs steer RUN` (it writes RUN/steered/), or name another adapter"
+    try:
+        info = json.loads((folder / STEERING_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{folder / STEERING_FILE} cannot be read ({exc}); {fix}") from None
+    if not isinstance(info, dict) or info.get("format") != STEERING_FORMAT:
+        got = info.get("format") if isinstance(info, dict) else type(info).__name__
+        raise UserError(f"{folder / STEERING_FILE} is not a synthmed steering (format {got!r}, want {STEERING_FORMAT!r}); {fix}")
+    gamma = info.get("gamma")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 0:
+        raise UserError(f"{folder / STEERING_FILE}: gamma must be a number, 0 or more, got {gamma!r}; {fix}")
+    table_path = folder / str(info.get("table") or OFFSET_TABLE_FILE)
+    if not table_path.is_file():
+        raise UserError(f"{folder} names its offset table {table_path.name} but holds no such file; {fix}")
+    return TableSteering(OffsetTable.load(table_path), float(gamma), str(folder))
+
+
+__all__ = ["FORMAT", "OFFSET_TABLE_FILE", "OffsetTable", "STEERING_FILE", "STEERING_FORMAT", "TableSteering",
+           "is_steered_folder", "load_steering", "request_features", "save_steering"]

@@ -1,0 +1,133 @@
+"""`synthmed runs steer`: a run's offset table made part of its improved policy, its strength chosen on the held-out set.
+
+A table-stage run (``improve.selection.target=table``, ``synthmed improve --config table``) fits an offset table to the
+reward classifiers' guidance on drafts of its training requests (generator.steering, rlhf.amortised) and keeps the
+table as of its last epoch (``<run>/offset_table.safetensors``). Steering the sampler by gamma x that table moves every
+DDIM step's x0_hat by the offset of what the request states: no classifier, no gradient, one lookup a step.
+
+This command draws the run's held-out requests steered at each gamma (on the base by default, or on the run's best/ or
+final/ LoRA with ``--adapter``) with the run's own sampler and seeds, judges them with the evaluator, and keeps the gamma
+with the highest share of images showing every requested finding among those whose FD and MS-SSIM stay within the gain's
+terms against the run's base evaluation, with the margin rule of ``synthmed runs scale`` (the next gamma up must stay
+within them too; ``--no-margin`` drops it). It writes ``<run>/steered/``: ``steering.json`` (gamma), the table, the LoRA
+where it steers one, and metadata.json; judges it once on the run's untouched test prompts; and records the lot in
+``<run>/steer.json``. ``--lora <run>/steered`` then steers ``synthmed sample``, ``generate``, ``eval``, ``synthesize``
+and ``bench graph`` alike, and ``synthmed runs test`` judges it beside the run's other adapters. Stock diffusers and peft
+load a steered folder's LoRA (where it has one) but not the table: the steering is synthmed's sampler's.
+
+Nothing of the run's own log changes, and the held-out evaluator is never in the table's fit: it only chooses gamma, as
+it chose best/.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from generator.errors import UserError
+
+from .adapter_scale import HeldoutSweep
+from .runs import OFFSET_TABLE_FILE, STEER_FILE, STEERED_ADAPTER
+
+ADAPTERS = ("none", "best", "final")
+
+
+def calibrate_table_steering(run: str | Path, gammas: Sequence[float], adapter: str = "none", progress: bool = True,
+                             margin: bool = True) -> dict[str, Any]:
+    """Held-out figures of ``run``'s base (``adapter`` none) or adapter steered by each of ``gammas`` x its offset table,
+    the kept gamma written to ``<run>/steered/`` and judged on the untouched test prompts; returns (and writes to
+    ``<run>/steer.json``) the lot. ``margin``: keep only a gamma whose next larger gamma tried also stays within the
+    gain's terms."""
+    from generator.models import FINDING_TABLE_FILE
+    from generator.steering import OffsetTable, TableSteering, save_steering
+
+    from .improve import load_adapter_folder, save_adapter
+
+    run = Path(run)
+    gammas = sorted({float(g) for g in gammas})
+    if not gammas or any(not g > 0 for g in gammas):
+        raise UserError(f"gammas must be positive numbers, got {list(gammas)}; e.g. --gammas 1,1.25,1.5,1.75,2 "
+                        "(gamma 0 is the base, which the run's own epoch-0 evaluation already judged)")
+    if adapter not in ADAPTERS:
+        raise UserError(f"--adapter must be one of {', '.join(ADAPTERS)}, got {adapter!r}")
+    table_path = run / OFFSET_TABLE_FILE
+    if not table_path.is_file():
+        raise UserError(f"{run} has no offset table ({OFFSET_TABLE_FILE}): only a run whose stage 2 fits one writes it "
+                        "(improve.selection.target=table, e.g. `synthmed improve --config table`)")
+    folder = run / adapter if adapter != "none" else None
+    if folder is not None and not (folder / "lora.safetensors").is_file():
+        raise UserError(f"{folder} holds no adapter (lora.safetensors); steer the base (--adapter none) or a run that has "
+                        "evaluated one (best/ appears at its first evaluation past the base, final/ when it finishes)")
+    table = OffsetTable.load(table_path)
+    sweep = HeldoutSweep(run, progress)
+    model = sweep.model
+    meta = {}
+    if folder is not None:
+        load_adapter_folder(model, folder)
+        meta = json.loads((folder / "metadata.json").read_text()) if (folder / "metadata.json").is_file() else {}
+    run_meta = json.loads((run / "metadata.json").read_text()) if (run / "metadata.json").is_file() else {}
+    table_epoch = max((r["epoch"] for r in sweep.records if r.get("kind") == "epoch"), default=None)
+    steering = TableSteering(table, 1.0, str(table_path))
+    steering.check(model)
+    model.steering = steering
+    name = adapter if folder is not None else "base"
+
+    lines = []
+    for g in gammas:
+        steering.gamma = g
+        lines.append(sweep.judge(g, f"{name} + table x{g:g}"))
+    chosen = sweep.choose(lines, margin)
+    test_result = None
+    target = run / STEERED_ADAPTER
+    if chosen is not None:
+        gamma = chosen["scale"]
+        steering.gamma = gamma
+        record = {"run": str(run), "adapter": adapter, "table_epoch": table_epoch, "heldout": chosen["overall"]}
+        save_adapter(model, target,
+                     {"run": str(run), "adapter": adapter, "epoch": meta.get("epoch"), "table_epoch": table_epoch,
+                      "gamma": gamma, "heldout": chosen["overall"],
+                      "base_model": meta.get("base_model") or run_meta.get("base_model"),
+                      "kind": f"synthmed steered {name} ({name} with every sampling step's x0_hat moved by {gamma:g} x the "
+                              f"run's offset table as of epoch {table_epoch}; gamma chosen on the held-out set)",
+                      "loads": ("synthmed's --lora reads the table and the LoRA; stock diffusers and peft load the LoRA "
+                                "alone" if folder is not None else
+                                "synthmed's --lora reads the table; there is no LoRA for stock diffusers or peft to load")},
+                     findings=folder is not None and (folder / FINDING_TABLE_FILE).is_file(), lora=folder is not None,
+                     extra=lambda tmp: save_steering(tmp, table, gamma, record))
+        test_result = sweep.judge_test(f"{name} + table x{gamma:g}")
+    out = {"kind": "synthmed table steering", "run": str(run), "adapter": adapter, "epoch": meta.get("epoch"),
+           "table": str(table_path), "table_epoch": table_epoch, "features": len(table.features),
+           **sweep.report("gamma", lines, chosen, test_result, adapter, margin),
+           "adapter_folder": str(target) if chosen else None,
+           "use": (f"synthmed generate ... --lora {target}; synthmed eval --lora {target}; synthmed runs test {run}" if chosen
+                   else "no gamma kept the images within the gain's terms" + (" with a margin (the next gamma up within them too)" if margin else "")
+                   + "; try smaller gammas, or a finer grid")}
+    return sweep.write(STEERED_ADAPTER, STEER_FILE, out, chosen is not None)
+
+
+def load_steered_folder(model, folder: Path) -> dict[str, Any]:
+    """A run's steered folder onto the loop's model (its own ``default`` adapter, as ``synthmed runs test`` judges the
+    run's adapters): the LoRA it holds, or the adapter zeroed (the base) where it steers the base, and its steering.
+    Returns its metadata.json."""
+    import torch
+
+    from generator.steering import load_steering
+
+    from .improve import load_adapter_folder
+
+    steering = load_steering(folder)
+    steering.check(model)
+    if (folder / "lora.safetensors").is_file():
+        load_adapter_folder(model, folder)
+    else:
+        with torch.no_grad():
+            for name, p in model.unet.named_parameters():
+                if "lora_B" in name:
+                    p.zero_()  # B A = 0: the base, exactly
+    model.steering = steering
+    return json.loads((folder / "metadata.json").read_text()) if (folder / "metadata.json").is_file() else {}
+
+
+__all__ = ["ADAPTERS", "STEERED_ADAPTER", "STEER_FILE", "calibrate_table_steering", "load_steered_folder"]
