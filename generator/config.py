@@ -196,7 +196,7 @@ class SampleConfig(Section):
     # fp32, bf16, or auto: bf16 where the hardware computes it natively (generator/sampling.py); sample, generate,
     # synthesize and contact sheets draw in it; eval, the loop and training validation always draw in fp32
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    lora: list[str] = []  # LoRA adapters applied on load (sample, eval, generate): .safetensors files, a run's final/ or best/, or a run folder (its best/)
+    lora: list[str] = []  # LoRA adapters applied on load (sample, eval, generate): .safetensors files, a run's final/ or best/, a run folder (its best/), or a run's steered/ (synthmed runs steer: its offset table steers the sampler)
 
 
 class LoraConfig(Section):

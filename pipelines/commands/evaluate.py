@@ -23,8 +23,9 @@ def register(groups, formatter) -> None:
     )
     add_config_argument(e)
     e.add_argument("--model", help="generator folder (default: train.out, the shipped model)")
-    e.add_argument("--lora", nargs="+", help="LoRA adapters on the generator: files, a run's final/ or best/, or a "
-                   "`synthmed improve` run folder (default: sample.lora)")
+    e.add_argument("--lora", nargs="+", help="LoRA adapters on the generator: files, a run's final/ or best/, a "
+                   "`synthmed improve` run folder, or a run's steered/ (`synthmed runs steer`: the run's offset table moves "
+                   "every sampling step by the findings each request states) (default: sample.lora)")
     e.add_argument("--data", nargs="+", help="manifests of real images to compare with (default: the profile's data.manifests, "
                    "their validation split where they tag one; else fresh phantoms)")
     e.add_argument("--modalities", nargs="+", help="default: every modality of the data that the model knows")

@@ -34,8 +34,9 @@ def register(groups, formatter) -> None:
                         "reward's classifier; the verifier judges with its own (agents.verifier.role)")
     p.add_argument("--out", default=None, help="folder for the images (default: agents.out/<trace id>)")
     p.add_argument("--model", default=None, help="generator folder (default: train.out, the shipped model)")
-    p.add_argument("--lora", nargs="+", help="LoRA adapters on the generator: files, a run's final/ or best/, or a "
-                   "`synthmed improve` run folder (default: sample.lora)")
+    p.add_argument("--lora", nargs="+", help="LoRA adapters on the generator: files, a run's final/ or best/, a "
+                   "`synthmed improve` run folder, or a run's steered/ (`synthmed runs steer`: the run's offset table moves "
+                   "every sampling step by the findings each request states) (default: sample.lora)")
     p.add_argument("--dry-run", action="store_true", help="reason and compose only: report and prompt, no images")
     p.add_argument("--json", action="store_true", help="print one JSON object (trace_id, images, report, verdict, findings, ...)")
     add_config_argument(p)

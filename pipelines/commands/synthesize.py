@@ -27,8 +27,9 @@ def register(groups, formatter) -> None:
     p.add_argument("--format", choices=["png", "dicom"], default=None, help="image files (config: synthesize.format, png)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run of the same spec in --out")
     p.add_argument("--seed", type=int, default=None, help="seed of the wording and of image 0 (config: synthesize.seed)")
-    p.add_argument("--lora", nargs="+", help="LoRA adapters on the generator: files, a run's final/ or best/, or a "
-                   "`synthmed improve` run folder (default: sample.lora)")
+    p.add_argument("--lora", nargs="+", help="LoRA adapters on the generator: files, a run's final/ or best/, a "
+                   "`synthmed improve` run folder, or a run's steered/ (`synthmed runs steer`: the run's offset table moves "
+                   "every sampling step by the findings each request states) (default: sample.lora)")
     p.add_argument("--through-graph", action="store_true",
                    help="draw each request through the agent graph (grounding, verify, refine) instead of straight from the sampler")
     p.add_argument("--reward-guidance", type=float, default=None, metavar="SCALE",
