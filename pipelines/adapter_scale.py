@@ -50,7 +50,8 @@ class HeldoutSweep:
     :func:`pipelines.improve.calibrate_guidance` against the run's base evaluation (the gain's terms, ``improve.guard``),
     with a margin by default; the kept one is judged once on the run's untouched test prompts."""
 
-    def __init__(self, run: str | Path, progress: bool = True):
+    def __init__(self, run: str | Path, progress: bool = True, parts: Any = None):
+        """``parts``: the run's parts as the loop holds them (pipelines.improve.build_parts of its config), else built."""
         from agents.requests import load_prompts
 
         from .config import load_config
@@ -70,7 +71,7 @@ class HeldoutSweep:
         self.guard = RewardHackingGuard(self.cfg.improve.guard)
         overall = self.base["overall"]
         self.guard.observe(0, None, overall.get("all_requested_shown"), overall.get("fd"), None, overall.get("ms_ssim"))
-        self.parts = build_parts(self.cfg, progress=progress)
+        self.parts = parts if parts is not None else build_parts(self.cfg, progress=progress)
         self.model = self.parts.model
 
     def judge(self, strength: float, label: str) -> dict[str, Any]:
@@ -85,10 +86,10 @@ class HeldoutSweep:
                                         ic.ddpo.sample_batch_size, self.progress, label=f"held-out eval ({label})")
         return {"scale": strength, "overall": result["overall"], "per_modality": result["per_modality"]}
 
-    def choose(self, lines: list[dict], margin: bool) -> dict | None:
+    def choose(self, lines: list[dict], margin: bool, name: str = "scale") -> dict | None:
         from .improve import calibrate_guidance
 
-        return calibrate_guidance(lines, self.guard, margin=margin)
+        return calibrate_guidance(lines, self.guard, margin=margin, name=name)
 
     def judge_test(self, label: str) -> dict | None:
         """The model as it stands on the run's untouched test prompts (None for a run without them)."""
@@ -96,14 +97,14 @@ class HeldoutSweep:
 
         return judge_test_set(self.model, self.test, self.parts, self.cfg, label, self.progress) if self.test else None
 
-    def report(self, name: str, lines: list[dict], chosen: dict | None, test_result: dict | None, adapter: str,
+    def report(self, name: str, kept_as: str, lines: list[dict], chosen: dict | None, test_result: dict | None, adapter: str,
                margin: bool) -> dict[str, Any]:
         """What both commands write of the sweep: each strength's held-out figures (under ``name``: scale, gamma), the
-        choice, and the kept one's test figures beside the run's base and ``adapter`` test lines."""
+        choice, and the kept one's test figures (as ``kept_as``: scaled, steered) beside the run's base and ``adapter``
+        test lines."""
         from .improve import calibration_figures as pick
 
         tested = {r.get("adapter"): r for r in self.records if r.get("kind") == "test"}
-        test_key = "scaled" if name == "scale" else "steered"
         return {
             "chosen_by": f"the held-out evaluator's share of images showing every requested finding, among {name}s whose FD "
                          "and MS-SSIM stay within the gain's terms against the run's base (improve.guard); confirmed once on "
@@ -113,8 +114,8 @@ class HeldoutSweep:
             name: chosen["scale"] if chosen else None,
             "heldout": {"base": pick(self.base), "chosen": pick(chosen), "base_per_modality": _shares(self.base.get("per_modality"))},
             "test": ({"base": pick(tested.get("base")), **({adapter: pick(tested.get(adapter))} if adapter in ("best", "final") else {}),
-                      test_key: pick(test_result)} if test_result else None),
-            "test_per_modality": ({m: {"base": _shares((tested.get("base") or {}).get("per_modality")).get(m), test_key: share}
+                      kept_as: pick(test_result)} if test_result else None),
+            "test_per_modality": ({m: {"base": _shares((tested.get("base") or {}).get("per_modality")).get(m), kept_as: share}
                                    for m, share in _shares(test_result["per_modality"]).items()} if test_result else None),
             f"{name}s": [{name: r["scale"], **pick(r), "chosen": r.get("calibrated", False),
                           **({"refused": r["not_calibrated_because"]} if r.get("not_calibrated_because") else {}),
@@ -187,7 +188,7 @@ def calibrate_adapter_scale(run: str | Path, scales: Sequence[float], adapter: s
                      findings=(folder / FINDING_TABLE_FILE).is_file())
         test_result = sweep.judge_test(f"{adapter} x{chosen['scale']:g}")
     out = {"kind": "synthmed adapter scale", "run": str(run), "adapter": adapter, "epoch": meta.get("epoch"),
-           **sweep.report("scale", lines, chosen, test_result, adapter, margin),
+           **sweep.report("scale", SCALED_ADAPTER, lines, chosen, test_result, adapter, margin),
            "adapter_folder": str(run / SCALED_ADAPTER) if chosen else None,
            "use": (f"synthmed generate ... --lora {run / SCALED_ADAPTER}; synthmed eval --lora {run / SCALED_ADAPTER}" if chosen
                    else "no scale kept the images within the gain's terms" + (" with a margin (the next scale up within them too)" if margin else "")

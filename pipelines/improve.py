@@ -814,6 +814,13 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
         append_lines(metrics_path, [end])  # after the last checkpoint: a resumed run moves it to metrics.jsonl.orphaned
         metadata.update({"status": status, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "epochs_done": last_epoch, "best": best})
         write_json_atomic(metadata_path, metadata, ensure_ascii=False)
+        if ic.eval.steer_gammas and last_epoch > 0 and (root / OFFSET_TABLE_FILE).is_file():
+            # the table as the run's policy, gamma chosen on the held-out set (`synthmed runs steer`, which a kill here
+            # leaves to be run again: nothing of the run's log depends on it)
+            from .table_steer import calibrate_table_steering
+
+            steer = calibrate_table_steering(root, ic.eval.steer_gammas, progress=progress, parts=parts)
+            end["steered"] = {k: steer.get(k) for k in ("gamma", "heldout", "test", "adapter_folder", "use")}
     accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it also ends the process group of a multi-process run
     end["run"] = str(root)
@@ -892,13 +899,13 @@ def guided_heldout(trainer, heldout: Sequence[Any], parts: Parts, cfg: SynthmedC
             **result, "seconds": round(time.perf_counter() - started, 2)}
 
 
-def calibrate_guidance(lines: list[dict], guard: "RewardHackingGuard", margin: bool = False) -> dict | None:
+def calibrate_guidance(lines: list[dict], guard: "RewardHackingGuard", margin: bool = False, name: str = "scale") -> dict | None:
     """Marks, in place, the ``guided`` line whose scale the run calibrates: the highest held-out share of every requested
     finding shown (then finding accuracy; a tie goes to the smaller scale) among the lines whose images the gain's terms
     accept against the base's evaluation (``guard.acceptable``, as best/ is chosen; call after the base's ``observe``).
     With ``margin``, a scale is eligible only when the next larger scale tried is accepted as well: the kept strength is
     then not at the edge past which FD falls off (``synthmed runs scale``; the largest scale tried is never kept under
-    it, as nothing above it shows a margin). Each line gets ``calibrated`` and, where refused,
+    it, as nothing above it shows a margin; ``name`` names the strength in the refusals). Each line gets ``calibrated`` and, where refused,
     ``not_calibrated_because``. Returns the chosen line, or None when every scale was refused."""
     ordered = sorted(lines, key=lambda r: r["scale"])
     refusals = [guard.acceptable(line["overall"].get("fd"), line["overall"].get("ms_ssim")) for line in ordered]
@@ -908,9 +915,9 @@ def calibrate_guidance(lines: list[dict], guard: "RewardHackingGuard", margin: b
         refused = refusals[i]
         if margin and not refused:
             if i + 1 == len(ordered):
-                refused = "no margin: the largest scale tried (add a larger one to show its neighbour stays within the terms)"
+                refused = f"no margin: the largest {name} tried (add a larger one to show its neighbour stays within the terms)"
             elif refusals[i + 1]:
-                refused = f"no margin: the next scale up, x{ordered[i + 1]['scale']:g}, is refused ({refusals[i + 1]})"
+                refused = f"no margin: the next {name} up, x{ordered[i + 1]['scale']:g}, is refused ({refusals[i + 1]})"
         line["calibrated"] = False
         if refused:
             line["not_calibrated_because"] = refused

@@ -35,11 +35,12 @@ ADAPTERS = ("none", "best", "final")
 
 
 def calibrate_table_steering(run: str | Path, gammas: Sequence[float], adapter: str = "none", progress: bool = True,
-                             margin: bool = True) -> dict[str, Any]:
+                             margin: bool = True, parts: Any = None) -> dict[str, Any]:
     """Held-out figures of ``run``'s base (``adapter`` none) or adapter steered by each of ``gammas`` x its offset table,
     the kept gamma written to ``<run>/steered/`` and judged on the untouched test prompts; returns (and writes to
     ``<run>/steer.json``) the lot. ``margin``: keep only a gamma whose next larger gamma tried also stays within the
-    gain's terms."""
+    gain's terms. ``parts``: the loop's own (its model's adapter is set here), at the end of a run
+    (``improve.eval.steer_gammas``)."""
     from generator.models import FINDING_TABLE_FILE
     from generator.steering import OffsetTable, TableSteering, save_steering
 
@@ -61,12 +62,14 @@ def calibrate_table_steering(run: str | Path, gammas: Sequence[float], adapter: 
         raise UserError(f"{folder} holds no adapter (lora.safetensors); steer the base (--adapter none) or a run that has "
                         "evaluated one (best/ appears at its first evaluation past the base, final/ when it finishes)")
     table = OffsetTable.load(table_path)
-    sweep = HeldoutSweep(run, progress)
+    sweep = HeldoutSweep(run, progress, parts)
     model = sweep.model
     meta = {}
     if folder is not None:
         load_adapter_folder(model, folder)
         meta = json.loads((folder / "metadata.json").read_text()) if (folder / "metadata.json").is_file() else {}
+    else:
+        zero_lora(model)  # the base, whatever the adapter held
     run_meta = json.loads((run / "metadata.json").read_text()) if (run / "metadata.json").is_file() else {}
     table_epoch = max((r["epoch"] for r in sweep.records if r.get("kind") == "epoch"), default=None)
     steering = TableSteering(table, 1.0, str(table_path))
@@ -78,7 +81,7 @@ def calibrate_table_steering(run: str | Path, gammas: Sequence[float], adapter: 
     for g in gammas:
         steering.gamma = g
         lines.append(sweep.judge(g, f"{name} + table x{g:g}"))
-    chosen = sweep.choose(lines, margin)
+    chosen = sweep.choose(lines, margin, "gamma")
     test_result = None
     target = run / STEERED_ADAPTER
     if chosen is not None:
@@ -97,9 +100,10 @@ def calibrate_table_steering(run: str | Path, gammas: Sequence[float], adapter: 
                      findings=folder is not None and (folder / FINDING_TABLE_FILE).is_file(), lora=folder is not None,
                      extra=lambda tmp: save_steering(tmp, table, gamma, record))
         test_result = sweep.judge_test(f"{name} + table x{gamma:g}")
+    model.steering = None
     out = {"kind": "synthmed table steering", "run": str(run), "adapter": adapter, "epoch": meta.get("epoch"),
            "table": str(table_path), "table_epoch": table_epoch, "features": len(table.features),
-           **sweep.report("gamma", lines, chosen, test_result, adapter, margin),
+           **sweep.report("gamma", STEERED_ADAPTER, lines, chosen, test_result, adapter, margin),
            "adapter_folder": str(target) if chosen else None,
            "use": (f"synthmed generate ... --lora {target}; synthmed eval --lora {target}; synthmed runs test {run}" if chosen
                    else "no gamma kept the images within the gain's terms" + (" with a margin (the next gamma up within them too)" if margin else "")
@@ -107,12 +111,20 @@ def calibrate_table_steering(run: str | Path, gammas: Sequence[float], adapter: 
     return sweep.write(STEERED_ADAPTER, STEER_FILE, out, chosen is not None)
 
 
+def zero_lora(model) -> None:
+    """The loop's model's own adapter set to the base: every ``lora_B`` 0, so B A = 0 exactly."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.unet.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+
+
 def load_steered_folder(model, folder: Path) -> dict[str, Any]:
     """A run's steered folder onto the loop's model (its own ``default`` adapter, as ``synthmed runs test`` judges the
     run's adapters): the LoRA it holds, or the adapter zeroed (the base) where it steers the base, and its steering.
     Returns its metadata.json."""
-    import torch
-
     from generator.steering import load_steering
 
     from .improve import load_adapter_folder
@@ -122,12 +134,9 @@ def load_steered_folder(model, folder: Path) -> dict[str, Any]:
     if (folder / "lora.safetensors").is_file():
         load_adapter_folder(model, folder)
     else:
-        with torch.no_grad():
-            for name, p in model.unet.named_parameters():
-                if "lora_B" in name:
-                    p.zero_()  # B A = 0: the base, exactly
+        zero_lora(model)
     model.steering = steering
     return json.loads((folder / "metadata.json").read_text()) if (folder / "metadata.json").is_file() else {}
 
 
-__all__ = ["ADAPTERS", "STEERED_ADAPTER", "STEER_FILE", "calibrate_table_steering", "load_steered_folder"]
+__all__ = ["ADAPTERS", "STEERED_ADAPTER", "STEER_FILE", "calibrate_table_steering", "load_steered_folder", "zero_lora"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -355,14 +355,21 @@ class HeldoutConfig(Section):
     # untouched test prompts and written to the run's guidance.json, the --reward-guidance that `synthmed generate` and
     # `synthmed synthesize` take. A sampler setting chosen by the held-out evaluator, not a trained policy. []: none.
     guidance_scales: list[float] = Field(default_factory=list)
+    # A table-stage run (improve.selection.target=table) ends by making its offset table part of its policy: the base
+    # drawn on the held-out requests with every step's x0_hat moved by each of these gammas x the table, the gamma kept
+    # as `synthmed runs steer` keeps it (the best share within the gain's terms whose next gamma up is within them too),
+    # written to the run's steered/ (what --lora loads) and steer.json, and judged once on the untouched test prompts.
+    # Only the held-out evaluator chooses; it never enters the table. []: none (`synthmed runs steer RUN` does it later).
+    steer_gammas: list[float] = Field(default_factory=list)
 
-    @field_validator("guidance_scales")
+    @field_validator("guidance_scales", "steer_gammas")
     @classmethod
-    def _positive_distinct(cls, scales: list[float]) -> list[float]:
+    def _positive_distinct(cls, scales: list[float], info) -> list[float]:
+        what = "reward-guidance scale" if info.field_name == "guidance_scales" else "steering gamma"
         if any(not (s > 0) for s in scales):
-            raise ValueError(f"every reward-guidance scale must be above 0, got {scales}")
+            raise ValueError(f"every {what} must be above 0, got {scales}")
         if len(set(scales)) != len(scales):
-            raise ValueError(f"reward-guidance scales must be distinct, got {scales}")
+            raise ValueError(f"{what}s must be distinct, got {scales}")
         return scales
 
 
@@ -396,6 +403,14 @@ class ImproveConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)  # newest epoch checkpoints kept
     grid_images: int = Field(20, ge=1)  # rollouts shown in each epoch's grid
     num_threads: int = Field(0, ge=0)  # torch CPU threads; 0: leave torch's default
+
+    @model_validator(mode="after")
+    def _steer_needs_a_table(self) -> "ImproveConfig":
+        if self.eval.steer_gammas and self.selection.target != "table":
+            raise ValueError(f"improve.eval.steer_gammas steer by the offset table a run with improve.selection.target=table "
+                             f"fits (this one's target is {self.selection.target}); set improve.eval.steer_gammas=[] or "
+                             "use the table (synthmed improve --config table)")
+        return self
 
 
 __all__ += ["DDPOConfig", "FORBIDDEN_IN_REWARD", "GuardConfig", "HeldoutConfig", "ImproveConfig", "PromptsConfig",

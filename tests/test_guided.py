@@ -191,8 +191,13 @@ def test_a_table_target_run_fits_the_offset_table_to_every_epochs_drafts_and_res
                                     extends="table"))
     ic = cfg.improve
     assert (ic.ddpo.objective, ic.selection.source, ic.selection.target, cfg.lora.include_out) == ("none", "guided", "table", True)
-    run_improve(cfg, tmp_path / "whole", progress=False)
+    end = run_improve(cfg, tmp_path / "whole", progress=False)
     records = lines(tmp_path / "whole" / "metrics.jsonl")
+    # the table profile ends by steering (improve.eval.steer_gammas): each gamma judged on the held-out set, steer.json
+    steer = json.loads((tmp_path / "whole" / "steer.json").read_text())
+    assert [g["gamma"] for g in steer["gammas"]] == ic.eval.steer_gammas == [1, 1.25, 1.5, 1.75, 2]
+    assert end["steered"]["gamma"] == steer["gamma"] and end["steered"]["heldout"] == steer["heldout"]
+    assert (tmp_path / "whole" / "steered").is_dir() == (steer["gamma"] is not None)
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [e["offset_table"]["drafts"] for e in epochs] == [4, 8, 12]  # 2 prompts x 2 images an epoch, every epoch's kept
     assert all(len(e["offset_table"]["r2"]) == 2 and e["offset_table"]["features"] >= 2 for e in epochs)
@@ -401,9 +406,11 @@ def test_a_run_calibrates_reward_guidance_on_the_held_out_set_and_confirms_it_on
     assert calibrated_guidance_note([str(tmp_path / "elsewhere.safetensors")], None) is None
 
 
-def test_guidance_calibration_refuses_bad_scales(base_model, tmp_path, capsys):
-    for bad, why in (([0.1, 0.0], "above 0"), ([0.1, 0.1], "distinct")):
-        profile = write_profile(tmp_path, settings(base_model, **{"improve.eval.guidance_scales": bad}), name=f"bad{len(why)}.yaml")
+def test_guidance_calibration_and_steering_refuse_bad_scales(base_model, tmp_path, capsys):
+    for key, bad, why in (("guidance_scales", [0.1, 0.0], "above 0"), ("guidance_scales", [0.1, 0.1], "distinct"),
+                          ("steer_gammas", [1.0, -1.0], "every steering gamma must be above 0"),
+                          ("steer_gammas", [1.25], "steer by the offset table a run with improve.selection.target=table")):
+        profile = write_profile(tmp_path, settings(base_model, **{f"improve.eval.{key}": bad}), name=f"bad{len(why)}.yaml")
         assert cli(["improve", "--config", str(profile), "--run-dir", str(tmp_path / "never"), "--no-progress"]) == 2
         assert why in capsys.readouterr().err
         assert not (tmp_path / "never").exists()  # refused before the run folder is made

@@ -77,6 +77,15 @@ def _improve(args, extra) -> int:
         calibrated = saved.get("reward_guidance")
         print(f"guidance: {root / GUIDANCE_FILE}  (" + (f"calibrated reward guidance {calibrated:g}: --reward-guidance {calibrated:g} "
               "with synthmed generate or synthesize" if calibrated is not None else "no scale stayed within the gain's terms") + ")")
+    steered = end.get("steered")
+    if steered is not None:  # improve.eval.steer_gammas: the run's table as its policy
+        test = steered.get("test") or {}
+        shares = " ".join(f"{name} {values.get('all_requested_shown'):.3f}" for name, values in test.items()
+                          if values and values.get("all_requested_shown") is not None)
+        print(f"steered:  {steered['adapter_folder']}  (the base steered by the run's offset table x{steered['gamma']:g}, "
+              f"gamma chosen on the held-out set; untouched test prompts, every requested finding shown: {shares}; "
+              f"--lora it in sample, generate, eval, synthesize)" if steered.get("gamma") is not None else
+              f"steered:  none ({steered.get('use')})")
     print(f"logs:     {root / 'metrics.jsonl'}, {root / 'samples.jsonl'}")
     print(f"plots:    {root / 'plots'}  (reward.png, heldout.png, training.png)")
     print(f"grids:    {root / 'grids'}, {root / 'heldout'}")

@@ -304,7 +304,8 @@ def _text_findings(cfg, model, text: str, modality: str) -> list[dict]:
     reader = finding_reader(cfg, progress=False)
     model.steering.lineage = reader.lineage
     pathology = reader.read(text, modality)
-    return [f.model_dump(exclude_none=True) for f in pathology.findings if not f.uncertain]
+    keep = ("name", "present", "laterality", "severity", "location")
+    return [{k: v for k, v in f.model_dump().items() if k in keep and v is not None} for f in pathology.findings if not f.uncertain]
 
 
 def _sample(args, extra) -> int:
