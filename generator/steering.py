@@ -133,7 +133,7 @@ class OffsetTable:
 
         from generator.safeload import check_safetensors
 
-        fix = "refit it (docs/improve/probes/amortised_guidance.py) or remove it"
+        fix = "use the one a table-stage run wrote (synthmed improve --config table: RUN/offset_table.safetensors) or remove it"
         check_safetensors(path, "offset table", fix)
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -144,6 +144,7 @@ class OffsetTable:
             return cls(json.loads(meta["features"]), json.loads(meta["timesteps"]), weights, float(meta.get("ridge", 0)))
         except (KeyError, ValueError, TypeError) as exc:
             raise UserError(f"offset table {path} is damaged ({exc}); {fix}") from None
+
 
 STEERING_FILE = "steering.json"  # marks a steered folder (`synthmed runs steer`): gamma and the table's file
 STEERING_FORMAT = "synthmed-steering-1"

@@ -905,8 +905,9 @@ def calibrate_guidance(lines: list[dict], guard: "RewardHackingGuard", margin: b
     accept against the base's evaluation (``guard.acceptable``, as best/ is chosen; call after the base's ``observe``).
     With ``margin``, a scale is eligible only when the next larger scale tried is accepted as well: the kept strength is
     then not at the edge past which FD falls off (``synthmed runs scale``; the largest scale tried is never kept under
-    it, as nothing above it shows a margin; ``name`` names the strength in the refusals). Each line gets ``calibrated`` and, where refused,
-    ``not_calibrated_because``. Returns the chosen line, or None when every scale was refused."""
+    it, as nothing above it shows a margin). ``name`` names the strength in the refusals (scale, gamma). Each line gets
+    ``calibrated`` and, where refused, ``not_calibrated_because``. Returns the chosen line, or None when every scale was
+    refused."""
     ordered = sorted(lines, key=lambda r: r["scale"])
     refusals = [guard.acceptable(line["overall"].get("fd"), line["overall"].get("ms_ssim")) for line in ordered]
     chosen = None
@@ -1023,10 +1024,9 @@ def split_paths(run: Path, split: int) -> tuple[Path, Path]:
 
 def evaluate_test_set(run: Path, progress: bool = True, split: int | None = None, per_modality: int | None = None) -> dict:
     """``synthmed runs test``: a run's base, best/ and final/ (and scaled/ and steered/, where ``runs scale`` and ``runs
-    steer`` kept them) judged on its
-    untouched test prompts (its test_prompts.jsonl, or for a run from before the test set, the ones its config draws),
-    written to <run>/test.json (nothing else of the run changes). The figures equal the run's own ``test`` lines where it
-    has them.
+    steer`` kept them) judged on its untouched test prompts (its test_prompts.jsonl, or for a run from before the test
+    set, the ones its config draws), written to <run>/test.json (nothing else of the run changes). The figures equal the
+    run's own ``test`` lines where it has them.
 
     ``split`` N (1, 2, ...): a further untouched split instead, which nothing in the run drew or read: ``per_modality``
     requests per modality (default: the run's test_per_modality) over the held-out combinations, worded apart from the
