@@ -272,6 +272,14 @@ def _steer_the_run(run, saved, base_model, tmp_path, capsys):
     assert cli(["sample", "A finding.", "--modality", "cxr", "--n", "1", "--steps", "2", "--model", str(base_model),
                 "--lora", str(steered), "--finding", "no_such_finding", "--out", str(tmp_path / "bad")]) == 2
     assert "steering table" in capsys.readouterr().err
+    # `synthmed eval --lora steered/` evaluates the steered policy and says so
+    assert cli(["eval", "--model", str(base_model), "--lora", str(steered), "--modalities", "cxr", "--prompts", "1",
+                "--n-per-prompt", "2", "--reference-per-finding", "2", "--steps", "2", "--json",
+                f"--run.runs_dir={tmp_path / 'evals'}"]) == 0
+    capsys.readouterr()
+    evaluated = next((tmp_path / "evals").glob("*-eval-*"))
+    assert json.loads((evaluated / "eval.json").read_text())["steering"]["gamma"] == out["gamma"]
+    assert f"(steered by its offset table x{out['gamma']:g})" in (evaluated / "eval.md").read_text()
     # a run without a table has nothing to steer by
     (run / "offset_table.safetensors").rename(run / "aside.safetensors")
     assert cli(["runs", "steer", str(run)]) == 2

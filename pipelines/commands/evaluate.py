@@ -89,9 +89,11 @@ def _eval(args, extra) -> int:
                       channels={m: s.channels for m, s in cfg.data.modalities.items()}, sample_dir=run.samples,
                       progress=not (args.no_progress or args.json), batch_size=cfg.sample.batch_size)
     result |= {"model": str(model_dir), "lora": adapters, "data": data or f"phantoms (seed {ec.seed}, {args.reference_per_finding} per finding)",
-               "run": str(run.root)}
+               "run": str(run.root), **({"steering": model.steering.describe()} if model.steering is not None else {})}
     table = markdown_table(result)
-    write_text_atomic(run.root / "eval.md", f"# synthmed eval\n\nmodel: `{model_dir}`{' + LoRA ' + ', '.join(adapters) if adapters else ''}; data: {result['data']}\n\n" + table)
+    steered = f" (steered by its offset table x{model.steering.gamma:g})" if model.steering is not None else ""
+    write_text_atomic(run.root / "eval.md", f"# synthmed eval\n\nmodel: `{model_dir}`{' + LoRA ' + ', '.join(adapters) if adapters else ''}"
+                      f"{steered}; data: {result['data']}\n\n" + table)
     write_text_atomic(run.root / "eval.json", to_json(result))
     write_text_atomic(run.root / "metadata.json", json.dumps({
         "kind": "synthmed eval", "model": str(model_dir), "data": result["data"], "seed": ec.seed,
