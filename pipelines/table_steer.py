@@ -28,7 +28,7 @@ from typing import Any
 
 from generator.errors import UserError
 
-from .adapter_scale import HeldoutSweep
+from .adapter_scale import HeldoutSweep, _lora_b
 from .runs import OFFSET_TABLE_FILE, STEER_FILE, STEERED_ADAPTER
 
 ADAPTERS = ("none", "best", "final")
@@ -116,9 +116,8 @@ def zero_lora(model) -> None:
     import torch
 
     with torch.no_grad():
-        for name, p in model.unet.named_parameters():
-            if "lora_B" in name:
-                p.zero_()
+        for p in _lora_b(model.unet):
+            p.zero_()
 
 
 def load_steered_folder(model, folder: Path) -> dict[str, Any]:

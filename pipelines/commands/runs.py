@@ -192,30 +192,28 @@ def _numbers(text: str, flag: str) -> list[float]:
 
 
 def _scale(args, extra) -> int:
-    from ..adapter_scale import calibrate_adapter_scale
-    from ..runs import resolve_run
+    from ..adapter_scale import SCALE_FILE, calibrate_adapter_scale
 
-    out = calibrate_adapter_scale(resolve_run(args.run, _runs_dir(args, extra)), _numbers(args.scales, "--scales"),
-                                  args.adapter, margin=args.margin)
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
-    print(_scale_table(out))
-    print(f"scale {_fmt(out['scale'])}: {out['use']} -> {Path(out['run']) / 'scale.json'}")
-    return 0
+    return _sweep(args, extra, calibrate_adapter_scale, _numbers(args.scales, "--scales"), "scale", _scale_table, SCALE_FILE)
 
 
 def _steer(args, extra) -> int:
-    from ..runs import resolve_run
-    from ..table_steer import calibrate_table_steering
+    from ..table_steer import STEER_FILE, calibrate_table_steering
 
-    out = calibrate_table_steering(resolve_run(args.run, _runs_dir(args, extra)), _numbers(args.gammas, "--gammas"),
-                                   args.adapter, margin=args.margin)
+    return _sweep(args, extra, calibrate_table_steering, _numbers(args.gammas, "--gammas"), "gamma", _steer_table, STEER_FILE)
+
+
+def _sweep(args, extra, calibrate, values: list[float], name: str, show, file_name: str) -> int:
+    """`runs scale` and `runs steer`: ``calibrate(run, values, adapter, margin=...)``, printed as JSON or as ``show``'s
+    table with the kept ``name`` (scale, gamma) and where it wrote ``file_name``."""
+    from ..runs import resolve_run
+
+    out = calibrate(resolve_run(args.run, _runs_dir(args, extra)), values, args.adapter, margin=args.margin)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(_steer_table(out))
-    print(f"gamma {_fmt(out['gamma'])}: {out['use']} -> {Path(out['run']) / 'steer.json'}")
+    print(show(out))
+    print(f"{name} {_fmt(out[name])}: {out['use']} -> {Path(out['run']) / file_name}")
     return 0
 
 
