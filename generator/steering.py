@@ -8,8 +8,9 @@ enters it). ``synthmed runs steer RUN`` chooses gamma on the run's held-out set 
 (``<run>/steered/``: ``steering.json``, the table, and the LoRA it steers when it steers one). Naming that folder with
 ``--lora`` (sample, generate, eval, synthesize, bench graph) sets :attr:`LatentDiffusion.steering`, and
 :func:`generator.sampling.sample` then moves every step's x0_hat by it (:meth:`TableSteering.steer`): gamma 0 is the
-plain sampler, image for image. Stock diffusers and peft load a steered folder's LoRA (where it has one) but not the
-table: the steering is synthmed's sampler's.
+plain sampler, image for image. Stock diffusers and peft load a steered folder's LoRA (where it has one); a diffusers
+pipeline steers by the table through :meth:`TableSteering.attach`, a forward hook on its UNet that adds the same shift
+to its output (with DDIM it draws synthmed's steered images).
 
 A request's features come from the structured findings the sampler is given (:func:`request_features`): the graph's
 composition for ``synthmed generate``, the request's expectation for the loop's held-out and test sets, ``--finding``
@@ -191,12 +192,7 @@ class TableSteering:
         """A clear error where the table's offsets cannot move ``model``'s latents."""
         from .models import latent_size
 
-        size = latent_size(model.cfg)
-        want = (model.cfg.latent_channels, size, size)
-        if tuple(self.table.weights.shape[2:]) != want:
-            raise UserError(f"the offset table of {self.source or 'the steering'} holds offsets of shape "
-                            f"{tuple(self.table.weights.shape[2:])} but this model's latents are {want}: it was fitted for "
-                            "another model; steer the model its run trained (its config.yaml's model)")
+        self.check_latents(model.cfg.latent_channels, latent_size(model.cfg))
 
     def steer(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, alphas_cumprod: torch.Tensor,
               prediction_type: str, features: Sequence[Sequence[str]]) -> torch.Tensor:
@@ -209,9 +205,96 @@ class TableSteering:
         delta = self.gamma * self.table.offset(features, t).to(x0.device)
         return output_for_x0(x0 + delta, x_t.float(), alpha, prediction_type).to(output.dtype)
 
+    def shift(self, t: int, features: Sequence[Sequence[str]], alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
+        """(N, C, h, w): what :meth:`steer` adds to the UNet's output at timestep ``t``. At a fixed x_t the output is
+        linear in x0_hat, so moving x0_hat by delta moves the output by the same amount whatever the output was."""
+        delta = self.gamma * self.table.offset(features, t)
+        alpha = alphas_cumprod[t].float().cpu()
+        return output_for_x0(delta, torch.zeros_like(delta), alpha, prediction_type)
+
+    def attach(self, pipe, modalities: Sequence[str], findings: Sequence[Sequence[Mapping[str, Any]] | None] | None = None
+               ) -> "PipelineSteering":
+        """Steer a diffusers pipeline (``pipe.unet``, ``pipe.scheduler``; a ``StableDiffusionPipeline`` over a synthmed
+        model's or any epsilon-, v- or x0-predicting UNet whose latents the table fits) for one call's requests: one
+        ``modality`` and one list of structured ``findings`` per prompt, as :func:`request_features` reads them::
+
+            steering = load_steering("runs/<id>/steered")
+            with steering.attach(pipe, ["cxr"], [[{"name": "pleural_effusion", "present": True, "laterality": "left"}]]):
+                image = pipe(prompt_embeds=..., num_inference_steps=25, guidance_scale=4.0).images[0]
+
+        A forward hook on the UNet adds the table's offset to every call's output (both guidance halves alike, so the
+        guided output moves by it once): what synthmed's sampler does (``--lora RUN/steered``), image for image with
+        DDIM (tested). ``with`` (or ``.remove()``) takes the hook off."""
+        self.check_latents(pipe.unet.config.in_channels, pipe.unet.config.sample_size)
+        return PipelineSteering(self, pipe, self.features(modalities, findings))
+
+    def check_latents(self, channels: int, size: int) -> None:
+        want = (int(channels), int(size), int(size))
+        if tuple(self.table.weights.shape[2:]) != want:
+            raise UserError(f"the offset table of {self.source or 'the steering'} holds offsets of shape "
+                            f"{tuple(self.table.weights.shape[2:])} but this model's latents are {want}: it was fitted for "
+                            "another model; steer the model its run trained (its config.yaml's model)")
+
     def describe(self) -> dict[str, Any]:
         return {"gamma": self.gamma, "features": len(self.table.features), "timesteps": self.table.timesteps,
                 **({"folder": self.source} if self.source else {})}
+
+
+class PipelineSteering:
+    """The forward hook :meth:`TableSteering.attach` puts on a diffusers pipeline's UNet (a context manager)."""
+
+    def __init__(self, steering: TableSteering, pipe, features: list[list[str]]):
+        if not features:
+            raise UserError("steering a pipeline needs one modality (and its findings) per prompt; none given")
+        prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise UserError(f"the pipeline's scheduler predicts {prediction_type!r}; the table steers epsilon, v_prediction "
+                            "or sample predictions")
+        alphas = getattr(pipe.scheduler, "alphas_cumprod", None)
+        if alphas is None:
+            raise UserError(f"{type(pipe.scheduler).__name__} has no alphas_cumprod to place the table's offsets by; use DDIM "
+                            "(DDIMScheduler.from_config(pipe.scheduler.config)), as synthmed's sampler does")
+        self.steering, self.pipe, self.features = steering, pipe, features
+        self.alphas, self.prediction_type = torch.as_tensor(alphas).float(), prediction_type
+        self._handle = pipe.unet.register_forward_hook(self._hook, with_kwargs=True)
+
+    def rows(self, batch: int) -> list[int]:
+        """Which request each of the UNet's ``batch`` rows draws: diffusers stacks [negatives, prompts] under guidance,
+        each prompt's ``num_images_per_prompt`` images next to each other."""
+        n = len(self.features)
+        halves = 2 if getattr(self.pipe, "do_classifier_free_guidance", batch == 2 * n) else 1
+        if batch % (halves * n):
+            raise UserError(f"the UNet drew a batch of {batch} for {n} steered requests"
+                            f"{' under guidance' if halves == 2 else ''}: attach one modality and findings list per prompt")
+        per = batch // (halves * n)
+        return [(b % (batch // halves)) // per for b in range(batch)]
+
+    def _hook(self, module, args, kwargs, output):
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        ts = torch.as_tensor(t).flatten().float().round().long().cpu()
+        rows = self.rows(sample.shape[0])
+        if ts.numel() not in (1, len(rows)):
+            raise UserError(f"the UNet was called with {ts.numel()} timesteps for a batch of {len(rows)}")
+        ts = ts.expand(len(rows)) if ts.numel() == 1 else ts
+        shift = torch.empty(sample.shape, dtype=torch.float32)
+        for value in ts.unique().tolist():
+            at = (ts == value).nonzero().flatten().tolist()
+            shift[at] = self.steering.shift(int(value), [self.features[rows[b]] for b in at], self.alphas, self.prediction_type)
+        moved = sample + shift.to(sample.device, sample.dtype)
+        if isinstance(output, tuple):
+            return (moved, *output[1:])
+        output.sample = moved
+        return output
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def __enter__(self) -> "PipelineSteering":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 def is_steered_folder(path: str | os.PathLike) -> bool:
@@ -252,5 +335,5 @@ def load_steering(folder: str | os.PathLike) -> TableSteering:
     return TableSteering(OffsetTable.load(table_path), float(gamma), str(folder))
 
 
-__all__ = ["FORMAT", "OFFSET_TABLE_FILE", "OffsetTable", "STEERING_FILE", "STEERING_FORMAT", "TableSteering",
+__all__ = ["FORMAT", "OFFSET_TABLE_FILE", "OffsetTable", "PipelineSteering", "STEERING_FILE", "STEERING_FORMAT", "TableSteering",
            "is_steered_folder", "load_steering", "request_features", "save_steering"]

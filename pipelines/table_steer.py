@@ -13,7 +13,8 @@ within them too; ``--no-margin`` drops it). It writes ``<run>/steered/``: ``stee
 where it steers one, and metadata.json; judges it once on the run's untouched test prompts; and records the lot in
 ``<run>/steer.json``. ``--lora <run>/steered`` then steers ``synthmed sample``, ``generate``, ``eval``, ``synthesize``
 and ``bench graph`` alike, and ``synthmed runs test`` judges it beside the run's other adapters. Stock diffusers and peft
-load a steered folder's LoRA (where it has one) but not the table: the steering is synthmed's sampler's.
+load a steered folder's LoRA (where it has one); a diffusers pipeline steers by its table through
+``load_steering(folder).attach(pipe, modalities, findings)`` (generator.steering), a hook on the pipeline's UNet.
 
 Nothing of the run's own log changes, and the held-out evaluator is never in the table's fit: it only chooses gamma, as
 it chose best/.
@@ -94,9 +95,12 @@ def calibrate_table_steering(run: str | Path, gammas: Sequence[float], adapter: 
                       "base_model": meta.get("base_model") or run_meta.get("base_model"),
                       "kind": f"synthmed steered {name} ({name} with every sampling step's x0_hat moved by {gamma:g} x the "
                               f"run's offset table as of epoch {table_epoch}; gamma chosen on the held-out set)",
-                      "loads": ("synthmed's --lora reads the table and the LoRA; stock diffusers and peft load the LoRA "
-                                "alone" if folder is not None else
-                                "synthmed's --lora reads the table; there is no LoRA for stock diffusers or peft to load")},
+                      "loads": ("synthmed's --lora reads the table and the LoRA; stock diffusers and peft load the LoRA, and "
+                                "a diffusers pipeline steers by the table with generator.steering.load_steering(folder)"
+                                ".attach(pipe, modalities, findings)" if folder is not None else
+                                "synthmed's --lora reads the table; a diffusers pipeline steers by it with "
+                                "generator.steering.load_steering(folder).attach(pipe, modalities, findings); there is "
+                                "no LoRA")},
                      findings=folder is not None and (folder / FINDING_TABLE_FILE).is_file(), lora=folder is not None,
                      extra=lambda tmp: save_steering(tmp, table, gamma, record))
         test_result = sweep.judge_test(f"{name} + table x{gamma:g}")

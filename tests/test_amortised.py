@@ -200,3 +200,54 @@ def test_a_steered_folder_loads_through_lora_and_bad_ones_are_refused(tmp_path):
     wrong = OffsetTable(table.features, table.timesteps, torch.zeros(steps, len(table.features), 3, 2, 2))
     with pytest.raises(UserError, match="fitted for another model"):
         apply_model_adapters(LatentDiffusion(TINY, ["cxr"]), [str(save_steering(tmp_path / "wrong", wrong, 1.0))])
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_a_stock_diffusers_pipeline_steered_by_the_hook_draws_synthmeds_steered_images(guidance):
+    from generator.bench import StockPipeline
+    from generator.sampling import sample
+    from generator.steering import TableSteering
+
+    model, table, findings, steps = _steering_parts()
+    prompts, modalities = ["left pleural effusion, no pneumothorax", "atelectasis", "normal"], ["cxr"] * 3
+    steering = TableSteering(table, 1.5)
+    with torch.no_grad():
+        base = sample(model, prompts, modalities, guidance=guidance, steps=steps, seed=7).images
+        model.steering = steering
+        ours = sample(model, prompts, modalities, guidance=guidance, steps=steps, seed=7, findings=findings).images
+        model.steering = None
+    stock = StockPipeline(model)
+    try:
+        with steering.attach(stock.pipe, modalities, findings) as hook:
+            theirs = stock(prompts, modalities, guidance, steps, 7)
+            # diffusers' row layout: [negatives, prompts] under guidance, a prompt's images side by side
+            assert hook.rows(6) == ([0, 1, 2, 0, 1, 2] if guidance > 1 else [0, 0, 1, 1, 2, 2])
+            with pytest.raises(UserError, match="one modality and findings list per prompt"):
+                hook.rows(4)
+        plain = stock(prompts, modalities, guidance, steps, 7)  # the hook is off after the with block
+    finally:
+        stock.close()
+    assert (ours - base).abs().mean() > 1e-3  # the steering moves the images...
+    assert torch.allclose(theirs, ours, atol=1e-4), (theirs - ours).abs().max()  # ...and the hooked pipeline moves them alike
+    assert torch.allclose(plain, base, atol=1e-4)
+
+
+def test_attaching_a_steering_to_a_pipeline_it_does_not_fit_is_refused():
+    from types import SimpleNamespace
+
+    from generator.bench import StockPipeline
+    from generator.steering import TableSteering
+
+    model, table, findings, steps = _steering_parts()
+    steering = TableSteering(table, 1.0)
+    with pytest.raises(UserError, match="fitted for another model"):
+        steering.attach(SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(in_channels=4, sample_size=64))), ["cxr"])
+    stock = StockPipeline(model)
+    try:
+        with pytest.raises(UserError, match="one modality"):
+            steering.attach(stock.pipe, [])
+        stock.pipe.scheduler.register_to_config(prediction_type="flow")
+        with pytest.raises(UserError, match="predicts 'flow'"):
+            steering.attach(stock.pipe, ["cxr"])
+    finally:
+        stock.close()
