@@ -245,6 +245,14 @@ class PromptSampler:
         return ImagePrompt(modality, request, composed["prompt"], composed["negative"], tuple(findings),
                            combination_key(modality, present))
 
+    def implications(self) -> dict[str, dict[str, list[str]]]:
+        """Per modality, each finding's implied ones (``FindingSpec.implies``), where it has any: what every request
+        asking for the finding expects present beside it, named or not (a steered folder keeps them, so that a text
+        that names the finding alone steers as the requests its table was fitted on: generator.steering)."""
+        out = {m: {name: list(spec.implies) for name, spec in self.catalogue[m].items() if spec.implies}
+               for m in self.cfg.modalities}
+        return {m: v for m, v in out.items() if v}
+
     def _implied(self, modality: str, findings: list[dict]) -> set[str]:
         """Findings the present ones are drawn with and their phrases name (``FindingSpec.implies``): never stated absent
         beside them. Structured, not read from the phrases; tests/test_parse.py checks the graph's reader agrees."""

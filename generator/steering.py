@@ -155,12 +155,17 @@ OFFSET_TABLE_FILE = "offset_table.safetensors"
 class TableSteering:
     """``gamma`` x ``table``'s offset for each request added to every sampling step's x0_hat (:meth:`steer`)."""
 
-    def __init__(self, table: OffsetTable, gamma: float, source: str | None = None):
+    def __init__(self, table: OffsetTable, gamma: float, source: str | None = None,
+                 implies: Mapping[str, Mapping[str, Sequence[str]]] | None = None):
         if not (isinstance(gamma, (int, float)) and gamma >= 0):
             raise UserError(f"a steering's gamma must be a number, 0 or more, got {gamma!r}")
         self.table = table
         self.gamma = float(gamma)
         self.source = source  # the folder it was loaded from, for messages and records
+        # per modality, the findings a finding implies present (the run's request sampler's FindingSpec.implies: "active
+        # CNV" is drawn, asked for and fitted with its subretinal fluid); a text that names the finding alone steers
+        # as the requests the table was fitted on
+        self.implies = {m: {f: list(v) for f, v in (by or {}).items()} for m, by in (implies or {}).items()}
         # a finding's is-a ancestors (agents.reader's lineage): a kind the table has no offset for ("plate atelectasis", as
         # the graph's reader names it) takes its nearest kind the table has ("atelectasis"); set by those who read text
         self.lineage: Callable[[str], set[str]] | None = None
@@ -169,8 +174,21 @@ class TableSteering:
     def features(self, modalities: Sequence[str], findings: Sequence[Sequence[Mapping[str, Any]] | None] | None) -> list[list[str]]:
         """Each sample's table features; a sample without findings gets its modality's bias alone."""
         findings = findings if findings is not None else [None] * len(modalities)
-        return [[self._known(feature) for feature in request_features(m, [self._named(m, x) for x in f or ()])]
+        return [[self._known(feature) for feature in request_features(m, self._implied(m, [self._named(m, x) for x in f or ()]))]
                 for m, f in zip(modalities, findings)]
+
+    def _implied(self, modality: str, findings: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        """``findings`` with what their present ones imply (:attr:`implies`) added present, unless they state it."""
+        implies = self.implies.get(modality, {})
+        named = {f.get("name") for f in findings}
+        extra = []
+        for f in findings:
+            if f.get("present") and not f.get("uncertain"):
+                for name in implies.get(f.get("name"), ()):
+                    if name not in named:
+                        named.add(name)
+                        extra.append({"name": name, "present": True})
+        return [*findings, *extra]
 
     def _named(self, modality: str, finding: Mapping[str, Any]) -> Mapping[str, Any]:
         name = finding.get("name")
@@ -237,6 +255,7 @@ class TableSteering:
 
     def describe(self) -> dict[str, Any]:
         return {"gamma": self.gamma, "features": len(self.table.features), "timesteps": self.table.timesteps,
+                **({"implies": self.implies} if self.implies else {}),
                 **({"folder": self.source} if self.source else {})}
 
 
@@ -301,16 +320,18 @@ def is_steered_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / STEERING_FILE).is_file()
 
 
-def save_steering(folder: str | os.PathLike, table: OffsetTable, gamma: float, record: Mapping[str, Any] | None = None) -> Path:
-    """The table and ``steering.json`` (gamma, the table's file, ``record``) in ``folder``; steering.json is written last,
-    so a folder is a steered folder only once its table is whole."""
+def save_steering(folder: str | os.PathLike, table: OffsetTable, gamma: float, record: Mapping[str, Any] | None = None,
+                  implies: Mapping[str, Mapping[str, Sequence[str]]] | None = None) -> Path:
+    """The table and ``steering.json`` (gamma, the table's file, ``implies``: see :class:`TableSteering`, ``record``) in
+    ``folder``; steering.json is written last, so a folder is a steered folder only once its table is whole."""
     from .fileio import write_text_atomic
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     table.save(folder / OFFSET_TABLE_FILE)
     info = {"format": STEERING_FORMAT, "gamma": float(gamma), "table": OFFSET_TABLE_FILE, "features": len(table.features),
-            "timesteps": table.timesteps, **dict(record or {})}
+            "timesteps": table.timesteps, **({"implies": {m: dict(v) for m, v in implies.items()}} if implies else {}),
+            **dict(record or {})}
     write_text_atomic(folder / STEERING_FILE, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return folder
 
@@ -332,7 +353,11 @@ def load_steering(folder: str | os.PathLike) -> TableSteering:
     table_path = folder / str(info.get("table") or OFFSET_TABLE_FILE)
     if not table_path.is_file():
         raise UserError(f"{folder} names its offset table {table_path.name} but holds no such file; {fix}")
-    return TableSteering(OffsetTable.load(table_path), float(gamma), str(folder))
+    implies = info.get("implies") or {}  # a folder written before implications were kept has none
+    if not (isinstance(implies, dict) and all(isinstance(v, dict) and all(isinstance(x, list) for x in v.values())
+                                              for v in implies.values())):
+        raise UserError(f"{folder / STEERING_FILE}: implies must map modality -> finding -> implied findings, got {implies!r}; {fix}")
+    return TableSteering(OffsetTable.load(table_path), float(gamma), str(folder), implies)
 
 
 __all__ = ["FORMAT", "OFFSET_TABLE_FILE", "OffsetTable", "PipelineSteering", "STEERING_FILE", "STEERING_FORMAT", "TableSteering",

@@ -73,7 +73,7 @@ def calibrate_table_steering(run: str | Path, gammas: Sequence[float], adapter: 
         zero_lora(model)  # the base, whatever the adapter held
     run_meta = json.loads((run / "metadata.json").read_text()) if (run / "metadata.json").is_file() else {}
     table_epoch = max((r["epoch"] for r in sweep.records if r.get("kind") == "epoch"), default=None)
-    steering = TableSteering(table, 1.0, str(table_path))
+    steering = TableSteering(table, 1.0, str(table_path), sweep.parts.sampler.implications())
     steering.check(model)
     model.steering = steering
     name = adapter if folder is not None else "base"
@@ -102,7 +102,7 @@ def calibrate_table_steering(run: str | Path, gammas: Sequence[float], adapter: 
                                 "generator.steering.load_steering(folder).attach(pipe, modalities, findings); there is "
                                 "no LoRA")},
                      findings=folder is not None and (folder / FINDING_TABLE_FILE).is_file(), lora=folder is not None,
-                     extra=lambda tmp: save_steering(tmp, table, gamma, record))
+                     extra=lambda tmp: save_steering(tmp, table, gamma, record, sweep.parts.sampler.implications()))
         test_result = sweep.judge_test(f"{name} + table x{gamma:g}")
     model.steering = None
     out = {"kind": "synthmed table steering", "run": str(run), "adapter": adapter, "epoch": meta.get("epoch"),

@@ -171,6 +171,14 @@ def test_steering_features_take_the_tables_side_free_offset_and_a_kinds_parent()
     steering.lineage = lambda name: {name, "atelectasis"} if name == "plate_atelectasis" else {name}
     assert steering.features(["cxr"], [kind]) == [["cxr|_bias", "cxr|atelectasis|present|-"]]
     assert steering.features(["cxr"], None) == [["cxr|_bias"]]
+    # what a finding implies (the run's requests ask for it beside the finding) is added present unless stated
+    steering.implies = {"cxr": {"pleural_effusion": ["atelectasis"]}}
+    effusion = {"name": "pleural_effusion", "present": True, "laterality": "left"}
+    assert steering.features(["cxr"], [[effusion]]) == [["cxr|_bias", "cxr|pleural_effusion|present|left", "cxr|atelectasis|present|-"]]
+    assert steering.features(["cxr"], [[effusion, {"name": "atelectasis", "present": False}]]) == \
+        [["cxr|_bias", "cxr|pleural_effusion|present|left", "cxr|atelectasis|absent"]]
+    assert steering.features(["cxr"], [[{**effusion, "uncertain": True}]]) == [["cxr|_bias"]]
+    assert steering.features(["oct"], [[effusion]]) == [["oct|_bias", "oct|pleural_effusion|present|left"]]
 
 
 def test_a_steered_folder_loads_through_lora_and_bad_ones_are_refused(tmp_path):
@@ -180,16 +188,20 @@ def test_a_steered_folder_loads_through_lora_and_bad_ones_are_refused(tmp_path):
     from generator.steering import STEERING_FILE, load_steering, save_steering
 
     model, table, findings, steps = _steering_parts()
-    folder = save_steering(tmp_path / "steered", table, 1.25, {"run": "r"})
+    folder = save_steering(tmp_path / "steered", table, 1.25, {"run": "r"}, {"cxr": {"pleural_effusion": ["atelectasis"]}})
     assert sorted(p.name for p in folder.iterdir()) == ["offset_table.safetensors", "steering.json"]
     assert apply_model_adapters(model, [str(folder)]) == []  # no LoRA: the base, steered
     assert model.steering.gamma == 1.25 and torch.equal(model.steering.table.weights, table.weights)
+    assert model.steering.implies == {"cxr": {"pleural_effusion": ["atelectasis"]}}
     assert json.loads((folder / STEERING_FILE).read_text())["run"] == "r"
     other = save_steering(tmp_path / "other", table, 1.0)
     with pytest.raises(UserError, match="steered folders"):
         apply_model_adapters(LatentDiffusion(TINY, ["cxr"]), [str(folder), str(other)])
     (other / STEERING_FILE).write_text(json.dumps({"format": "synthmed-steering-1", "gamma": -1, "table": "offset_table.safetensors"}))
     with pytest.raises(UserError, match="gamma must be a number"):
+        load_steering(other)
+    (other / STEERING_FILE).write_text(json.dumps({"format": "synthmed-steering-1", "gamma": 1, "implies": {"cxr": ["x"]}}))
+    with pytest.raises(UserError, match="implies must map modality -> finding"):
         load_steering(other)
     (other / STEERING_FILE).write_text("{not json")
     with pytest.raises(UserError, match="cannot be read"):

@@ -245,7 +245,9 @@ def _steer_the_run(run, saved, base_model, tmp_path, capsys):
                                                                  if r["kind"] == "eval")["overall"]["all_requested_shown"]
     steered = run / "steered"
     assert sorted(p.name for p in steered.iterdir()) == ["metadata.json", "offset_table.safetensors", "steering.json"]
-    assert json.loads((steered / "steering.json").read_text())["gamma"] == out["gamma"]
+    info = json.loads((steered / "steering.json").read_text())
+    # with what the run's requests imply (oct: choroidal neovascularisation is asked for with its subretinal fluid)
+    assert info["gamma"] == out["gamma"] and info["implies"]["oct"]["choroidal_neovascularization"] == ["subretinal_fluid"]
     assert torch.equal(OffsetTable.load(steered / "offset_table.safetensors").weights, saved.weights)
     # `runs test` judges it beside the run's base and adapters, figure for figure as `runs steer` did once
     assert cli(["runs", "test", str(run)]) == 0

@@ -407,6 +407,37 @@ def test_the_loops_requests_read_the_same_by_every_reader(reasoner):
     assert not disagreements, disagreements[:5]
 
 
+def test_a_steered_model_steers_a_requests_text_as_its_expectation(reasoner):
+    """``synthmed sample --lora RUN/steered TEXT`` reads the findings it steers by from the text (the graph's reader); the
+    table was fitted on the requests' structured expectations. Read back from the clinician's words, with the lineage of
+    kinds, the side-free offsets and what a finding implies (the run's sampler's, kept in the steered folder: "active
+    CNV" is asked for with its subretinal fluid), every request steers by the features of its expectation."""
+    import torch
+
+    from agents.reader import FindingReader
+    from agents.requests import PromptSampler
+    from generator.phantoms import catalogue
+    from generator.steering import OffsetTable, TableSteering, request_features
+    from pipelines.config import load_config
+
+    reader = FindingReader(reasoner)
+    sampler = PromptSampler(load_config("tiny").improve.prompts, catalogue())
+    items = sampler.draw(40, epoch=1, seed=0) + sampler.heldout() + sampler.test()
+    vocab = sorted({f for item in items for f in request_features(item.modality, item.findings)})
+    steering = TableSteering(OffsetTable(vocab, [999], torch.zeros(1, len(vocab), 1)), 1.0, implies=sampler.implications())
+    steering.lineage = reader.lineage
+    assert steering.implies["oct"]["choroidal_neovascularization"] == ["subretinal_fluid"]
+    keep = ("name", "present", "laterality", "severity", "location")
+    differ = []
+    for item in items:
+        read_back = [{k: v for k, v in f.model_dump().items() if k in keep and v is not None}
+                     for f in reader.read(item.request, item.modality).findings if not f.uncertain]
+        got, want = steering.features([item.modality] * 2, [read_back, list(item.findings)])
+        if sorted(got) != sorted(want):
+            differ.append((item.request, sorted(set(got) ^ set(want))))
+    assert not differ, differ[:5]
+
+
 def test_the_real_profiles_requests_read_the_same(reasoner):
     """The loop's requests for the real generator (its wording.json's labels, worded by the lexicon's terms, composed in
     the captions' words): the graph reads the clinician's words as the expectation, and the composed prompt never
