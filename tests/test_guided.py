@@ -270,6 +270,7 @@ def _steer_the_run(run, saved, base_model, tmp_path, capsys):
         drawn[name] = [np.asarray(Image.open(p)) for p in sorted((tmp_path / name).glob("*.png"))]
     record = lines(tmp_path / "steered" / "samples.jsonl")[-1]
     assert record["steering"]["gamma"] == out["gamma"] and record["findings"] == [stated]
+    assert record["steering"]["steered_by"] == ["cxr|_bias", "|".join(["cxr", stated["name"], "present", side])]
     assert any((a != b).any() for a, b in zip(drawn["plain"], drawn["steered"]))
     assert cli(["sample", "A finding.", "--modality", "cxr", "--n", "1", "--steps", "2", "--model", str(base_model),
                 "--lora", str(steered), "--finding", "no_such_finding", "--out", str(tmp_path / "bad")]) == 2

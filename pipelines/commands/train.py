@@ -59,6 +59,8 @@ def register(groups, formatter) -> None:
                    "reads it as the graph and the loop give it: e.g. pleural_effusion:laterality=left,severity=moderate or "
                    "pneumothorax:present=false; repeat for more (keys: present, laterality, severity, location)")
     s.add_argument("--out", default="samples", help="output folder")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars (a steered folder reading the text builds "
+                   "the knowledge base the graph reads with, the first time, with bars)")
     s.set_defaults(handler=_sample)
 
     c = groups.add_parser("sample-sheet", help="contact sheet of generated images for every modality x finding",
@@ -296,12 +298,12 @@ def _finding_arguments(texts: list[str], model, modality: str) -> list[dict]:
     return findings
 
 
-def _text_findings(cfg, model, text: str, modality: str) -> list[dict]:
+def _text_findings(cfg, model, text: str, modality: str, progress: bool = True) -> list[dict]:
     """What ``text`` states, read by the graph's one reader of findings (hedged findings state nothing): a steered
     model's request features when ``--finding`` names none (a kind of finding the table lacks takes its parent's)."""
     from ..agent import finding_reader
 
-    reader = finding_reader(cfg, progress=False)
+    reader = finding_reader(cfg, progress=progress)  # builds the knowledge base where none is cached (a minute, with bars)
     model.steering.lineage = reader.lineage
     pathology = reader.read(text, modality)
     keep = ("name", "present", "laterality", "severity", "location")
@@ -329,7 +331,7 @@ def _sample(args, extra) -> int:
     findings = _finding_arguments(args.finding, model, modality)
     read_from_text = model.steering is not None and not findings
     if read_from_text:  # the table steers by what the request states: the text's findings, as the graph reads them
-        findings = _text_findings(cfg, model, args.text, modality)
+        findings = _text_findings(cfg, model, args.text, modality, progress=not args.no_progress)
     sc = cfg.sample
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -350,7 +352,9 @@ def _sample(args, extra) -> int:
     seconds = time.perf_counter() - started
     record = {"text": args.text, "modality": modality, **({"findings": findings} if findings else {}),
               **({"findings_read_from_text": True} if read_from_text else {}),
-              **({"steering": model.steering.describe()} if model.steering is not None else {}), "images": paths,
+              **({"steering": {**model.steering.describe(),  # the table's features the images were steered by
+                                "steered_by": model.steering.features([modality], [findings])[0]}}
+                 if model.steering is not None else {}), "images": paths,
               "steps": sc.steps, "guidance": sc.guidance, "sampler": sc.sampler, "precision": str(sampling_dtype(sc.precision, model.device)).removeprefix("torch."),
               "negative": sc.negative, "seed": sc.seed, "seconds": round(seconds, 2),
               "seconds_per_image": round(seconds / max(1, args.n), 3), "model": str(args.model or cfg.train.out)}
