@@ -283,6 +283,8 @@ def show_run(run: str | Path, runs_dir: str | Path = "runs") -> dict[str, Any]:
         "test": test_rows(records, modalities),
         "scale": _read_json(run_dir / SCALE_FILE),  # `synthmed runs scale`: the adapter's strength chosen on the held-out set
         "steer": _read_json(run_dir / STEER_FILE),  # `synthmed runs steer`: the offset table's gamma chosen on the held-out set
+        # `synthmed runs test`: the test prompts, every adapter kept (test.json; else the run's own test lines)
+        "test_reading": test_reading(run_dir, modalities, records),
         "splits": split_readings(run_dir, modalities),  # `synthmed runs test --split N`: further untouched splits
         "guards": [{"epoch": r.get("epoch"), "message": r.get("message", "")} for r in records if r.get("kind") == "guard"],
         "end": {k: ends[-1].get(k) for k in ("epoch", "status", "message")} if ends else None,
@@ -358,29 +360,92 @@ def split_readings(run_dir: Path, modalities: list[str]) -> list[dict[str, Any]]
             found.append((int(n), path, data))
     if not found:
         return []
-    fd_tolerance, ms_ssim_rise = _gain_terms(run_dir)
-    out = []
-    for n, path, data in sorted(found, key=lambda f: f[0]):
-        mods = modalities or list(dict.fromkeys(m for r in data["results"] for m in (r.get("per_modality") or {})))
-        rows = test_rows([{"kind": "test", **r} for r in data["results"] if isinstance(r, dict)], mods)
-        base = next((r["overall"] for r in rows if r["adapter"] == "base"), {})
-        for row in rows:
-            now = row["overall"]
+    terms = _gain_terms(run_dir)
+    return [_reading(n, path, data, modalities, *terms) for n, path, data in sorted(found, key=lambda f: f[0])]
 
-            def diff(key: str, relative: bool = False) -> float | None:
-                a, b = now.get(key), base.get(key)
-                if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or (relative and not b):
-                    return None
-                return a / b - 1 if relative else a - b
 
-            row.update(change=diff("all_requested_shown"), fd_change=diff("fd", True), ms_ssim_change=diff("ms_ssim"))
-            outside = outside_gain_terms(now.get("fd"), now.get("ms_ssim"), base.get("fd"), base.get("ms_ssim"),
-                                         fd_tolerance, ms_ssim_rise)
-            row["within_terms"] = None if row["adapter"] == "base" else outside is None
-            row["outside"] = outside
-        out.append({"split": n, "prompts": data.get("prompts"), "images_per_prompt": data.get("images_per_prompt"),
-                    "path": str(path), "rows": rows})
-    return out
+def test_reading(run_dir: Path, modalities: list[str], records: list[dict] | None = None) -> dict[str, Any] | None:
+    """The run's own test prompts as ``synthmed runs test`` last judged them (``test.json``: its base, best/ and final/,
+    and scaled/ and steered/ where ``runs scale`` and ``runs steer`` kept them), in :func:`split_readings`' form with
+    ``split`` "test"; before ``runs test`` ran, the run's own ``test`` lines of ``records`` (its metrics.jsonl, with
+    ``path`` naming it), else None."""
+    path = run_dir / "test.json"
+    data = _read_json(path)
+    if not (isinstance(data, dict) and isinstance(data.get("results"), list)):
+        lines = [r for r in records or () if r.get("kind") == "test"]
+        if not lines:
+            return None
+        path, data = run_dir / "metrics.jsonl", {"results": lines}
+    return _reading("test", path, data, modalities, *_gain_terms(run_dir))
+
+
+def _reading(split: int | str, path: Path, data: dict, modalities: list[str], fd_tolerance: float | None,
+             ms_ssim_rise: float | None) -> dict[str, Any]:
+    mods = modalities or list(dict.fromkeys(m for r in data["results"] for m in (r.get("per_modality") or {})))
+    rows = test_rows([{"kind": "test", **r} for r in data["results"] if isinstance(r, dict)], mods)
+    base = next((r["overall"] for r in rows if r["adapter"] == "base"), {})
+    for row in rows:
+        now = row["overall"]
+
+        def diff(key: str, relative: bool = False) -> float | None:
+            a, b = now.get(key), base.get(key)
+            if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or (relative and not b):
+                return None
+            return a / b - 1 if relative else a - b
+
+        row.update(change=diff("all_requested_shown"), fd_change=diff("fd", True), ms_ssim_change=diff("ms_ssim"))
+        outside = outside_gain_terms(now.get("fd"), now.get("ms_ssim"), base.get("fd"), base.get("ms_ssim"),
+                                     fd_tolerance, ms_ssim_rise)
+        row["within_terms"] = None if row["adapter"] == "base" else outside is None
+        row["outside"] = outside
+    return {"split": split, "prompts": data.get("prompts"), "images_per_prompt": data.get("images_per_prompt"),
+            "path": str(path), "rows": rows}
+
+
+def fmt_number(value: Any) -> str:
+    """Three decimals, fewer for large values, three significant digits for small ones (approx_kl ~ 1e-4)."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if abs(value) >= 100:
+            return f"{value:.1f}"
+        return f"{value:.3f}" if value == 0 or abs(value) >= 0.01 else f"{value:.3g}"
+    return str(value)
+
+
+def adapter_label(r: dict) -> str:
+    """A test row's adapter as the tables name it: the guided sampler's scale, a scaled adapter's scale, a steered
+    folder's gamma and what it steers."""
+    if r["adapter"] == "guided":
+        return f"base, reward-guided {fmt_number(r.get('scale'))} (epoch 0)"
+    if isinstance(r.get("gamma"), (int, float)):
+        steers = r.get("steers") if r.get("steers") not in (None, "none") else "base"
+        return f"{r['adapter']}: {steers} + table x{r['gamma']:g} (table of epoch {fmt_number(r.get('table_epoch'))})"
+    if isinstance(r.get("scale"), (int, float)):
+        return f"{r['adapter']} x{r['scale']:g} (epoch {r['epoch']})"
+    return f"{r['adapter']} (epoch {r['epoch']})"
+
+
+def reading_table(reading: dict, modalities: list[str]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of one untouched reading (:func:`test_reading`, :func:`split_readings`): each adapter's share of
+    images showing every requested finding and its change in points against the reading's base, its FD and MS-SSIM
+    against the base's, and whether both stay within the gain's terms; ``synthmed runs show`` and the dashboard's Runs
+    page print it."""
+    f = fmt_number
+    mods = modalities or list(dict.fromkeys(m for r in reading["rows"] for m in r["all_requested_shown"]))
+    rows = []
+    for r in reading["rows"]:
+        o, base = r["overall"], r["adapter"] == "base"
+        terms = "-" if r["within_terms"] is None else ("yes" if r["within_terms"] else f"no: {r['outside']}")
+        rows.append([adapter_label(r), f(o.get("all_requested_shown")),
+                     "-" if r["change"] is None or base else f"{r['change'] * 100:+.1f}",
+                     f(o.get("requested_shown")), f(o.get("finding_accuracy")),
+                     f(o.get("fd")) + ("" if r["fd_change"] is None or base else f" ({r['fd_change']:+.0%})"),
+                     f(o.get("ms_ssim")) + ("" if r["ms_ssim_change"] is None or base else f" ({r['ms_ssim_change']:+.3f})"),
+                     f(o.get("clip_score")), *(f(r["all_requested_shown"].get(m)) for m in mods), terms])
+    header = ["adapter", "all shown ↑", "points", "req. shown ↑", "finding acc ↑", "FD ↓", "MS-SSIM ↓", "CLIP ↑",
+              *(f"{m} shown" for m in mods), "FD, MS-SSIM within the gain's terms"]
+    return header, rows
 
 
 def reference_line(records: list[dict]) -> dict[str, Any] | None:

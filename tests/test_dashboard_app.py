@@ -275,9 +275,54 @@ def test_the_runs_page_fills_from_the_top_in_one_event(tmp_path):
     n = len(top)
     assert "1 run(s)" in top[0] and "status" in top[4] and isinstance(top[5], pd.DataFrame) and len(top[5])
     skipped = [i for i, v in enumerate(top) if isinstance(v, dict) and v.get("__type__") == "update" and len(v) == 1]
-    assert skipped == [n - 3, n - 2, n - 1]  # the second row of plots and the table come later
-    assert isinstance(plots[n - 3], pd.DataFrame) and set(plots[n - 3]["series"]) == {"fd"} and len(plots[n - 2])
+    assert skipped == [n - 4, n - 3, n - 2, n - 1]  # the second row of plots, the untouched readings and the table come later
+    assert isinstance(plots[n - 4], pd.DataFrame) and set(plots[n - 4]["series"]) == {"fd"} and len(plots[n - 3])
+    assert plots[n - 2] is None  # no untouched reading: the run has no test prompts
     assert isinstance(table[n - 1], pd.DataFrame) and len(table[n - 1]) == 4  # the last epoch's four samples
+
+
+def test_the_runs_page_tabulates_untouched_readings_and_generate_offers_every_kept_adapter(tmp_path):
+    """A run's test prompts (its own test lines, then `synthmed runs test`'s test.json with every adapter it keeps) and
+    its further splits, each adapter against its reading's base; Generate offers steered/ (with its gamma), scaled/,
+    best/ and final/."""
+    from test_runs import epoch_line, eval_line, step_lines, write_run
+
+    from pipelines.dashboard import data
+    from pipelines.dashboard.app import _lora_choices
+
+    def test_line(adapter: str, shown: float, fd: float, **extra) -> dict:
+        overall = {"all_requested_shown": shown, "fd": fd, "ms_ssim": 0.3}
+        return {"kind": "test", "adapter": adapter, "epoch": 0 if adapter == "base" else 1, "overall": overall,
+                "per_modality": {"cxr": overall, "oct": overall}, **extra}
+
+    lines = [eval_line(0, 0.1, 50.0, True), test_line("base", 0.1, 50.0), *step_lines(1), epoch_line(1),
+             eval_line(1, 0.2, 48.0, True), test_line("best", 0.2, 52.0), test_line("final", 0.15, 60.0)]
+    run = write_run(tmp_path, "improve-20250107-090000", lines, "2025-01-07T09:00:00", status="finished")
+    header, rows = data.untouched_table(data.open_run(run.name, tmp_path))
+    assert header[:4] == ["reading", "adapter", "all shown ↑", "points"] and header[-1] == "FD, MS-SSIM within the gain's terms"
+    assert [r[1] for r in rows] == ["base (epoch 0)", "best (epoch 1)", "final (epoch 1)"] and {r[0] for r in rows} == {"test prompts"}
+    assert rows[1][3] == "+10.0" and rows[1][6] == "52.000 (+4%)" and rows[1][-1] == "yes"
+    assert rows[2][-1].startswith("no: FD 60.00 more than 10% worse")
+    # `runs test` judged the steered policy too (test.json), and a split
+    steered = test_line("steered", 0.4, 51.0, gamma=1.25, steers="none", table_epoch=1)
+    (run / "test.json").write_text(json.dumps({"prompts": 2, "images_per_prompt": 2, "results": [
+        {k: v for k, v in r.items() if k != "kind"} for r in (lines[1], lines[-2], lines[-1], steered)]}))
+    (run / "test_split1.json").write_text(json.dumps({"prompts": 4, "images_per_prompt": 2, "results": [
+        {k: v for k, v in r.items() if k != "kind"} for r in (test_line("base", 0.2, 40.0), {**steered, "epoch": 1})]}))
+    header, rows = data.untouched_table(data.open_run(run.name, tmp_path))
+    assert [(r[0], r[1]) for r in rows] == [
+        ("test prompts", "base (epoch 0)"), ("test prompts", "best (epoch 1)"), ("test prompts", "final (epoch 1)"),
+        ("test prompts", "steered: base + table x1.25 (table of epoch 1)"),
+        ("split 1", "base (epoch 0)"), ("split 1", "steered: base + table x1.25 (table of epoch 1)")]
+    assert rows[3][3] == "+30.0" and rows[5][3] == "+20.0" and rows[5][6] == "51.000 (+27%)"
+    # Generate's adapters: what the run keeps, steered/ first with its gamma
+    from generator.steering import OffsetTable, save_steering
+
+    save_steering(run / "steered", OffsetTable(["cxr|_bias"], [999], torch.zeros(1, 1, 1)), 1.25)
+    for name in ("best", "final", "scaled"):
+        (run / name).mkdir()
+    labels = [label for label, _ in _lora_choices(tmp_path)]
+    assert labels == ["none", f"{run.name}/steered (table x1.25)", f"{run.name}/scaled", f"{run.name}/best", f"{run.name}/final"]
 
 
 def test_the_plotting_library_is_warmed_on_load():

@@ -197,7 +197,9 @@ def test_a_run_writes_its_directory_and_logs(base_model, tmp_path, capsys):
     assert final_row["fd_change"] == pytest.approx(fd_change) and final_row["within_terms"] == (
         fd_change <= 0.10 and final_row["ms_ssim_change"] <= 0.05)
     assert cli(["runs", "show", str(run)]) == 0
-    assert "untouched test split 1 (4 prompts x 2 images" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "untouched test split 1 (4 prompts x 2 images" in shown
+    assert "untouched test prompts, every adapter the run keeps" in shown and str(run / "test.json") in shown  # runs test's reading
     assert cli(["runs", "test", str(run), "--per-modality", "2"]) == 2
     assert "give --split N" in capsys.readouterr().err
 

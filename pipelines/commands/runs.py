@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..runs import adapter_label, reading_table
+from ..runs import fmt_number as _fmt
 from .common import add_config_argument, resolve_config, table
 
 # (key, header) of the held-out columns in `runs show`; the arrow says which way is better
@@ -108,15 +110,6 @@ def _runs_dir(args, extra) -> str:
     return args.runs_dir if args.runs_dir is not None else resolve_config(args, extra).run.runs_dir
 
 
-def _fmt(value: Any) -> str:
-    """Three decimals, fewer for large values, three significant digits for small ones (approx_kl ~ 1e-4)."""
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if abs(value) >= 100:
-            return f"{value:.1f}"
-        return f"{value:.3f}" if value == 0 or abs(value) >= 0.01 else f"{value:.3g}"
-    return str(value)
 
 
 def _secs(value: Any) -> str:
@@ -286,7 +279,8 @@ def format_run(run: dict) -> str:
         parts.append(_gain_table(run["gain"]))
     if run.get("test"):
         parts.append(_test_table(run))
-    for split in run.get("splits") or []:
+    reading = run.get("test_reading")  # test.json's reading (the run's own test lines are the table above)
+    for split in ([reading] if reading and Path(reading["path"]).name == "test.json" else []) + (run.get("splits") or []):
         parts.append(_split_table(split, run["modalities"]))
     if run.get("reference"):
         parts.append(_reference_note(run))
@@ -409,22 +403,9 @@ def _epochs_table(run: dict) -> str:
                         "approx_kl", "clipfrac", "s"])
 
 
-def _adapter_label(r: dict) -> str:
-    """A test row's adapter as the tables name it: the guided sampler's scale, a scaled adapter's scale, a steered
-    folder's gamma and what it steers."""
-    if r["adapter"] == "guided":
-        return f"base, reward-guided {_fmt(r.get('scale'))} (epoch 0)"
-    if isinstance(r.get("gamma"), (int, float)):
-        steers = r.get("steers") if r.get("steers") not in (None, "none") else "base"
-        return f"{r['adapter']}: {steers} + table x{r['gamma']:g} (table of epoch {_fmt(r.get('table_epoch'))})"
-    if isinstance(r.get("scale"), (int, float)):
-        return f"{r['adapter']} x{r['scale']:g} (epoch {r['epoch']})"
-    return f"{r['adapter']} (epoch {r['epoch']})"
-
-
 def _test_table(run: dict) -> str:
     mods = run["modalities"]
-    rows = [[_adapter_label(t),
+    rows = [[adapter_label(t),
              *(_fmt(t["overall"].get(k)) for k, _ in EVAL_COLUMNS),
              *(_fmt(t["all_requested_shown"].get(m)) for m in mods)] for t in run["test"]]
     return ("untouched test prompts (the held-out combinations worded and seeded apart; nothing that decides reads them: "
@@ -432,25 +413,14 @@ def _test_table(run: dict) -> str:
 
 
 def _split_table(split: dict, modalities: list[str]) -> str:
-    """A further untouched split (``synthmed runs test --split N``): each adapter's share of images showing every
-    requested finding against the split's base, its FD and MS-SSIM against the base's, and whether both stay within the
-    gain's terms."""
-    mods = modalities or list(dict.fromkeys(m for r in split["rows"] for m in r["all_requested_shown"]))
-    rows = []
-    for r in split["rows"]:
-        o = r["overall"]
-        label = _adapter_label(r)
-        terms = "-" if r["within_terms"] is None else ("yes" if r["within_terms"] else f"no: {r['outside']}")
-        rows.append([label, _fmt(o.get("all_requested_shown")),
-                     "-" if r["change"] is None or r["adapter"] == "base" else f"{r['change'] * 100:+.1f}",
-                     _fmt(o.get("requested_shown")), _fmt(o.get("finding_accuracy")),
-                     _fmt(o.get("fd")) + ("" if r["fd_change"] is None or r["adapter"] == "base" else f" ({r['fd_change']:+.0%})"),
-                     _fmt(o.get("ms_ssim")) + ("" if r["ms_ssim_change"] is None or r["adapter"] == "base" else f" ({r['ms_ssim_change']:+.3f})"),
-                     _fmt(o.get("clip_score")), *(_fmt(r["all_requested_shown"].get(m)) for m in mods), terms])
+    """A further untouched split (``synthmed runs test --split N``), or the run's test prompts as ``runs test`` judged
+    them: see :func:`pipelines.runs.reading_table`."""
+    header, rows = reading_table(split, modalities)
     size = f"{_fmt(split['prompts'])} prompts x {_fmt(split['images_per_prompt'])} images"
-    return (f"untouched test split {split['split']} ({size}; synthmed runs test --split {split['split']}: {split['path']})\n"
-            + table(rows, ["adapter", "all shown ↑", "points", "req. shown ↑", "finding acc ↑", "FD ↓", "MS-SSIM ↓", "CLIP ↑",
-                           *(f"{m} shown" for m in mods), "FD, MS-SSIM within the gain's terms"]))
+    title = (f"untouched test prompts, every adapter the run keeps ({size}; synthmed runs test: {split['path']})"
+             if split["split"] == "test" else
+             f"untouched test split {split['split']} ({size}; synthmed runs test --split {split['split']}: {split['path']})")
+    return title + "\n" + table(rows, header)
 
 
 def _evals_table(run: dict) -> str:

@@ -161,11 +161,22 @@ def build_app(settings: DashboardSettings, agent_factory: Callable[[str | None, 
 
 # -- Generate ---------------------------------------------------------------------------------
 def _lora_choices(runs_dir: Path) -> list[tuple[str, str]]:
+    """The adapters a request can draw with: each run's steered/ (its table at the kept gamma: a table-stage run's best
+    policy), scaled/, best/ and final/, where it has them."""
+    from generator.steering import STEERING_FILE
+
     choices = [("none", "")]
     for r in data.list_all_runs(runs_dir):
-        for name in ("best", "final"):
+        for name in ("steered", "scaled", "best", "final"):
             folder = Path(r["path"]) / name
-            if folder.is_dir():
+            if name == "steered" and (folder / STEERING_FILE).is_file():
+                try:
+                    gamma = json.loads((folder / STEERING_FILE).read_text()).get("gamma")
+                except (OSError, ValueError, AttributeError):
+                    continue  # a damaged steering: `synthmed runs steer` rewrites it
+                choices.append((f"{r['id']}/steered (table x{gamma:g})" if isinstance(gamma, (int, float)) else f"{r['id']}/steered",
+                                str(folder)))
+            elif name != "steered" and folder.is_dir():
                 choices.append((f"{r['id']}/{name}", str(folder)))
     return choices
 
@@ -314,6 +325,8 @@ def _runs_page(settings: DashboardSettings, guard: FileGuard):
         auto = gr.Checkbox(label=f"refresh every {settings.refresh_s:g} s while running", value=False, elem_id="runs-auto")
         reload_button = gr.Button("Reload", elem_id="runs-reload")
     summary = gr.Markdown(elem_id="runs-summary")
+    untouched = gr.Dataframe(label=f"untouched prompts: {data.UNTOUCHED_NOTE}", interactive=False, wrap=True,
+                             elem_id="runs-untouched")
     with gr.Row():
         reward_plot = line_plot("reward per component (mean per epoch)", elem_id="runs-reward")
         heldout_plot = line_plot("held-out metrics (evaluator)", elem_id="runs-heldout")
@@ -380,20 +393,23 @@ def _runs_page(settings: DashboardSettings, guard: FileGuard):
         return (text, *figs, slider, grid_img, held_img, gr.Dropdown(choices=epochs, value=epochs[-1] if epochs else None), grids), r
 
     def more_plots(r):
-        """The second row of plots (FD, reward per modality) of a loop run."""
+        """The second row of plots (FD, reward per modality) of a loop run, and its untouched readings' table."""
         if r["kind"] != "improve":
-            return None, None
-        return series_frame(r["series"]["heldout"], only=("fd",)), series_frame(r["series"]["per_modality"])
+            return None, None, None
+        header, rows = data.untouched_table(r)
+        return (series_frame(r["series"]["heldout"], only=("fd",)), series_frame(r["series"]["per_modality"]),
+                _table(rows, header) if rows else None)
 
     def show_all(run_id):
-        """A run's page, from the top, in one event: the top first, then the FD and per-modality plots, then the
-        samples table of the last epoch, each sent as soon as it is ready (the browser draws the top meanwhile)."""
+        """A run's page, from the top, in one event: the top first, then the FD and per-modality plots and the
+        untouched readings, then the samples table of the last epoch, each sent as soon as it is ready (the browser
+        draws the top meanwhile)."""
         top, r = show(run_id)
         yield (*top, *[gr.skip()] * len(rest))
         if r is None:
             return
         yield (*[gr.skip()] * len(outputs), *more_plots(r), gr.skip())
-        yield (*[gr.skip()] * (len(outputs) + 2), samples_of(run_id, getattr(top[6], "value", None)))  # the epoch it shows
+        yield (*[gr.skip()] * (len(outputs) + 3), samples_of(run_id, getattr(top[6], "value", None)))  # the epoch it shows
 
     def samples_of(run_id, epoch):
         """The samples table of the run's epoch (its last when none is chosen)."""
@@ -431,7 +447,7 @@ def _runs_page(settings: DashboardSettings, guard: FileGuard):
         yield from show_all(run_id)
 
     outputs = [summary, reward_plot, heldout_plot, grid_epoch, grid, heldout_grid, samples_epoch, grids_state]
-    rest = [fd_plot, modality_plot, samples]  # what show_all sends after the top, in this order
+    rest = [fd_plot, modality_plot, untouched, samples]  # what show_all sends after the top, in this order
     # .input, not .change: a value set by the app itself (opening the page) must not ask the server a second time
     run.input(show_all, [run], outputs + rest, api_name="run")
     reload_button.click(show_all, [run], outputs + rest, api_visibility="private")

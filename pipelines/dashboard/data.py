@@ -23,7 +23,8 @@ from typing import Any
 from urllib.parse import unquote
 
 from generator.fileio import write_bytes_atomic
-from pipelines.runs import RUN_KIND, SHARE_METRICS, is_run_dir, lines_by_epoch, list_runs, read_metrics, resolve_run, show_run
+from pipelines.runs import (RUN_KIND, SHARE_METRICS, is_run_dir, lines_by_epoch, list_runs, read_metrics, reading_table, resolve_run,
+                           show_run)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")  # what the pages show (DICOM is read, not served)
 RATINGS_COLUMNS = ("image_path", "rating", "modality", "expert_level", "prompt")  # MINIM's format, rlhf.selector reads it
@@ -180,6 +181,24 @@ def open_run(run_id: str, runs_dir: str | Path) -> dict[str, Any]:
         run["heldout_grids"] = epoch_images(folder / "heldout")
         return run
     return generic_run(folder)
+
+
+UNTOUCHED_NOTE = ("what the run keeps, judged on prompts nothing that decides read (`synthmed runs test [--split N]`); each "
+                  "adapter against its reading's base")
+
+
+def untouched_table(run: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a loop run's untouched readings for the Runs page: its test prompts as ``synthmed runs test``
+    judged every adapter it keeps (``test.json``; else the run's own test lines), then each further split, a row per
+    adapter (``pipelines.runs.reading_table``, with the reading in front). No rows for a run without test prompts."""
+    readings = ([run["test_reading"]] if run.get("test_reading") else []) + list(run.get("splits") or [])
+    mods = list(run.get("modalities") or [])
+    header, out = [], []
+    for reading in readings:
+        header, rows = reading_table(reading, mods)
+        name = "test prompts" if reading["split"] == "test" else f"split {reading['split']}"
+        out += [[name, *row] for row in rows]
+    return (["reading", *header] if out else ["reading"]), out
 
 
 def epoch_images(folder: Path) -> list[tuple[int, str]]:
