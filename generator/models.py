@@ -16,6 +16,7 @@ the way out, so one VAE serves every modality.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -296,6 +297,11 @@ def apply_model_adapters(model: LatentDiffusion, paths: list[str] | tuple[str, .
     steering = load_steering(steered[0]) if steered else None
     if steering is not None:
         steering.check(model)
+    for p in paths:  # a run folder reads as its best/; a table-stage run's policy is its steered/, which must be named
+        if not is_steered_folder(p) and is_steered_folder(Path(p) / "steered") and not (Path(p) / "lora.safetensors").is_file():
+            logging.getLogger("synthmed.generator").warning(
+                "%s is a run folder: its best/ adapter is loaded. The run also keeps steered/ (its offset table, gamma chosen "
+                "on the held-out set: `synthmed runs show` compares them); name %s to draw with that", p, Path(p) / "steered")
     names = apply_adapters(model.unet, loras)
     for table in tables:
         load_finding_table(model, table)

@@ -181,7 +181,7 @@ def test_steering_features_take_the_tables_side_free_offset_and_a_kinds_parent()
     assert steering.features(["oct"], [[effusion]]) == [["oct|_bias", "oct|pleural_effusion|present|left"]]
 
 
-def test_a_steered_folder_loads_through_lora_and_bad_ones_are_refused(tmp_path):
+def test_a_steered_folder_loads_through_lora_and_bad_ones_are_refused(tmp_path, caplog):
     import json
 
     from generator.models import apply_model_adapters
@@ -209,6 +209,18 @@ def test_a_steered_folder_loads_through_lora_and_bad_ones_are_refused(tmp_path):
     (other / STEERING_FILE).write_text(json.dumps({"format": "synthmed-steering-1", "gamma": 1, "table": "gone.safetensors"}))
     with pytest.raises(UserError, match="holds no such file"):
         load_steering(other)
+    # a run folder loads its best/; where the run keeps steered/ too, the log says how to draw with that
+    run = tmp_path / "run"
+    (run / "best").mkdir(parents=True)
+    from generator.lora import LoraSpec, add_lora, save_lora
+
+    plain = LatentDiffusion(TINY, ["cxr"])
+    add_lora(plain.unet, LoraSpec(rank=2, alpha=2))
+    save_lora(plain.unet, run / "best" / "lora.safetensors")
+    save_steering(run / "steered", table, 1.0)
+    with caplog.at_level("WARNING", logger="synthmed.generator"):
+        apply_model_adapters(LatentDiffusion(TINY, ["cxr"]), [str(run)])
+    assert f"name {run / 'steered'} to draw with that" in caplog.text
     wrong = OffsetTable(table.features, table.timesteps, torch.zeros(steps, len(table.features), 3, 2, 2))
     with pytest.raises(UserError, match="fitted for another model"):
         apply_model_adapters(LatentDiffusion(TINY, ["cxr"]), [str(save_steering(tmp_path / "wrong", wrong, 1.0))])
