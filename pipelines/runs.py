@@ -159,7 +159,31 @@ def summarise(run_dir: Path, records: list[dict], meta: dict) -> dict[str, Any]:
         "all_requested_shown": overall(last, "all_requested_shown"), "fd": overall(last, "fd"),
         "base_all_requested_shown": overall(base, "all_requested_shown"), "base_fd": overall(base, "fd"),
         "best_epoch": best_epoch(evals),
+        "policy": kept_policy(run_dir, evals),
     }
+
+
+def kept_policy(run_dir: Path, evals: list[dict]) -> dict[str, Any] | None:
+    """The run's adapter with the highest held-out share of images showing every requested finding, among what it
+    keeps, each already chosen on the held-out set within the gain's terms: best/ (its best evaluation), scaled/
+    (`synthmed runs scale`) and steered/ (`synthmed runs steer`); a later one only where it is strictly higher. None
+    before best/ moved past the base. ``{"name", "label", "folder", "heldout_all_requested_shown"}``."""
+    found = []
+    best = best_epoch(evals)
+    line = next((e for e in evals if e["epoch"] == best), None)
+    if best and (run_dir / "best").is_dir() and line is not None:
+        found.append(("best", f"best/ (epoch {best})", (line.get("overall") or {}).get("all_requested_shown")))
+    for name, file, key in ((SCALED_ADAPTER, SCALE_FILE, "scale"), (STEERED_ADAPTER, STEER_FILE, "gamma")):
+        record = _read_json(run_dir / file) if (run_dir / name).is_dir() else None
+        if isinstance(record, dict) and isinstance(record.get(key), (int, float)):
+            on = record.get("adapter") if record.get("adapter") not in (None, "none") else ("base" if name == STEERED_ADAPTER else None)
+            label = f"{name}/ (x{record[key]:g}" + (f" on {on}" if on else "") + ")"
+            found.append((name, label, ((record.get("heldout") or {}).get("chosen") or {}).get("all_requested_shown")))
+    kept = None
+    for name, label, share in found:
+        if isinstance(share, (int, float)) and (kept is None or share > kept["heldout_all_requested_shown"]):
+            kept = {"name": name, "label": label, "folder": str(run_dir / name), "heldout_all_requested_shown": share}
+    return kept
 
 
 def _paths(run_dir: Path, best: int | None) -> dict[str, Any]:

@@ -293,3 +293,32 @@ def test_a_run_without_findings_one_by_one_shows_no_findings_table(runs_dir, cap
     assert show_run(FINISHED, runs_dir)["findings"] is None
     assert main(["runs", "show", FINISHED, "--runs-dir", str(runs_dir)]) == 0
     assert "requested findings on the held-out prompts" not in capsys.readouterr().out
+
+
+def test_a_runs_policy_is_what_it_keeps_with_the_highest_held_out_share(tmp_path, capsys):
+    """best/, then scaled/ and steered/ where `runs scale` and `runs steer` kept them, each chosen on the held-out set:
+    `runs list` and `runs show` name the one with the highest held-out share (a later one only where strictly higher)."""
+    lines = [eval_line(0, 0.1, 50.0, True), *step_lines(1), epoch_line(1), eval_line(1, 0.2, 48.0, True)]
+    run = write_run(tmp_path, "improve-20250107-090000", lines, "2025-01-07T09:00:00", status="finished")
+    assert list_runs(tmp_path)[0]["policy"] is None  # no best/ folder yet
+    (run / "best").mkdir()
+    assert list_runs(tmp_path)[0]["policy"] == {"name": "best", "label": "best/ (epoch 1)", "folder": str(run / "best"),
+                                                 "heldout_all_requested_shown": 0.2}
+    (run / "scaled").mkdir()
+    def kept(name: str, value: float, adapter: str, share: float) -> str:  # scale.json / steer.json as the sweeps write them
+        return json.dumps({name: value, "adapter": adapter, "epoch": 1, "margin": True, f"{name}s": [
+            {name: value, "all_requested_shown": share, "per_modality": {"cxr": share}, "chosen": True}],
+            "heldout": {"base": {"all_requested_shown": 0.1}, "chosen": {"all_requested_shown": share}}})
+
+    (run / "scale.json").write_text(kept("scale", 1.5, "best", 0.2))
+    assert list_runs(tmp_path)[0]["policy"]["name"] == "best"  # a tie keeps best/
+    (run / "steered").mkdir()
+    (run / "steer.json").write_text(kept("gamma", 1.25, "none", 0.3))
+    policy = list_runs(tmp_path)[0]["policy"]
+    assert policy["label"] == "steered/ (x1.25 on base)" and policy["folder"] == str(run / "steered")
+    assert main(["runs", "list", "--runs-dir", str(tmp_path)]) == 0
+    assert "steered/ (x1.25 on base): 0.300" in capsys.readouterr().out
+    assert main(["runs", "show", run.name, "--runs-dir", str(tmp_path)]) == 0
+    assert f"(use it with --lora {run / 'steered'})" in capsys.readouterr().out
+    (run / "steered").rmdir()  # a steer.json without its folder names nothing
+    assert list_runs(tmp_path)[0]["policy"]["name"] == "best"

@@ -133,8 +133,11 @@ def _list(args, extra) -> int:
         return 0
     print(table([[r["id"], r["status"], f"{r['epochs_done']}/{_fmt(r['epochs_planned'])}", (r["started"] or "-")[:19],
                   _fmt(r["last_eval_epoch"]), _change(r["base_all_requested_shown"], r["all_requested_shown"]),
-                  _change(r["base_fd"], r["fd"]), _fmt(r["best_epoch"])] for r in rows],
-                ["run", "status", "epochs", "started", "eval epoch", "all shown ↑ (base → now)", "FD ↓ (base → now)", "best"]))
+                  _change(r["base_fd"], r["fd"]), _fmt(r["best_epoch"]),
+                  f"{r['policy']['label']}: {_fmt(r['policy']['heldout_all_requested_shown'])}" if r.get("policy") else "-"]
+                 for r in rows],
+                ["run", "status", "epochs", "started", "eval epoch", "all shown ↑ (base → now)", "FD ↓ (base → now)", "best",
+                 "policy: held-out all shown ↑"]))
     for r in rows:
         if r["error"]:
             print(f"{r['id']}: unreadable: {r['error']}")
@@ -270,6 +273,10 @@ def format_run(run: dict) -> str:
                     f"trains {trained}")
     if meta.get("command"):
         head.append(f"command: {meta['command']}")
+    if run.get("policy"):
+        p = run["policy"]
+        head.append(f"its policy by held-out share: {p['label']}, every requested shown "
+                    f"{_fmt(p['heldout_all_requested_shown'])} (use it with --lora {p['folder']})")
     parts = ["\n".join(head)]
     if run["epochs"]:
         parts.append("reward per epoch (means)\n" + _epochs_table(run))

@@ -498,6 +498,10 @@ def _run_summary(r: dict) -> str:
     parts = [f"**{r['id']}** · status **{r['status']}** · epoch {r['epochs_done']}/{r['epochs_planned'] or '-'} · "
              f"started {r['started'] or '-'}" + (f" · finished {r['finished']}" if r.get("finished") else "")
              + (f" · best epoch {r['best_epoch']}" if r.get("best_epoch") is not None else "")]
+    if r.get("policy"):
+        p = r["policy"]
+        parts.append(f"- its policy by held-out share: **{p['label']}**, every requested shown "
+                     f"{p['heldout_all_requested_shown']:.3f} (LoRA adapter `{p['name']}` on Generate; `--lora {p['folder']}`)")
     for g in r.get("guards") or []:
         parts.append(f"- guard (epoch {g['epoch']}): {g['message']}")
     if r.get("end"):
