@@ -156,11 +156,15 @@ class TableSteering:
     """``gamma`` x ``table``'s offset for each request added to every sampling step's x0_hat (:meth:`steer`)."""
 
     def __init__(self, table: OffsetTable, gamma: float, source: str | None = None,
-                 implies: Mapping[str, Mapping[str, Sequence[str]]] | None = None):
-        if not (isinstance(gamma, (int, float)) and gamma >= 0):
-            raise UserError(f"a steering's gamma must be a number, 0 or more, got {gamma!r}")
+                 implies: Mapping[str, Mapping[str, Sequence[str]]] | None = None, gammas: Mapping[str, float] | None = None):
+        for value in (gamma, *(gammas or {}).values()):
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and value >= 0):
+                raise UserError(f"a steering's gamma must be a number, 0 or more, got {value!r}")
         self.table = table
         self.gamma = float(gamma)
+        # per modality, a gamma of its own (`synthmed runs steer --per-modality`: chosen on each modality's held-out
+        # images); a modality without one takes ``gamma``
+        self.gammas = {str(m): float(g) for m, g in (gammas or {}).items()}
         self.source = source  # the folder it was loaded from, for messages and records
         # per modality, the findings a finding implies present (the run's request sampler's FindingSpec.implies: "active
         # CNV" is drawn, asked for and fitted with its subretinal fluid); a text that names the finding alone steers
@@ -212,21 +216,37 @@ class TableSteering:
 
         self.check_latents(model.cfg.latent_channels, latent_size(model.cfg))
 
+    def gamma_for(self, modality: str) -> float:
+        return self.gammas.get(modality, self.gamma)
+
+    def sample_gammas(self, features: Sequence[Sequence[str]]) -> torch.Tensor:
+        """(N,): each sample's gamma, by its modality (its first feature is the modality's bias, :func:`request_features`)."""
+        return torch.tensor([self.gamma_for(f[0].split("|", 1)[0]) if f else self.gamma for f in features])
+
+    def delta(self, features: Sequence[Sequence[str]], t: int | torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w): how far each sample's x0_hat moves at timestep ``t``: its gamma x the table's offset."""
+        return self.sample_gammas(features).view(-1, *[1] * (self.table.weights.dim() - 2)) * self.table.offset(features, t)
+
     def steer(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, alphas_cumprod: torch.Tensor,
               prediction_type: str, features: Sequence[Sequence[str]]) -> torch.Tensor:
-        """The UNet ``output`` at ``x_t`` whose x0_hat is moved by gamma x each sample's offset at timestep ``t``."""
-        if self.gamma == 0:
+        """The UNet ``output`` at ``x_t`` whose x0_hat is moved by gamma x each sample's offset at timestep ``t``; a
+        sample whose gamma is 0 keeps its output as it is, bit for bit."""
+        moved = (self.sample_gammas(features) != 0).nonzero().flatten()
+        if not len(moved):
             return output
         t = int(t)
         alpha = alphas_cumprod[t].to(x_t.device)
-        x0 = predicted_x0(output.float(), x_t.float(), alpha, prediction_type)
-        delta = self.gamma * self.table.offset(features, t).to(x0.device)
-        return output_for_x0(x0 + delta, x_t.float(), alpha, prediction_type).to(output.dtype)
+        rows = moved.tolist()
+        x0 = predicted_x0(output[moved].float(), x_t[moved].float(), alpha, prediction_type)
+        delta = self.delta([features[i] for i in rows], t).to(x0.device)
+        out = output.clone()
+        out[moved] = output_for_x0(x0 + delta, x_t[moved].float(), alpha, prediction_type).to(output.dtype)
+        return out
 
     def shift(self, t: int, features: Sequence[Sequence[str]], alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
         """(N, C, h, w): what :meth:`steer` adds to the UNet's output at timestep ``t``. At a fixed x_t the output is
         linear in x0_hat, so moving x0_hat by delta moves the output by the same amount whatever the output was."""
-        delta = self.gamma * self.table.offset(features, t)
+        delta = self.delta(features, t)
         alpha = alphas_cumprod[t].float().cpu()
         return output_for_x0(delta, torch.zeros_like(delta), alpha, prediction_type)
 
@@ -246,16 +266,18 @@ class TableSteering:
         self.check_latents(pipe.unet.config.in_channels, pipe.unet.config.sample_size)
         return PipelineSteering(self, pipe, self.features(modalities, findings))
 
-    def check_latents(self, channels: int, size: int) -> None:
-        want = (int(channels), int(size), int(size))
+    def check_latents(self, channels: int, size: int | Sequence[int]) -> None:
+        """A clear error where the table's offsets are not ``channels`` x ``size`` (a side, or (height, width))."""
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        want = (int(channels), int(h), int(w))
         if tuple(self.table.weights.shape[2:]) != want:
             raise UserError(f"the offset table of {self.source or 'the steering'} holds offsets of shape "
                             f"{tuple(self.table.weights.shape[2:])} but this model's latents are {want}: it was fitted for "
                             "another model; steer the model its run trained (its config.yaml's model)")
 
     def describe(self) -> dict[str, Any]:
-        return {"gamma": self.gamma, "features": len(self.table.features), "timesteps": self.table.timesteps,
-                **({"implies": self.implies} if self.implies else {}),
+        return {"gamma": self.gamma, **({"gammas": self.gammas} if self.gammas else {}), "features": len(self.table.features),
+                "timesteps": self.table.timesteps, **({"implies": self.implies} if self.implies else {}),
                 **({"folder": self.source} if self.source else {})}
 
 
@@ -321,16 +343,18 @@ def is_steered_folder(path: str | os.PathLike) -> bool:
 
 
 def save_steering(folder: str | os.PathLike, table: OffsetTable, gamma: float, record: Mapping[str, Any] | None = None,
-                  implies: Mapping[str, Mapping[str, Sequence[str]]] | None = None) -> Path:
-    """The table and ``steering.json`` (gamma, the table's file, ``implies``: see :class:`TableSteering`, ``record``) in
-    ``folder``; steering.json is written last, so a folder is a steered folder only once its table is whole."""
+                  implies: Mapping[str, Mapping[str, Sequence[str]]] | None = None, gammas: Mapping[str, float] | None = None) -> Path:
+    """The table and ``steering.json`` (gamma, the table's file, ``implies`` and ``gammas``: see :class:`TableSteering`,
+    ``record``) in ``folder``; steering.json is written last, so a folder is a steered folder only once its table is
+    whole."""
     from .fileio import write_text_atomic
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     table.save(folder / OFFSET_TABLE_FILE)
     info = {"format": STEERING_FORMAT, "gamma": float(gamma), "table": OFFSET_TABLE_FILE, "features": len(table.features),
-            "timesteps": table.timesteps, **({"implies": {m: dict(v) for m, v in implies.items()}} if implies else {}),
+            "timesteps": table.timesteps, **({"gammas": {m: float(g) for m, g in gammas.items()}} if gammas else {}),
+            **({"implies": {m: dict(v) for m, v in implies.items()}} if implies else {}),
             **dict(record or {})}
     write_text_atomic(folder / STEERING_FILE, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return folder
@@ -357,7 +381,11 @@ def load_steering(folder: str | os.PathLike) -> TableSteering:
     if not (isinstance(implies, dict) and all(isinstance(v, dict) and all(isinstance(x, list) for x in v.values())
                                               for v in implies.values())):
         raise UserError(f"{folder / STEERING_FILE}: implies must map modality -> finding -> implied findings, got {implies!r}; {fix}")
-    return TableSteering(OffsetTable.load(table_path), float(gamma), str(folder), implies)
+    gammas = info.get("gammas") or {}  # per modality, where `runs steer --per-modality` chose them
+    if not (isinstance(gammas, dict) and all(not isinstance(g, bool) and isinstance(g, (int, float)) and g >= 0
+                                             for g in gammas.values())):
+        raise UserError(f"{folder / STEERING_FILE}: gammas must map modality -> a gamma of 0 or more, got {gammas!r}; {fix}")
+    return TableSteering(OffsetTable.load(table_path), float(gamma), str(folder), implies, gammas)
 
 
 __all__ = ["FORMAT", "OFFSET_TABLE_FILE", "OffsetTable", "PipelineSteering", "STEERING_FILE", "STEERING_FORMAT", "TableSteering",

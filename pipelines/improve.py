@@ -1089,7 +1089,8 @@ def evaluate_test_set(run: Path, progress: bool = True, split: int | None = None
 
         meta = load_steered_folder(model, run / STEERED_ADAPTER)
         results.append({"adapter": STEERED_ADAPTER, "epoch": meta.get("epoch"), "table_epoch": meta.get("table_epoch"),
-                        "gamma": model.steering.gamma, "steers": meta.get("adapter"),
+                        "gamma": model.steering.gamma, **({"gammas": model.steering.gammas} if model.steering.gammas else {}),
+                        "steers": meta.get("adapter"),
                         **judge_test_set(model, test, parts, cfg, STEERED_ADAPTER, progress, seed=seed)})
         model.steering = None
     out = {"run": str(run), **({"split": split} if split is not None else {}), "prompts": len(test),

@@ -177,7 +177,7 @@ def kept_policy(run_dir: Path, evals: list[dict]) -> dict[str, Any] | None:
         record = _read_json(run_dir / file) if (run_dir / name).is_dir() else None
         if isinstance(record, dict) and isinstance(record.get(key), (int, float)):
             on = record.get("adapter") if record.get("adapter") not in (None, "none") else ("base" if name == STEERED_ADAPTER else None)
-            label = f"{name}/ (x{record[key]:g}" + (f" on {on}" if on else "") + ")"
+            label = f"{name}/ (" + ("a gamma per modality" if record.get("gammas") else f"x{record[key]:g}") + (f" on {on}" if on else "") + ")"
             found.append((name, label, ((record.get("heldout") or {}).get("chosen") or {}).get("all_requested_shown")))
     kept = None
     for name, label, share in found:
@@ -336,7 +336,8 @@ def test_rows(records: list[dict], modalities: list[str]) -> list[dict[str, Any]
             last[r.get("adapter", "?")] = r
     order = {"base": 0, "guided": 1, "best": 2, "final": 3, "scaled": 4, "steered": 5}
     return [{"adapter": a, "epoch": r.get("epoch"), "scale": r.get("scale"), "overall": dict(r.get("overall") or {}),
-             **({"gamma": r["gamma"], "steers": r.get("steers"), "table_epoch": r.get("table_epoch")} if "gamma" in r else {}),
+             **({"gamma": r["gamma"], **({"gammas": r["gammas"]} if r.get("gammas") else {}), "steers": r.get("steers"),
+                 "table_epoch": r.get("table_epoch")} if "gamma" in r else {}),
              "all_requested_shown": {m: ((r.get("per_modality") or {}).get(m) or {}).get("all_requested_shown") for m in modalities}}
             for a, r in sorted(last.items(), key=lambda kv: order.get(kv[0], len(order)))]
 
@@ -444,7 +445,9 @@ def adapter_label(r: dict) -> str:
         return f"base, reward-guided {fmt_number(r.get('scale'))} (epoch 0)"
     if isinstance(r.get("gamma"), (int, float)):
         steers = r.get("steers") if r.get("steers") not in (None, "none") else "base"
-        return f"{r['adapter']}: {steers} + table x{r['gamma']:g} (table of epoch {fmt_number(r.get('table_epoch'))})"
+        by = (f"x{r['gamma']:g}" if not r.get("gammas") else
+              "per modality (" + ", ".join(f"{m} x{g:g}" for m, g in r["gammas"].items()) + ")")
+        return f"{r['adapter']}: {steers} + table {by} (table of epoch {fmt_number(r.get('table_epoch'))})"
     if isinstance(r.get("scale"), (int, float)):
         return f"{r['adapter']} x{r['scale']:g} (epoch {r['epoch']})"
     return f"{r['adapter']} (epoch {r['epoch']})"

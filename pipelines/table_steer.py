@@ -29,19 +29,21 @@ from typing import Any
 
 from generator.errors import UserError
 
-from .adapter_scale import HeldoutSweep, _lora_b
+from .adapter_scale import HeldoutSweep, _lora_b, _shares
 from .runs import OFFSET_TABLE_FILE, STEER_FILE, STEERED_ADAPTER
 
 ADAPTERS = ("none", "best", "final")
 
 
 def calibrate_table_steering(run: str | Path, gammas: Sequence[float], adapter: str = "none", progress: bool = True,
-                             margin: bool = True, parts: Any = None) -> dict[str, Any]:
+                             margin: bool = True, parts: Any = None, per_modality: bool = False) -> dict[str, Any]:
     """Held-out figures of ``run``'s base (``adapter`` none) or adapter steered by each of ``gammas`` x its offset table,
     the kept gamma written to ``<run>/steered/`` and judged on the untouched test prompts; returns (and writes to
     ``<run>/steer.json``) the lot. ``margin``: keep only a gamma whose next larger gamma tried also stays within the
     gain's terms. ``parts``: the loop's own (its model's adapter is set here), at the end of a run
-    (``improve.eval.steer_gammas``)."""
+    (``improve.eval.steer_gammas``). ``per_modality``: also choose each modality's gamma on its own held-out images
+    (:func:`per_modality_gammas`, 0 where none beats its base), and keep those where the held-out set, drawn with them
+    together, beats the one gamma within the gain's terms."""
     from generator.models import FINDING_TABLE_FILE
     from generator.steering import OffsetTable, TableSteering, save_steering
 
@@ -83,6 +85,22 @@ def calibrate_table_steering(run: str | Path, gammas: Sequence[float], adapter: 
         steering.gamma = g
         lines.append(sweep.judge(g, f"{name} + table x{g:g}"))
     chosen = sweep.choose(lines, margin, "gamma")
+    by_modality, split = None, None
+    if per_modality:
+        split, why = per_modality_gammas(sweep, lines, margin)
+        steering.gamma, steering.gammas = (chosen["scale"] if chosen else 0.0), split
+        line = sweep.judge(steering.gamma, f"{name} + table, a gamma per modality")
+        refused = sweep.guard.acceptable(line["overall"].get("fd"), line["overall"].get("ms_ssim"))
+        share = line["overall"].get("all_requested_shown") or 0.0
+        against = (chosen or sweep.base)["overall"].get("all_requested_shown") or 0.0
+        kept = refused is None and share > against
+        by_modality = {"gammas": split, "why": why, "heldout": _figures(line), "per_modality": _shares(line["per_modality"]),
+                       "kept": kept, **({} if kept else {"refused": refused or f"held-out share {share:.3f} does not beat "
+                                                       f"{'the one gamma' if chosen else 'the base'}'s {against:.3f}"})}
+        if kept:
+            chosen = {**line, "scale": steering.gamma}
+        else:
+            steering.gammas, split = {}, None
     test_result = None
     target = run / STEERED_ADAPTER
     if chosen is not None:
@@ -102,17 +120,48 @@ def calibrate_table_steering(run: str | Path, gammas: Sequence[float], adapter: 
                                 "generator.steering.load_steering(folder).attach(pipe, modalities, findings); there is "
                                 "no LoRA")},
                      findings=folder is not None and (folder / FINDING_TABLE_FILE).is_file(), lora=folder is not None,
-                     extra=lambda tmp: save_steering(tmp, table, gamma, record, sweep.parts.sampler.implications()))
-        test_result = sweep.judge_test(f"{name} + table x{gamma:g}")
+                     extra=lambda tmp: save_steering(tmp, table, gamma, record, sweep.parts.sampler.implications(), split))
+        test_result = sweep.judge_test(f"{name} + table " + (f"x{gamma:g}" if not split else "a gamma per modality"))
     model.steering = None
     out = {"kind": "synthmed table steering", "run": str(run), "adapter": adapter, "epoch": meta.get("epoch"),
            "table": str(table_path), "table_epoch": table_epoch, "features": len(table.features),
            **sweep.report("gamma", STEERED_ADAPTER, lines, chosen, test_result, adapter, margin),
+           **({"gammas": split} if split else {}), **({"per_modality": by_modality} if by_modality else {}),
            "adapter_folder": str(target) if chosen else None,
            "use": (f"synthmed generate ... --lora {target}; synthmed eval --lora {target}; synthmed runs test {run}" if chosen
                    else "no gamma kept the images within the gain's terms" + (" with a margin (the next gamma up within them too)" if margin else "")
                    + "; try smaller gammas, or a finer grid")}
     return sweep.write(STEERED_ADAPTER, STEER_FILE, out, chosen is not None)
+
+
+def per_modality_gammas(sweep: HeldoutSweep, lines: list[dict], margin: bool) -> tuple[dict[str, float], dict[str, str]]:
+    """Each modality's gamma, chosen on its own held-out images as the one gamma is on all of them (the best share among
+    the gammas whose FD and MS-SSIM stay within the gain's terms against the modality's own base figures, with the
+    margin), and kept only where its share beats the modality's base; else 0 (the base, untouched). Returns the gammas
+    and, per modality, why."""
+    from .improve import RewardHackingGuard, calibrate_guidance
+
+    gammas, why = {}, {}
+    for m, base in (sweep.base.get("per_modality") or {}).items():
+        guard = RewardHackingGuard(sweep.cfg.improve.guard)
+        guard.observe(0, None, base.get("all_requested_shown"), base.get("fd"), None, base.get("ms_ssim"))
+        own = [{"scale": line["scale"], "overall": line["per_modality"][m]} for line in lines if m in line["per_modality"]]
+        chosen = calibrate_guidance(own, guard, margin=margin, name="gamma")
+        start = base.get("all_requested_shown") or 0.0
+        if chosen is None:
+            gammas[m], why[m] = 0.0, "no gamma within the gain's terms" + (" with a margin" if margin else "")
+        elif (chosen["overall"].get("all_requested_shown") or 0.0) <= start:
+            gammas[m], why[m] = 0.0, f"no gamma beats its base's share {start:.3f}"
+        else:
+            gammas[m] = chosen["scale"]
+            why[m] = f"share {start:.3f} -> {chosen['overall']['all_requested_shown']:.3f}"
+    return gammas, why
+
+
+def _figures(line: dict) -> dict:
+    from .improve import calibration_figures
+
+    return calibration_figures(line)
 
 
 def zero_lora(model) -> None:

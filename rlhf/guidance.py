@@ -159,7 +159,7 @@ def steered_draw(model, shift: Callable[..., torch.Tensor], prompts: Sequence[st
             x0 = predicted_x0(output.float(), x.float(), alpha, kind)
             delta = shift(x0, rows, j, t, alpha)
             if steering is not None:  # a steered model's own table (generator.steering) moves the guided step too
-                delta = delta + steering.gamma * steering.table.offset([features[i] for i in rows], int(t)).to(x0.device)
+                delta = delta + steering.delta([features[i] for i in rows], int(t)).to(x0.device)
             moved = output_for_x0(x0 + delta, x.float(), alpha, kind)
             if keep_trajectory:
                 chunk_states.append(x.cpu())

@@ -3,6 +3,8 @@ fitted timesteps, its file, and the table-steered draw (gamma 0: the plain sampl
 draw, recorded by the draw and measured against the model's own x0_hat at its states alike, are the table's own offsets,
 so a table refitted to them is the table)."""
 
+import json
+
 import pytest
 import torch
 
@@ -275,3 +277,63 @@ def test_attaching_a_steering_to_a_pipeline_it_does_not_fit_is_refused():
             steering.attach(stock.pipe, ["cxr"])
     finally:
         stock.close()
+
+
+def test_a_gamma_per_modality_steers_each_modality_by_its_own_and_0_leaves_it_bit_for_bit(tmp_path):
+    from generator.sampling import sample
+    from generator.steering import TableSteering, load_steering, save_steering
+
+    torch.manual_seed(0)
+    model = LatentDiffusion(TINY, ["cxr", "oct"])
+    model.scheduler.set_timesteps(3)
+    timesteps = [int(t) for t in model.scheduler.timesteps]
+    vocab = ["cxr|_bias", "cxr|pleural_effusion|present|left", "oct|_bias", "oct|drusen|present|-"]
+    latent = (TINY.latent_channels, latent_size(model.cfg), latent_size(model.cfg))
+    table = OffsetTable(vocab, timesteps, 0.1 * torch.randn(3, len(vocab), *latent, generator=torch.Generator().manual_seed(5)))
+    prompts, modalities = ["left pleural effusion", "drusen"], ["cxr", "oct"]
+    findings = [[{"name": "pleural_effusion", "present": True, "laterality": "left"}], [{"name": "drusen", "present": True}]]
+
+    def draw(steering):
+        model.steering = steering
+        try:
+            return sample(model, prompts, modalities, guidance=3.0, steps=3, seed=4, findings=findings).images
+        finally:
+            model.steering = None
+
+    with torch.no_grad():
+        base, shared = draw(None), draw(TableSteering(table, 1.5))
+        split = draw(TableSteering(table, 1.5, gammas={"oct": 0.0}))
+        other = draw(TableSteering(table, 0.0, gammas={"cxr": 1.5, "oct": 0.5}))
+        half = draw(TableSteering(table, 0.5))
+    assert torch.equal(split[1], base[1]) and torch.allclose(split[0], shared[0], atol=1e-6)  # oct untouched, cxr at 1.5
+    assert torch.allclose(other[0], shared[0], atol=1e-6) and torch.allclose(other[1], half[1], atol=1e-6)
+    assert (shared[1] - base[1]).abs().mean() > 1e-3
+    # the folder keeps them; a negative or non-numeric one is refused
+    folder = save_steering(tmp_path / "steered", table, 1.5, gammas={"oct": 0.0})
+    assert load_steering(folder).gammas == {"oct": 0.0} and load_steering(folder).gamma_for("cxr") == 1.5
+    info = json.loads((folder / "steering.json").read_text())
+    for bad in ({"oct": -1}, {"oct": "x"}, ["oct"]):
+        (folder / "steering.json").write_text(json.dumps({**info, "gammas": bad}))
+        with pytest.raises(UserError, match="gammas must map modality"):
+            load_steering(folder)
+
+
+def test_per_modality_gammas_take_each_modalitys_best_within_its_own_terms_else_0():
+    from types import SimpleNamespace
+
+    from pipelines.config import load_config
+    from pipelines.table_steer import per_modality_gammas
+
+    def figures(share, fd):
+        return {"all_requested_shown": share, "finding_accuracy": share, "fd": fd, "ms_ssim": 0.5}
+
+    base = {"per_modality": {"cxr": figures(0.1, 100.0), "oct": figures(0.5, 100.0), "fundus": figures(0.2, 100.0)}}
+    lines = [{"scale": g, "per_modality": {"cxr": figures(0.1 + 0.1 * g, 100.0 + 2 * g),  # rises within the terms
+                                           "oct": figures(0.4, 100.0),  # never beats its base
+                                           "fundus": figures(0.2 + 0.1 * g, 100.0 + 6 * g)}}  # FD past +10% from gamma 2
+             for g in (1.0, 2.0, 3.0)]
+    sweep = SimpleNamespace(base=base, cfg=load_config("tiny"))
+    gammas, why = per_modality_gammas(sweep, lines, margin=True)
+    assert gammas == {"cxr": 2.0, "oct": 0.0, "fundus": 0.0}  # cxr: 3 is the largest tried, so no margin above it
+    assert "beats its base" in why["oct"] and "within the gain's terms" in why["fundus"]
+    assert per_modality_gammas(sweep, lines, margin=False)[0] == {"cxr": 3.0, "oct": 0.0, "fundus": 1.0}

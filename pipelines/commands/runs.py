@@ -90,6 +90,10 @@ def register(groups, formatter) -> None:
                        help="what the table steers: the base (none) or one of the run's adapters")
     steer.add_argument("--no-margin", dest="margin", action="store_false",
                        help="keep the best gamma within the gain's terms even where the next gamma up is refused")
+    steer.add_argument("--per-modality", action="store_true",
+                       help="also choose each modality's gamma on its own held-out images (within the gain's terms against "
+                            "its own base, 0 where none beats it) and keep them where the held-out set drawn with them "
+                            "beats the one gamma")
     _common(steer)
     steer.set_defaults(handler=_steer)
     plot = sub.add_parser("plot", formatter_class=formatter,
@@ -196,20 +200,22 @@ def _scale(args, extra) -> int:
 def _steer(args, extra) -> int:
     from ..table_steer import STEER_FILE, calibrate_table_steering
 
-    return _sweep(args, extra, calibrate_table_steering, _numbers(args.gammas, "--gammas"), "gamma", _steer_table, STEER_FILE)
+    return _sweep(args, extra, calibrate_table_steering, _numbers(args.gammas, "--gammas"), "gamma", _steer_table, STEER_FILE,
+                  per_modality=args.per_modality)
 
 
-def _sweep(args, extra, calibrate, values: list[float], name: str, show, file_name: str) -> int:
-    """`runs scale` and `runs steer`: ``calibrate(run, values, adapter, margin=...)``, printed as JSON or as ``show``'s
-    table with the kept ``name`` (scale, gamma) and where it wrote ``file_name``."""
+def _sweep(args, extra, calibrate, values: list[float], name: str, show, file_name: str, **options) -> int:
+    """`runs scale` and `runs steer`: ``calibrate(run, values, adapter, margin=..., **options)``, printed as JSON or as
+    ``show``'s table with the kept ``name`` (scale, gamma) and where it wrote ``file_name``."""
     from ..runs import resolve_run
 
-    out = calibrate(resolve_run(args.run, _runs_dir(args, extra)), values, args.adapter, margin=args.margin)
+    out = calibrate(resolve_run(args.run, _runs_dir(args, extra)), values, args.adapter, margin=args.margin, **options)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
     print(show(out))
-    print(f"{name} {_fmt(out[name])}: {out['use']} -> {Path(out['run']) / file_name}")
+    kept = _fmt(out[name]) if not out.get("gammas") else "per modality (" + ", ".join(f"{m} x{g:g}" for m, g in out["gammas"].items()) + ")"
+    print(f"{name} {kept}: {out['use']} -> {Path(out['run']) / file_name}")
     return 0
 
 
@@ -224,9 +230,19 @@ def _steer_table(out: dict) -> str:
     """A run's ``steer.json`` (``synthmed runs steer``): the held-out figures at each gamma, which was kept, and the
     untouched test prompts' once-only reading of the kept one."""
     steered = "base" if out["adapter"] == "none" else f"{out['adapter']}/ (epoch {_fmt(out['epoch'])})"
-    return _strength_table(out, "gamma", f"{'base' if out['adapter'] == 'none' else out['adapter']} + table",
+    text = _strength_table(out, "gamma", f"{'base' if out['adapter'] == 'none' else out['adapter']} + table",
                            f"table steering (synthmed runs steer): held-out prompts, {steered} steered by gamma x the run's "
                            f"offset table (epoch {_fmt(out.get('table_epoch'))}, {_fmt(out.get('features'))} features)")
+    split = out.get("per_modality")
+    if split:  # --per-modality: each modality's own gamma, and the held-out set drawn with them together
+        h = split["heldout"] or {}
+        text += ("\na gamma per modality (--per-modality), each chosen on its own held-out images: "
+                 + "; ".join(f"{m} x{g:g} ({split['why'][m]})" for m, g in split["gammas"].items())
+                 + f"\ntogether, held out: every requested shown {_fmt(h.get('all_requested_shown'))}, FD {_fmt(h.get('fd'))}, "
+                 f"MS-SSIM {_fmt(h.get('ms_ssim'))} ("
+                 + ", ".join(f"{m} {_fmt(v)}" for m, v in split["per_modality"].items()) + "): "
+                 + ("kept" if split["kept"] else f"not kept: {split['refused']}"))
+    return text
 
 
 def _strength_table(out: dict, name: str, label: str, title: str) -> str:
