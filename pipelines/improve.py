@@ -819,8 +819,9 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
             # leaves to be run again: nothing of the run's log depends on it)
             from .table_steer import calibrate_table_steering
 
-            steer = calibrate_table_steering(root, ic.eval.steer_gammas, progress=progress, parts=parts)
-            end["steered"] = {k: steer.get(k) for k in ("gamma", "heldout", "test", "adapter_folder", "use")}
+            steer = calibrate_table_steering(root, ic.eval.steer_gammas, progress=progress, parts=parts,
+                                             per_modality=ic.eval.steer_per_modality)
+            end["steered"] = {k: steer.get(k) for k in ("gamma", "gammas", "heldout", "test", "adapter_folder", "use")}
     accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it also ends the process group of a multi-process run
     end["run"] = str(root)

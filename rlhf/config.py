@@ -361,6 +361,9 @@ class HeldoutConfig(Section):
     # written to the run's steered/ (what --lora loads) and steer.json, and judged once on the untouched test prompts.
     # Only the held-out evaluator chooses; it never enters the table. []: none (`synthmed runs steer RUN` does it later).
     steer_gammas: list[float] = Field(default_factory=list)
+    # with steer_gammas: also a gamma per modality, each chosen on its own held-out images and kept where they together
+    # beat the one gamma (`synthmed runs steer --per-modality`)
+    steer_per_modality: bool = False
 
     @field_validator("guidance_scales", "steer_gammas")
     @classmethod
@@ -410,6 +413,9 @@ class ImproveConfig(Section):
             raise ValueError(f"improve.eval.steer_gammas steer by the offset table a run with improve.selection.target=table "
                              f"fits (this one's target is {self.selection.target}); set improve.eval.steer_gammas=[] or "
                              "use the table (synthmed improve --config table)")
+        if self.eval.steer_per_modality and not self.eval.steer_gammas:
+            raise ValueError("improve.eval.steer_per_modality chooses each modality's gamma among improve.eval.steer_gammas, "
+                             "which is empty; give the gammas (e.g. [1, 1.25, 1.5, 1.75, 2]) or set it to false")
         return self
 
 

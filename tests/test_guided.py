@@ -428,7 +428,8 @@ def test_a_run_calibrates_reward_guidance_on_the_held_out_set_and_confirms_it_on
 def test_guidance_calibration_and_steering_refuse_bad_scales(base_model, tmp_path, capsys):
     for key, bad, why in (("guidance_scales", [0.1, 0.0], "above 0"), ("guidance_scales", [0.1, 0.1], "distinct"),
                           ("steer_gammas", [1.0, -1.0], "every steering gamma must be above 0"),
-                          ("steer_gammas", [1.25], "steer by the offset table a run with improve.selection.target=table")):
+                          ("steer_gammas", [1.25], "steer by the offset table a run with improve.selection.target=table"),
+                          ("steer_per_modality", True, "which is empty")):
         profile = write_profile(tmp_path, settings(base_model, **{f"improve.eval.{key}": bad}), name=f"bad{len(why)}.yaml")
         assert cli(["improve", "--config", str(profile), "--run-dir", str(tmp_path / "never"), "--no-progress"]) == 2
         assert why in capsys.readouterr().err
