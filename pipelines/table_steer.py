@@ -137,19 +137,24 @@ def calibrate_table_steering(run: str | Path, gammas: Sequence[float], adapter: 
 def per_modality_gammas(sweep: HeldoutSweep, lines: list[dict], margin: bool) -> tuple[dict[str, float], dict[str, str]]:
     """Each modality's gamma, chosen on its own held-out images as the one gamma is on all of them (the best share among
     the gammas whose FD and MS-SSIM stay within the gain's terms against the modality's own base figures, with the
-    margin), and kept only where its share beats the modality's base; else 0 (the base, untouched). Returns the gammas
-    and, per modality, why."""
+    margin), and kept only where its share beats the modality's base; else 0 (the base, untouched). A modality's FD is
+    held to ``improve.guard.modality_fd_tolerance`` where the run sets one (the guard's own term for one modality's FD),
+    else to ``fd_tolerance``. Returns the gammas and, per modality, why."""
     from .improve import RewardHackingGuard, calibrate_guidance
 
+    terms = sweep.cfg.improve.guard
+    if terms.modality_fd_tolerance is not None:
+        terms = terms.model_copy(update={"fd_tolerance": terms.modality_fd_tolerance})
     gammas, why = {}, {}
     for m, base in (sweep.base.get("per_modality") or {}).items():
-        guard = RewardHackingGuard(sweep.cfg.improve.guard)
+        guard = RewardHackingGuard(terms)
         guard.observe(0, None, base.get("all_requested_shown"), base.get("fd"), None, base.get("ms_ssim"))
         own = [{"scale": line["scale"], "overall": line["per_modality"][m]} for line in lines if m in line["per_modality"]]
         chosen = calibrate_guidance(own, guard, margin=margin, name="gamma")
         start = base.get("all_requested_shown") or 0.0
         if chosen is None:
-            gammas[m], why[m] = 0.0, "no gamma within the gain's terms" + (" with a margin" if margin else "")
+            gammas[m], why[m] = 0.0, (f"no gamma within the gain's terms (its FD within {terms.fd_tolerance:.0%} of its base's)"
+                                      + (" with a margin" if margin else ""))
         elif (chosen["overall"].get("all_requested_shown") or 0.0) <= start:
             gammas[m], why[m] = 0.0, f"no gamma beats its base's share {start:.3f}"
         else:

@@ -337,3 +337,6 @@ def test_per_modality_gammas_take_each_modalitys_best_within_its_own_terms_else_
     assert gammas == {"cxr": 2.0, "oct": 0.0, "fundus": 0.0}  # cxr: 3 is the largest tried, so no margin above it
     assert "beats its base" in why["oct"] and "within the gain's terms" in why["fundus"]
     assert per_modality_gammas(sweep, lines, margin=False)[0] == {"cxr": 3.0, "oct": 0.0, "fundus": 1.0}
+    # a run that holds one modality's FD to its own tolerance (improve.guard.modality_fd_tolerance) holds these to it
+    cfg = load_config("tiny", {"improve.guard.modality_fd_tolerance": 0.5})
+    assert per_modality_gammas(SimpleNamespace(base=base, cfg=cfg), lines, margin=False)[0] == {"cxr": 3.0, "oct": 0.0, "fundus": 3.0}
