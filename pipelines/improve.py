@@ -821,7 +821,7 @@ def _run_improve(held: ExitStack, cfg: SynthmedConfig, run_dir: Path | None, res
 
             steer = calibrate_table_steering(root, ic.eval.steer_gammas, progress=progress, parts=parts,
                                              per_modality=ic.eval.steer_per_modality)
-            end["steered"] = {k: steer.get(k) for k in ("gamma", "gammas", "heldout", "test", "adapter_folder", "use")}
+            end["steered"] = {k: steer.get(k) for k in ("gamma", "modality_gammas", "heldout", "test", "adapter_folder", "use")}
     accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it also ends the process group of a multi-process run
     end["run"] = str(root)

@@ -177,7 +177,7 @@ def kept_policy(run_dir: Path, evals: list[dict]) -> dict[str, Any] | None:
         record = _read_json(run_dir / file) if (run_dir / name).is_dir() else None
         if isinstance(record, dict) and isinstance(record.get(key), (int, float)):
             on = record.get("adapter") if record.get("adapter") not in (None, "none") else ("base" if name == STEERED_ADAPTER else None)
-            label = f"{name}/ (" + ("a gamma per modality" if record.get("gammas") else f"x{record[key]:g}") + (f" on {on}" if on else "") + ")"
+            label = f"{name}/ (" + ("a gamma per modality" if record.get("modality_gammas") else f"x{record[key]:g}") + (f" on {on}" if on else "") + ")"
             found.append((name, label, ((record.get("heldout") or {}).get("chosen") or {}).get("all_requested_shown")))
     kept = None
     for name, label, share in found:

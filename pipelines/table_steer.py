@@ -126,7 +126,7 @@ def calibrate_table_steering(run: str | Path, gammas: Sequence[float], adapter: 
     out = {"kind": "synthmed table steering", "run": str(run), "adapter": adapter, "epoch": meta.get("epoch"),
            "table": str(table_path), "table_epoch": table_epoch, "features": len(table.features),
            **sweep.report("gamma", STEERED_ADAPTER, lines, chosen, test_result, adapter, margin),
-           **({"gammas": split} if split else {}), **({"per_modality": by_modality} if by_modality else {}),
+           **({"modality_gammas": split} if split else {}), **({"per_modality": by_modality} if by_modality else {}),
            "adapter_folder": str(target) if chosen else None,
            "use": (f"synthmed generate ... --lora {target}; synthmed eval --lora {target}; synthmed runs test {run}" if chosen
                    else "no gamma kept the images within the gain's terms" + (" with a margin (the next gamma up within them too)" if margin else "")

@@ -285,12 +285,16 @@ def _steer_the_run(run, saved, base_model, tmp_path, capsys):
     assert f"(steered by its offset table x{out['gamma']:g})" in (evaluated / "eval.md").read_text()
     # --per-modality: each modality's gamma on its own held-out images, and the held-out set drawn with them together
     assert cli(["runs", "steer", str(run), "--gammas", "0.02,0.01", "--no-margin", "--per-modality", "--json"]) == 0
-    split = json.loads(capsys.readouterr().out)["per_modality"]
+    out = json.loads(capsys.readouterr().out)
+    split = out["per_modality"]
     assert set(split["gammas"]) == {"cxr", "oct"} and set(split["gammas"].values()) <= {0.0, 0.01, 0.02}
     assert set(split["why"]) == {"cxr", "oct"} and isinstance(split["kept"], bool) and "all_requested_shown" in split["heldout"]
+    assert [g["gamma"] for g in out["gammas"]] == [0.01, 0.02]  # the sweep's lines, as without --per-modality
     info = json.loads((steered / "steering.json").read_text())
-    assert info.get("gammas") == (split["gammas"] if split["kept"] else None)
+    assert info.get("gammas") == out.get("modality_gammas") == (split["gammas"] if split["kept"] else None)
     assert split["kept"] or split["refused"]
+    assert cli(["runs", "show", str(run)]) == 0  # steer.json with its per-modality choice reads back
+    assert "a gamma per modality (--per-modality)" in capsys.readouterr().out
     # a run without a table has nothing to steer by
     (run / "offset_table.safetensors").rename(run / "aside.safetensors")
     assert cli(["runs", "steer", str(run)]) == 2

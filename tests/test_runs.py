@@ -320,5 +320,8 @@ def test_a_runs_policy_is_what_it_keeps_with_the_highest_held_out_share(tmp_path
     assert "steered/ (x1.25 on base): 0.300" in capsys.readouterr().out
     assert main(["runs", "show", run.name, "--runs-dir", str(tmp_path)]) == 0
     assert f"(use it with --lora {run / 'steered'})" in capsys.readouterr().out
+    split = json.loads((run / "steer.json").read_text())
+    (run / "steer.json").write_text(json.dumps({**split, "modality_gammas": {"cxr": 1.5, "oct": 0.0}}))  # --per-modality kept
+    assert list_runs(tmp_path)[0]["policy"]["label"] == "steered/ (a gamma per modality on base)"
     (run / "steered").rmdir()  # a steer.json without its folder names nothing
     assert list_runs(tmp_path)[0]["policy"]["name"] == "best"

@@ -214,7 +214,8 @@ def _sweep(args, extra, calibrate, values: list[float], name: str, show, file_na
         print(json.dumps(out, indent=2))
         return 0
     print(show(out))
-    kept = _fmt(out[name]) if not out.get("gammas") else "per modality (" + ", ".join(f"{m} x{g:g}" for m, g in out["gammas"].items()) + ")"
+    split = out.get("modality_gammas")  # runs steer --per-modality, where kept
+    kept = _fmt(out[name]) if not split else "per modality (" + ", ".join(f"{m} x{g:g}" for m, g in split.items()) + ")"
     print(f"{name} {kept}: {out['use']} -> {Path(out['run']) / file_name}")
     return 0
 
