@@ -111,8 +111,10 @@ def calibrate_table_steering(run: str | Path, gammas: Sequence[float], adapter: 
                      {"run": str(run), "adapter": adapter, "epoch": meta.get("epoch"), "table_epoch": table_epoch,
                       "gamma": gamma, "heldout": chosen["overall"],
                       "base_model": meta.get("base_model") or run_meta.get("base_model"),
-                      "kind": f"synthmed steered {name} ({name} with every sampling step's x0_hat moved by {gamma:g} x the "
-                              f"run's offset table as of epoch {table_epoch}; gamma chosen on the held-out set)",
+                      **({"gammas": split} if split else {}),
+                      "kind": f"synthmed steered {name} ({name} with every sampling step's x0_hat moved by "
+                              + (f"{gamma:g}" if not split else "its modality's gamma (" + ", ".join(f"{m} {g:g}" for m, g in split.items()) + ")")
+                              + f" x the run's offset table as of epoch {table_epoch}; gamma chosen on the held-out set)",
                       "loads": ("synthmed's --lora reads the table and the LoRA; stock diffusers and peft load the LoRA, and "
                                 "a diffusers pipeline steers by the table with generator.steering.load_steering(folder)"
                                 ".attach(pipe, modalities, findings)" if folder is not None else

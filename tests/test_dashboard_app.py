@@ -323,6 +323,8 @@ def test_the_runs_page_tabulates_untouched_readings_and_generate_offers_every_ke
         (run / name).mkdir()
     labels = [label for label, _ in _lora_choices(tmp_path)]
     assert labels == ["none", f"{run.name}/steered (table x1.25)", f"{run.name}/scaled", f"{run.name}/best", f"{run.name}/final"]
+    save_steering(run / "steered", OffsetTable(["cxr|_bias"], [999], torch.zeros(1, 1, 1)), 1.25, gammas={"cxr": 0.0})
+    assert _lora_choices(tmp_path)[1][0] == f"{run.name}/steered (table a gamma per modality)"
 
 
 def test_the_plotting_library_is_warmed_on_load():

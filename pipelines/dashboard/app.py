@@ -171,11 +171,12 @@ def _lora_choices(runs_dir: Path) -> list[tuple[str, str]]:
             folder = Path(r["path"]) / name
             if name == "steered" and (folder / STEERING_FILE).is_file():
                 try:
-                    gamma = json.loads((folder / STEERING_FILE).read_text()).get("gamma")
+                    info = json.loads((folder / STEERING_FILE).read_text())
+                    gamma, split = info.get("gamma"), info.get("gammas")
                 except (OSError, ValueError, AttributeError):
                     continue  # a damaged steering: `synthmed runs steer` rewrites it
-                choices.append((f"{r['id']}/steered (table x{gamma:g})" if isinstance(gamma, (int, float)) else f"{r['id']}/steered",
-                                str(folder)))
+                by = "a gamma per modality" if split else f"x{gamma:g}" if isinstance(gamma, (int, float)) else None
+                choices.append((f"{r['id']}/steered (table {by})" if by else f"{r['id']}/steered", str(folder)))
             elif name != "steered" and folder.is_dir():
                 choices.append((f"{r['id']}/{name}", str(folder)))
     return choices
