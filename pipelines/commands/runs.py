@@ -114,8 +114,6 @@ def _runs_dir(args, extra) -> str:
     return args.runs_dir if args.runs_dir is not None else resolve_config(args, extra).run.runs_dir
 
 
-
-
 def _secs(value: Any) -> str:
     return "-" if value is None else f"{value:.1f}"
 
