@@ -438,6 +438,14 @@ def fmt_number(value: Any) -> str:
     return str(value)
 
 
+def steering_text(gamma: float, gammas: dict[str, float] | None = None) -> str:
+    """A steering's strength as the tables and printouts name it: "x1.25", or with a gamma per modality (``runs steer
+    --per-modality``) "a gamma per modality (cxr x0, oct x4)"."""
+    if not gammas:
+        return f"x{gamma:g}"
+    return "a gamma per modality (" + ", ".join(f"{m} x{g:g}" for m, g in gammas.items()) + ")"
+
+
 def adapter_label(r: dict) -> str:
     """A test row's adapter as the tables name it: the guided sampler's scale, a scaled adapter's scale, a steered
     folder's gamma and what it steers."""
@@ -445,9 +453,8 @@ def adapter_label(r: dict) -> str:
         return f"base, reward-guided {fmt_number(r.get('scale'))} (epoch 0)"
     if isinstance(r.get("gamma"), (int, float)):
         steers = r.get("steers") if r.get("steers") not in (None, "none") else "base"
-        by = (f"x{r['gamma']:g}" if not r.get("gammas") else
-              "per modality (" + ", ".join(f"{m} x{g:g}" for m, g in r["gammas"].items()) + ")")
-        return f"{r['adapter']}: {steers} + table {by} (table of epoch {fmt_number(r.get('table_epoch'))})"
+        return (f"{r['adapter']}: {steers} + table {steering_text(r['gamma'], r.get('gammas'))} "
+                f"(table of epoch {fmt_number(r.get('table_epoch'))})")
     if isinstance(r.get("scale"), (int, float)):
         return f"{r['adapter']} x{r['scale']:g} (epoch {r['epoch']})"
     return f"{r['adapter']} (epoch {r['epoch']})"

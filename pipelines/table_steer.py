@@ -30,7 +30,7 @@ from typing import Any
 from generator.errors import UserError
 
 from .adapter_scale import HeldoutSweep, _lora_b, _shares
-from .runs import OFFSET_TABLE_FILE, STEER_FILE, STEERED_ADAPTER
+from .runs import OFFSET_TABLE_FILE, STEER_FILE, STEERED_ADAPTER, steering_text
 
 ADAPTERS = ("none", "best", "final")
 
@@ -47,7 +47,7 @@ def calibrate_table_steering(run: str | Path, gammas: Sequence[float], adapter: 
     from generator.models import FINDING_TABLE_FILE
     from generator.steering import OffsetTable, TableSteering, save_steering
 
-    from .improve import load_adapter_folder, save_adapter
+    from .improve import calibration_figures, load_adapter_folder, save_adapter
 
     run = Path(run)
     gammas = sorted({float(g) for g in gammas})
@@ -94,7 +94,7 @@ def calibrate_table_steering(run: str | Path, gammas: Sequence[float], adapter: 
         share = line["overall"].get("all_requested_shown") or 0.0
         against = (chosen or sweep.base)["overall"].get("all_requested_shown") or 0.0
         kept = refused is None and share > against
-        by_modality = {"gammas": split, "why": why, "heldout": _figures(line), "per_modality": _shares(line["per_modality"]),
+        by_modality = {"gammas": split, "why": why, "heldout": calibration_figures(line), "per_modality": _shares(line["per_modality"]),
                        "kept": kept, **({} if kept else {"refused": refused or f"held-out share {share:.3f} does not beat "
                                                        f"{'the one gamma' if chosen else 'the base'}'s {against:.3f}"})}
         if kept:
@@ -112,9 +112,8 @@ def calibrate_table_steering(run: str | Path, gammas: Sequence[float], adapter: 
                       "gamma": gamma, "heldout": chosen["overall"],
                       "base_model": meta.get("base_model") or run_meta.get("base_model"),
                       **({"gammas": split} if split else {}),
-                      "kind": f"synthmed steered {name} ({name} with every sampling step's x0_hat moved by "
-                              + (f"{gamma:g}" if not split else "its modality's gamma (" + ", ".join(f"{m} {g:g}" for m, g in split.items()) + ")")
-                              + f" x the run's offset table as of epoch {table_epoch}; gamma chosen on the held-out set)",
+                      "kind": f"synthmed steered {name} ({name} with every sampling step's x0_hat moved by the run's offset table "
+                              f"as of epoch {table_epoch}, {steering_text(gamma, split)}; gamma chosen on the held-out set)",
                       "loads": ("synthmed's --lora reads the table and the LoRA; stock diffusers and peft load the LoRA, and "
                                 "a diffusers pipeline steers by the table with generator.steering.load_steering(folder)"
                                 ".attach(pipe, modalities, findings)" if folder is not None else
@@ -123,7 +122,7 @@ def calibrate_table_steering(run: str | Path, gammas: Sequence[float], adapter: 
                                 "no LoRA")},
                      findings=folder is not None and (folder / FINDING_TABLE_FILE).is_file(), lora=folder is not None,
                      extra=lambda tmp: save_steering(tmp, table, gamma, record, sweep.parts.sampler.implications(), split))
-        test_result = sweep.judge_test(f"{name} + table " + (f"x{gamma:g}" if not split else "a gamma per modality"))
+        test_result = sweep.judge_test(f"{name} + table {steering_text(gamma, split)}")
     model.steering = None
     out = {"kind": "synthmed table steering", "run": str(run), "adapter": adapter, "epoch": meta.get("epoch"),
            "table": str(table_path), "table_epoch": table_epoch, "features": len(table.features),
@@ -163,12 +162,6 @@ def per_modality_gammas(sweep: HeldoutSweep, lines: list[dict], margin: bool) ->
             gammas[m] = chosen["scale"]
             why[m] = f"share {start:.3f} -> {chosen['overall']['all_requested_shown']:.3f}"
     return gammas, why
-
-
-def _figures(line: dict) -> dict:
-    from .improve import calibration_figures
-
-    return calibration_figures(line)
 
 
 def zero_lora(model) -> None:

@@ -91,11 +91,10 @@ def _eval(args, extra) -> int:
     result |= {"model": str(model_dir), "lora": adapters, "data": data or f"phantoms (seed {ec.seed}, {args.reference_per_finding} per finding)",
                "run": str(run.root), **({"steering": model.steering.describe()} if model.steering is not None else {})}
     table = markdown_table(result)
-    steered = ""
-    if model.steering is not None:
-        gammas = model.steering.gammas
-        steered = (f" (steered by its offset table x{model.steering.gamma:g})" if not gammas else
-                   " (steered by its offset table, a gamma per modality: " + ", ".join(f"{m} x{g:g}" for m, g in gammas.items()) + ")")
+    from ..runs import steering_text
+
+    steered = (f" (steered by its offset table {steering_text(model.steering.gamma, model.steering.gammas)})"
+               if model.steering is not None else "")
     write_text_atomic(run.root / "eval.md", f"# synthmed eval\n\nmodel: `{model_dir}`{' + LoRA ' + ', '.join(adapters) if adapters else ''}"
                       f"{steered}; data: {result['data']}\n\n" + table)
     write_text_atomic(run.root / "eval.json", to_json(result))

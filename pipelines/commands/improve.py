@@ -82,8 +82,9 @@ def _improve(args, extra) -> int:
         test = steered.get("test") or {}
         shares = " ".join(f"{name} {values.get('all_requested_shown'):.3f}" for name, values in test.items()
                           if values and values.get("all_requested_shown") is not None)
-        by = (f"x{steered['gamma']:g}" if not steered.get("modality_gammas") else
-              "a gamma per modality: " + ", ".join(f"{m} x{g:g}" for m, g in steered["modality_gammas"].items()))
+        from ..runs import steering_text
+
+        by = steering_text(steered["gamma"], steered.get("modality_gammas")) if steered.get("gamma") is not None else ""
         print(f"steered:  {steered['adapter_folder']}  (the base steered by the run's offset table {by}, "
               f"gamma chosen on the held-out set; untouched test prompts, every requested finding shown: {shares}; "
               f"--lora it in sample, generate, eval, synthesize)" if steered.get("gamma") is not None else

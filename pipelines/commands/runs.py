@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..runs import adapter_label, reading_table
+from ..runs import adapter_label, reading_table, steering_text
 from ..runs import fmt_number as _fmt
 from .common import add_config_argument, resolve_config, table
 
@@ -213,7 +213,7 @@ def _sweep(args, extra, calibrate, values: list[float], name: str, show, file_na
         return 0
     print(show(out))
     split = out.get("modality_gammas")  # runs steer --per-modality, where kept
-    kept = _fmt(out[name]) if not split else "per modality (" + ", ".join(f"{m} x{g:g}" for m, g in split.items()) + ")"
+    kept = _fmt(out[name]) if not split else steering_text(out[name], split)
     print(f"{name} {kept}: {out['use']} -> {Path(out['run']) / file_name}")
     return 0
 
